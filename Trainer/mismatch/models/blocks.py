@@ -1,0 +1,171 @@
+"""Building blocks of the 2D U-Net backbone and of the MisMatch decoders.
+
+Every block maps ``[B, C_in, H, W]`` to ``[B, C_out, H', W']``; normalisation is instance normalisation
+with affine parameters (the paper's "normalisation layer"), activations ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with 'same' padding for stride 1 (padding = dilation)."""
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation)
+
+
+def norm(c: int) -> nn.Module:
+    """Instance normalisation with per-channel affine parameters.
+
+    Written as ``GroupNorm`` with one group per channel, which is the same operation (statistics per
+    sample and channel over H x W) but keeps channels-last tensors in place on the CPU, where
+    ``InstanceNorm2d`` copies them (3-8 x slower at 512 x 512).
+    """
+    return nn.GroupNorm(c, c)
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions, each followed by normalisation and ReLU: the standard U-Net block.
+
+    ``[B, C_in, H, W] -> [B, C_out, H / stride, W / stride]``; ``stride=2`` makes the first convolution
+    downsample (an encoder block).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(c_in, c_out, stride=stride), norm(c_out), nn.ReLU(inplace=True),
+            conv3x3(c_out, c_out), norm(c_out), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Halve the channels with a 1x1 convolution at the coarse resolution, then upsample bilinearly x2.
+
+    ``[B, C_in, H, W] -> [B, C_out, 2H, 2W]``. The 1x1 projection before the upsampling is the original
+    U-Net's "up-convolution that halves the number of feature channels", done where it is cheap.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.project = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.project(x), size=size, mode="bilinear", align_corners=False)
+
+
+class DecoderBlock(nn.Module):
+    """Plain U-Net decoder stage: upsample the coarse features, concatenate the skip, :class:`ConvBlock`.
+
+    ``forward(coarse [B, C_coarse, H/2, W/2], skip [B, C_skip, H, W]) -> [B, C_out, H, W]``. The skip is
+    concatenated at exactly its own resolution (no cropping), so the features stay aligned.
+    """
+
+    def __init__(self, c_coarse: int, c_skip: int, c_out: int):
+        super().__init__()
+        self.up = Upsample(c_coarse, c_out)
+        self.c_in = c_out + c_skip
+        self.main = ConvBlock(self.c_in, c_out)
+
+    def merge(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.up(coarse, skip.shape[-2:]), skip], dim=1)
+
+    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.main(self.merge(coarse, skip))
+
+
+class _ShiftingBlock(DecoderBlock):
+    """A decoder stage whose main branch is modulated by a per-pixel, per-channel attention mask.
+
+    ``output = main * mask + main`` (the paper's Sec. 2.1-2.2: the side branch's sigmoid mask perturbs the
+    main branch, then a skip connection adds the unperturbed main branch back). Subclasses build
+    ``self.side`` mapping the merged input ``[B, C_in, H, W]`` to mask logits ``[B, C_out, H, W]``.
+    """
+
+    side: nn.Module
+
+    def attention(self, merged: torch.Tensor) -> torch.Tensor:
+        """The attention mask in (0, 1), shape ``[B, C_out, H, W]``."""
+        return torch.sigmoid(self.side(merged))
+
+    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        merged = self.merge(coarse, skip)
+        main = self.main(merged)
+        return torch.addcmul(main, main, self.attention(merged))  # main * mask + main, one pass
+
+
+def _side_width(c_out: int, side_ratio: float) -> int:
+    return max(4, int(round(c_out * side_ratio)))
+
+
+class PositiveAttentionShiftingBlock(_ShiftingBlock):
+    """PASB (paper Sec. 2.1, Fig. 6): the dilating decoder stage of f_d1.
+
+    Side branch (``side="paper"``, default): two consecutive atrous 3x3 convolutions with dilation 5,
+    each followed by ReLU and instance normalisation, then a sigmoid. The large receptive field of the
+    atrous convolutions spreads foreground evidence outwards, so the mask enlarges the foreground
+    features (Sec. 2: "Atrous convolution can enlarge foreground features").
+    ``side="compact"`` is the reading of the authors' public code: 1x1 reduction to C/8, one atrous
+    3x3 convolution, normalisation, ReLU, 1x1 expansion, sigmoid.
+
+    ``side_ratio`` sets the width of the paper side branch's hidden layer relative to ``C_out``.
+    ``forward(coarse [B, C_coarse, H/2, W/2], skip [B, C_skip, H, W]) -> [B, C_out, H, W]``.
+    """
+
+    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side: str = "paper",
+                 side_ratio: float = 0.5, dilation: int = 5):
+        super().__init__(c_coarse, c_skip, c_out)
+        if side == "paper":
+            s = _side_width(c_out, side_ratio)
+            self.side = nn.Sequential(
+                conv3x3(self.c_in, s, dilation=dilation), nn.ReLU(inplace=True), norm(s),
+                conv3x3(s, c_out, dilation=dilation), nn.ReLU(inplace=True), norm(c_out),
+            )
+        elif side == "compact":
+            s = max(2, c_out // 8)
+            self.side = nn.Sequential(
+                nn.Conv2d(self.c_in, s, 1), conv3x3(s, s, dilation=dilation), norm(s),
+                nn.ReLU(inplace=True), nn.Conv2d(s, c_out, 1),
+            )
+        else:
+            raise ValueError(f"unknown PASB side branch {side!r}: use 'paper' or 'compact'")
+
+
+class _ResidualConv(nn.Module):
+    """3x3 convolution with a skip connection around it, then ReLU and normalisation.
+
+    ``[B, C_in, H, W] -> [B, C_out, H, W]``; the skip is the identity when ``C_in == C_out`` and a 1x1
+    projection otherwise.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = conv3x3(c_in, c_out)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.post = nn.Sequential(nn.ReLU(inplace=True), norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.conv(x) + self.skip(x))
+
+
+class NegativeAttentionShiftingBlock(_ShiftingBlock):
+    """NASB (paper Sec. 2.2, Fig. 6): the eroding decoder stage of f_d2.
+
+    Side branch: like the main branch (two 3x3 convolutions, ReLU, normalisation) but with a skip
+    connection around each convolution, then a sigmoid. Skip connections keep the receptive field
+    small and centred ("skip-connections can shrink foreground features"), so the mask concentrates on
+    the core of the foreground. The sigmoid is applied (the public 2D code omits it; a bug there).
+
+    ``side_ratio`` sets the hidden width relative to ``C_out``.
+    ``forward(coarse [B, C_coarse, H/2, W/2], skip [B, C_skip, H, W]) -> [B, C_out, H, W]``.
+    """
+
+    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side_ratio: float = 0.5):
+        super().__init__(c_coarse, c_skip, c_out)
+        s = _side_width(c_out, side_ratio)
+        self.side = nn.Sequential(_ResidualConv(self.c_in, s), _ResidualConv(s, c_out))
