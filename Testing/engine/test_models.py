@@ -1,0 +1,107 @@
+"""The networks: shapes, parameter counts, and that each block does what its docstring says."""
+
+import pytest
+import torch
+
+from mismatch.models import (
+    ConvBlock,
+    DecoderBlock,
+    NegativeAttentionShiftingBlock,
+    PositiveAttentionShiftingBlock,
+    build_model,
+    count_parameters,
+)
+
+torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name,decoders", [("unet", 1), ("mismatch", 2), ("mm-a", 2), ("mm-b", 2), ("mm-c", 2)])
+@pytest.mark.parametrize("size", [(32, 32), (37, 50)])
+def test_output_shapes_any_size(name, decoders, size):
+    net = build_model(name, in_channels=3, num_classes=2, width=4)
+    out = net(torch.randn(2, 3, *size))
+    assert len(out) == decoders
+    assert all(o.shape == (2, 1, *size) for o in out)
+
+
+def test_multiclass_softmax_and_prediction_is_mean_of_decoders():
+    net = build_model("mismatch", in_channels=2, num_classes=4, width=4).eval()
+    x = torch.randn(1, 2, 24, 24)
+    mean, per_decoder = net.predict(x)
+    assert mean.shape == (1, 4, 24, 24)
+    torch.testing.assert_close(mean.sum(1), torch.ones(1, 24, 24))
+    torch.testing.assert_close(mean, (per_decoder[0] + per_decoder[1]) / 2)
+    assert net.decoder_names == ["positive decoder", "negative decoder"]
+
+
+def test_parameter_counts_match_the_paper_at_width_24():
+    mismatch = count_parameters(build_model("mismatch", width=24))
+    unet = count_parameters(build_model("unet", width=24))
+    assert abs(mismatch - 2.7e6) / 2.7e6 < 0.15, mismatch   # paper: 2.7 M
+    assert abs(unet - 1.8e6) / 1.8e6 < 0.10, unet           # paper: 1.8 M
+    assert mismatch > unet
+
+
+def test_conv_block_downsamples_with_stride_2():
+    assert ConvBlock(3, 8, stride=2)(torch.randn(1, 3, 16, 20)).shape == (1, 8, 8, 10)
+
+
+def test_decoder_block_aligns_the_skip_without_cropping():
+    block = DecoderBlock(c_coarse=16, c_skip=8, c_out=8)
+    out = block(torch.randn(1, 16, 5, 7), torch.randn(1, 8, 10, 14))
+    assert out.shape == (1, 8, 10, 14)
+
+
+@pytest.mark.parametrize("cls", [PositiveAttentionShiftingBlock, NegativeAttentionShiftingBlock])
+def test_shifting_block_is_main_times_mask_plus_main(cls):
+    block = cls(c_coarse=16, c_skip=8, c_out=8).eval()
+    coarse, skip = torch.randn(2, 16, 6, 6), torch.randn(2, 8, 12, 12)
+    merged = block.merge(coarse, skip)
+    main = block.main(merged)
+    mask = block.attention(merged)
+    assert mask.shape == main.shape
+    assert float(mask.detach().min()) > 0 and float(mask.detach().max()) < 1   # a sigmoid mask, for the NASB too
+    out = block(coarse, skip)
+    torch.testing.assert_close(out, main * mask + main)
+    # main is non-negative (ReLU), so the block only amplifies it, by a factor between 1 and 2
+    assert bool((out >= main - 1e-6).all()) and bool((out <= 2 * main + 1e-6).all())
+
+
+def _without_normalisation(module):
+    """Instance normalisation mixes the whole image into every pixel; take it out to see the convolutions'
+    own receptive field."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.GroupNorm):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _without_normalisation(child)
+    return module
+
+
+def _mask_receptive_radius(block, size=41):
+    """How far (in pixels) an input change can reach the centre of the attention mask."""
+    block = _without_normalisation(block)
+    merged = torch.zeros(1, block.c_in, size, size, requires_grad=True)
+    with torch.no_grad():
+        merged.add_(torch.randn_like(merged))
+    mask = block.attention(merged)
+    mask[0, :, size // 2, size // 2].sum().backward()
+    reach = merged.grad.abs().sum((0, 1)) > 0
+    rows = reach.any(1).nonzero()
+    return int(rows.max() - size // 2)
+
+
+def test_pasb_side_branch_sees_far_and_nasb_side_branch_stays_local():
+    """The dilating block's atrous side branch (dilation 5, two layers) reaches 10 pixels; the eroding
+    block's side branch (two plain 3x3 convolutions with skips) reaches 2."""
+    pasb = PositiveAttentionShiftingBlock(c_coarse=8, c_skip=4, c_out=4).eval()
+    nasb = NegativeAttentionShiftingBlock(c_coarse=8, c_skip=4, c_out=4).eval()
+    assert _mask_receptive_radius(pasb) == 10
+    assert _mask_receptive_radius(nasb) == 2
+
+
+def test_compact_pasb_reading_is_a_named_option():
+    block = PositiveAttentionShiftingBlock(16, 8, 16, side="compact")
+    assert block(torch.randn(1, 16, 4, 4), torch.randn(1, 8, 8, 8)).shape == (1, 16, 8, 8)
+    with pytest.raises(ValueError):
+        PositiveAttentionShiftingBlock(16, 8, 16, side="other")

@@ -1,0 +1,248 @@
+"""The ``mismatch`` command: train, segment, evaluate, demo.
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing modified); 130 cancelled; 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, UserError
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _slices(text: str) -> list[int]:
+    from .data import parse_slice_list
+
+    try:
+        return parse_slice_list(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the window as LOW,HIGH in HU, e.g. -1000,400") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: LOW must be below HIGH")
+    return lo, hi
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def _common_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="mismatch",
+        description="MisMatch semi-supervised segmentation from a few labelled slices (Xu et al., MIDL 2022).")
+    parser.add_argument("--version", action="version", version=f"mismatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a volume and a few labelled slices",
+                       description="Train on the labelled slices of LABELS (Dice) and on every other slice "
+                                   "(consistency between the two decoders). Several IMAGEs are the channels "
+                                   "of one case.")
+    t.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s): .nrrd .nii .nii.gz .mha ...")
+    t.add_argument("--labels", required=True, help="label map on the image's grid: 0 = background or unlabelled")
+    t.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write the model to")
+    t.add_argument("--method", default=d.method, help="mismatch (default), unet (supervised U-Net), sup2, "
+                                                      "mm-a, mm-b, mm-c")
+    t.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    t.add_argument("--width", type=_positive_int, default=d.width, help="channels of the first encoder block")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="labelled slices per step")
+    t.add_argument("--unlabelled-batch-size", type=int, default=0, help="unlabelled slices per step "
+                                                                        "(default: --batch-size)")
+    t.add_argument("--patch-size", type=int, default=d.patch_size, help="square patch side; 0 = whole slices")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    t.add_argument("--alpha", type=float, default=d.alpha, help="consistency weight (default 0.002)")
+    t.add_argument("--alpha-rampup", type=float, default=d.alpha_rampup,
+                   help="fraction of training over which alpha ramps up (0 = constant)")
+    t.add_argument("--stop-gradient", choices=["none", "one-sided"], default=d.stop_gradient,
+                   help="consistency gradient: to both decoders (none, default) or only the positive one")
+    t.add_argument("--snapshots", type=_positive_int, default=d.snapshots,
+                   help="keep the last K snapshots and average them at inference (paper: 10)")
+    t.add_argument("--labelled-slices", type=_slices, metavar="LIST",
+                   help="slices that count as labelled even if all background, e.g. 3,7,10-12")
+    t.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice axis of the image grid (default k)")
+    t.add_argument("--hu-window", type=_window, metavar="LOW,HIGH", help="CT: clip to this HU window first")
+    t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
+                   help="extra unlabelled cases; a case with several channels is a comma-separated list")
+    t.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
+    t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _common_device(t)
+
+    s = sub.add_parser("segment", help="segment a whole volume with a trained model")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--model", required=True, metavar="MODEL_DIR")
+    s.add_argument("--out", required=True, metavar="LABELMAP", help="label map to write (input grid)")
+    s.add_argument("--confidence", metavar="FILE", help="write the probability of the predicted class")
+    s.add_argument("--disagreement", metavar="FILE", help="write the disagreement between the two decoders")
+    s.add_argument("--report", metavar="JSON", help="write per-slice uncertainty ranking (and evaluation)")
+    s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
+    s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per batch")
+    _common_device(s)
+
+    e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth")
+    e.add_argument("--prediction", required=True, metavar="LABELMAP")
+    e.add_argument("--truth", required=True, metavar="LABELMAP")
+    e.add_argument("--confidence", metavar="FILE", help="confidence volume from 'mismatch segment'")
+    e.add_argument("--slices", type=_slices, metavar="LIST", help="evaluate only these slices")
+    e.add_argument("--axis", choices=["k", "j", "i"], default="k")
+    e.add_argument("--bins", type=_positive_int, default=15, help="calibration bins (default 15)")
+    e.add_argument("--diagram", metavar="PNG", help="write the reliability diagram")
+    e.add_argument("--out", metavar="JSON", help="also write the JSON here")
+
+    m = sub.add_parser("demo", help="the real-data demo: chest CT lungs from 3 labelled slices")
+    m.add_argument("--out", default="demo-output", metavar="DIR")
+    m.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+    m.add_argument("--width", type=_positive_int, default=None)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="auto")
+    return parser
+
+
+def _reporter(args, quiet: bool = False):
+    """The command's reporter; kept on ``args`` so that :func:`main` can write the final event."""
+    from .events import Reporter
+
+    args.reporter = Reporter(events=getattr(args, "events", None), quiet=quiet)
+    return args.reporter
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, stop_on_signals, train_files
+
+    config = TrainConfig(
+        method=args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
+        unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
+        alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
+        snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp)
+    if args.patch_size < 0 or (0 < args.patch_size < 16):
+        raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
+    unlabelled = [case.split(",") for case in args.unlabelled]
+    reporter = _reporter(args)
+    with stop_on_signals({}) as stop:
+        card = train_files(args.images, args.labels, args.out, config, unlabelled=unlabelled,
+                           explicit_slices=args.labelled_slices, classes_path=args.classes,
+                           init_model=args.init, device=args.device, resume=args.resume,
+                           reporter=reporter, stop=stop)
+    losses = card["summary"]["final_losses"]
+    reporter.end("completed", f"model written to {args.out}", final_losses=losses)
+    if args.events != "-":
+        print(f"model written to {args.out} (final loss {losses.get('loss', float('nan')):.4f})")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .api import segment_files
+
+    reporter = _reporter(args)
+    summary = segment_files(args.images, args.model, args.out, confidence=args.confidence,
+                            disagreement=args.disagreement, report=args.report, truth=args.truth,
+                            eval_slices=args.eval_slices, batch_size=args.batch_size, device=args.device,
+                            reporter=reporter)
+    reporter.end("completed", f"segmentation written to {args.out}", **summary)
+    if args.events != "-":
+        print(f"segmentation written to {args.out} ({summary['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .api import evaluate_files
+
+    result = evaluate_files(args.prediction, args.truth, confidence=args.confidence, slices=args.slices,
+                            axis=args.axis, n_bins=args.bins, diagram=args.diagram)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, width=args.width, seed=args.seed, device=args.device)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        status = COMMANDS[args.command](args)
+        if getattr(args, "reporter", None) is not None:
+            args.reporter.close()
+        return status
+    except UserError as exc:
+        _final(args, "failed", str(exc))
+        print(f"mismatch {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Cancelled as exc:
+        _final(args, "cancelled", str(exc))
+        print(f"mismatch {args.command}: cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        _final(args, "cancelled", "interrupted")
+        print(f"mismatch {args.command}: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as exc:  # an engine bug or a system failure: keep the traceback for the report
+        message = f"{type(exc).__name__}: {exc}"
+        if "out of memory" in str(exc).lower():
+            message += " (out of memory: use a smaller --batch-size, --patch-size or --width)"
+        _final(args, "failed", message)
+        traceback.print_exc()
+        print(f"mismatch {args.command}: failed: {message}", file=sys.stderr)
+        return 1
+
+
+def _final(args, status: str, message: str) -> None:
+    """The last event line, for callers that read events, whatever happened."""
+    from .events import Reporter
+
+    reporter = getattr(args, "reporter", None)
+    if reporter is None:
+        if not getattr(args, "events", None):
+            return
+        reporter = Reporter(events=args.events, progress_bar=False, quiet=True)
+    reporter.end(status, message)
+    reporter.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

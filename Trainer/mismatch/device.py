@@ -1,0 +1,64 @@
+"""Choosing the compute device and the precision."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA, then Apple MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    A device that is asked for but not usable is a :class:`UserError` that says why and what to do.
+    """
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = torch.version.cuda is not None
+            why = ("no CUDA GPU or driver was found" if built else
+                   "this PyTorch build has no CUDA support (a CPU-only build)")
+            raise UserError(f"--device {name}: {why}; use --device cpu, or install a CUDA build of PyTorch")
+        index = 0
+        if ":" in name:
+            try:
+                index = int(name.split(":", 1)[1])
+            except ValueError:
+                raise UserError(f"--device {name}: the GPU index must be a number, e.g. cuda:0") from None
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise UserError(f"--device {name}: there are {count} CUDA GPU(s), numbered 0 to {count - 1}")
+        return torch.device("cuda", index)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise UserError("--device mps: Apple MPS is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """Mixed precision where it pays: float16 autocast on CUDA; nothing elsewhere.
+
+    (bfloat16 autocast on the CPU is only faster on processors with native bf16 instructions; the
+    benchmark script measures it, and training keeps float32 on the CPU.)
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    return str(device)

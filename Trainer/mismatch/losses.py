@@ -1,0 +1,71 @@
+"""Loss functions: soft Dice on labelled slices, the decoders' consistency on unlabelled slices.
+
+Shapes: probabilities are ``[B, 1, H, W]`` (binary, foreground) or ``[B, K, H, W]`` (multi-class, softmax,
+class 0 = background); targets are integer label maps ``[B, H, W]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+STOP_GRADIENT_MODES = ("none", "one-sided")
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice (Milletari et al. 2016), averaged over the foreground classes.
+
+    The Dice of each class is computed over the whole batch (sums over every pixel of every sample),
+    so a labelled slice that is all background still gives a well-defined loss that pushes its
+    foreground probability down. ``Dice_c = (2 sum p_c t_c + eps) / (sum p_c + sum t_c + eps)``.
+    """
+    if probs.shape[1] == 1:
+        p = probs[:, 0]
+        t = (target > 0).to(p.dtype)
+        dice = (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+        return 1 - dice
+    k = probs.shape[1]
+    t = F.one_hot(target.long(), k).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    dice = (2 * (probs * t).sum(dims) + eps) / (probs.sum(dims) + t.sum(dims) + eps)
+    return 1 - dice[1:].mean()
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice for a binary model; Dice + cross-entropy for a multi-class model (``logits [B, K, H, W]``)."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return soft_dice_loss(torch.sigmoid(logits), target)
+    return soft_dice_loss(torch.softmax(logits, 1), target) + F.cross_entropy(logits, target.long())
+
+
+def consistency_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, stop_gradient: str = "none") -> torch.Tensor:
+    """Mean squared error between two decoders' probabilities (paper Sec. 2.3).
+
+    ``stop_gradient``:
+    - ``"none"``: both decoders (and the encoder through both) receive the gradient. For an MSE this is
+      what the authors' public code computes in effect: detaching each side in one of two symmetric
+      terms only halves the gradient, it cuts nothing.
+    - ``"one-sided"``: ``probs_b`` is a fixed target (detached, as SimSiam's stop-gradient): only the first
+      decoder, and the encoder through it, learn from the consistency term.
+    """
+    if stop_gradient == "one-sided":
+        probs_b = probs_b.detach()
+    elif stop_gradient != "none":
+        raise ValueError(f"unknown stop-gradient mode {stop_gradient!r}: one of {STOP_GRADIENT_MODES}")
+    return F.mse_loss(probs_a.float(), probs_b.float())
+
+
+def alpha_schedule(step: int, total: int, alpha: float, rampup: float = 0.4) -> float:
+    """The consistency weight at ``step``: a sigmoid-shaped ramp-up over the first ``rampup`` of training.
+
+    ``alpha * exp(-5 (1 - t)^2)`` with ``t = step / (rampup * total)`` clipped to 1 (Laine and Aila 2017),
+    then constant at ``alpha``: the paper anneals alpha but does not give the schedule; a ramp-up keeps the
+    consistency of two untrained decoders from dominating the first steps. ``rampup = 0`` is constant.
+    """
+    if rampup <= 0 or total <= 0:
+        return alpha
+    t = min(1.0, step / max(1.0, rampup * total))
+    return alpha * math.exp(-5.0 * (1.0 - t) ** 2)

@@ -1,0 +1,44 @@
+"""The method interface shared by MisMatch and the baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainingBatch:
+    """One step's data. ``labelled_x [B, C, H, W]``, ``labelled_y [B, H, W]`` (long),
+    ``unlabelled_x [B_u, C, H, W]`` or None for supervised methods; ``step`` counts from 0."""
+
+    labelled_x: torch.Tensor
+    labelled_y: torch.Tensor
+    unlabelled_x: torch.Tensor | None
+    step: int
+    total_steps: int
+
+
+class Method:
+    """How a batch becomes a loss. Subclasses set ``architecture`` and implement :meth:`loss`."""
+
+    name: str = "method"
+    architecture: str = "unet"
+    uses_unlabelled: bool = False
+
+    def __init__(self, architecture: str | None = None, **options):
+        if architecture is not None:
+            self.architecture = architecture
+        self.options = options
+
+    def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss to minimise and its named terms (plain floats, for progress events)."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimiser step (e.g. an EMA teacher update)."""
+
+    def settings(self) -> dict:
+        """The method's settings, for the model card."""
+        return {"method": self.name, "architecture": self.architecture, **self.options}

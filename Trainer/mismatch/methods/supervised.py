@@ -1,0 +1,51 @@
+"""Supervised training on the labelled slices only: the paper's Sup1 (U-Net) and Sup2 (MisMatch network)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import supervised_loss
+from .base import Method, TrainingBatch
+
+
+def flip_and_noise(x: torch.Tensor, y: torch.Tensor | None, noise_std: float = 0.1,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The paper's supervised augmentation: random horizontal / vertical flips and Gaussian noise.
+
+    ``x [B, C, H, W]`` (normalised intensities, so ``noise_std`` is in units of the volume's standard
+    deviation), ``y [B, H, W]`` flipped with ``x``. Each sample gets its own flips.
+    """
+    x = x.clone()
+    y = None if y is None else y.clone()
+    b = x.shape[0]
+    flips = torch.rand(b, 2, generator=generator, device="cpu") < 0.5
+    for i in range(b):
+        dims = [d for d, f in zip((-1, -2), flips[i].tolist()) if f]
+        if dims:
+            x[i] = torch.flip(x[i], dims)
+            if y is not None:
+                y[i] = torch.flip(y[i], [d + 1 for d in dims])  # y has no channel axis
+    noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+    return x + noise_std * noise, y
+
+
+class SupervisedMethod(Method):
+    """Dice (+ cross-entropy for multi-class) on each decoder, labelled slices only."""
+
+    name = "supervised"
+    uses_unlabelled = False
+
+    def __init__(self, architecture: str = "unet", augment: bool = True, noise_std: float = 0.1, **_ignored):
+        super().__init__(architecture, augment=augment, noise_std=noise_std)
+        self.name = "unet" if architecture == "unet" else "sup2"
+        self.augment = augment
+        self.noise_std = noise_std
+
+    def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch.labelled_x, batch.labelled_y
+        if self.augment:
+            x, y = flip_and_noise(x, y, self.noise_std)
+        outputs = model(x)
+        sup = torch.stack([supervised_loss(o, y) for o in outputs]).mean()
+        return sup, {"dice": float(sup.detach())}

@@ -1,0 +1,416 @@
+"""The training loop shared by every method.
+
+Read top to bottom: :class:`TrainConfig` (every setting in one place), :func:`fit` (arrays in, networks
+out: build, optimise, checkpoint, snapshot) and :func:`train_files` (files in, model folder out, with all
+the input checks of the command line).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Normalisation, TwoStreamSampler, check_label_values, labelled_slices
+from .device import autocast, describe, resolve_device
+from .errors import Cancelled, UserError
+from .events import Reporter
+from .methods import METHODS, make_method
+from .modelfile import (
+    load_checkpoint,
+    load_model,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    save_model,
+)
+from .models import ArchitectureConfig, SegmentationNetwork, count_parameters
+
+CHECKPOINT_DIR = "checkpoint"
+
+# A palette for classes that come without a colour (Slicer's segment colours, roughly).
+_PALETTE = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.43, 0.72, 0.82),
+            (0.86, 0.96, 0.49), (0.56, 0.31, 0.64), (0.98, 0.36, 0.36), (0.25, 0.6, 0.9)]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. Defaults suit a few hundred steps on one volume."""
+
+    method: str = "mismatch"
+    steps: int = 300
+    width: int = 24
+    batch_size: int = 4              # labelled slices per step
+    unlabelled_batch_size: int = 0   # unlabelled slices per step (0: same as batch_size)
+    patch_size: int = 176            # square random patches (the paper's size); 0 = whole slices
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05             # fraction of steps with a linear learning-rate warm-up, then cosine decay
+    alpha: float = 0.002             # consistency weight (paper: 0.0005 to 0.004, 0.002 best)
+    alpha_rampup: float = 0.4        # fraction of steps over which alpha ramps up
+    stop_gradient: str = "none"      # see mismatch.losses.consistency_loss
+    snapshots: int = 1               # keep the last K snapshots and average them at inference (paper: 10)
+    snapshot_span: float = 0.2       # ... spread over the last 20 % of training (paper: last 10 of 50 epochs)
+    seed: int = 0
+    axis: str = "k"
+    hu_window: tuple[float, float] | None = None
+    foreground_fraction: float = 0.33
+    amp: bool = True                 # mixed precision on CUDA
+    checkpoint_every: int = 100
+    pasb_side: str = "paper"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hu_window"] = list(self.hu_window) if self.hu_window else None
+        return d
+
+
+def default_classes(values: Sequence[int]) -> list[dict]:
+    return [{"value": int(v), "name": f"class_{int(v)}", "color": list(_PALETTE[i % len(_PALETTE)])}
+            for i, v in enumerate(values)]
+
+
+def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
+    """Label values -> class indices 1..N in the order of ``classes`` (0 stays background).
+
+    A value that is not a listed class is a :class:`UserError`.
+    """
+    present = np.unique(labels)
+    known = {int(c["value"]) for c in classes}
+    unknown = [int(v) for v in present if v != 0 and int(v) not in known]
+    if unknown:
+        raise UserError(f"label value(s) {unknown} are not among the {len(classes)} class(es) "
+                        f"{sorted(known)}; add them to the classes file or remove them from the label map")
+    lut = np.zeros(int(max(present.max(), max(known))) + 1, dtype=np.uint8 if len(classes) < 255 else np.int32)
+    for i, c in enumerate(classes, start=1):
+        lut[int(c["value"])] = i
+    return lut[labels]
+
+
+@contextmanager
+def stop_on_signals(flag: dict):
+    """SIGINT / SIGTERM set ``flag["stop"]``; the loop finishes its step, checkpoints and stops."""
+    def handler(signum, _frame):
+        flag["stop"] = signal.Signals(signum).name
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    warm = max(1, int(config.warmup * config.steps))
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    t = (step - warm) / max(1, config.steps - warm)
+    return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def snapshot_steps(config: TrainConfig) -> list[int]:
+    """The (1-based) steps after which a snapshot is kept: the last step and K-1 before it, evenly over the
+    last ``snapshot_span`` of training."""
+    k = max(1, config.snapshots)
+    if k == 1:
+        return [config.steps]
+    interval = max(1, int(config.snapshot_span * config.steps / k))
+    return sorted({max(1, config.steps - i * interval) for i in range(k)})
+
+
+def _state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@dataclass
+class FitResult:
+    snapshots: list[dict[str, torch.Tensor]]
+    architecture: ArchitectureConfig
+    history: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    seconds: float = 0.0
+    batch_size: int = 0
+    parameters: int = 0
+
+
+def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
+        config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,
+        init_state: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False, stop: dict | None = None) -> FitResult:
+    """Train a network on normalised volumes.
+
+    ``volumes``: float32 ``[C, K, J, I]`` each, volume 0 the labelled case; ``labels``: class indices
+    ``[K, J, I]`` of volume 0 (0 = background); ``labelled``: its labelled slice indices along
+    ``config.axis``. Returns the kept snapshots' weights (CPU). With ``checkpoint_dir``, the full training
+    state is written there every ``checkpoint_every`` steps and when ``stop["stop"]`` is set (then
+    :class:`Cancelled` is raised); ``resume`` continues from it.
+    """
+    reporter = reporter or Reporter(progress_bar=False)
+    device = device or torch.device("cpu")
+    stop = stop if stop is not None else {}
+    if config.method not in METHODS:
+        raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    method = make_method(config.method, alpha=config.alpha, alpha_rampup=config.alpha_rampup,
+                         stop_gradient=config.stop_gradient)
+    arch = ArchitectureConfig(name=method.architecture, in_channels=volumes[0].shape[0],
+                              num_classes=num_classes, width=config.width, pasb_side=config.pasb_side)
+    torch.manual_seed(config.seed)
+    model = SegmentationNetwork(arch)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    sampler = TwoStreamSampler(volumes, labels, labelled, axis=config.axis,
+                               patch_size=config.patch_size or None, seed=config.seed,
+                               foreground_fraction=config.foreground_fraction)
+    batch_l = config.batch_size
+    batch_u = config.unlabelled_batch_size or config.batch_size
+    if method.uses_unlabelled and sampler.num_unlabelled == 0:
+        sampler.unlabelled_batch(1)  # raises the UserError that says every slice is labelled
+
+    start_step, history, snapshots = 0, [], []
+    keep_at = set(snapshot_steps(config))
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if ckpt is None:
+            raise UserError("--resume needs the output folder of the interrupted run")
+        tensors, state = load_checkpoint(ckpt)
+        for key in ("method", "width", "patch_size", "axis", "seed"):
+            if state["config"].get(key) != config.to_dict().get(key):
+                raise UserError(f"--resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
+                                f"not {config.to_dict().get(key)!r}; use the same settings or start afresh")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        start_step, history = state["step"], state["history"]
+        batch_l, batch_u = state.get("batch_sizes", [batch_l, batch_u])
+        for i in range(state["snapshots"]):
+            prefix = f"snapshot{i}."
+            snapshots.append({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        reporter.log(f"resuming at step {start_step} of {config.steps}")
+
+    def write_checkpoint(step: int) -> None:
+        if ckpt is None:
+            return
+        tensors, opt_rest = optimizer_to_tensors(optimizer)
+        tensors.update({f"model.{k}": v for k, v in _state_to_cpu(model).items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        for i, snap in enumerate(snapshots):
+            tensors.update({f"snapshot{i}.{k}": v for k, v in snap.items()})
+        save_checkpoint(ckpt, tensors, {
+            "step": step, "config": config.to_dict(), "optimizer": opt_rest, "sampler": sampler.state_dict(),
+            "history": history, "snapshots": len(snapshots), "batch_sizes": [batch_l, batch_u],
+            "engine_version": __version__,
+        })
+
+    reporter.start("train", total=config.steps, device=describe(device), method=config.method,
+                   parameters=count_parameters(model), labelled_slices=[int(i) for i in labelled],
+                   unlabelled_slices=sampler.num_unlabelled)
+    t0 = time.monotonic()
+    model.train()
+    step = start_step
+    log_every = max(1, config.steps // 100)
+    while step < config.steps:
+        if stop.get("stop"):
+            write_checkpoint(step)
+            raise Cancelled(f"stopped by {stop['stop']} at step {step} of {config.steps}; "
+                            "run again with --resume to continue")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        try:
+            loss, terms = _one_step(model, method, sampler, optimizer, scaler, device, config, step,
+                                    batch_l, batch_u)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch_l == 1 and batch_u == 1:
+                raise UserError(f"the GPU ran out of memory even with one slice per batch on {describe(device)}; "
+                                "use a smaller --patch-size or --width, or --device cpu") from None
+            batch_l, batch_u = max(1, batch_l // 2), max(1, batch_u // 2)
+            reporter.log(f"GPU out of memory: retrying with batch sizes {batch_l} labelled + {batch_u} "
+                         "unlabelled", level="warning")
+            continue
+        if not math.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
+        method.after_step(model, step)
+        step += 1
+        record = {"step": step, "loss": loss, **terms, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        if step in keep_at:
+            snapshots.append(_state_to_cpu(model))
+        if step % log_every == 0 or step == config.steps:
+            reporter.progress("train", step, config.steps, loss=loss, terms=terms, first_step=start_step)
+        if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            write_checkpoint(step)
+    if not snapshots:
+        snapshots.append(_state_to_cpu(model))
+    return FitResult(snapshots=snapshots[-max(1, config.snapshots):], architecture=arch, history=history,
+                     steps_done=step, seconds=time.monotonic() - t0, batch_size=batch_l,
+                     parameters=count_parameters(model))
+
+
+def _one_step(model, method, sampler, optimizer, scaler, device, config, step, batch_l, batch_u):
+    from .methods import TrainingBatch
+
+    xl, yl = sampler.labelled_batch(batch_l)
+    xu = sampler.unlabelled_batch(batch_u) if method.uses_unlabelled else None
+    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+    def to(x):
+        return torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
+
+    batch = TrainingBatch(labelled_x=to(xl), labelled_y=torch.from_numpy(yl).to(device),
+                          unlabelled_x=None if xu is None else to(xu), step=step, total_steps=config.steps)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, config.amp):
+        loss, terms = method.loss(model, batch)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach()), terms
+
+
+# -- files in, model folder out -----------------------------------------------------------------------
+
+def load_classes_file(path: str | os.PathLike) -> list[dict]:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: classes file not found") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a valid JSON classes file ({exc})") from None
+    if not isinstance(data, list) or not data or not all(isinstance(c, dict) and "value" in c for c in data):
+        raise UserError(f"{path}: expected a JSON list like "
+                        '[{"value": 1, "name": "liver", "color": [0.8, 0.3, 0.2]}]')
+    values = [int(c["value"]) for c in data]
+    if len(set(values)) != len(values) or min(values) < 1:
+        raise UserError(f"{path}: class values must be distinct integers >= 1 (0 is background)")
+    out = default_classes(values)
+    for c, given in zip(out, data):
+        c["name"] = str(given.get("name", c["name"]))
+        if "color" in given:
+            c["color"] = [float(x) for x in given["color"]][:3]
+    return out
+
+
+def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
+                unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
+                classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
+                resume: bool = False, reporter: Reporter | None = None, stop: dict | None = None) -> dict:
+    """Train from files and write the model folder; returns the card. See ``mismatch train --help``."""
+    from .io import check_outputs_not_inputs, read_image, read_labels
+
+    reporter = reporter or Reporter(progress_bar=False)
+    inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
+    check_outputs_not_inputs([out_dir], inputs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a folder; give a folder for the model")
+    reporter.start("load", total=None)
+    image, geometry = read_image(images)
+    labels = read_labels(labels_path, geometry)
+    extra = []
+    for case in unlabelled:
+        vol, _ = read_image(case)
+        if vol.shape[0] != image.shape[0]:
+            raise UserError(f"unlabelled case {', '.join(case)} has {vol.shape[0]} channel(s) but the labelled "
+                            f"case has {image.shape[0]}; give the same channels, comma-separated")
+        extra.append(vol)
+
+    init_state, init_card = None, None
+    if init_model:
+        init_card, nets = load_model(init_model)
+        if nets[0].config.in_channels != image.shape[0]:
+            raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
+                            f"but {image.shape[0]} image(s) were given")
+        init_state = nets[-1].state_dict()
+        config.width = nets[0].config.width
+        wanted = make_method(config.method).architecture if config.method in METHODS else None
+        if wanted != nets[0].config.name:
+            raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
+                            f"{config.method} trains a {wanted}; use the model's method to continue from it")
+
+    if classes_path:
+        classes = load_classes_file(classes_path)
+    elif init_card is not None:
+        classes = init_card["classes"]
+    else:
+        classes = default_classes([int(v) for v in np.unique(labels) if v != 0])
+    if not classes:
+        raise UserError(f"{labels_path}: the label map is empty (all zero); paint the structure on a few "
+                        "slices first, or list all-background labelled slices with --labelled-slices")
+    mapped = remap_labels(labels, classes)
+    num_classes = len(classes) + 1
+    check_label_values(mapped, num_classes)
+    if init_card is not None and len(init_card["classes"]) != len(classes):
+        raise UserError(f"--init {init_model}: the model has {len(init_card['classes'])} class(es), the labels "
+                        f"{len(classes)}; fine-tune with the same segments")
+
+    labelled = labelled_slices(labels, config.axis, explicit_slices)
+    if len(labelled) == 0:
+        raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
+                        "least one slice, or list labelled slices with --labelled-slices")
+    norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
+    volumes = [norm.apply(image)] + [norm.apply(v) for v in extra]
+    del image
+
+    dev = resolve_device(device)
+    reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, "
+                 f"{sum(v.shape[1 + {'k': 0, 'j': 1, 'i': 2}[config.axis]] for v in volumes) - len(labelled)} "
+                 f"unlabelled; training {config.method} on {describe(dev)}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
+                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop)
+    last = result.history[-1] if result.history else {}
+    card = {
+        "architecture": result.architecture.to_dict(),
+        "classes": classes,
+        "channels": [{"name": Path(p).name} for p in images],
+        "normalisation": norm.to_dict(),
+        "slice_axis": config.axis,
+        "training": {**config.to_dict(), "device": str(dev), "init_model": init_model,
+                     "images": [Path(p).name for p in images], "labels": Path(labels_path).name,
+                     "unlabelled_cases": len(extra)},
+        "summary": {"steps": result.steps_done, "seconds": round(result.seconds, 1),
+                    "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr")},
+                    "labelled_slices": [int(i) for i in labelled], "parameters": result.parameters,
+                    "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 5)} for h in result.history]},
+        "geometry": geometry.to_dict(),
+    }
+    save_model(out, result.snapshots, card)
+    _remove_checkpoint(out / CHECKPOINT_DIR)
+    return card
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    for name in ("state.safetensors", "state.json"):
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
