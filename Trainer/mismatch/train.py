@@ -323,6 +323,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     from .io import check_outputs_not_inputs, read_image, read_labels
 
     reporter = reporter or Reporter(progress_bar=False)
+    dev = resolve_device(device)
     inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
     check_outputs_not_inputs([out_dir], inputs)
     out = Path(out_dir)
@@ -372,13 +373,18 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if len(labelled) == 0:
         raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
                         "least one slice, or list labelled slices with --labelled-slices")
+    n_slices = labels.shape[{"k": 0, "j": 1, "i": 2}[config.axis]]
+    if len(labelled) == n_slices and not extra and config.method in METHODS and \
+            make_method(config.method).uses_unlabelled:
+        raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
+                        "term; supervised training is what you want: --method unet (or add unlabelled volumes "
+                        "with --unlabelled)")
     norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
     volumes = [norm.apply(image)] + [norm.apply(v) for v in extra]
     del image
 
-    dev = resolve_device(device)
-    reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, "
-                 f"{sum(v.shape[1 + {'k': 0, 'j': 1, 'i': 2}[config.axis]] for v in volumes) - len(labelled)} "
+    n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
+    reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
                  f"unlabelled; training {config.method} on {describe(dev)}")
     out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,

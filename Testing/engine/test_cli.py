@@ -1,0 +1,187 @@
+"""The ``mismatch`` command end to end on small files, and every bad input the issue lists."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from mismatch.cli import main
+
+def _rotation(ax, ay, az):
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return tuple((rz @ ry @ rx).ravel().tolist())
+
+
+OBLIQUE = _rotation(0.15, -0.2, 0.3)  # an exactly orthonormal, oblique direction
+
+
+def _write(array, path, spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0), direction=OBLIQUE):
+    img = sitk.GetImageFromArray(array)
+    if img.GetDimension() == 3 and img.GetNumberOfComponentsPerPixel() == 1:
+        img.SetSpacing(spacing)
+        img.SetOrigin(origin)
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A 10-slice volume with a bright disc, lung-CT-like intensities, labels on slices 2 and 6."""
+    rng = np.random.default_rng(0)
+    k, j, i = 10, 32, 40
+    zz, yy, xx = np.mgrid[:k, :j, :i]
+    disc = ((yy - 16) ** 2 + (xx - 20) ** 2) < (6 + zz * 0.3) ** 2
+    image = np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))
+    labels = np.zeros((k, j, i), np.uint8)
+    labels[[2, 6]] = disc[[2, 6]]
+    return {"image": _write(image.astype(np.float32), tmp_path / "image.nrrd"),
+            "labels": _write(labels, tmp_path / "labels.nrrd"),
+            "truth": _write(disc.astype(np.uint8), tmp_path / "truth.nrrd"),
+            "array": image.astype(np.float32), "lab": labels, "dir": tmp_path}
+
+
+TINY = ["--steps", "3", "--width", "4", "--patch-size", "0", "--batch-size", "2", "--device", "cpu"]
+
+
+def _events(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_train_segment_evaluate_end_to_end(case, capsys):
+    d = case["dir"]
+    before = {p: _digest(case[p]) for p in ("image", "labels")}
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "model"),
+                 "--events", str(d / "train.jsonl"), *TINY]) == 0
+    events = _events(d / "train.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["status"] == "completed"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["step"] == 3 and progress[-1]["total"] == 3
+    assert {"loss", "terms", "elapsed", "eta"} <= set(progress[-1])
+    card = json.loads((d / "model" / "model.json").read_text())
+    assert card["summary"]["labelled_slices"] == [2, 6]
+    assert not (d / "model" / "checkpoint").exists()
+
+    assert main(["segment", case["image"], "--model", str(d / "model"), "--out", str(d / "seg.nii.gz"),
+                 "--confidence", str(d / "conf.mha"), "--disagreement", str(d / "dis.nrrd"),
+                 "--report", str(d / "report.json"), "--truth", case["truth"], "--eval-slices", "0,4,8",
+                 "--device", "cpu"]) == 0
+    ref = sitk.ReadImage(case["image"])
+    for name in ("seg.nii.gz", "conf.mha", "dis.nrrd"):
+        out = sitk.ReadImage(str(d / name))
+        assert out.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-5)
+    conf = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "conf.mha")))
+    assert conf.min() >= 0.5 - 1e-6 and conf.max() <= 1.0
+    report = json.loads((d / "report.json").read_text())
+    ranked = [s["slice"] for s in report["uncertain_slices"]]
+    assert 2 not in ranked and 6 not in ranked and len(ranked) == 8
+    assert report["evaluation"]["slices"] == [0, 4, 8]
+    assert {"mean", "positive_decoder", "negative_decoder"} <= set(report["evaluation"])
+
+    capsys.readouterr()
+    assert main(["evaluate", "--prediction", str(d / "seg.nii.gz"), "--truth", case["truth"],
+                 "--confidence", str(d / "conf.mha"), "--diagram", str(d / "rel.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["iou"] <= 1 and "calibration" in result
+    assert (d / "rel.png").stat().st_size > 1000
+    assert before == {p: _digest(case[p]) for p in ("image", "labels")}
+
+
+def _bad(argv, capsys, match):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert match.lower() in err.lower(), err
+    return err
+
+
+def test_bad_inputs_give_one_clear_line_and_change_nothing(case, capsys):
+    d = case["dir"]
+    arr, lab = case["array"], case["lab"]
+    digests = {p: _digest(case[p]) for p in ("image", "labels")}
+    train = lambda *a: ["train", *a, "--out", str(d / "m"), *TINY]  # noqa: E731
+
+    _bad(train(str(d / "missing.nrrd"), "--labels", case["labels"]), capsys, "not found")
+    (d / "junk.nrrd").write_text("not an image")
+    _bad(train(str(d / "junk.nrrd"), "--labels", case["labels"]), capsys, "junk.nrrd")
+    other = _write(lab, d / "other_grid.nrrd", spacing=(1.0, 1.0, 1.0))
+    _bad(train(case["image"], "--labels", other), capsys, "grid")
+    empty = _write(np.zeros_like(lab), d / "empty.nrrd")
+    _bad(train(case["image"], "--labels", empty), capsys, "paint")
+    full = _write(np.ones_like(lab), d / "full.nrrd")
+    _bad(train(case["image"], "--labels", full), capsys, "supervised")
+    nan = arr.copy(); nan[3, 4, 5] = np.nan
+    _bad(train(_write(nan, d / "nan.nrrd"), "--labels", case["labels"]), capsys, "NaN")
+    two_d = _write(arr[0], d / "slice2d.nrrd")
+    _bad(train(two_d, "--labels", case["labels"]), capsys, "2D")
+    four_d = sitk.JoinSeries([sitk.GetImageFromArray(arr)] * 2)
+    sitk.WriteImage(four_d, str(d / "four.nrrd"))
+    _bad(train(str(d / "four.nrrd"), "--labels", case["labels"]), capsys, "4D")
+    shifted = _write(arr, d / "shifted.nrrd", origin=(0.0, 0.0, 0.0))
+    _bad(train(case["image"], shifted, "--labels", case["labels"]), capsys, "grid")
+    two = lab.copy(); two[2, 0, 0] = 2
+    (d / "classes.json").write_text(json.dumps([{"value": 1, "name": "disc"}]))
+    _bad(train(case["image"], "--labels", _write(two, d / "two.nrrd"), "--classes", str(d / "classes.json")),
+         capsys, "not among")
+    _bad(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m"), "--device", "cuda:3"],
+         capsys, "cuda")
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m"), *TINY]) == 0
+    capsys.readouterr()
+    _bad(["segment", case["image"], case["image"], "--model", str(d / "m"), "--out", str(d / "s.nrrd")],
+         capsys, "channel")
+    _bad(["segment", case["image"], "--model", str(d / "m"), "--out", case["image"]], capsys, "input")
+    _bad(["segment", case["image"], "--model", str(d / "nomodel"), "--out", str(d / "s.nrrd")], capsys, "model")
+    assert digests == {p: _digest(case[p]) for p in ("image", "labels")}
+
+
+def _run(argv, **kw):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "Trainer"))
+    return subprocess.Popen([sys.executable, "-m", "mismatch", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes(case):
+    d = case["dir"]
+    events = d / "events.jsonl"
+    argv = ["train", case["image"], "--labels", case["labels"], "--out", str(d / "model"), "--steps", "400",
+            "--width", "4", "--patch-size", "0", "--batch-size", "1", "--device", "cpu", "--events", str(events)]
+    proc = _run(argv)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if events.exists() and any(json.loads(l).get("event") == "progress" for l in events.read_text().splitlines()):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = _events(events)[-1]
+    assert last["status"] == "cancelled" and "--resume" in last["message"]
+    state = json.loads((d / "model" / "checkpoint" / "state.json").read_text())
+    assert 0 < state["step"] < 400
+    assert not (d / "model" / "model.json").exists()
+
+    proc = _run(argv + ["--resume"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    log = [e for e in _events(events) if e["event"] == "log"]
+    assert any(f"resuming at step {state['step']}" in e["message"] for e in log)
+    assert (d / "model" / "model.json").exists() and not (d / "model" / "checkpoint").exists()
