@@ -1,17 +1,31 @@
 """Reading and writing volumes with SimpleITK, with the input checks a user needs.
 
-In memory an image is ``float32 [C, K, J, I]`` (numpy order of SimpleITK arrays, C channels), a label map
-``int [K, J, I]``. :class:`Geometry` is SimpleITK's (LPS): size (I, J, K), spacing, origin and a row-major
-3x3 direction. Every error is a :class:`~mismatch.errors.UserError` whose one line says what to do.
+Conventions:
+
+- In memory an image is ``float32 [C, K, J, I]`` (C channels, then the numpy order of SimpleITK arrays:
+  K slowest, I fastest), a label map an integer ``[K, J, I]`` (0 = background or unlabelled, 1..N classes).
+- :class:`Geometry` is SimpleITK's, in LPS millimetres: size ``(I, J, K)``, spacing ``(I, J, K)``, the
+  origin (centre of voxel ``(0, 0, 0)``) and the 3x3 direction matrix, row-major, whose columns are the
+  directions of the I, J and K axes.
+- Formats by extension: ``.nrrd``, ``.nhdr``, ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``.
+
+Every bad input is a :class:`~mismatch.errors.UserError` whose one line says what is wrong and what to do.
+Reading never modifies a file; writing goes through a temporary file in the target folder and a rename.
+
+NIfTI caveat: NIfTI stores the grid as a float32 affine, so spacing, direction and origin come back to
+float32 precision (about 1e-7 relative; a few 1e-5 mm for an origin hundreds of mm from zero). The grid
+comparison (:meth:`Geometry.same_grid`) tolerates this. SimpleITK's NIfTI reader turns NaN / infinite
+voxels into 0 silently, so :func:`read_image` scans float NIfTI files' raw data for them itself.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,7 +37,12 @@ SUPPORTED_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 @dataclass(frozen=True)
 class Geometry:
-    """The image grid: size (I, J, K), spacing (mm), origin (mm, LPS), direction (9 values, row-major)."""
+    """The image grid, as SimpleITK has it (LPS).
+
+    ``size``: voxels along I, J, K (``image.GetSize()``; the numpy array is ``[K, J, I]``).
+    ``spacing``: mm between voxel centres along I, J, K. ``origin``: LPS position (mm) of voxel (0, 0, 0).
+    ``direction``: 9 values, the row-major 3x3 matrix whose columns are the I, J, K axis directions.
+    """
 
     size: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -32,53 +51,87 @@ class Geometry:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> "Geometry":
+        """The grid of a 3D ``sitk.Image``."""
         return cls(tuple(int(s) for s in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
                    tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The numpy shape ``(K, J, I)`` of a volume on this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
     def apply_to(self, image: sitk.Image) -> None:
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
+        """Set spacing, origin and direction of ``image`` (its size must already be ``size``)."""
+        image.SetSpacing(tuple(self.spacing))
+        image.SetOrigin(tuple(self.origin))
+        image.SetDirection(tuple(self.direction))
+
+    def differences(self, other: "Geometry", atol: float = 1e-4) -> list[str]:
+        """Names of what differs (``"size"``, ``"spacing"``, ``"origin"``, ``"direction"``), empty if the same.
+
+        Spacing is compared with relative tolerance ``atol``; the origin with ``atol`` times the largest
+        spacing (at least 1 mm), i.e. a small fraction of a voxel; the direction (unitless) with ``atol``.
+        """
+        out = []
+        if tuple(self.size) != tuple(other.size):
+            out.append("size")
+        sp_a, sp_b = np.asarray(self.spacing, float), np.asarray(other.spacing, float)
+        if sp_a.shape != sp_b.shape or not np.allclose(sp_a, sp_b, rtol=atol, atol=0):
+            out.append("spacing")
+        scale = max(1.0, float(np.abs(sp_a).max()) if sp_a.size else 1.0)
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=atol * scale):
+            out.append("origin")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=atol):
+            out.append("direction")
+        return out
 
     def same_grid(self, other: "Geometry", atol: float = 1e-4) -> bool:
-        """Same size, and spacing, origin and direction equal within tolerance (spacing relative)."""
-        if tuple(self.size) != tuple(other.size):
-            return False
-        sp_a, sp_b = np.asarray(self.spacing), np.asarray(other.spacing)
-        if not np.allclose(sp_a, sp_b, rtol=1e-4, atol=0):
-            return False
-        scale = max(1.0, float(np.abs(sp_a).max()))
-        return (np.allclose(self.origin, other.origin, rtol=0, atol=atol * scale)
-                and np.allclose(self.direction, other.direction, rtol=0, atol=atol))
+        """Same size, and spacing, origin and direction equal within tolerance (see :meth:`differences`)."""
+        return not self.differences(other, atol)
+
+    def is_oblique(self) -> bool:
+        """True when the axes are not aligned with L, P, S (a rotated grid)."""
+        return not np.allclose(np.abs(self.direction), np.abs(np.round(self.direction)), atol=1e-6)
 
     def describe(self) -> str:
+        """Short human text, e.g. ``"128x128x34 voxels, spacing 3.05x3.05x10 mm, origin (193.1, 216.4, -340.2)"``."""
         size = "x".join(str(s) for s in self.size)
-        spacing = "x".join(f"{s:.3g}" for s in self.spacing)
-        origin = ", ".join(f"{o:.1f}" for o in self.origin)
-        oblique = "" if np.allclose(np.abs(self.direction), np.eye(3).ravel(), atol=1e-6) else ", oblique"
-        return f"{size} voxels, spacing {spacing} mm, origin ({origin}){oblique}"
+        spacing = "x".join(f"{s:.4g}" for s in self.spacing)
+        origin = ", ".join(f"{o:.4g}" for o in self.origin)
+        text = f"{size} voxels, spacing {spacing} mm, origin ({origin})"
+        if self.is_oblique() or not np.allclose(self.direction, np.eye(3).ravel(), atol=1e-6):
+            text += ", direction (" + ", ".join(f"{d:.3g}" for d in self.direction) + ")"
+        return text
 
     def to_dict(self) -> dict:
+        """JSON-serialisable: lists of numbers under ``size``, ``spacing``, ``origin``, ``direction``."""
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Geometry":
+        """Inverse of :meth:`to_dict`."""
         return cls(tuple(int(v) for v in d["size"]), tuple(float(v) for v in d["spacing"]),
                    tuple(float(v) for v in d["origin"]), tuple(float(v) for v in d["direction"]))
 
 
-def _extension(path: str | os.PathLike) -> str:
+def _grid_mismatch(name_a, geo_a: Geometry, name_b, geo_b: Geometry) -> str:
+    what = ", ".join(geo_a.differences(geo_b)) or "grid"
+    return f"{name_a} is {geo_a.describe()} but {name_b} is {geo_b.describe()} (they differ in {what})"
+
+
+def _extension(path) -> str:
     name = str(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def _check_extension(path: str | os.PathLike) -> None:
+def _check_extension(path) -> None:
     if _extension(path) not in SUPPORTED_EXTENSIONS:
-        raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise UserError(f"{path}: unsupported file type {_extension(path) or '(no extension)'}; "
+                        f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
-def _read_sitk(path: str | os.PathLike) -> sitk.Image:
+def _read_sitk(path) -> sitk.Image:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path}: file not found; check the path")
@@ -89,112 +142,221 @@ def _read_sitk(path: str | os.PathLike) -> sitk.Image:
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "unknown reason"
-        raise UserError(f"{path}: cannot be read as an image ({first}); check that the file is complete") from None
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        reason = (lines[-1] if lines else "unknown reason")[:160]
+        raise UserError(f"{path}: cannot be read as an image ({reason}); check that the file is complete "
+                        "and really is that format") from None
 
 
 def _check_3d(image: sitk.Image, path) -> None:
     dim = image.GetDimension()
     if dim == 2:
-        raise UserError(f"{path}: is a 2D image; MisMatch needs a 3D volume (a stack of slices)")
-    if dim > 3:
-        raise UserError(f"{path}: is a {dim}D image; split it into one 3D file per channel or time point "
-                        "and pass the channels as several IMAGEs")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (a vector "
-                        "or RGB image); save one 3D scalar file per channel and pass them as several IMAGEs")
+        raise UserError(f"{path}: is a 2D image; MisMatch needs a 3D volume (a stack of slices); "
+                        "save the volume as one 3D file")
+    if dim != 3:
+        raise UserError(f"{path}: is a {dim}D image; split the channels (or time points) into one 3D file "
+                        "each and pass them as several IMAGEs")
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp != 1:
+        raise UserError(f"{path}: has {ncomp} components per voxel (a vector or RGB image); split the "
+                        "channels into one 3D file each and pass them as several IMAGEs")
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """A 3D scalar volume as stored (its own dtype), ``[K, J, I]``, and its geometry."""
+def _nifti_non_finite(path) -> int:
+    """Number of NaN / infinite voxels stored in a float NIfTI(-1 or -2) file, read directly.
+
+    SimpleITK's NIfTI reader silently turns them into 0, so :func:`read_image` looks at the raw data.
+    Streams the file in chunks (no copy of the volume); 0 for non-float files or a header it cannot parse.
+    """
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        for order in "<>":
+            size = int(np.frombuffer(head, f"{order}i4", 1, 0)[0])
+            if size in (348, 540):
+                break
+        else:
+            return 0
+        if size == 348:
+            dims = np.frombuffer(head, f"{order}i2", 8, 40).astype(np.int64)
+            code = int(np.frombuffer(head, f"{order}i2", 1, 70)[0])
+            offset = int(np.frombuffer(head, f"{order}f4", 1, 108)[0])
+        else:
+            code = int(np.frombuffer(head, f"{order}i2", 1, 12)[0])
+            dims = np.frombuffer(head, f"{order}i8", 8, 16)
+            offset = int(np.frombuffer(head, f"{order}i8", 1, 168)[0])
+        dtype = {16: f"{order}f4", 64: f"{order}f8"}.get(code)
+        if dtype is None:
+            return 0
+        ndim = int(dims[0])
+        remaining = int(np.prod(np.maximum(dims[1:1 + ndim], 1))) if 0 < ndim <= 7 else 0
+        itemsize = np.dtype(dtype).itemsize
+        offset = max(offset, size + 4 if size == 348 else size)
+        f.seek(offset)
+        bad = 0
+        chunk_items = (16 << 20) // itemsize
+        while remaining > 0:
+            data = f.read(min(remaining, chunk_items) * itemsize)
+            n = len(data) // itemsize
+            if n == 0:
+                break
+            values = np.frombuffer(data, dtype, n)
+            bad += n - int(np.count_nonzero(np.isfinite(values)))
+            remaining -= n
+        return bad
+
+
+def read_volume(path) -> tuple[np.ndarray, Geometry]:
+    """A 3D scalar volume as stored: ``[K, J, I]`` in the file's own dtype, and its geometry.
+
+    A 3D file with one slice (size 1 along K) is fine; 2D, 4D and vector files are a :class:`UserError`.
+    """
     image = _read_sitk(path)
     _check_3d(image, path)
     return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
 
 
-def read_image(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geometry]:
-    """One file per channel -> ``float32 [C, K, J, I]`` and the (common) geometry.
+def read_image(paths) -> tuple[np.ndarray, Geometry]:
+    """One file per channel -> ``float32 [C, K, J, I]`` and the common geometry.
 
-    Refuses NaN or infinite voxels and channels on different grids.
+    ``paths``: a path or a sequence of paths (the channels of one case, all on the same grid).
+    NaN or infinite voxels and channels on different grids are a :class:`UserError`.
+    Memory: one SimpleITK image at a time plus the float32 output (no float64 copy).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    paths = list(paths)
     if not paths:
-        raise UserError("no image given")
-    channels, geometry = [], None
-    for path in paths:
-        array, geo = read_volume(path)
-        array = array.astype(np.float32, copy=False)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            raise UserError(f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite; fix or mask them "
-                            "(e.g. set them to the background value) before training")
+        raise UserError("no image given; pass at least one IMAGE file")
+    out, geometry = None, None
+    for c, path in enumerate(paths):
+        image = _read_sitk(path)
+        _check_3d(image, path)
+        geo = Geometry.from_sitk(image)
         if geometry is None:
             geometry = geo
+            out = np.empty((len(paths),) + geo.shape, dtype=np.float32)
         elif not geometry.same_grid(geo):
-            raise UserError(f"channels are on different grids: {paths[0]} is {geometry.describe()}, {path} is "
-                            f"{geo.describe()}; resample every channel onto the first one's grid")
-        channels.append(array)
-    return np.stack(channels), geometry
+            raise UserError("channels are on different grids: " + _grid_mismatch(paths[0], geometry, path, geo)
+                            + "; resample every channel onto the first one's grid")
+        stored_float = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+        view = sitk.GetArrayViewFromImage(image)   # no copy; valid while `image` lives
+        np.copyto(out[c], view, casting="unsafe")
+        del view, image
+        bad = 0
+        if not np.isfinite(out[c]).all():
+            bad = int(out[c].size - np.count_nonzero(np.isfinite(out[c])))
+        elif stored_float and _extension(path) in (".nii", ".nii.gz"):
+            bad = _nifti_non_finite(path)
+        if bad:
+            raise UserError(f"{path}: {bad} voxel(s) are NaN or infinite (or beyond float32 range); "
+                            "replace them (e.g. with the background value) and save the file again")
+    return out, geometry
 
 
-def read_labels(path: str | os.PathLike, geometry: Geometry) -> np.ndarray:
-    """An integer label map ``[K, J, I]`` on exactly the image's grid (values >= 0)."""
+def _smallest_label_dtype(lo: int, hi: int):
+    if lo >= 0:
+        return np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.int32
+    return np.int16 if lo >= -32768 and hi <= 32767 else np.int32
+
+
+def read_labels(path, geometry: Geometry) -> np.ndarray:
+    """An integer label map ``[K, J, I]`` (uint8, uint16 or int32; values >= 0) on exactly ``geometry``.
+
+    A different grid, non-integer values (e.g. a float probability map) or negative values are a
+    :class:`UserError`. Float files holding whole numbers are accepted and converted.
+    """
     array, geo = read_volume(path)
     if not geo.same_grid(geometry):
-        raise UserError(f"{path}: the label map is on a different grid ({geo.describe()}) than the image "
-                        f"({geometry.describe()}); resample it onto the image (in Slicer: export the "
-                        "segmentation to a label map with the image as reference)")
+        raise UserError(f"{path}: the label map is on a different grid than the image: "
+                        + _grid_mismatch("the label map", geo, "the image", geometry)
+                        + "; resample the label map onto the image (in Slicer: export the segmentation to a "
+                        "label map with the image as reference volume)")
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
-            raise UserError(f"{path}: label values must be whole numbers (0 = background, 1..N = classes)")
-        array = array.astype(np.int32)
-    elif array.dtype.kind not in "iub":
+            raise UserError(f"{path}: the label map has non-integer values (is it an intensity or probability "
+                            "image?); give an integer label map: 0 = background, 1..N = classes")
+    elif array.dtype.kind not in "iu":
         raise UserError(f"{path}: unsupported label pixel type {array.dtype}; save it as an integer label map")
-    if array.size and array.min() < 0:
-        raise UserError(f"{path}: negative label values; use 0 for background and 1..N for the classes")
+    lo = float(array.min()) if array.size else 0.0
+    hi = float(array.max()) if array.size else 0.0
+    if lo < 0:
+        raise UserError(f"{path}: the label map has negative values (down to {lo:g}); use 0 for background "
+                        "and 1..N for the classes")
+    if hi > np.iinfo(np.int32).max:
+        raise UserError(f"{path}: label value {hi:g} is too large; use 0 for background and 1..N for classes")
+    dtype = _smallest_label_dtype(0, int(hi))
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _output_array(array: np.ndarray) -> np.ndarray:
+    """Integer/bool arrays -> the smallest type that holds them (unsigned when >= 0); floats -> float32."""
     if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
-    return array
+        return array.astype(np.uint8)
+    if array.dtype.kind in "iu":
+        lo = int(array.min()) if array.size else 0
+        hi = int(array.max()) if array.size else 0
+        if lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
+            raise ValueError(f"integer values {lo}..{hi} do not fit a label map (int32)")
+        return array.astype(_smallest_label_dtype(lo, hi), copy=False)
+    if array.dtype.kind == "f":
+        return array.astype(np.float32, copy=False)
+    raise ValueError(f"cannot write an array of dtype {array.dtype}")
 
 
-def _label_dtype(array: np.ndarray):
-    top = int(array.max()) if array.size else 0
-    return np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.int32
+def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool = False) -> None:
+    """Write ``array [K, J, I]`` on exactly ``geometry``, the format chosen by the extension of ``path``.
 
-
-def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, *, compress: bool = False) -> None:
-    """Write ``array [K, J, I]`` on ``geometry``; integer arrays as the smallest unsigned type that holds
-    them, floats as float32. Written to a temporary file first and renamed, so a reader never sees half."""
+    Integer arrays (label maps) are written as uint8 if their values fit, else uint16, else int32 (int16 /
+    int32 if negative); floats as float32. The parent folder is created. Single-file formats are written to
+    a temporary file in the same folder and renamed over ``path`` (a reader never sees half a file);
+    ``.mhd`` / ``.nhdr`` (header + separate data file) are written in place. ``compress`` asks for
+    compression where the format has it (``.nii.gz`` is always compressed).
+    """
     _check_extension(path)
     array = np.asarray(array)
-    if array.shape != tuple(reversed(geometry.size)):
-        raise ValueError(f"array shape {array.shape} does not match the grid {geometry.size} (I, J, K)")
-    if array.dtype.kind in "iub":
-        array = array.astype(_label_dtype(array), copy=False)
-    else:
-        array = array.astype(np.float32, copy=False)
-    image = sitk.GetImageFromArray(array)
+    if array.shape != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match the grid {geometry.size} (I, J, K), "
+                         f"expected [K, J, I] = {geometry.shape}")
+    image = sitk.GetImageFromArray(_output_array(array))
     geometry.apply_to(image)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     ext = _extension(target)
-    if ext in (".mhd", ".nhdr"):  # header + data file: written in place
-        sitk.WriteImage(image, str(target), compress)
+    if ext in (".mhd", ".nhdr"):
+        sitk.WriteImage(image, str(target), bool(compress))
         return
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=ext)
-    os.close(fd)
+    # A fresh name (not mkstemp, whose 0600 mode would stick to the output): normal permissions.
+    tmp = target.parent / f".{target.name[:-len(ext)]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
     try:
-        sitk.WriteImage(image, tmp, compress)
+        sitk.WriteImage(image, str(tmp), bool(compress))
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def check_outputs_not_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike]) -> None:
-    """Refuse to write over an input file (the user's data is never modified)."""
-    resolved = {Path(p).resolve() for p in inputs if p}
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs_not_inputs(outputs: Iterable, inputs: Iterable) -> None:
+    """:class:`UserError` if an output path is (or resolves to, or is a hard link of) an input file.
+
+    ``None`` / empty entries are ignored. Called before anything is written, so the user's files are safe.
+    """
+    ins = [Path(p) for p in inputs if p]
     for out in outputs:
-        if out and Path(out).resolve() in resolved:
-            raise UserError(f"{out}: is also an input; choose another output path (inputs are never overwritten)")
+        if not out:
+            continue
+        for inp in ins:
+            if _same_file(Path(out), inp):
+                raise UserError(f"{out}: is also an input ({inp}); choose another output path "
+                                "(input files are never overwritten)")
