@@ -1,0 +1,390 @@
+"""Named data sets for the benchmark, and the draw of labelled / unlabelled / test slices.
+
+Only data shipped inside installable packages is used; nothing is downloaded at run time.
+
+=======================  ==============================================================================
+name                     what
+=======================  ==============================================================================
+``ctchest-lungs``        slicerio's ``CTChest4.nrrd`` (real chest CT, 128x128x34, 3.05x3.05x10 mm, HU) with
+                         the lungs of its ``Segmentation.seg.nrrd`` (segments "right lung" + "left lung",
+                         semi-automatic Segment Editor labels). Binary, or right = 1 / left = 2 with
+                         ``multiclass=True``.
+``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
+                         the shipped GM probability map > 0.5. Cropped to the brain, optional block
+                         downsampling (``downsample=2`` by default, for speed).
+``pyradiomics-brain1``   pyradiomics 3.0.1's ``brain1`` case (T1 post-contrast MRI, 25x256x256, tumour on 7
+                         slices) from its source distribution, found in ``data_dir`` or ``$MISMATCH_DATA_DIR``.
+``synthetic-vessels``    the SYNTHETIC vessel phantom (:func:`mismatch.benchmark.phantom.vessel_phantom`) in
+                         a synthetic parenchyma background; ``in_lungs=True`` places it inside CTChest4's lungs
+                         (resampled to ``lung_spacing``; the CT's own vessels are then present but unlabelled).
+=======================  ==============================================================================
+
+Every loader returns a list of :class:`Case`: image ``float32 [C, K, J, I]``, label ``uint8 [K, J, I]``
+(0 = background, 1..N classes), the grid as :class:`mismatch.io.Geometry` (SimpleITK / LPS), a recommended
+slice axis (numpy axis; 0 = ``k``) and an intensity window (HU) or None.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import UserError
+from ..io import Geometry
+
+__all__ = ["Case", "DATASETS", "load_dataset", "draw_split", "PYRADIOMICS_DOWNLOAD", "DATA_DIR_ENV"]
+
+DATA_DIR_ENV = "MISMATCH_DATA_DIR"
+PYRADIOMICS_VERSION = "3.0.1"
+PYRADIOMICS_DOWNLOAD = (f"pip download --no-deps --no-binary pyradiomics --no-build-isolation "
+                        f"pyradiomics=={PYRADIOMICS_VERSION} -d DIR")
+CT_WINDOW = (-1000.0, 400.0)
+
+
+@dataclass
+class Case:
+    """One benchmark case.
+
+    Attributes:
+        name: data set name (``synthetic-...`` for synthetic data).
+        image: float32 ``[C, K, J, I]`` (CT in HU; MRI in its own units).
+        label: uint8 ``[K, J, I]``, 0 = background, 1..N = classes.
+        geometry: the image grid (size (I, J, K), spacing (I, J, K) mm, origin, direction; LPS).
+        axis: recommended slice axis, numpy axis of ``label`` (0 = ``k``).
+        window: intensity window ``(low, high)`` (HU for CT) or None.
+        classes: label value -> class name.
+        synthetic: True for generated data: results on it must be called synthetic.
+        source: where the data comes from (package, file, licence notice).
+        extra: loader-specific details (e.g. the phantom's tubes).
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    geometry: Geometry
+    axis: int = 0
+    window: tuple[float, float] | None = None
+    classes: dict[int, str] = field(default_factory=lambda: {1: "foreground"})
+    synthetic: bool = False
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing in ``(K, J, I)`` order, mm (numpy axis order)."""
+        s = self.geometry.spacing
+        return (s[2], s[1], s[0])
+
+
+def _array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+def _geometry_after_crop_and_downsample(geom: Geometry, lo_kji: Sequence[int], shape_kji: Sequence[int],
+                                        factor: int = 1) -> Geometry:
+    """Grid of ``array[lo:lo+shape]`` block-averaged by ``factor``: origin moves to the first block's centre."""
+    direction = np.asarray(geom.direction, dtype=float).reshape(3, 3)
+    spacing = np.asarray(geom.spacing, dtype=float)
+    offset_ijk = np.asarray(lo_kji[::-1], dtype=float) + (factor - 1) / 2.0
+    origin = np.asarray(geom.origin) + direction @ (offset_ijk * spacing)
+    size = tuple(int(s) // factor for s in shape_kji[::-1])
+    return Geometry(size, tuple(float(s) for s in spacing * factor), tuple(float(o) for o in origin),
+                    geom.direction)
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return a
+    k, j, i = (s // f for s in a.shape)
+    a = a[:k * f, :j * f, :i * f]
+    return a.reshape(k, f, j, f, i, f).mean(axis=(1, 3, 5))
+
+
+def _slicerio_file(name: str) -> str:
+    try:
+        import slicerio
+    except ImportError as exc:
+        raise UserError("this data set needs slicerio: pip install slicerio") from exc
+    path = Path(slicerio.__file__).parent / "data" / name
+    if not path.exists():
+        raise UserError(f"slicerio has no data/{name}: pip install --upgrade slicerio")
+    return str(path)
+
+
+def _segments_on_grid(seg_path: str, reference: sitk.Image) -> tuple[dict[str, np.ndarray]]:
+    """Each segment of a .seg.nrrd as a boolean ``[K, J, I]`` array on ``reference``'s grid.
+
+    A .seg.nrrd may be cropped to the segments' extent: each layer is placed on the reference grid by
+    nearest-neighbour resampling through the physical (LPS) coordinates of both.
+    """
+    import slicerio
+
+    seg = slicerio.read_segmentation(seg_path)
+    voxels = np.asarray(seg["voxels"])  # [I, J, K] or [I, J, K, layers]
+    if voxels.ndim == 3:
+        voxels = voxels[..., None]
+    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    direction = ijk_to_lps[:3, :3] / spacing
+    out: dict[str, np.ndarray] = {}
+    for layer in range(voxels.shape[3]):
+        layer_img = sitk.GetImageFromArray(np.ascontiguousarray(voxels[..., layer].transpose(2, 1, 0)))
+        layer_img.SetSpacing(tuple(float(s) for s in spacing))
+        layer_img.SetOrigin(tuple(float(o) for o in ijk_to_lps[:3, 3]))
+        layer_img.SetDirection(tuple(float(d) for d in direction.ravel()))
+        on_grid = _array(sitk.Resample(layer_img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        for s in seg["segments"]:
+            if int(s.get("layer", 0)) == layer:
+                out[s["name"]] = on_grid == int(s["labelValue"])
+    return out
+
+
+def _ctchest_with_lungs() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """CTChest4 (sitk image, HU) and its right / left lung masks ``[K, J, I]`` on the image grid."""
+    ct = sitk.ReadImage(_slicerio_file("CTChest4.nrrd"))
+    segments = _segments_on_grid(_slicerio_file("Segmentation.seg.nrrd"), ct)
+    names = {n.lower(): n for n in segments}
+    if "right lung" not in names or "left lung" not in names:
+        raise UserError(f"CTChest4 segmentation has no right/left lung segments (found {sorted(segments)})")
+    return ct, segments[names["right lung"]], segments[names["left lung"]]
+
+
+def load_ctchest_lungs(multiclass: bool = False, **_: Any) -> list[Case]:
+    """``ctchest-lungs``: slicerio's CTChest4 with lungs (binary, or right = 1, left = 2). Axis k."""
+    ct, right, left = _ctchest_with_lungs()
+    label = np.zeros(right.shape, dtype=np.uint8)
+    if multiclass:
+        label[right] = 1
+        label[left & ~right] = 2
+        classes = {1: "right lung", 2: "left lung"}
+    else:
+        label[right | left] = 1
+        classes = {1: "lungs"}
+    image = _array(ct).astype(np.float32)[None]
+    return [Case("ctchest-lungs", image, label, Geometry.from_sitk(ct), axis=0, window=CT_WINDOW,
+                 classes=classes, source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
+
+
+def load_mni152_gm(downsample: int = 2, crop: bool = True, **_: Any) -> list[Case]:
+    """``mni152-gm``: MNI152 2009 T1 template, grey matter = GM probability > 0.5 (after block averaging).
+
+    Args:
+        downsample: block-average factor (1 = the shipped 1 mm grid, 197x233x189).
+        crop: crop to the brain's bounding box (template > 0) plus 2 voxels.
+    """
+    try:
+        from nilearn.datasets import load_mni152_gm_template, load_mni152_template
+    except ImportError as exc:
+        raise UserError("mni152-gm needs nilearn: pip install nilearn") from exc
+    t1 = load_mni152_template(resolution=1)  # reads the files shipped in the wheel, no download
+    gm = load_mni152_gm_template(resolution=1)
+    if not np.allclose(t1.affine, gm.affine) or t1.shape != gm.shape:
+        raise UserError("nilearn's MNI152 T1 and GM templates are not on the same grid")
+    # nibabel arrays are [x, y, z] (RAS); ours are [K, J, I] = [z, y, x], geometry in LPS.
+    image = np.asarray(t1.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
+    prob = np.asarray(gm.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
+    affine = np.asarray(t1.affine, dtype=float)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = ras_to_lps @ (affine[:3, :3] / spacing)
+    origin = ras_to_lps @ affine[:3, 3]
+    geom = Geometry(tuple(int(s) for s in image.shape[::-1]), tuple(float(s) for s in spacing),
+                    tuple(float(o) for o in origin), tuple(float(d) for d in direction.ravel()))
+    lo = np.zeros(3, dtype=int)
+    if crop:
+        nz = np.argwhere(image > 0)
+        lo = np.maximum(nz.min(0) - 2, 0)
+        hi = np.minimum(nz.max(0) + 3, image.shape)
+        image = image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        prob = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    f = int(downsample)
+    if f < 1:
+        raise ValueError("downsample must be >= 1")
+    geom = _geometry_after_crop_and_downsample(geom, lo, image.shape, f)
+    image = _block_mean(image, f).astype(np.float32)
+    label = (_block_mean(prob, f) > 0.5).astype(np.uint8)
+    return [Case("mni152-gm", image[None], label, geom, axis=0, window=None, classes={1: "grey matter"},
+                 source="nilearn MNI152 2009 templates (T1, GM probability); MNI template copyright notice "
+                        "kept by nilearn")]
+
+
+def _find_pyradiomics_case(case: str, data_dir: str | os.PathLike | None) -> tuple[Path, Path, Any]:
+    """Paths of ``{case}_image.nrrd`` / ``{case}_label.nrrd`` (and a temporary folder to keep alive)."""
+    folder = data_dir or os.environ.get(DATA_DIR_ENV)
+    how = (f"get it once with: {PYRADIOMICS_DOWNLOAD} (DIR = a cache folder outside the repository), then "
+           f"pass that folder as the data folder or set {DATA_DIR_ENV}=DIR")
+    if not folder:
+        raise UserError(f"pyradiomics-{case} needs the pyradiomics {PYRADIOMICS_VERSION} source distribution; {how}")
+    root = Path(folder)
+    for sub in ("", f"pyradiomics-{PYRADIOMICS_VERSION}/data", "data"):
+        img, lab = root / sub / f"{case}_image.nrrd", root / sub / f"{case}_label.nrrd"
+        if img.exists() and lab.exists():
+            return img, lab, None
+    archive = root / f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
+    if archive.exists():
+        tmp = tempfile.TemporaryDirectory(prefix="mismatch-pyradiomics-")
+        members = [f"pyradiomics-{PYRADIOMICS_VERSION}/data/{case}_{kind}.nrrd" for kind in ("image", "label")]
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in members:
+                try:
+                    info = tar.getmember(m)
+                except KeyError as exc:
+                    raise UserError(f"{archive} has no {m}; {how}") from exc
+                extracted = tar.extractfile(info)
+                (Path(tmp.name) / Path(m).name).write_bytes(extracted.read())
+        return Path(tmp.name) / Path(members[0]).name, Path(tmp.name) / Path(members[1]).name, tmp
+    raise UserError(f"no pyradiomics {PYRADIOMICS_VERSION} source distribution (or its data/{case}_image.nrrd) "
+                    f"in {root}; {how}")
+
+
+def load_pyradiomics_brain1(data_dir: str | os.PathLike | None = None, **_: Any) -> list[Case]:
+    """``pyradiomics-brain1``: T1 post-contrast brain MRI with a tumour label (binary). Axis k.
+
+    Reads ``pyradiomics-3.0.1.tar.gz`` (or its untarred ``data/``) from ``data_dir`` or ``$MISMATCH_DATA_DIR``;
+    never downloads (a :class:`~mismatch.errors.UserError` says how to get it).
+    """
+    img_path, lab_path, keep = _find_pyradiomics_case("brain1", data_dir)
+    try:
+        image = sitk.ReadImage(str(img_path))
+        label = sitk.ReadImage(str(lab_path))
+        label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        arr = _array(image).astype(np.float32)[None]
+        lab = (_array(label) > 0).astype(np.uint8)
+    finally:
+        if keep is not None:
+            keep.cleanup()
+    return [Case("pyradiomics-brain1", arr, lab, Geometry.from_sitk(image), axis=0, window=None,
+                 classes={1: "tumour"}, source=f"pyradiomics {PYRADIOMICS_VERSION} sdist data/brain1 (BSD-3)")]
+
+
+def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequence[int] = (64, 128, 128),
+                           spacing: Sequence[float] = (1.0, 0.7, 0.7),
+                           lung_spacing: Sequence[float] = (2.5, 1.5, 1.5), **phantom_args: Any) -> list[Case]:
+    """``synthetic-vessels``: the SYNTHETIC vessel phantom (binary label), deterministic per ``seed``.
+
+    Args:
+        seed: phantom seed.
+        in_lungs: draw the tree inside CTChest4's lungs: the CT (linear) and lung mask (nearest) are
+            resampled to ``lung_spacing`` ``(K, J, I)`` mm and cropped to the lungs plus 3 voxels; the tree is
+            confined to the lungs and blended into the real CT (whose own vessels stay unlabelled).
+        shape, spacing: ``(K, J, I)`` grid of the stand-alone phantom (ignored with ``in_lungs``).
+        phantom_args: passed to :func:`~mismatch.benchmark.phantom.vessel_phantom` (e.g. ``n_roots``).
+    """
+    from .phantom import vessel_phantom
+
+    if not in_lungs:
+        image, label, info = vessel_phantom(shape=shape, spacing=spacing, seed=seed, **phantom_args)
+        sp = tuple(float(s) for s in spacing)
+        geom = Geometry(tuple(int(s) for s in image.shape[::-1]), sp[::-1], (0.0, 0.0, 0.0),
+                        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+        name = "synthetic-vessels"
+    else:
+        ct, right, left = _ctchest_with_lungs()
+        lungs = sitk.GetImageFromArray((right | left).astype(np.uint8))
+        lungs.CopyInformation(ct)
+        new_spacing = tuple(float(s) for s in lung_spacing[::-1])  # (I, J, K)
+        new_size = [int(round(sz * sp / ns)) for sz, sp, ns in zip(ct.GetSize(), ct.GetSpacing(), new_spacing)]
+        ref = sitk.Image(new_size, sitk.sitkFloat32)
+        ref.SetSpacing(new_spacing)
+        ref.SetDirection(ct.GetDirection())
+        # keep the physical extent: first voxel centre moved by half the spacing change
+        shift = np.asarray(ct.GetDirection()).reshape(3, 3) @ ((np.asarray(new_spacing) - ct.GetSpacing()) / 2)
+        ref.SetOrigin(tuple(float(o) for o in np.asarray(ct.GetOrigin()) + shift))
+        ct_r = _array(sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear,
+                                    -1000.0))
+        mask_r = _array(sitk.Resample(lungs, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
+        nz = np.argwhere(mask_r)
+        lo = np.maximum(nz.min(0) - 3, 0)
+        hi = np.minimum(nz.max(0) + 4, mask_r.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        # The lungs are thin and the grid coarse (the thinnest tube is sqrt(3)/2 * 2.5 mm): shorter, more
+        # persistent tubes and three roots give trees of 3 to 4 generations.
+        for key, value in (("root_radius_mm", 4.0), ("length_factor", (3.0, 6.0)), ("max_tries", 30),
+                           ("n_roots", 3)):
+            phantom_args.setdefault(key, value)
+        image, label, info = vessel_phantom(spacing=lung_spacing, seed=seed, background=ct_r[box],
+                                            mask=mask_r[box], **phantom_args)
+        geom = _geometry_after_crop_and_downsample(Geometry.from_sitk(ref), lo, image.shape, 1)
+        name = "synthetic-vessels-lung"
+    info = {k: v for k, v in info.items() if k != "occupancy"}
+    return [Case(name, image[None].astype(np.float32), label.astype(np.uint8), geom, axis=0, window=CT_WINDOW,
+                 classes={1: "vessel (synthetic)"}, synthetic=True,
+                 source="SYNTHETIC vessel phantom (mismatch.benchmark.phantom)"
+                        + (" inside slicerio CTChest4's lungs" if in_lungs else ""),
+                 extra={"phantom": info})]
+
+
+#: data set name -> loader(**options) -> list[Case]
+DATASETS: dict[str, Callable[..., list[Case]]] = {
+    "ctchest-lungs": load_ctchest_lungs,
+    "mni152-gm": load_mni152_gm,
+    "pyradiomics-brain1": load_pyradiomics_brain1,
+    "synthetic-vessels": load_synthetic_vessels,
+    "synthetic-vessels-lung": lambda **kw: load_synthetic_vessels(in_lungs=True, **kw),
+}
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options: Any) -> list[Case]:
+    """The cases of data set ``name`` (see :data:`DATASETS`); ``data_dir`` for data found in a cache folder."""
+    if name not in DATASETS:
+        raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "pyradiomics-brain1":
+        options["data_dir"] = data_dir
+    return DATASETS[name](**options)
+
+
+def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test: int | None = None,
+               min_fraction: float = 0.1, min_gap: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw labelled, unlabelled and test slices of one case, deterministically from ``seed``.
+
+    Labelled slices are drawn among the slices with "enough" foreground (at least ``min_fraction`` of the
+    largest per-slice foreground count), at least ``min_gap`` slices apart when possible (``min_gap=2``
+    leaves one slice between labelled slices, as Slicer's Fill between slices asks its users; the gap is
+    relaxed, closest-first, only if the candidates cannot hold ``n_labelled`` slices otherwise).
+    Unlabelled = every slice not labelled (the Slicer use case: the rest of the same volume). Test =
+    the slices with any foreground that are not labelled, or ``n_test`` of them drawn at random.
+
+    Args:
+        label: int ``[K, J, I]`` (any non-zero value is foreground).
+        axis: numpy axis of the slices.
+        n_labelled: number of labelled slices.
+        seed: random seed (``numpy.random.default_rng``).
+        n_test: number of test slices (None = all remaining foreground slices).
+
+    Returns:
+        ``(labelled_idx, unlabelled_idx, test_idx)``: sorted int64 arrays of slice indices along ``axis``;
+        labelled and test are disjoint, test is a subset of unlabelled.
+    """
+    label = np.asarray(label)
+    counts = (label != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
+    if counts.max() == 0:
+        raise UserError("the label map is empty: nothing to draw labelled slices from")
+    candidates = np.flatnonzero(counts >= max(1.0, min_fraction * counts.max()))
+    if n_labelled < 1 or n_labelled > len(candidates):
+        raise UserError(f"cannot draw {n_labelled} labelled slices: only {len(candidates)} slices have enough "
+                        "foreground")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(candidates)
+    chosen: list[int] = []
+    for gap in range(max(min_gap, 1), 0, -1):
+        for s in order:
+            if len(chosen) == n_labelled:
+                break
+            if s not in chosen and all(abs(int(s) - c) >= gap for c in chosen):
+                chosen.append(int(s))
+        if len(chosen) == n_labelled:
+            break
+    labelled = np.sort(np.asarray(chosen, dtype=np.int64))
+    all_slices = np.arange(label.shape[axis], dtype=np.int64)
+    unlabelled = np.setdiff1d(all_slices, labelled)
+    test = np.setdiff1d(np.flatnonzero(counts > 0), labelled).astype(np.int64)
+    if n_test is not None and n_test < len(test):
+        test = np.sort(rng.choice(test, size=n_test, replace=False)).astype(np.int64)
+    return labelled, unlabelled, test
