@@ -1,8 +1,9 @@
 """From volumes to training slices: labelled-slice detection, normalisation, the two-stream sampler.
 
 A volume is a stack of 2D slices along one index axis of its grid: ``k`` (the file's slice direction,
-the default), ``j`` or ``i``; they are numpy axes 0, 1, 2 of a ``[K, J, I]`` array (1, 2, 3 with the
-channel axis in front).
+the default), ``j`` or ``i``; they are numpy axes 0, 1, 2 of a ``[K, J, I]`` array (1, 2, 3 of a
+``[C, K, J, I]`` image). A slice along ``k`` is ``[J, I]``, along ``j`` ``[K, I]``, along ``i`` ``[K, J]``
+(``[H, W]`` in general, with the channel axis in front for images).
 """
 
 from __future__ import annotations
@@ -17,93 +18,133 @@ from .errors import UserError
 
 AXES = {"k": 0, "j": 1, "i": 2}
 
+#: Whole-slice batches are padded to a multiple of this (the network downsamples 3 times).
+SIZE_MULTIPLE = 8
+
 
 def axis_index(axis: str) -> int:
+    """Numpy axis (0, 1, 2) of a ``[K, J, I]`` array for the slice axis name ``k``, ``j`` or ``i``."""
     try:
-        return AXES[axis]
+        return AXES[str(axis).strip().lower()]
     except KeyError:
         raise UserError(f"slice axis {axis!r}: use k (the file's slice direction), j or i") from None
 
 
 def parse_slice_list(text: str) -> list[int]:
-    """``"3,7,12"`` and ranges ``"10-14"`` -> sorted unique slice indices."""
+    """``"3,7,12"`` and ranges ``"10-14"`` (inclusive) -> sorted unique slice indices (0-based).
+
+    Spaces around items are allowed; an empty string gives ``[]``; anything else is a :class:`UserError`.
+    """
     out: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
+    for part in str(text).split(","):
+        part = part.strip()
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
         if not m:
-            raise UserError(f"slice list {text!r}: use numbers and ranges like 3,7,10-12")
+            raise UserError(f"slice list {text!r}: {part!r} is not a slice number; use numbers and ranges "
+                            "like 3,7,10-12 (0-based)")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise UserError(f"slice list {text!r}: range {part} runs backwards")
+            raise UserError(f"slice list {text!r}: range {part} runs backwards; write it as {hi}-{lo}")
         out.update(range(lo, hi + 1))
     return sorted(out)
 
 
 def labelled_slices(labels: np.ndarray, axis: str = "k", explicit: Sequence[int] | None = None) -> np.ndarray:
-    """Indices of labelled slices: those with any non-zero voxel, and those listed in ``explicit``
-    (so a labelled slice may be all background)."""
+    """Sorted unique ``int64`` indices of the labelled slices of ``labels [K, J, I]`` along ``axis``.
+
+    A slice is labelled when it has any non-zero voxel, or when its index is in ``explicit`` (so a labelled
+    slice may be all background: "I looked, there is nothing here"). Explicit indices outside the volume
+    are a :class:`UserError`.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be [K, J, I], got shape {labels.shape}")
     ax = axis_index(axis)
     other = tuple(a for a in range(3) if a != ax)
-    found = set(np.flatnonzero(np.any(labels != 0, axis=other)).tolist())
+    found = set(np.flatnonzero(np.any(labels, axis=other)).tolist())
     n = labels.shape[ax]
     for s in explicit or ():
-        if not 0 <= int(s) < n:
-            raise UserError(f"labelled slice {s} is outside the volume: axis {axis} has slices 0 to {n - 1}")
-        found.add(int(s))
+        s = int(s)
+        if not 0 <= s < n:
+            raise UserError(f"labelled slice {s} is outside the volume: along axis {axis} the slices are "
+                            f"0 to {n - 1}; fix the slice list")
+        found.add(s)
     return np.asarray(sorted(found), dtype=np.int64)
 
 
 def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-    """``[C, K, J, I] -> [C, H, W]`` or ``[K, J, I] -> [H, W]`` (a view, no copy)."""
+    """``[C, K, J, I] -> [C, H, W]`` or ``[K, J, I] -> [H, W]``: a view (no copy) of slice ``index``."""
     ax = axis_index(axis) + (volume.ndim - 3)
-    return volume[(slice(None),) * ax + (index,)]
+    return volume[(slice(None),) * ax + (int(index),)]
 
 
 def check_label_values(labels: np.ndarray, num_classes: int) -> None:
-    """``num_classes`` includes background; a value >= it is a :class:`UserError`."""
+    """:class:`UserError` if a label value is ``>= num_classes`` (``num_classes`` includes background)."""
     top = int(labels.max()) if labels.size else 0
     if top >= num_classes:
         raise UserError(f"label value {top} is beyond the {num_classes - 1} class(es) of this model; "
-                        "use values 1..N for N classes")
+                        "use values 1..N for N classes (or give the classes with --classes)")
 
 
 @dataclass
 class Normalisation:
-    """Per-volume, per-channel z-score; for CT optionally a HU window (clip) first."""
+    """Per-volume, per-channel intensity normalisation.
+
+    ``method``: ``"zscore"`` (subtract the channel's mean, divide by its standard deviation).
+    ``hu_window``: ``(low, high)`` in the image's units (HU for CT): clip to it before the z-score.
+    """
 
     method: str = "zscore"
     hu_window: tuple[float, float] | None = None
 
     def apply(self, image: np.ndarray) -> np.ndarray:
-        """``[C, K, J, I]`` -> a new float32 array; a constant channel becomes zeros."""
+        """``[C, K, J, I]`` -> a new float32 array of the same shape; a constant channel becomes zeros.
+
+        The mean is accumulated in float64, the sum of squares per slice; no float64 copy of the volume is made.
+        """
+        if self.method != "zscore":
+            raise UserError(f"normalisation {self.method!r} is not known; use zscore")
+        lo_hi = None
+        if self.hu_window is not None:
+            lo_hi = (float(self.hu_window[0]), float(self.hu_window[1]))
+            if not lo_hi[0] < lo_hi[1]:
+                raise UserError(f"intensity window {self.hu_window}: the low end must be below the high end")
         out = np.empty(image.shape, dtype=np.float32)
         for c in range(image.shape[0]):
-            ch = image[c].astype(np.float32, copy=True)
-            if self.hu_window is not None:
-                np.clip(ch, self.hu_window[0], self.hu_window[1], out=ch)
-            mean = float(ch.mean(dtype=np.float64))
-            std = float(ch.std(dtype=np.float64))
-            ch -= mean
-            if std > 1e-6:
-                ch /= std
+            ch = out[c]
+            np.copyto(ch, image[c], casting="unsafe")
+            if lo_hi is not None:
+                np.clip(ch, lo_hi[0], lo_hi[1], out=ch)
+            n = ch.size
+            if n == 0:
+                continue
+            mean = float(np.add.reduce(ch.ravel(), dtype=np.float64)) / n
+            ch -= np.float32(mean)
+            sq = 0.0
+            for k in range(ch.shape[0]):   # slice by slice (float32 dot), summed in float64: no big temporary
+                s = ch[k].ravel()
+                sq += float(np.dot(s, s))
+            std = (sq / n) ** 0.5
+            if std > 1e-6 * max(1.0, abs(mean)) and np.isfinite(std):
+                ch *= np.float32(1.0 / std)
             else:
                 ch[...] = 0
-            out[c] = ch
         return out
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "hu_window": list(self.hu_window) if self.hu_window else None}
+        """JSON-serialisable: ``{"method": ..., "hu_window": [low, high] or None}``."""
+        return {"method": self.method, "hu_window": [float(v) for v in self.hu_window] if self.hu_window else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalisation":
+        """Inverse of :meth:`to_dict`."""
         w = d.get("hu_window")
-        return cls(method=d.get("method", "zscore"), hu_window=tuple(w) if w else None)
+        return cls(method=d.get("method", "zscore"), hu_window=(float(w[0]), float(w[1])) if w else None)
 
 
 class _Stream:
-    """Shuffled passes over items: every item once per pass, then a new order."""
+    """Shuffled passes over ``n`` items: every item once per pass, then a new random order."""
 
     def __init__(self, n: int, rng: np.random.Generator):
         self.n, self.rng = n, rng
@@ -111,6 +152,8 @@ class _Stream:
         self.pos = 0
 
     def take(self, k: int) -> list[int]:
+        if self.n == 0:
+            raise RuntimeError("empty stream")
         out = []
         while len(out) < k:
             if self.pos >= self.n:
@@ -121,142 +164,246 @@ class _Stream:
         return out
 
 
-class TwoStreamSampler:
-    """Labelled and unlabelled slices drawn as two streams (the paper's "streaming" setting).
+def _channel_min(img: np.ndarray) -> np.ndarray:
+    """Per-channel minimum of ``[C, H, W]`` as ``[C, 1, 1]`` (the padding value)."""
+    return img.min(axis=(-2, -1), keepdims=True)
 
-    ``volumes``: normalised float32 ``[C, K, J, I]``, volume 0 the labelled case; ``labels [K, J, I]`` for
-    volume 0; ``labelled``: its labelled slice indices. Unlabelled items are every other slice of volume 0
-    and every slice of volumes 1..; each stream goes through shuffled passes, so every unlabelled slice is
-    used once before any is repeated, and the few labelled slices are seen at every step.
-    ``patch_size``: square random crops of that side (smaller slices are padded, centred); None or 0 for
-    whole slices (padded to a common multiple of 8 per batch). Labelled crops are centred on a random
-    foreground voxel with probability ``foreground_fraction``.
+
+class TwoStreamSampler:
+    """Labelled and unlabelled slices drawn as two streams (the paper's streaming setting).
+
+    ``volumes``: normalised float32 ``[C, K, J, I]``; volume 0 is the labelled case. ``labels``: integer
+    ``[K, J, I]`` for volume 0. ``labelled``: indices (along ``axis``) of volume 0's labelled slices.
+    Unlabelled items are all other slices of volume 0 and every slice of volumes 1... Each stream goes
+    through shuffled passes, so every item is used once before any is repeated.
+
+    ``patch_size``: ``P`` for square ``P x P`` crops at a uniformly random position (slices smaller than
+    ``P`` are padded, centred: image with the slice's per-channel minimum, labels with 0); ``None`` or 0
+    for whole slices, padded (centred) per batch to a common size that is a multiple of 8.
+    ``foreground_fraction``: probability that a labelled crop is centred (clamped to the slice) on a random
+    non-zero label voxel of its slice, when it has one. All randomness comes from one
+    ``numpy.random.Generator(seed)``; :meth:`state_dict` / :meth:`load_state_dict` resume exactly.
+    Slices are taken as views; a batch copies only its crops.
     """
+
+    #: Cache of foreground voxel positions per labelled slice is dropped above this many bytes.
+    FG_CACHE_BYTES = 256 * 2**20
 
     def __init__(self, volumes: Sequence[np.ndarray], labels: np.ndarray, labelled: Sequence[int],
                  axis: str = "k", patch_size: int | None = 176, seed: int = 0, foreground_fraction: float = 0.33):
         self.volumes = list(volumes)
+        if not self.volumes:
+            raise ValueError("no volume given")
+        for v in self.volumes:
+            if v.ndim != 4:
+                raise ValueError(f"volumes must be [C, K, J, I], got shape {v.shape}")
+            if v.shape[0] != self.volumes[0].shape[0]:
+                raise UserError(f"the volumes have different numbers of channels ({self.volumes[0].shape[0]} "
+                                f"and {v.shape[0]}); give every case the same channels")
+        if labels.shape != self.volumes[0].shape[1:]:
+            raise UserError(f"the label map's shape {labels.shape} differs from the image's "
+                            f"{self.volumes[0].shape[1:]} ([K, J, I]); resample the labels onto the image")
         self.labels = labels
         self.axis = axis
         self.ax = axis_index(axis)
+        if patch_size is not None and int(patch_size) < 0:
+            raise UserError(f"patch size {patch_size}: use a positive size, or 0 for whole slices")
         self.patch = int(patch_size) if patch_size else None
-        self.fg_fraction = foreground_fraction
+        self.fg_fraction = float(foreground_fraction)
         self.rng = np.random.default_rng(seed)
-        labelled_set = set(int(s) for s in labelled)
+        n0 = self.volumes[0].shape[1 + self.ax]
+        labelled_set = {int(s) for s in labelled}
+        for s in labelled_set:
+            if not 0 <= s < n0:
+                raise UserError(f"labelled slice {s} is outside the volume: along axis {axis} the slices are "
+                                f"0 to {n0 - 1}; fix the slice list")
         self.labelled_items = [(0, s) for s in sorted(labelled_set)]
-        self.unlabelled_items = [(0, s) for s in range(volumes[0].shape[1 + self.ax]) if s not in labelled_set]
+        self.unlabelled_items = [(0, s) for s in range(n0) if s not in labelled_set]
         for v in range(1, len(self.volumes)):
             self.unlabelled_items += [(v, s) for s in range(self.volumes[v].shape[1 + self.ax])]
         self._lab = _Stream(len(self.labelled_items), self.rng)
         self._unl = _Stream(len(self.unlabelled_items), self.rng)
         self._fg_cache: dict[int, np.ndarray] = {}
+        self._fg_bytes = 0
 
     @property
     def num_labelled(self) -> int:
+        """Number of labelled slices (items of the labelled stream)."""
         return len(self.labelled_items)
 
     @property
     def num_unlabelled(self) -> int:
+        """Number of unlabelled slices over all volumes (items of the unlabelled stream)."""
         return len(self.unlabelled_items)
 
-    def _image_slice(self, v: int, s: int) -> np.ndarray:
-        return take_slice(self.volumes[v], self.axis, s)
-
-    def _crop_box(self, h: int, w: int, centre: tuple[int, int] | None) -> tuple[int, int]:
+    # -- cropping -------------------------------------------------------------------------------------
+    def _start(self, n: int, centre: int | None) -> int:
         p = self.patch
-        def start(n, c):
-            if n <= p:
-                return 0
-            if c is None:
-                return int(self.rng.integers(0, n - p + 1))
-            return int(np.clip(c - p // 2, 0, n - p))
-        return start(h, None if centre is None else centre[0]), start(w, None if centre is None else centre[1])
+        if n <= p:
+            return 0
+        if centre is None:
+            return int(self.rng.integers(0, n - p + 1))
+        return int(np.clip(centre - p // 2, 0, n - p))
 
-    def _cut(self, arr: np.ndarray, y0: int, x0: int, fill: float) -> np.ndarray:
-        """Crop ``[..., H, W]`` to P x P at (y0, x0), padding (centred) where the slice is smaller."""
+    def _cut(self, arr: np.ndarray, y0: int, x0: int, fill) -> np.ndarray:
+        """Crop ``[..., H, W]`` to ``P x P`` at ``(y0, x0)``, padding (centred) where the slice is smaller.
+
+        ``fill``: a scalar or an array broadcastable to ``[..., 1, 1]``, or a callable giving one (only
+        called when padding is needed)."""
         p = self.patch
-        h, w = arr.shape[-2:]
         crop = arr[..., y0:y0 + p, x0:x0 + p]
         ch, cw = crop.shape[-2:]
         if ch == p and cw == p:
             return crop
-        out = np.full(arr.shape[:-2] + (p, p), fill, dtype=arr.dtype)
+        fill = fill() if callable(fill) else fill
+        out = np.empty(arr.shape[:-2] + (p, p), dtype=arr.dtype)
+        out[...] = fill
         oy, ox = (p - ch) // 2, (p - cw) // 2
         out[..., oy:oy + ch, ox:ox + cw] = crop
         return out
 
-    def _foreground_pixels(self, s: int) -> np.ndarray:
-        if s not in self._fg_cache:
-            self._fg_cache[s] = np.argwhere(take_slice(self.labels, self.axis, s) != 0)
-        return self._fg_cache[s]
+    def _foreground(self, s: int) -> np.ndarray:
+        """Flat (row-major ``H*W``) indices of the non-zero label voxels of labelled slice ``s``."""
+        fg = self._fg_cache.get(s)
+        if fg is None:
+            lab = take_slice(self.labels, self.axis, s)
+            fg = np.flatnonzero(lab).astype(np.int32 if lab.size < 2**31 else np.int64)
+            if self._fg_bytes + fg.nbytes <= self.FG_CACHE_BYTES:
+                self._fg_cache[s] = fg
+                self._fg_bytes += fg.nbytes
+        return fg
 
+    # -- batches --------------------------------------------------------------------------------------
     def labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``x float32 [B, C, P, P]``, ``y int64 [B, P, P]``."""
+        """``x float32 [B, C, P, P]``, ``y int64 [B, P, P]`` (whole-slice mode: ``H, W`` padded to x8)."""
         if not self.labelled_items:
-            raise UserError("no labelled slice to train on; paint the structure on at least one slice")
+            raise UserError("no labelled slice to train on; paint the structure on at least one slice "
+                            "(or list the slices that are labelled)")
         xs, ys = [], []
         for idx in self._lab.take(batch_size):
             v, s = self.labelled_items[idx]
-            img = self._image_slice(v, s)
+            img = take_slice(self.volumes[v], self.axis, s)
             lab = take_slice(self.labels, self.axis, s)
             if self.patch:
-                centre = None
-                fg = self._foreground_pixels(s)
-                if len(fg) and self.rng.random() < self.fg_fraction:
-                    centre = tuple(fg[int(self.rng.integers(len(fg)))])
-                y0, x0 = self._crop_box(img.shape[-2], img.shape[-1], centre)
-                img = self._cut(img, y0, x0, float(img.min()))
+                h, w = lab.shape
+                cy = cx = None
+                if self.rng.random() < self.fg_fraction:
+                    fg = self._foreground(s)
+                    if len(fg):
+                        cy, cx = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
+                y0, x0 = self._start(h, cy), self._start(w, cx)
+                img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
                 lab = self._cut(lab, y0, x0, 0)
             xs.append(img)
             ys.append(lab)
-        return self._stack(xs), self._stack(ys, label=True).astype(np.int64)
+        return self._stack(xs, label=False), self._stack(ys, label=True)
 
     def unlabelled_batch(self, batch_size: int) -> np.ndarray:
-        """``x float32 [B, C, P, P]``."""
+        """``x float32 [B, C, P, P]`` (whole-slice mode: ``H, W`` padded to a multiple of 8)."""
         if not self.unlabelled_items:
             raise UserError("every slice is labelled, so there is nothing for the semi-supervised term; "
-                            "train with --method unet (supervised), or add unlabelled volumes with --unlabelled")
+                            "train supervised with --method unet, or add unlabelled cases with --unlabelled")
         xs = []
         for idx in self._unl.take(batch_size):
             v, s = self.unlabelled_items[idx]
-            img = self._image_slice(v, s)
+            img = take_slice(self.volumes[v], self.axis, s)
             if self.patch:
-                y0, x0 = self._crop_box(img.shape[-2], img.shape[-1], None)
-                img = self._cut(img, y0, x0, float(img.min()))
+                y0, x0 = self._start(img.shape[-2], None), self._start(img.shape[-1], None)
+                img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
             xs.append(img)
-        return self._stack(xs)
+        return self._stack(xs, label=False)
 
-    def _stack(self, arrays: list[np.ndarray], label: bool = False) -> np.ndarray:
+    def _stack(self, arrays: list[np.ndarray], label: bool) -> np.ndarray:
+        dtype = np.int64 if label else np.float32
         if self.patch:
-            return np.stack(arrays).astype(np.float32 if not label else arrays[0].dtype, copy=False)
+            return np.stack(arrays).astype(dtype, copy=False)
         h = max(a.shape[-2] for a in arrays)
         w = max(a.shape[-1] for a in arrays)
-        h, w = h + (-h) % 8, w + (-w) % 8
-        out = []
-        for a in arrays:
-            pad = [(0, 0)] * (a.ndim - 2) + [((h - a.shape[-2]) // 2, h - a.shape[-2] - (h - a.shape[-2]) // 2),
-                                             ((w - a.shape[-1]) // 2, w - a.shape[-1] - (w - a.shape[-1]) // 2)]
-            out.append(np.pad(a, pad, constant_values=0 if label else float(a.min())))
-        return np.stack(out).astype(np.float32 if not label else out[0].dtype, copy=False)
+        h, w = h + (-h) % SIZE_MULTIPLE, w + (-w) % SIZE_MULTIPLE
+        out = np.empty((len(arrays),) + arrays[0].shape[:-2] + (h, w), dtype=dtype)
+        for b, a in enumerate(arrays):
+            ah, aw = a.shape[-2:]
+            out[b] = 0 if label else _channel_min(a)
+            oy, ox = (h - ah) // 2, (w - aw) // 2
+            out[b, ..., oy:oy + ah, ox:ox + aw] = a
+        return out
 
+    # -- resumption -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """JSON-serialisable: the random generator and both streams' positions, for exact resumption."""
+        """JSON-serialisable: the generator state and both streams' orders and positions."""
         return {"rng": self.rng.bit_generator.state,
-                "labelled": {"order": self._lab.order, "pos": self._lab.pos},
-                "unlabelled": {"order": self._unl.order, "pos": self._unl.pos}}
+                "labelled": {"n": self._lab.n, "order": list(self._lab.order), "pos": self._lab.pos},
+                "unlabelled": {"n": self._unl.n, "order": list(self._unl.order), "pos": self._unl.pos}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where :meth:`state_dict` was taken (same volumes, labels and settings)."""
+        for name, stream in (("labelled", self._lab), ("unlabelled", self._unl)):
+            saved = state[name]
+            n = int(saved.get("n", len(saved["order"])))
+            if n != stream.n:
+                raise UserError(f"the checkpoint was made with {n} {name} slices but the data now has "
+                                f"{stream.n}; resume with the same images, labels and slice settings")
         self.rng.bit_generator.state = state["rng"]
-        self._lab.order, self._lab.pos = list(state["labelled"]["order"]), int(state["labelled"]["pos"])
-        self._unl.order, self._unl.pos = list(state["unlabelled"]["order"]), int(state["unlabelled"]["pos"])
+        for name, stream in (("labelled", self._lab), ("unlabelled", self._unl)):
+            stream.order = [int(i) for i in state[name]["order"]]
+            stream.pos = int(state[name]["pos"])
+
+
+# -- demo data -----------------------------------------------------------------------------------------
+_STRUCTURES = {"lungs": ("right lung", "left lung")}
+
+
+def _segment_mask(seg: dict, segment: dict) -> np.ndarray:
+    """Boolean ``[I, J, K]`` mask of one segment of a ``slicerio.read_segmentation`` result.
+
+    slicerio gives ``voxels`` as ``[I, J, K]`` (one layer) or ``[layers, I, J, K]`` (overlapping segments).
+    """
+    voxels = np.asarray(seg["voxels"])
+    value = int(segment["labelValue"])
+    if voxels.ndim == 4:
+        return voxels[int(segment.get("layer", 0) or 0)] == value
+    if voxels.ndim == 3:
+        return voxels == value
+    raise UserError(f"unexpected segmentation array shape {voxels.shape}; expected 3D or 4D (layered)")
+
+
+def place_on_grid(mask_ijk: np.ndarray, ijk_to_lps: np.ndarray, geometry) -> np.ndarray:
+    """Put a boolean ``[I, J, K]`` mask whose voxel grid is ``ijk_to_lps`` (4x4) onto ``geometry``.
+
+    The mask's grid must be the image's grid shifted by whole voxels (a .seg.nrrd cropped to the segments'
+    extent, or extended beyond the image): same axes and spacing. Returns ``uint8 [K, J, I]`` on the image
+    grid (voxels outside the image are dropped). A grid that is rotated, rescaled or shifted by a fraction
+    of a voxel is a :class:`UserError` (it would need resampling).
+    """
+    img = np.eye(4)
+    img[:3, :3] = np.asarray(geometry.direction, float).reshape(3, 3) * np.asarray(geometry.spacing, float)
+    img[:3, 3] = geometry.origin
+    seg_to_img = np.linalg.inv(img) @ np.asarray(ijk_to_lps, dtype=float)
+    offset_f = seg_to_img[:3, 3]
+    offset = np.round(offset_f).astype(int)
+    if not (np.allclose(seg_to_img[:3, :3], np.eye(3), atol=1e-3) and np.allclose(offset_f, offset, atol=1e-2)):
+        raise UserError("the segmentation is not on the image's voxel grid (rotated, rescaled or shifted by "
+                        "part of a voxel); export it as a label map with the image as reference")
+    size = np.asarray(geometry.size)
+    labels = np.zeros(geometry.shape, dtype=np.uint8)   # [K, J, I]
+    lo = np.maximum(offset, 0)
+    hi = np.minimum(offset + np.asarray(mask_ijk.shape), size)
+    if np.any(hi <= lo):
+        return labels
+    src = mask_ijk[lo[0] - offset[0]:hi[0] - offset[0], lo[1] - offset[1]:hi[1] - offset[1],
+                   lo[2] - offset[2]:hi[2] - offset[2]]
+    labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = np.transpose(src, (2, 1, 0))
+    return labels
 
 
 def load_ctchest(structure: str = "lungs"):
-    """The real chest CT ``CTChest4`` and a binary label of ``structure`` from the ``slicerio`` package.
+    """The real chest CT ``CTChest4`` and a binary label of ``structure``, from the ``slicerio`` package.
 
-    Returns ``(image float32 [1, K, J, I] in HU, labels uint8 [K, J, I], Geometry)``. The segments are
-    found by name in the .seg.nrrd ("lungs" = right lung + left lung) and placed on the CT's grid using
-    the segmentation's own geometry (a .seg.nrrd may be cropped to the segments' extent).
+    Returns ``(image float32 [1, K, J, I] in HU, labels uint8 [K, J, I] (0/1), Geometry)``; the grid is
+    128x128x34 voxels, 3.05 x 3.05 x 10 mm. ``structure``: ``"lungs"`` (right lung + left lung) or the name
+    of one segment of the file (case-insensitive, e.g. ``"ribs"``). Segments are found by name in
+    ``Segmentation.seg.nrrd`` and placed on the CT's grid from the segmentation's own ijkToLPS (a .seg.nrrd
+    may be cropped to the segments' extent, and may be layered 4D when segments overlap).
     """
     try:
         import slicerio
@@ -267,31 +414,21 @@ def load_ctchest(structure: str = "lungs"):
     from .io import read_image
 
     folder = Path(slicerio.__file__).parent / "data"
-    image, geometry = read_image([folder / "CTChest4.nrrd"])
-    seg = slicerio.read_segmentation(str(folder / "Segmentation.seg.nrrd"))
-    wanted = {"lungs": ("right lung", "left lung")}.get(structure, (structure,))
-    segments = [s for s in seg["segments"] if s["name"].lower() in wanted]
-    if len(segments) != len(wanted):
-        names = [s["name"] for s in seg["segments"]]
-        raise UserError(f"structure {structure!r} not found in the CTChest4 segmentation (it has {names})")
-    voxels = np.asarray(seg["voxels"])                       # [I, J, K] or [I, J, K, layers]
-    if voxels.ndim == 3:
-        voxels = voxels[..., None]
-    mask_ijk = np.zeros(voxels.shape[:3], dtype=bool)
-    for s in segments:
-        mask_ijk |= voxels[..., int(s.get("layer", 0) or 0)] == int(s["labelValue"])
-    # place the segmentation's voxels on the image grid: image index of the segmentation's voxel (0, 0, 0)
-    img_ijk_to_lps = np.eye(4)
-    img_ijk_to_lps[:3, :3] = np.asarray(geometry.direction).reshape(3, 3) * np.asarray(geometry.spacing)
-    img_ijk_to_lps[:3, 3] = geometry.origin
-    seg_to_img = np.linalg.inv(img_ijk_to_lps) @ np.asarray(seg["ijkToLPS"], dtype=float)
-    if not np.allclose(seg_to_img[:3, :3], np.eye(3), atol=1e-3):
-        raise UserError("the CTChest4 segmentation is not on the CT's voxel grid")
-    offset = np.round(seg_to_img[:3, 3]).astype(int)
-    labels = np.zeros(tuple(reversed(geometry.size)), dtype=np.uint8)   # [K, J, I]
-    lo = np.maximum(offset, 0)
-    hi = np.minimum(offset + np.asarray(mask_ijk.shape), np.asarray(geometry.size))
-    src = mask_ijk[lo[0] - offset[0]:hi[0] - offset[0], lo[1] - offset[1]:hi[1] - offset[1],
-                   lo[2] - offset[2]:hi[2] - offset[2]]
-    labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = np.transpose(src, (2, 1, 0))
+    ct_path, seg_path = folder / "CTChest4.nrrd", folder / "Segmentation.seg.nrrd"
+    if not ct_path.exists() or not seg_path.exists():
+        raise UserError(f"the installed slicerio has no CTChest4 sample data in {folder}; "
+                        "reinstall it: pip install --force-reinstall slicerio")
+    image, geometry = read_image([ct_path])
+    seg = slicerio.read_segmentation(str(seg_path))
+    names = {s["name"].strip().lower(): s for s in seg["segments"]}
+    wanted = _STRUCTURES.get(structure.strip().lower(), (structure.strip().lower(),))
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise UserError(f"structure {structure!r} not found in the CTChest4 segmentation; choose one of "
+                        f"{', '.join(['lungs'] + [s['name'] for s in seg['segments']])}")
+    mask = None
+    for w in wanted:
+        m = _segment_mask(seg, names[w])
+        mask = m if mask is None else (mask | m)
+    labels = place_on_grid(mask, seg["ijkToLPS"], geometry)
     return image, labels, geometry

@@ -1,0 +1,371 @@
+"""mismatch.data: slice lists, labelled slices, normalisation, the two-stream sampler, the CTChest4 loader."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, labelled_slices,
+                           load_ctchest, parse_slice_list, place_on_grid, take_slice)
+from mismatch.errors import UserError
+from mismatch.io import Geometry
+
+# -- axes, slice lists, labelled slices ----------------------------------------------------------------
+
+
+def test_axis_index():
+    assert [axis_index(a) for a in "kji"] == [0, 1, 2] and AXES == {"k": 0, "j": 1, "i": 2}
+    for bad in ("x", "", "0", "kk"):
+        with pytest.raises(UserError, match="use k"):
+            axis_index(bad)
+
+
+def test_parse_slice_list():
+    assert parse_slice_list("3,7,12") == [3, 7, 12]
+    assert parse_slice_list("12, 3,10-14,3") == [3, 10, 11, 12, 13, 14]
+    assert parse_slice_list(" 5 - 6 ") == [5, 6]
+    assert parse_slice_list("") == []
+    for bad in ("3,a", "1 2", "-1", "5-3", "2.5", "1;2", "3-"):
+        with pytest.raises(UserError, match="slice"):
+            parse_slice_list(bad)
+
+
+def test_labelled_slices_by_content_and_explicit():
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1, 2, 2] = 1
+    labels[4, 0, 3] = 2
+    assert labelled_slices(labels).tolist() == [1, 4]
+    out = labelled_slices(labels, "k", explicit=[0, 4])        # slice 0: labelled, all background
+    assert out.tolist() == [0, 1, 4] and out.dtype == np.int64
+    assert labelled_slices(labels, "j").tolist() == [0, 2]
+    assert labelled_slices(labels, "i").tolist() == [2, 3]
+    assert labelled_slices(labels, "i", explicit=[0]).tolist() == [0, 2, 3]
+    with pytest.raises(UserError, match="outside"):
+        labelled_slices(labels, "k", explicit=[6])
+    with pytest.raises(UserError, match="outside"):
+        labelled_slices(labels, "i", explicit=[4])
+    with pytest.raises(UserError, match="outside"):
+        labelled_slices(labels, "j", explicit=[-1])
+
+
+def test_take_slice_is_a_view():
+    vol = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    assert take_slice(vol, "k", 1).shape == (2, 4, 5)
+    assert take_slice(vol, "j", 2).shape == (2, 3, 5)
+    assert take_slice(vol, "i", 4).shape == (2, 3, 4)
+    assert take_slice(vol[0], "i", 4).shape == (3, 4)
+    np.testing.assert_array_equal(take_slice(vol, "j", 2), vol[:, :, 2, :])
+    assert np.shares_memory(take_slice(vol, "i", 1), vol)
+
+
+def test_check_label_values():
+    labels = np.array([[[0, 1, 2]]])
+    check_label_values(labels, 3)
+    with pytest.raises(UserError, match="label value 2"):
+        check_label_values(labels, 2)
+
+
+# -- normalisation -------------------------------------------------------------------------------------
+
+def test_normalisation_zscore_per_channel():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(100, 20, (4, 8, 8)), rng.normal(-5, 0.1, (4, 8, 8))]).astype(np.float32)
+    out = Normalisation().apply(image)
+    assert out.dtype == np.float32 and out.shape == image.shape and not np.shares_memory(out, image)
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1, atol=1e-4)
+    assert image.mean() > 40          # input untouched
+
+
+def test_normalisation_hu_window_clips():
+    image = np.array([-3000, -1000, 0, 400, 2000, 3000], np.float32).reshape(1, 1, 2, 3)
+    out = Normalisation(hu_window=(-1000, 400)).apply(image)
+    assert out[0, 0, 0, 0] == out[0, 0, 0, 1]                   # -3000 clipped to -1000
+    assert out[0, 0, 1, 0] == out[0, 0, 1, 1] == out[0, 0, 1, 2]  # 400, 2000, 3000 all at 400
+    clipped = np.clip(image, -1000, 400)
+    np.testing.assert_allclose(out, (clipped - clipped.mean()) / clipped.std(), atol=1e-5)
+    with pytest.raises(UserError, match="window"):
+        Normalisation(hu_window=(400, -1000)).apply(image)
+
+
+def test_normalisation_constant_channel_gives_zeros():
+    image = np.stack([np.full((3, 4, 4), 1234.5, np.float32), np.arange(48, dtype=np.float32).reshape(3, 4, 4)])
+    with np.errstate(all="raise"):
+        out = Normalisation().apply(image)
+    assert np.isfinite(out).all() and not out[0].any() and out[1].std() > 0.9
+    # a window that flattens everything is a constant channel too
+    assert not Normalisation(hu_window=(-1000, -900)).apply(image[1:] + 5000).any()
+
+
+def test_normalisation_dict_round_trip():
+    for n in (Normalisation(), Normalisation(hu_window=(-1000.0, 400.0))):
+        assert Normalisation.from_dict(json.loads(json.dumps(n.to_dict()))) == n
+    with pytest.raises(UserError, match="zscore"):
+        Normalisation(method="minmax").apply(np.zeros((1, 1, 1, 1), np.float32))
+
+
+# -- sampler -------------------------------------------------------------------------------------------
+
+def make_case(k=10, j=40, i=48, channels=2, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((channels, k, j, i)).astype(np.float32)
+    labels = np.zeros((k, j, i), np.uint8)
+    return image, labels
+
+
+def test_sampler_shapes_dtypes():
+    image, labels = make_case()
+    labels[2, 5:9, 6:10] = 1
+    s = TwoStreamSampler([image], labels, [2, 5], patch_size=16, seed=0)
+    assert s.num_labelled == 2 and s.num_unlabelled == 8
+    x, y = s.labelled_batch(3)
+    assert x.shape == (3, 2, 16, 16) and x.dtype == np.float32
+    assert y.shape == (3, 16, 16) and y.dtype == np.int64
+    u = s.unlabelled_batch(5)
+    assert u.shape == (5, 2, 16, 16) and u.dtype == np.float32
+
+
+@pytest.mark.parametrize("axis", ["k", "j", "i"])
+def test_every_unlabelled_slice_once_per_pass(axis):
+    image = np.zeros((1, 6, 7, 8), np.float32)
+    ax = axis_index(axis)
+    n = image.shape[1 + ax]
+    index = np.arange(n, dtype=np.float32).reshape([n if d == ax else 1 for d in range(3)])
+    image[0] = index                                       # every voxel holds its slice index
+    extra = np.full((1, 3, 7, 8), 100.0, np.float32)
+    extra[0] += np.arange(3, dtype=np.float32).reshape(3, 1, 1) if axis == "k" else 0
+    labels = np.zeros(image.shape[1:], np.uint8)
+    s = TwoStreamSampler([image, extra], labels, [1, 3], axis=axis, patch_size=None, seed=3)
+    n_extra = extra.shape[1 + ax]
+    assert s.num_unlabelled == n - 2 + n_extra
+    for _ in range(3):                                      # three passes
+        batch = s.unlabelled_batch(s.num_unlabelled)
+        seen = sorted(float(b[0].max()) for b in batch)
+        own = [v for v in seen if v < 100]
+        assert own == [float(k) for k in range(n) if k not in (1, 3)]
+        assert len(seen) - len(own) == n_extra
+
+
+def test_labelled_stream_cycles_in_passes():
+    image = np.zeros((1, 8, 16, 16), np.float32)
+    image[0] = np.arange(8, dtype=np.float32).reshape(8, 1, 1)
+    labels = np.zeros((8, 16, 16), np.uint8)
+    s = TwoStreamSampler([image], labels, [1, 4, 6], patch_size=None, seed=1)
+    drawn = [int(x[0].max()) for _ in range(4) for x in s.labelled_batch(3)[0]]
+    for p in range(4):
+        assert sorted(drawn[3 * p:3 * p + 3]) == [1, 4, 6]
+
+
+def test_foreground_centred_crops_contain_foreground():
+    image, labels = make_case(k=4, j=200, i=220, channels=1)
+    labels[1, 150:153, 10:13] = 2                 # a small structure in a corner
+    s = TwoStreamSampler([image], labels, [1], patch_size=32, seed=0, foreground_fraction=1.0)
+    for _ in range(20):
+        _, y = s.labelled_batch(2)
+        assert (y == 2).any(axis=(1, 2)).all()
+    s = TwoStreamSampler([image], labels, [1], patch_size=32, seed=0, foreground_fraction=0.0)
+    hits = sum(int((s.labelled_batch(1)[1] > 0).any()) for _ in range(100))
+    assert hits < 30                               # uniform crops mostly miss it
+
+
+def test_labelled_crop_matches_image_crop():
+    """Image and label crops come from the same place."""
+    image = np.zeros((1, 3, 50, 60), np.float32)
+    labels = np.zeros((3, 50, 60), np.uint8)
+    labels[1, 20:30, 25:35] = 1
+    image[0, 1] = labels[1] * 7.0
+    s = TwoStreamSampler([image], labels, [1], patch_size=24, seed=5, foreground_fraction=0.5)
+    for _ in range(20):
+        x, y = s.labelled_batch(2)
+        np.testing.assert_array_equal(x[:, 0] == 7.0, y == 1)
+
+
+def test_small_slices_are_padded_centred():
+    image = np.full((2, 3, 10, 6), 5.0, np.float32)
+    image[1] -= 9.0                                       # channel 1: value -4
+    image[:, :, 0, 0] += 1.0                              # minimum stays 5 / -4
+    labels = np.ones((3, 10, 6), np.uint8)
+    s = TwoStreamSampler([image], labels, [0], patch_size=16, seed=0)
+    x, y = s.labelled_batch(1)
+    assert x.shape == (1, 2, 16, 16)
+    assert y[0].sum() == 60
+    assert y[0, 3:13, 5:11].all()                          # (16-10)//2 = 3, (16-6)//2 = 5
+    assert x[0, 0, 0, 0] == 5.0 and x[0, 1, 0, 0] == -4.0  # padded with each channel's minimum
+    u = s.unlabelled_batch(2)
+    assert u.shape == (2, 2, 16, 16) and (u[:, 1, 0, 0] == -4.0).all()
+
+
+def test_one_dimension_smaller_than_patch():
+    image, labels = make_case(k=2, j=10, i=60, channels=1)
+    labels[0, 4, 50] = 1
+    s = TwoStreamSampler([image], labels, [0], patch_size=16, seed=0, foreground_fraction=1.0)
+    x, y = s.labelled_batch(4)
+    assert x.shape == (4, 1, 16, 16) and (y == 1).sum() == 4
+
+
+def test_whole_slice_mode_multiple_of_8():
+    image, labels = make_case(k=5, j=37, i=50, channels=1)
+    extra = np.random.default_rng(1).standard_normal((1, 4, 41, 19)).astype(np.float32)
+    labels[2, 3, 4] = 1
+    s = TwoStreamSampler([image, extra], labels, [2], patch_size=0, seed=0)
+    x, y = s.labelled_batch(2)
+    assert x.shape == (2, 1, 40, 56) and y.shape == (2, 40, 56)
+    assert int(y.sum()) == 2
+    for _ in range(5):
+        u = s.unlabelled_batch(3)
+        assert u.shape[2] % 8 == 0 and u.shape[3] % 8 == 0 and u.shape[2] >= 37 and u.shape[3] >= 19
+    s_j = TwoStreamSampler([image], labels, [3], axis="j", patch_size=None)
+    x, y = s_j.labelled_batch(1)
+    assert x.shape == (1, 1, 8, 56) and y.shape == (1, 8, 56)
+
+
+def _draw(sampler, n=6):
+    out = []
+    for _ in range(n):
+        x, y = sampler.labelled_batch(2)
+        out += [x, y, sampler.unlabelled_batch(3)]
+    return out
+
+
+def test_same_seed_same_batches():
+    image, labels = make_case()
+    labels[3, 10:20, 10:20] = 1
+    a = _draw(TwoStreamSampler([image], labels, [3, 7], patch_size=16, seed=11))
+    b = _draw(TwoStreamSampler([image], labels, [3, 7], patch_size=16, seed=11))
+    c = _draw(TwoStreamSampler([image], labels, [3, 7], patch_size=16, seed=12))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+
+
+def test_state_dict_resumes_exactly():
+    image, labels = make_case()
+    labels[3, 10:20, 10:20] = 1
+    s = TwoStreamSampler([image], labels, [3, 7], patch_size=16, seed=4)
+    _draw(s, 5)
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = _draw(s, 8)
+    fresh = TwoStreamSampler([image], labels, [3, 7], patch_size=16, seed=999)
+    fresh.load_state_dict(state)
+    assert all(np.array_equal(p, q) for p, q in zip(expected, _draw(fresh, 8)))
+    other = TwoStreamSampler([image], labels, [3], patch_size=16)
+    with pytest.raises(UserError, match="checkpoint"):
+        other.load_state_dict(state)
+
+
+def test_all_labelled_volume():
+    image, labels = make_case(k=4)
+    s = TwoStreamSampler([image], labels, [0, 1, 2, 3], patch_size=16)
+    assert s.num_unlabelled == 0
+    s.labelled_batch(2)
+    with pytest.raises(UserError, match="--method unet"):
+        s.unlabelled_batch(2)
+
+
+def test_sampler_input_errors():
+    image, labels = make_case(k=4)
+    with pytest.raises(UserError, match="outside"):
+        TwoStreamSampler([image], labels, [4])
+    with pytest.raises(UserError, match="shape"):
+        TwoStreamSampler([image], labels[:3], [0])
+    with pytest.raises(UserError, match="channels"):
+        TwoStreamSampler([image, image[:1]], labels, [0])
+    with pytest.raises(UserError, match="labelled slice"):
+        TwoStreamSampler([image], labels, []).labelled_batch(1)
+
+
+def test_sampler_speed_large_volume_without_copies():
+    """512 x 512 x 600 volume (a read-only broadcast view, so no memory is used): a batch in milliseconds."""
+    plane = np.random.default_rng(0).standard_normal((1, 1, 512, 512)).astype(np.float32)
+    volume = np.broadcast_to(plane, (1, 600, 512, 512))
+    mask = np.zeros((1, 512, 512), np.uint8)
+    mask[0, 200:230, 300:320] = 1
+    labels = np.broadcast_to(mask, (600, 512, 512))
+    s = TwoStreamSampler([volume], labels, list(range(0, 600, 50)), patch_size=176, seed=0)
+    s.labelled_batch(4), s.unlabelled_batch(4)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        s.labelled_batch(4)
+        s.unlabelled_batch(4)
+    per_step = (time.perf_counter() - t0) / 20
+    assert per_step < 0.05, f"{per_step * 1e3:.1f} ms per labelled + unlabelled batch"
+
+
+# -- demo data -----------------------------------------------------------------------------------------
+
+def test_ct_chest_lungs(ct_chest):
+    image, labels, geometry = ct_chest
+    assert image.dtype == np.float32 and labels.dtype == np.uint8
+    assert image.shape == (1, 34, 128, 128) and geometry.size == (128, 128, 34)
+    assert set(np.unique(labels).tolist()) == {0, 1}
+    lung_hu = image[0][labels > 0]
+    assert (lung_hu < -400).mean() > 0.95
+    nonempty = labels.reshape(labels.shape[0], -1).any(1)
+    assert nonempty.mean() > 0.6
+    # both lungs: foreground on both sides of the mid-line (along I) on a central slice
+    k = int(np.argmax(labels.reshape(labels.shape[0], -1).sum(1)))
+    cols = np.flatnonzero(labels[k].any(0))
+    assert cols.min() < 64 < cols.max()
+
+
+def test_ct_chest_other_structure_and_unknown():
+    pytest.importorskip("slicerio")
+    image, ribs, _ = load_ctchest("Ribs")
+    assert ribs.any() and (image[0][ribs > 0] > 0).mean() > 0.5   # bone is bright
+    with pytest.raises(UserError, match="lungs"):
+        load_ctchest("liver")
+
+
+def test_ct_chest_without_slicerio(monkeypatch):
+    monkeypatch.setitem(sys.modules, "slicerio", None)
+    with pytest.raises(UserError, match="pip install slicerio"):
+        load_ctchest()
+
+
+def test_place_on_grid_cropped_and_layered(ct_chest):
+    """A segmentation cropped to its extent (origin moved by whole voxels) lands at the same voxels."""
+    _, labels, g = ct_chest
+    mask_ijk = np.transpose(labels > 0, (2, 1, 0))                   # [I, J, K]
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.asarray(g.direction).reshape(3, 3) * np.asarray(g.spacing)
+    ijk_to_lps[:3, 3] = g.origin
+    lo, hi = (10, 20, 3), (120, 100, 30)
+    cropped = mask_ijk[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    shifted = ijk_to_lps.copy()
+    shifted[:3, 3] = ijk_to_lps[:3, :3] @ np.asarray(lo, float) + ijk_to_lps[:3, 3]
+    expected = np.zeros_like(labels)
+    expected[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    np.testing.assert_array_equal(place_on_grid(cropped, shifted, g), expected)
+    # extending beyond the image (negative offset) drops the outside part
+    padded = np.pad(mask_ijk, ((2, 0), (0, 3), (1, 1)))
+    before = ijk_to_lps.copy()
+    before[:3, 3] = ijk_to_lps[:3, :3] @ np.array([-2.0, 0.0, -1.0]) + ijk_to_lps[:3, 3]
+    np.testing.assert_array_equal(place_on_grid(padded, before, g), labels)
+    # half a voxel off: refused
+    half = ijk_to_lps.copy()
+    half[:3, 3] += ijk_to_lps[:3, 0] * 0.5
+    with pytest.raises(UserError, match="reference"):
+        place_on_grid(mask_ijk, half, g)
+
+
+def test_segment_mask_layers():
+    from mismatch.data import _segment_mask
+
+    voxels = np.zeros((2, 4, 5, 6), np.uint8)          # slicerio layered: [layers, I, J, K]
+    voxels[1, 1, 2, 3] = 3
+    seg = {"voxels": voxels}
+    assert _segment_mask(seg, {"labelValue": 3, "layer": 1}).sum() == 1
+    assert _segment_mask(seg, {"labelValue": 3, "layer": 0}).sum() == 0
+    assert _segment_mask({"voxels": voxels[1]}, {"labelValue": 3}).shape == (4, 5, 6)
+
+
+def test_place_on_grid_simple_offset():
+    g = Geometry((6, 5, 4), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0), tuple(np.eye(3).ravel()))
+    m = np.ones((2, 2, 2), bool)
+    ijk = np.diag([1.0, 2.0, 3.0, 1.0])
+    ijk[:3, 3] = (10.0 + 3, 20.0 + 2 * 2, 30.0 + 3 * 1)               # offset (3, 2, 1) voxels
+    out = place_on_grid(m, ijk, g)
+    assert out.shape == (4, 5, 6) and out.sum() == 8 and out[1:3, 2:4, 3:5].all()
