@@ -1,0 +1,89 @@
+"""Mann-Whitney p-values and the Table 1 formatting against hand-computed inputs."""
+
+import math
+
+import pytest
+
+from mismatch.benchmark.stats import mann_whitney_p, mean_std
+from mismatch.benchmark.tables import MISSING, results_table, summary_rows, validate_runs
+
+
+def test_mann_whitney_known_values():
+    # Fully separated 3 vs 3: exact two-sided p = 2 / C(6, 3) = 0.1
+    assert mann_whitney_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    # 5 vs 5 separated: 2 / C(10, 5) = 2 / 252
+    assert mann_whitney_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    # one swap, 3 vs 3: U = 1, P(U <= 1) = 2 / 20, two-sided 0.2
+    assert mann_whitney_p([1, 2, 4], [3, 5, 6]) == pytest.approx(0.2)
+    assert mann_whitney_p([1, 2, 3], [4, 5, 6]) == mann_whitney_p([4, 5, 6], [1, 2, 3])
+    assert mann_whitney_p([0.5, 0.5], [0.5, 0.5]) == 1.0
+    assert math.isnan(mann_whitney_p([], [1.0]))
+    assert mann_whitney_p([1, 2, float("nan"), 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+def test_mean_std_sample():
+    m, s, n = mean_std([0.5, 0.6, 0.7])
+    assert (m, n) == (pytest.approx(0.6), 3) and s == pytest.approx(0.1)
+    assert mean_std([0.4]) == (0.4, 0.0, 1)
+    assert math.isnan(mean_std([])[0])
+
+
+def _runs():
+    runs = []
+    for seed, (u, mm) in enumerate([(0.50, 0.60), (0.52, 0.62), (0.54, 0.64)]):
+        runs.append({"method": "unet", "dataset": "ctchest-lungs", "n_labelled": 3, "seed": seed, "iou": u,
+                     "ece_all": 0.02, "ece_band": 0.10, "params": 1.8e6, "ms_per_slice": 4.0,
+                     "per_slice_iou": [u - 0.005, u + 0.005]})
+        runs.append({"method": "mismatch", "dataset": "ctchest-lungs", "n_labelled": 3, "seed": seed, "iou": mm,
+                     "ece_all": 0.01, "ece_band": 0.08, "params": 2.7e6, "ms_per_slice": 12.0,
+                     "per_slice_iou": [mm - 0.005, mm + 0.005]})
+    # n = 5 only for MisMatch and the Slicer effect (which has no probabilities, no parameters)
+    for seed in range(2):
+        runs.append({"method": "mismatch", "dataset": "ctchest-lungs", "n_labelled": 5, "seed": seed,
+                     "iou": 0.70 + 0.02 * seed, "params": 2.7e6})
+        runs.append({"method": "slicer-fill-between", "dataset": "ctchest-lungs", "n_labelled": 5, "seed": seed,
+                     "iou": 0.66 + 0.01 * seed, "ece_all": None, "params": 0, "ms_per_slice": 1.5})
+    return runs
+
+
+def _row(table, name):
+    return [c.strip() for c in next(line for line in table.splitlines() if line.startswith(f"| {name}")).split("|")[1:-1]]
+
+
+def test_table_cells_hand_computed():
+    table = results_table(_runs())
+    header = _row(table, "Method")
+    assert header == ["Method", "IoU % (3 sl.)", "IoU % (5 sl.)", "p (3 sl.)", "p (5 sl.)", "Params (M)",
+                      "ms / slice", "ECE all %", "ECE band %"]
+    unet, mm, fill = _row(table, "Sup1 (U-Net)"), _row(table, "MisMatch"), _row(table, "Slicer: Fill between")
+    assert unet[1:5] == ["52.0 ± 2.0", MISSING, "0.100", MISSING]
+    assert unet[5:] == ["1.80", "4.0", "2.00 ± 0.00", "10.00 ± 0.00"]
+    assert mm[1:5] == ["**62.0 ± 2.0**", "**71.0 ± 1.4**", "ref.", "ref."]
+    assert mm[5:7] == ["2.70", "12.0"]  # ms averaged over the runs that report it (12, 12, 12; not the others)
+    assert fill[1:5] == [MISSING, "66.5 ± 0.7", MISSING, "0.333"]  # 2 vs 2 separated: 2 / C(4, 2)
+    assert fill[5:] == [MISSING, "1.5", MISSING, MISSING]
+    # row order: Slicer effects, then the baselines, MisMatch last
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert names == ["Slicer: Fill between slices", "Sup1 (U-Net)", "MisMatch"]
+    assert "Mann-Whitney" in table and "per-run IoUs" in table
+
+
+def test_table_pooled_slices_and_datasets():
+    runs = _runs() + [{"method": "unet", "dataset": "synthetic-vessels", "n_labelled": 3, "seed": 0, "iou": 0.3}]
+    table = results_table(runs, p_over="slices")
+    assert "**synthetic-vessels** (SYNTHETIC data)" in table and "**ctchest-lungs**" in table
+    # 6 pooled slice IoUs each, fully separated: exact two-sided p = 2 / C(12, 6) = 0.00216
+    assert _row(table, "Sup1 (U-Net)")[3] == "0.002"
+    assert "per-slice IoUs" in table
+    only = results_table(runs, dataset="synthetic-vessels")
+    assert "ctchest" not in only and "30.0 ± 0.0" in only
+
+
+def test_summary_rows_and_validation():
+    rows = {(r["method"], r["n_labelled"]): r for r in summary_rows(_runs())}
+    assert rows[("unet", 3)]["iou_mean"] == pytest.approx(0.52)
+    assert rows[("unet", 3)]["p_vs_reference"] == pytest.approx(0.1)
+    assert math.isnan(rows[("mismatch", 3)]["p_vs_reference"])
+    with pytest.raises(ValueError, match="iou"):
+        validate_runs([{"method": "unet", "dataset": "x", "n_labelled": 3, "seed": 0}])
+    assert results_table([]) == "_No runs._"
