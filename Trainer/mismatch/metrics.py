@@ -1,7 +1,19 @@
-"""Overlap metrics (foreground IoU and Dice per class) and whole-volume evaluation.
+"""Overlap metrics (per-class foreground IoU and Dice), whole-volume evaluation, Mann-Whitney U test.
 
-The paper reports foreground IoU; the authors' public code logged a Dice averaged over background and
-foreground under that name. Here IoU and Dice are always of the foreground classes.
+The paper reports the foreground IoU (Table 1, "Intersection over Union") and compares methods with a
+Mann-Whitney U test (Table 1's p values); its calibration analysis (Sec. 3.4, Figs. 4-5) is in
+:mod:`mismatch.calibration`. The authors' public code logged a Dice averaged over background and
+foreground under the name IoU; here IoU and Dice are always of the foreground classes:
+
+    IoU_c  = TP_c / (TP_c + FP_c + FN_c)          Dice_c = 2 TP_c / (2 TP_c + FP_c + FN_c)
+
+per class value ``c != 0``, None when class ``c`` is absent from both prediction and truth; means are over
+the classes that have a value. Everything is accumulated slice by slice (:class:`OverlapCounter`,
+:class:`~mismatch.calibration.CalibrationReport`), so volumes of 10^8 voxels need no more memory than a
+few slices.
+
+Array conventions: label maps are integer ``[K, J, I]`` (0 = background); ``axis`` is the numpy axis the
+slices are taken along (0 = k, 1 = j, 2 = i).
 """
 
 from __future__ import annotations
@@ -12,78 +24,137 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .calibration import CalibrationReport, _to_torch
+from .calibration import BAND_RADIUS, CalibrationReport, _to_torch
+
+#: voxels compared at once by :meth:`OverlapCounter.update`
+_CHUNK = 1 << 22
+#: slices processed at once by :func:`evaluate_arrays` / :func:`evaluate_confidence`
+_SLICE_BATCH = 16
 
 
 class OverlapCounter:
-    """True positives, false positives and false negatives per foreground class, accumulated slice by slice."""
+    """True positives, false positives and false negatives per foreground class, accumulated over updates.
+
+    ``classes``: the foreground label values to count (0 is ignored if listed).
+    """
 
     def __init__(self, classes: Iterable[int]):
-        self.classes = [int(c) for c in classes]
+        self.classes = [int(c) for c in classes if int(c) != 0]
         self.tp = {c: 0 for c in self.classes}
         self.fp = {c: 0 for c in self.classes}
         self.fn = {c: 0 for c in self.classes}
 
-    def update(self, pred, truth) -> None:
-        p, t = _to_torch(pred).long(), _to_torch(truth).long().to(_to_torch(pred).device)
-        for c in self.classes:
-            pc, tc = p == c, t == c
-            self.tp[c] += int((pc & tc).sum())
-            self.fp[c] += int((pc & ~tc).sum())
-            self.fn[c] += int((~pc & tc).sum())
+    def update(self, pred, truth) -> "OverlapCounter":
+        """Add a prediction and its truth (label maps of the same shape, numpy or torch); returns ``self``."""
+        p, t = _to_torch(pred), _to_torch(truth)
+        if p.shape != t.shape:
+            raise ValueError(f"prediction {tuple(p.shape)} and truth {tuple(t.shape)} differ in shape")
+        p, t = p.reshape(-1), t.reshape(-1).to(p.device)
+        for start in range(0, p.numel(), _CHUNK):
+            pc_all, tc_all = p[start:start + _CHUNK].long(), t[start:start + _CHUNK].long()
+            for c in self.classes:
+                pc, tc = pc_all == c, tc_all == c
+                tp = int((pc & tc).sum())
+                self.tp[c] += tp
+                self.fp[c] += int(pc.sum()) - tp
+                self.fn[c] += int(tc.sum()) - tp
+        return self
+
+    def merge(self, other: "OverlapCounter") -> "OverlapCounter":
+        """Add ``other``'s counts into this counter (in place; classes are united); returns ``self``."""
+        for c in other.classes:
+            if c not in self.tp:
+                self.classes.append(c)
+                self.tp[c] = self.fp[c] = self.fn[c] = 0
+            self.tp[c] += other.tp[c]
+            self.fp[c] += other.fp[c]
+            self.fn[c] += other.fn[c]
+        return self
 
     def per_class(self) -> dict[int, dict[str, Any]]:
+        """``{class_value: {"iou": float|None, "dice": float|None, "pred_voxels": int, "true_voxels": int,
+        "tp": int, "fp": int, "fn": int}}`` (None when the class is in neither prediction nor truth)."""
         out = {}
         for c in self.classes:
             tp, fp, fn = self.tp[c], self.fp[c], self.fn[c]
             empty = tp + fp + fn == 0
             out[c] = {"iou": None if empty else tp / (tp + fp + fn),
                       "dice": None if empty else 2 * tp / (2 * tp + fp + fn),
-                      "pred_voxels": tp + fp, "true_voxels": tp + fn}
+                      "pred_voxels": tp + fp, "true_voxels": tp + fn, "tp": tp, "fp": fp, "fn": fn}
         return out
 
+    def mean(self) -> dict[str, float | None]:
+        """``{"iou": mean over classes with a value or None, "dice": likewise}``."""
+        return _mean_of(self.per_class())
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able: ``{"classes": {"<value>": per-class dict}, "iou": mean IoU|None, "dice": mean Dice|None}``."""
         per = self.per_class()
-        ious = [v["iou"] for v in per.values() if v["iou"] is not None]
-        dices = [v["dice"] for v in per.values() if v["dice"] is not None]
-        return {"classes": {str(c): v for c, v in per.items()},
-                "iou": float(np.mean(ious)) if ious else None,
-                "dice": float(np.mean(dices)) if dices else None}
+        return {"classes": {str(c): v for c, v in per.items()}, **_mean_of(per)}
 
 
-def overlap(pred, truth, classes: Iterable[int] | None = None) -> dict[str, Any]:
-    """Per-class foreground IoU / Dice (None where both are empty) and their means."""
+def _mean_of(per: dict[int, dict[str, Any]]) -> dict[str, float | None]:
+    ious = [v["iou"] for v in per.values() if v["iou"] is not None]
+    dices = [v["dice"] for v in per.values() if v["dice"] is not None]
+    return {"iou": float(np.mean(ious)) if ious else None, "dice": float(np.mean(dices)) if dices else None}
+
+
+def _present_classes(*label_maps) -> list[int]:
+    values: set[int] = set()
+    for a in label_maps:
+        values |= set(np.unique(np.asarray(a)).tolist())
+    return sorted(int(v) for v in values - {0})
+
+
+def overlap(pred, truth, classes: Iterable[int] | None = None) -> dict[Any, dict[str, Any]]:
+    """Per-class foreground IoU and Dice of two label maps of the same shape (numpy or torch).
+
+    ``classes``: foreground label values (default: every non-zero value in either map). Returns
+    ``{class_value (int): {"iou", "dice", "pred_voxels", "true_voxels", "tp", "fp", "fn"}, ...,
+    "mean": {"iou", "dice"}}``; ``iou``/``dice`` None where the class is in neither map, the mean over the
+    classes with a value (None if there are none).
+    """
     if classes is None:
-        classes = sorted(set(np.unique(np.asarray(truth)).tolist()) | set(np.unique(np.asarray(pred)).tolist()) - {0})
-    counter = OverlapCounter(classes)
-    counter.update(pred, truth)
-    return counter.to_dict()
+        classes = _present_classes(_to_torch(pred).cpu().numpy(), _to_torch(truth).cpu().numpy())
+    counter = OverlapCounter(classes).update(pred, truth)
+    per: dict[Any, dict[str, Any]] = dict(counter.per_class())
+    per["mean"] = counter.mean()
+    return per
 
 
-def _slices_first(array: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(array, axis, 0)
-
-
-def _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, calib_update) -> dict[str, Any]:
-    pred_v, truth_v = _slices_first(np.asarray(pred), axis), _slices_first(np.asarray(truth), axis)
-    n = pred_v.shape[0]
-    chosen = list(range(n)) if slices is None else [int(s) for s in slices]
+def _slice_selection(n: int, slices: Sequence[int] | None) -> list[int]:
+    if slices is None:
+        return list(range(n))
+    chosen = sorted({int(s) for s in slices})
     bad = [s for s in chosen if not 0 <= s < n]
     if bad:
         from .errors import UserError
 
         raise UserError(f"slices {bad} are outside the volume (0 to {n - 1} along this axis)")
-    if classes is None:
-        classes = sorted((set(np.unique(truth_v).tolist()) | set(np.unique(pred_v).tolist())) - {0})
-    counter = OverlapCounter(classes)
-    report = CalibrationReport(n_bins, band_radius) if calib_update else None
-    for start in range(0, len(chosen), 16):
-        idx = chosen[start:start + 16]
+    if not chosen:
+        from .errors import UserError
+
+        raise UserError("no slices to evaluate: give at least one slice index")
+    return chosen
+
+
+def _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, calib_update) -> dict[str, Any]:
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    if pred.ndim != 3:
+        raise ValueError(f"label maps must be 3D [K, J, I], got shape {pred.shape}")
+    pred_v, truth_v = np.moveaxis(pred, axis, 0), np.moveaxis(truth, axis, 0)
+    chosen = _slice_selection(pred_v.shape[0], slices)
+    counter = OverlapCounter(_present_classes(pred_v[chosen], truth_v[chosen]) if classes is None else classes)
+    report = CalibrationReport(n_bins, band_radius) if calib_update is not None else None
+    for start in range(0, len(chosen), _SLICE_BATCH):
+        idx = chosen[start:start + _SLICE_BATCH]
         p, t = pred_v[idx], truth_v[idx]
         counter.update(p, t)
         if report is not None:
             calib_update(report, idx, p, t)
-    out = {"slices": "all" if slices is None else chosen, **counter.to_dict()}
+    out: dict[str, Any] = {"slices": "all" if slices is None else chosen, "axis": int(axis), **counter.to_dict()}
     if report is not None:
         out["calibration"] = report.to_dict()
     return out
@@ -91,61 +162,110 @@ def _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, calib_upd
 
 def evaluate_arrays(pred, truth, probs=None, binary: bool = True, classes: Sequence[int] | None = None,
                     slices: Sequence[int] | None = None, axis: int = 0, n_bins: int = 15,
-                    band_radius: int = 3) -> dict[str, Any]:
-    """Overlap of ``pred`` against ``truth`` (label maps, same shape) on the chosen slices along ``axis``,
-    and calibration when ``probs`` is given (foreground ``[K, J, I]`` if binary, else ``[C, K, J, I]``)."""
+                    band_radius: int = BAND_RADIUS) -> dict[str, Any]:
+    """Overlap, and calibration when ``probs`` is given, of a prediction on the chosen slices.
+
+    ``pred``, ``truth``: label maps ``[K, J, I]`` (numpy). ``probs``: foreground probability ``[K, J, I]``
+    (``binary``) or class probabilities ``[C, K, J, I]`` (class index = label value). ``slices``: indices
+    along ``axis`` (numpy axis of the label map) to evaluate, default all; duplicates are dropped, an index
+    outside the volume is a :class:`~mismatch.errors.UserError`. ``classes``: foreground values (default:
+    those present in the chosen slices of either map). Work is done ``16`` slices at a time.
+
+    Calibration is of ``probs`` itself (its top label and confidence, :func:`~mismatch.calibration.top_label`);
+    ``pred`` is normally that same top label. Returns::
+
+        {"slices": [sorted indices] | "all", "axis": int,
+         "classes": {"<value>": {"iou", "dice", "pred_voxels", "true_voxels", "tp", "fp", "fn"}},
+         "iou": mean foreground IoU | None, "dice": mean foreground Dice | None,
+         "calibration": {"all": histogram, "band": histogram, "band_radius": int,
+                         "confidence": "top-label"}}          # only with probs
+
+    with histogram = :meth:`~mismatch.calibration.CalibrationHistogram.to_dict`.
+    """
     update = None
     if probs is not None:
         probs = np.asarray(probs)
-        probs_v = _slices_first(probs, axis) if binary else np.moveaxis(probs, axis + 1, 0)
+        shape = np.shape(pred)
+        if binary and probs.shape != shape or not binary and probs.shape[1:] != shape:
+            want = "[K, J, I]" if binary else "[C, K, J, I]"
+            raise ValueError(f"probabilities {probs.shape} do not match the label map {shape} (expected {want})")
+        probs_v = np.moveaxis(probs, axis, 0) if binary else np.moveaxis(probs, axis + 1, 0)  # [S, (C,) H, W]
 
-        def update(report, idx, p, t):
-            report.update(probs_v[idx], t, binary)
+        def update(report: CalibrationReport, idx, p, t) -> None:
+            report.update(probs_v[idx], t, binary, class_axis=1)
     return _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, update)
 
 
 def evaluate_confidence(pred, truth, confidence, classes: Sequence[int] | None = None,
                         slices: Sequence[int] | None = None, axis: int = 0, n_bins: int = 15,
-                        band_radius: int = 3) -> dict[str, Any]:
-    """As :func:`evaluate_arrays`, from a saved confidence volume (probability of the predicted class)."""
-    conf_v = _slices_first(np.asarray(confidence, dtype=np.float32), axis)
+                        band_radius: int = BAND_RADIUS) -> dict[str, Any]:
+    """As :func:`evaluate_arrays`, from a saved confidence volume ``[K, J, I]`` (probability of the
+    predicted class, as ``mismatch segment --confidence`` writes it): correct = ``pred == truth``,
+    confidence = ``confidence``. This is what ``mismatch evaluate --confidence`` uses. Same return dict."""
+    confidence = np.asarray(confidence)
+    if confidence.shape != np.shape(pred):
+        raise ValueError(f"confidence {confidence.shape} and prediction {np.shape(pred)} differ in shape")
+    conf_v = np.moveaxis(confidence, axis, 0)
 
-    def update(report, idx, p, t):
+    def update(report: CalibrationReport, idx, p, t) -> None:
         report.update_confidence(p, t, conf_v[idx])
     return _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, update)
 
 
 def mann_whitney_u(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Two-sided Mann-Whitney U test: ``(U of a, p)``. scipy's exact/asymptotic test when scipy is
-    installed, else the normal approximation with tie and continuity correction."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
+    """Two-sided Mann-Whitney U test (paper Table 1's p values): ``(U, p)``.
+
+    ``U`` is the statistic of ``a``: the number of pairs ``(x in a, y in b)`` with ``x > y``, ties counted
+    1/2. With scipy: ``scipy.stats.mannwhitneyu(a, b, alternative="two-sided")`` (exact p for small samples
+    without ties, else the normal approximation). Without scipy: the normal approximation with tie and
+    continuity correction, :func:`mann_whitney_u_normal`. Empty samples raise ``ValueError``.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("mann_whitney_u needs two non-empty samples")
     try:
         from scipy.stats import mannwhitneyu
-
-        res = mannwhitneyu(a, b, alternative="two-sided")
-        return float(res.statistic), float(res.pvalue)
     except ImportError:
-        return _mann_whitney_normal(a, b)
+        return mann_whitney_u_normal(a, b)
+    res = mannwhitneyu(a, b, alternative="two-sided")
+    return float(res.statistic), float(res.pvalue)
 
 
-def _mann_whitney_normal(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    # start index of each run of equal values, and the run each sorted element belongs to
+    new_run = np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]
+    run_id = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], len(values)]  # exclusive
+    avg = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(values))
+    ranks[order] = avg[run_id]
+    return ranks
+
+
+def mann_whitney_u_normal(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Two-sided Mann-Whitney U test by the normal approximation (no scipy needed): ``(U of a, p)``.
+
+    ``U = R_a - n_a (n_a + 1) / 2`` (``R_a`` the rank sum of ``a``, ties averaged); ``mu = n_a n_b / 2``;
+    ``sigma^2 = n_a n_b / 12 * ((n + 1) - sum_t (t^3 - t) / (n (n - 1)))`` over tie groups of size ``t``;
+    ``z = (|U - mu| - 1/2) / sigma`` (continuity correction); ``p = 2 (1 - Phi(z)) = erfc(z / sqrt 2)``,
+    capped at 1. Matches ``scipy.stats.mannwhitneyu(..., method="asymptotic")``.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     n1, n2 = len(a), len(b)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("mann_whitney_u needs two non-empty samples")
     both = np.concatenate([a, b])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    sorted_vals = both[order]
-    i = 0
-    while i < len(both):
-        j = i
-        while j + 1 < len(both) and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
-    _, counts = np.unique(both, return_counts=True)
+    ranks = _ranks(both)
+    u = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
     n = n1 + n2
-    sigma = math.sqrt(n1 * n2 / 12 * ((n + 1) - (counts ** 3 - counts).sum() / (n * (n - 1))))
-    if sigma == 0:
-        return float(u), 1.0
-    z = (abs(u - n1 * n2 / 2) - 0.5) / sigma
-    return float(u), float(min(1.0, math.erfc(max(z, 0) / math.sqrt(2))))
+    _, t = np.unique(both, return_counts=True)
+    ties = float((t.astype(float) ** 3 - t).sum())
+    var = n1 * n2 / 12.0 * ((n + 1) - (ties / (n * (n - 1)) if n > 1 else 0.0))
+    if var <= 0:
+        return u, 1.0  # every value equal: no evidence of a difference
+    z = (abs(u - n1 * n2 / 2.0) - 0.5) / math.sqrt(var)
+    return u, float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2.0))))
