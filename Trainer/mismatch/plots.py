@@ -1,10 +1,18 @@
-"""Figures: reliability diagrams (paper Fig. 4) and loss curves, as PNG files (matplotlib, Agg)."""
+"""Figures as PNG files: reliability diagrams (paper Fig. 4 and Fig. 7) and loss curves.
+
+matplotlib is imported inside the functions (Agg backend, no display needed), so ``import mismatch``
+stays fast and works without matplotlib until a figure is asked for.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
+from typing import Any
+
+#: history keys that are not loss terms (see ``mismatch.train``: {"step", "loss", **terms, "lr"})
+_NOT_LOSSES = {"step", "lr", "alpha", "elapsed", "eta", "epoch", "time"}
 
 
 def _pyplot():
@@ -16,73 +24,115 @@ def _pyplot():
     return plt
 
 
-def reliability_diagram(curves: dict[str, dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """One column per curve (e.g. positive decoder, negative decoder, mean, U-Net), each a histogram's
-    ``to_dict()``: per-bin accuracy (bars) against the diagonal, the gap to each bin's mean confidence
-    (red), the ECE, and below it the bin counts on a log scale."""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def reliability_diagram(curves: dict[str, dict], path: str | os.PathLike, title: str | None = None,
+                        dpi: int = 120) -> Path:
+    """Reliability diagrams side by side, one column per curve (paper Fig. 4: U-Net, positive decoder,
+    negative decoder, mean of the decoders), written as a PNG.
+
+    ``curves``: ``{name: histogram}`` with each histogram a
+    :meth:`~mismatch.calibration.CalibrationHistogram.to_dict` (``n_bins``, ``count``, ``ece``, ``mce``,
+    ``bins`` of ``{lower, upper, count, confidence, accuracy}``). Top panel of a column: per-bin accuracy as
+    bars over the confidence bins, each bin's mean confidence (marker), the gap between them shaded red, the
+    diagonal (perfect calibration), and the ECE / MCE / voxel count in the title. Bottom panel: voxels per
+    bin on a log scale. Empty bins are left blank. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import LogLocator, NullFormatter
+
     n = max(1, len(curves))
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 4.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 4.8), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    if not curves:
+        axes[0, 0].text(0.5, 0.5, "no curves", ha="center", va="center")
     for col, (name, hist) in enumerate(curves.items()):
         ax, ax_n = axes[0, col], axes[1, col]
         bins = hist["bins"]
-        width = 1.0 / hist["n_bins"]
-        centres = [b["lower"] + width / 2 for b in bins]
-        acc = [b["accuracy"] if b["accuracy"] is not None else 0.0 for b in bins]
-        conf = [b["confidence"] for b in bins]
-        ax.bar(centres, acc, width=width, color="#3b75af", edgecolor="white", label="accuracy")
-        gap_label = "gap to confidence"
-        for c, a, m in zip(centres, acc, conf):
-            if m is not None:
-                ax.bar(c, m - a, bottom=a, width=width, color="#d62728", alpha=0.35, edgecolor="#d62728",
-                       label=gap_label)
-                gap_label = None
+        filled = [b for b in bins if b["count"] and b["accuracy"] is not None]
+        width = [b["upper"] - b["lower"] for b in filled]
+        centres = [(b["lower"] + b["upper"]) / 2 for b in filled]
+        acc = [b["accuracy"] for b in filled]
+        conf = [b["confidence"] for b in filled]
+        if filled:
+            ax.bar(centres, acc, width=width, color="#3b75af", edgecolor="white", linewidth=0.5, label="accuracy")
+            ax.bar(centres, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width, color="#d62728",
+                   alpha=0.3, edgecolor="#d62728", linewidth=0.8, hatch="//", label="gap to confidence")
+            ax.plot(centres, conf, "o", color="#d62728", markersize=2.5, label="mean confidence")
         ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
-        ece = hist.get("ece")
-        ax.set_title(f"{name}\nECE {ece:.4f}" if ece is not None and not math.isnan(ece) else f"{name}\nECE n/a",
-                     fontsize=9)
+        ece, mce = hist.get("ece"), hist.get("mce")
+        stats = (f"ECE {ece:.4f}  MCE {mce:.3f}" if _is_number(ece) and _is_number(mce) else "ECE n/a (no voxels)")
+        ax.set_title(f"{name}\n{stats}\n{hist.get('count', 0):,} voxels", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
+        ax.set_aspect("auto")
         if col == 0:
             ax.set_ylabel("accuracy")
-            ax.legend(loc="upper left", fontsize=7)
-        counts = [max(b["count"], 0) for b in bins]
-        ax_n.bar(centres, [c if c > 0 else float("nan") for c in counts], width=width, color="#7f7f7f")
-        if any(counts):
+            ax.legend(loc="upper left", fontsize=6, frameon=False)
+        if filled:
+            counts = [b["count"] for b in filled]
+            ax_n.bar(centres, [c - 0.5 for c in counts], width=width, bottom=0.5, color="#7f7f7f")  # tops at the counts
             ax_n.set_yscale("log")
+            ax_n.set_ylim(0.5, max(counts) * 3)  # a bin of one voxel stays visible
+            ax_n.yaxis.set_major_locator(LogLocator(base=10, numticks=4))
+            ax_n.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax_n.set_yticks([])
+        ax_n.set_xlim(0, 1)
         ax_n.set_xlabel("confidence")
         if col == 0:
-            ax_n.set_ylabel("voxels")
+            ax_n.set_ylabel("voxels (log)")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=dpi, format="png")
     plt.close(fig)
     return out
 
 
-def loss_curve(history: list[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Loss terms against the step, log-scale y."""
+def loss_curve(history: list[dict], path: str | os.PathLike, title: str | None = None, dpi: int = 110) -> Path:
+    """Loss terms against the training step, log-scale y, written as a PNG.
+
+    ``history``: one dict per step as ``mismatch.train`` records it, ``{"step": int, "loss": float,
+    <term>: float, ..., "lr": float}`` (terms may also sit in a nested ``"terms"`` dict, as in the progress
+    events). Every numeric key except ``step``, ``lr``, ``alpha`` (a weight, not a loss) and timing keys is
+    drawn; non-positive values are left out (log scale). Returns ``path`` as a :class:`~pathlib.Path`.
+    """
     plt = _pyplot()
+    rows = []
+    for h in history:
+        flat = {k: v for k, v in h.items() if k != "terms"}
+        flat.update(h.get("terms") or {})
+        rows.append(flat)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in _NOT_LOSSES and k not in keys and _is_number(v)]
+    keys.sort(key=lambda k: (k != "loss", k))
+    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    steps = [h["step"] for h in history]
-    for key in ("loss", "dice", "consistency"):
-        values = [h.get(key) for h in history]
-        if any(v is not None and v > 0 for v in values):
-            ax.plot(steps, [v if v is not None and v > 0 else float("nan") for v in values], label=key,
-                    linewidth=1)
-    ax.set_yscale("log")
+    drawn = False
+    for key in keys:
+        values = [r.get(key) for r in rows]
+        ys = [v if _is_number(v) and v > 0 else float("nan") for v in values]
+        if any(not math.isnan(y) for y in ys):
+            ax.plot(steps, ys, label=key, linewidth=1.2 if key == "loss" else 0.9)
+            drawn = True
+    if drawn:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss values", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi, format="png")
     plt.close(fig)
     return out
