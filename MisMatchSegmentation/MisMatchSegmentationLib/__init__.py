@@ -1,0 +1,13 @@
+"""Slicer-side helpers of the MisMatch module, one job per file.
+
+- ``jobfolder``: MRML nodes -> job-folder files (Slicer storage nodes) and results back into nodes
+- ``process``: the engine as a child process, events read as they arrive, cancel of the whole tree
+- ``state``: the panel's state machine (plain Python)
+- ``logic``: training and segmentation jobs, out-of-memory retry, model files, next uncertain slice
+- ``plots``: loss curve and reliability diagrams as table, plot series and plot chart nodes
+- ``devices``: CPU, CUDA GPUs with free memory, Apple MPS, and why no GPU is usable
+- ``install``: dependencies installed on first use
+- ``modelcard``: checking a model folder before it is used or imported
+
+Nothing here imports Qt, so all of it runs outside the application with ``slicer-core``.
+"""

@@ -1,0 +1,300 @@
+"""MRML nodes to job-folder files and back (docs/contract.md).
+
+Files are written and read with Slicer's own storage nodes, uncompressed (.nrrd), so that the engine sees
+exactly the grid Slicer shows (IJK-to-RAS becomes the file's LPS origin, spacing and direction). Nothing the
+user gave is modified: labels are exported from the segmentation to a new array, results go into new (or the
+designated output) nodes on the input volume's exact grid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+import slicer
+
+AXES = ("k", "j", "i")  # contract axis name -> numpy axis of a [K, J, I] array: k=0, j=1, i=2
+ORIENTATION_RAS_AXIS = {"Sagittal": 0, "Coronal": 1, "Axial": 2}  # R, A, S
+
+
+class JobError(ValueError):
+    """An input problem the user can fix; the message says how."""
+
+
+# -- geometry -----------------------------------------------------------------------------------------------
+def ijk_to_ras(volume_node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """``(K, J, I)``, the numpy shape of the volume's voxel array."""
+    i, j, k = volume_node.GetImageData().GetDimensions()
+    return k, j, i
+
+
+def axis_for_orientation(volume_node, orientation: str) -> str:
+    """The grid axis (``k``, ``j`` or ``i``) whose direction is closest to the anatomical slice normal:
+    Axial -> superior, Coronal -> anterior, Sagittal -> right. Oblique grids pick the best-aligned axis."""
+    if orientation in AXES:
+        return orientation
+    if orientation not in ORIENTATION_RAS_AXIS:
+        raise JobError(f"unknown slice orientation {orientation!r}; choose Axial, Coronal or Sagittal")
+    directions = ijk_to_ras(volume_node)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
+    alignment = np.abs(directions[ORIENTATION_RAS_AXIS[orientation], :])  # per I, J, K column
+    return "ijk"[int(np.argmax(alignment))]
+
+
+def numpy_axis(axis: str) -> int:
+    return AXES.index(axis)
+
+
+def same_grid(a, b, tolerance: float = 1e-4) -> bool:
+    return (volume_shape(a) == volume_shape(b)
+            and np.allclose(ijk_to_ras(a), ijk_to_ras(b), atol=tolerance, rtol=0))
+
+
+def slice_centre_ras(volume_node, axis: str, index: int) -> tuple[float, float, float]:
+    """RAS position of the centre of slice ``index`` along grid axis ``axis``."""
+    k, j, i = volume_shape(volume_node)
+    ijk = np.array([(i - 1) / 2.0, (j - 1) / 2.0, (k - 1) / 2.0, 1.0])
+    ijk["ijk".index(axis)] = index
+    ras = ijk_to_ras(volume_node) @ ijk
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+def write_volume(volume_node, path: Path) -> Path:
+    """Write a volume node with Slicer's volume storage node, uncompressed (the engine reads it at once)."""
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(0)
+    if not storage.WriteData(volume_node):
+        raise JobError(f"could not write {volume_node.GetName()} to {path}: check the disk space and that "
+                       "the temporary folder is writable")
+    return Path(path)
+
+
+def _labelmap_node_like(reference_volume, array: np.ndarray):
+    """A label map node (not added to the scene) with ``array`` [K, J, I] on the reference's grid."""
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    m = vtk.vtkMatrix4x4()
+    reference_volume.GetIJKToRASMatrix(m)
+    node.SetIJKToRASMatrix(m)
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    k, j, i = array.shape
+    image.SetDimensions(i, j, k)
+    flat = np.ascontiguousarray(array).ravel()
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True,
+                                                               array_type=numpy_support.get_vtk_array_type(flat.dtype)))
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def write_labelmap(array: np.ndarray, reference_volume, path: Path) -> Path:
+    return write_volume(_labelmap_node_like(reference_volume, array), path)
+
+
+def segment_classes(segmentation_node, segment_ids: list[str]) -> list[dict]:
+    """``classes.json`` entries: values 1..N in the order of ``segment_ids``, the user's names and colours."""
+    segmentation = segmentation_node.GetSegmentation()
+    classes = []
+    for value, segment_id in enumerate(segment_ids, start=1):
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise JobError(f"segment {segment_id!r} is not in {segmentation_node.GetName()}; choose the "
+                           "segments to learn again")
+        classes.append({"value": value, "name": segment.GetName(),
+                        "color": [round(float(c), 6) for c in segment.GetColor()]})
+    return classes
+
+
+def labels_from_segments(segmentation_node, segment_ids: list[str], reference_volume) -> np.ndarray:
+    """uint8 [K, J, I] on the reference grid: 0 = unlabelled, value n = the n-th chosen segment (later
+    segments win where segments overlap). Reads the segmentation; never changes it."""
+    labels = np.zeros(volume_shape(reference_volume), dtype=np.uint8)
+    for value, segment_id in enumerate(segment_ids, start=1):
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume)
+        if mask is None:
+            continue
+        labels[np.asarray(mask) > 0] = value
+    return labels
+
+
+def labelled_slices(labels: np.ndarray, axis: str) -> list[int]:
+    """Slices along ``axis`` with at least one labelled voxel."""
+    other = tuple(a for a in range(3) if a != numpy_axis(axis))
+    return [int(s) for s in np.flatnonzero(labels.any(axis=other))]
+
+
+def keep_slices(labels: np.ndarray, axis: str, slices) -> np.ndarray:
+    """A copy of ``labels`` with everything outside ``slices`` set to 0."""
+    out = np.zeros_like(labels)
+    index = [slice(None)] * 3
+    index[numpy_axis(axis)] = list(slices)
+    out[tuple(index)] = labels[tuple(index)]
+    return out
+
+
+def parse_slices(text: str) -> list[int]:
+    """``"3, 7, 10-12"`` -> ``[3, 7, 10, 11, 12]``."""
+    out: list[int] = []
+    for part in (text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise JobError(f"held-out slices: {part!r} is not a slice number or range; write e.g. 12, 20 or 10-12")
+        lo = int(match.group(1))
+        out.extend(range(lo, int(match.group(2) or lo) + 1))
+    return sorted(set(out))
+
+
+def format_slices(slices) -> str:
+    return ",".join(str(int(s)) for s in slices)
+
+
+@dataclass
+class TrainingFiles:
+    """What :func:`write_training_inputs` wrote."""
+
+    images: list[Path]
+    labels: Path
+    classes: Path
+    truth: Path | None
+    axis: str
+    labelled: list[int]
+    held_out: list[int]
+    class_list: list[dict] = field(default_factory=list)
+
+
+def check_channels(volumes: list) -> None:
+    if not volumes or volumes[0] is None or volumes[0].GetImageData() is None:
+        raise JobError("choose the input volume (it has no image data)")
+    for n, extra in enumerate(volumes[1:], start=2):
+        if extra.GetImageData() is None or not same_grid(volumes[0], extra):
+            raise JobError(f"channel {n} ({extra.GetName()}) is not on the grid of {volumes[0].GetName()}: "
+                           "resample it onto the first volume first (Resample Image (BRAINS) module)")
+
+
+def write_images(volumes: list, folder: Path) -> list[Path]:
+    check_channels(volumes)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["image.nrrd"] if len(volumes) == 1 else [f"image_{n}.nrrd" for n in range(len(volumes))]
+    return [write_volume(v, folder / name) for v, name in zip(volumes, names)]
+
+
+def write_training_inputs(folder: Path, volumes: list, segmentation_node, segment_ids: list[str],
+                          axis: str, held_out: list[int] | None = None) -> TrainingFiles:
+    """Images, ``labels.nrrd`` (held-out slices removed), ``truth.nrrd`` (held-out slices only, for
+    evaluation) and ``classes.json``."""
+    if segmentation_node is None:
+        raise JobError("choose the segmentation that holds your labels")
+    if not segment_ids:
+        raise JobError(f"{segmentation_node.GetName()} has no segments: paint the structure on a few slices "
+                       "with the Segment Editor first")
+    images = write_images(volumes, folder)
+    reference = volumes[0]
+    labels = labels_from_segments(segmentation_node, segment_ids, reference)
+    all_labelled = labelled_slices(labels, axis)
+    held_out = sorted(set(held_out or []))
+    n_slices = labels.shape[numpy_axis(axis)]
+    bad = [s for s in held_out if not 0 <= s < n_slices]
+    if bad:
+        raise JobError(f"held-out slice(s) {format_slices(bad)} are outside 0..{n_slices - 1} along {axis}")
+    training = [s for s in all_labelled if s not in held_out]
+    if not training:
+        raise JobError("no labelled slice is left for training: paint the structure on at least one slice "
+                       "that is not held out" if all_labelled else
+                       "the chosen segments are empty: paint the structure on a few slices first")
+    train_labels = keep_slices(labels, axis, training)
+    classes = segment_classes(segmentation_node, segment_ids)
+    labels_path = write_labelmap(train_labels, reference, folder / "labels.nrrd")
+    truth_path = None
+    if held_out:
+        truth_path = write_labelmap(keep_slices(labels, axis, held_out), reference, folder / "truth.nrrd")
+    classes_path = folder / "classes.json"
+    classes_path.write_text(json.dumps(classes, indent=1) + "\n", encoding="utf-8")
+    return TrainingFiles(images=images, labels=labels_path, classes=classes_path, truth=truth_path, axis=axis,
+                         labelled=training, held_out=held_out, class_list=classes)
+
+
+# -- reading results back -----------------------------------------------------------------------------------
+def read_volume_on_grid(path: Path, reference_volume, node, labelmap: bool = False):
+    """Read ``path`` into ``node`` (created if None) and put it on the reference's exact grid.
+
+    The engine writes every output on the input grid; a file that is not (beyond rounding of the text
+    header) is an error rather than silently resampled.
+    """
+    scene = slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
+    temporary = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if labelmap:
+        storage.SetCenterImage(0)
+    if not storage.ReadData(temporary):
+        raise JobError(f"could not read the engine's output {path}")
+    if not same_grid(temporary, reference_volume):
+        raise JobError(f"the engine wrote {Path(path).name} on a different grid than {reference_volume.GetName()}")
+    m = vtk.vtkMatrix4x4()
+    reference_volume.GetIJKToRASMatrix(m)
+    node.SetIJKToRASMatrix(m)
+    image = vtk.vtkImageData()
+    image.DeepCopy(temporary.GetImageData())
+    node.SetAndObserveImageData(image)
+    node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+    return node
+
+
+def array_from_file_on_grid(path: Path, reference_volume) -> np.ndarray:
+    temporary = slicer.vtkMRMLLabelMapVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(temporary):
+        raise JobError(f"could not read the engine's output {path}")
+    if not same_grid(temporary, reference_volume):
+        raise JobError(f"the engine wrote {Path(path).name} on a different grid than {reference_volume.GetName()}")
+    from vtk.util import numpy_support
+
+    image = temporary.GetImageData()
+    i, j, k = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).copy()
+
+
+def import_segmentation(labelmap_path: Path, reference_volume, classes: list[dict], segmentation_node=None,
+                        name: str | None = None):
+    """Fill ``segmentation_node`` (created if None; its previous segments are replaced) with one segment per
+    class, the class's name and colour, reference geometry from the input volume."""
+    labels = array_from_file_on_grid(labelmap_path, reference_volume)
+    scene = slicer.mrmlScene
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation_node.SetName(name or f"{reference_volume.GetName()} MisMatch")
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    segmentation_node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+    segmentation = segmentation_node.GetSegmentation()
+    was = segmentation_node.StartModify()
+    try:
+        segmentation.RemoveAllSegments()
+        for cls in classes:
+            value = int(cls["value"])
+            segment_id = segmentation.AddEmptySegment(f"mismatch_{value}", str(cls.get("name") or f"class_{value}"),
+                                                      [float(c) for c in cls.get("color", (0.5, 0.5, 0.5))])
+            mask = (labels == value).astype(np.uint8)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation_node, segment_id, reference_volume)
+    finally:
+        segmentation_node.EndModify(was)
+    return segmentation_node

@@ -1,0 +1,186 @@
+"""The panel's state machine, in plain Python (no Qt): which actions are enabled in which state, and what
+each event does. The widget only copies :meth:`PanelStateMachine.view` onto its buttons.
+
+States::
+
+    no-input ──volume chosen──▶ ready ──Train──▶ training ──finished──▶ completed | failed
+                                  │                 │ Cancel
+                                  └──Segment──▶ segmenting ──Cancel──▶ cancelling ──finished──▶ ready
+
+``completed`` and ``failed`` behave like ``ready`` (everything that is possible is enabled again); they only
+keep the last outcome in the status line. Train and Segment turn into Cancel while their job runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class State(str, enum.Enum):
+    NO_INPUT = "no-input"
+    READY = "ready"
+    TRAINING = "training"
+    SEGMENTING = "segmenting"
+    CANCELLING = "cancelling"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+RUNNING = (State.TRAINING, State.SEGMENTING, State.CANCELLING)
+IDLE = (State.READY, State.FAILED, State.COMPLETED)
+
+
+@dataclass(frozen=True)
+class Button:
+    enabled: bool
+    text: str
+    tooltip: str = ""
+
+
+@dataclass(frozen=True)
+class PanelView:
+    """What the widget shows: the two main buttons, the other actions, and the status line."""
+
+    state: State
+    train: Button
+    segment: Button
+    next_uncertain: bool
+    save_model: bool
+    import_model: bool
+    edit_inputs: bool
+    progress_visible: bool
+    status: str
+
+
+class TransitionError(RuntimeError):
+    """An action that the current state does not allow (the widget should never offer it)."""
+
+
+@dataclass
+class PanelStateMachine:
+    state: State = State.NO_INPUT
+    has_volume: bool = False
+    labels_reason: str = "choose the segmentation with your labels"  # empty when training is possible
+    has_model: bool = False
+    has_uncertainty: bool = False
+    status: str = "Choose the input volume."
+    listeners: list = field(default_factory=list)
+
+    # -- facts about the inputs -------------------------------------------------------------------------
+    def set_inputs(self, has_volume: bool, labels_reason: str = "") -> None:
+        """``labels_reason``: why training is not possible yet ("" when it is)."""
+        self.has_volume, self.labels_reason = bool(has_volume), labels_reason
+        if self.state in RUNNING:
+            self._changed()
+            return
+        if not self.has_volume:
+            self.state, self.status = State.NO_INPUT, "Choose the input volume."
+        elif self.state == State.NO_INPUT:
+            self.state = State.READY
+            self.status = self._ready_status()
+        elif self.state == State.READY:
+            self.status = self._ready_status()
+        self._changed()
+
+    def set_model(self, has_model: bool) -> None:
+        self.has_model = bool(has_model)
+        if self.state == State.READY:
+            self.status = self._ready_status()
+        self._changed()
+
+    def set_uncertainty(self, available: bool) -> None:
+        self.has_uncertainty = bool(available)
+        self._changed()
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def start_training(self) -> None:
+        if not self.view().train.enabled or self.state in RUNNING:
+            raise TransitionError(f"cannot train in state {self.state.value}: {self._train_reason()}")
+        self.state, self.status = State.TRAINING, "Training: starting the engine..."
+        self._changed()
+
+    def start_segmenting(self) -> None:
+        if not self.view().segment.enabled or self.state in RUNNING:
+            raise TransitionError(f"cannot segment in state {self.state.value}: {self._segment_reason()}")
+        self.state, self.status = State.SEGMENTING, "Segmenting: starting the engine..."
+        self._changed()
+
+    def request_cancel(self) -> None:
+        if self.state not in (State.TRAINING, State.SEGMENTING):
+            raise TransitionError(f"nothing to cancel in state {self.state.value}")
+        self.state, self.status = State.CANCELLING, "Cancelling: waiting for the engine to stop..."
+        self._changed()
+
+    def report(self, status: str) -> None:
+        """A progress or log line while a job runs (or any message while idle)."""
+        self.status = status
+        self._changed()
+
+    def finish(self, status: str, message: str = "") -> None:
+        """The job ended: ``status`` is the ``finished`` event's (completed, cancelled or failed)."""
+        if self.state not in RUNNING:
+            raise TransitionError(f"no job is running (state {self.state.value})")
+        if status == "completed":
+            self.state, self.status = State.COMPLETED, message or "Done."
+        elif status == "cancelled":
+            self.state = State.READY if self.has_volume else State.NO_INPUT
+            self.status = "Cancelled. " + (self._ready_status() if self.has_volume else "")
+        else:
+            self.state = State.FAILED
+            self.status = "Failed: " + (message or "the engine stopped without a message.")
+        if not self.has_volume and self.state != State.FAILED:
+            self.state = State.NO_INPUT
+        self._changed()
+
+    # -- what the panel shows ---------------------------------------------------------------------------
+    def view(self) -> PanelView:
+        s = self.state
+        idle = s in IDLE
+        if s == State.TRAINING:
+            train = Button(True, "Cancel", "Stop training; the model of the last finished step is kept")
+        elif s == State.CANCELLING:
+            train = Button(False, "Cancelling...", "Waiting for the engine to stop")
+        else:
+            reason = self._train_reason()
+            train = Button(idle and not reason, "Train", reason or "Train on the labelled slices in the background")
+        if s == State.SEGMENTING:
+            segment = Button(True, "Cancel", "Stop segmenting")
+        elif s == State.CANCELLING:
+            segment = Button(False, "Cancelling...", "Waiting for the engine to stop")
+        else:
+            reason = self._segment_reason()
+            segment = Button(idle and not reason, "Segment", reason or "Segment the whole volume with the model")
+        return PanelView(
+            state=s, train=train, segment=segment,
+            next_uncertain=idle and self.has_uncertainty,
+            save_model=idle and self.has_model,
+            import_model=s in IDLE or s == State.NO_INPUT,
+            edit_inputs=s not in RUNNING,
+            progress_visible=s in RUNNING,
+            status=self.status,
+        )
+
+    def _train_reason(self) -> str:
+        if not self.has_volume:
+            return "Choose the input volume first"
+        return self.labels_reason
+
+    def _segment_reason(self) -> str:
+        if not self.has_volume:
+            return "Choose the input volume first"
+        if not self.has_model:
+            return "Train a model, or load one, first"
+        return ""
+
+    def _ready_status(self) -> str:
+        if self.labels_reason and not self.has_model:
+            return f"Ready: {self.labels_reason[0].lower()}{self.labels_reason[1:]}."
+        if self.has_model:
+            return "Ready: press Train to (re)train, or Segment to segment the volume."
+        return "Ready: press Train."
+
+    def _changed(self) -> None:
+        view = self.view()
+        for listener in list(self.listeners):
+            listener(view)
