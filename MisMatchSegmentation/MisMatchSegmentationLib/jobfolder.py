@@ -298,3 +298,22 @@ def import_segmentation(labelmap_path: Path, reference_volume, classes: list[dic
     finally:
         segmentation_node.EndModify(was)
     return segmentation_node
+
+
+def labels_for_classes(segmentation_node, classes: list[dict], reference_volume) -> np.ndarray | None:
+    """uint8 [K, J, I] with each class's value where the user's segment *of the same name* is; None when no
+    class name matches a segment (e.g. a model imported for another structure)."""
+    segmentation = segmentation_node.GetSegmentation()
+    pairs = []
+    for cls in classes:
+        segment_id = segmentation.GetSegmentIdBySegmentName(str(cls.get("name", "")))
+        if segment_id:
+            pairs.append((int(cls["value"]), segment_id))
+    if not pairs:
+        return None
+    labels = np.zeros(volume_shape(reference_volume), dtype=np.uint8)
+    for value, segment_id in pairs:
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume)
+        if mask is not None:
+            labels[np.asarray(mask) > 0] = value
+    return labels

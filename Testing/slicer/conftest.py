@@ -147,10 +147,21 @@ def engine_available():
     return True
 
 
+STANDIN = Path(__file__).parent / "standin_engine.py"
+
+
+def standin_command(mode: str) -> list[str]:
+    """Command prefix that runs the stand-in engine in ``mode`` (contract arguments follow)."""
+    return [sys.executable, "-u", str(STANDIN), mode]
+
+
 @pytest.fixture
-def stand_in(tmp_path):
-    """Path of a stand-in engine script (``Testing/slicer/standin_engine.py``) and the Python to run it."""
-    return [sys.executable, "-u", str(Path(__file__).parent / "standin_engine.py")]
+def standin_log(tmp_path, monkeypatch):
+    """Folder where the stand-in records its calls (``calls.jsonl``) and grandchild pid."""
+    log = tmp_path / "standin-log"
+    log.mkdir()
+    monkeypatch.setenv("STANDIN_LOG", str(log))
+    return log
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")

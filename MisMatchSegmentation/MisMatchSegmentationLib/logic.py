@@ -1,0 +1,445 @@
+"""Training and segmentation jobs: MRML nodes in, the engine in a child process, MRML nodes out.
+
+``MisMatchLogic`` holds no Qt object: the panel calls ``poll()`` from a timer and shows what it returns;
+tests and scripts call ``wait()``. Events handed out by ``poll()`` are the engine's (docs/contract.md:
+``start``, ``progress``, ``log``, ``end``) plus the logic's own:
+
+- ``{"event": "status", "message": ...}``: something the user should read now (e.g. the out-of-memory retry);
+- ``{"event": "done", "job": "train"|"segment", "status": "completed"|"cancelled"|"failed", "message": ...}``:
+  the job is over and its results (model, nodes, plots) are in place; always the last event of a job.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import jobfolder, modelcard, plots
+from .jobfolder import JobError
+from .process import EngineProcess, engine_command, engine_environment, find_python
+
+METHODS = {"MisMatch": "mismatch", "U-Net": "unet"}
+VIRIDIS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeFileInferno.txt",
+           "vtkMRMLColorTableNodeRainbow", "vtkMRMLColorTableNodeGrey")
+
+
+@dataclass
+class TrainingRequest:
+    """Everything a training run needs, as nodes and plain values (the panel fills it from its parameter node)."""
+
+    volumes: list                     # scalar volume nodes, one per channel; the first sets the grid
+    segmentation: object              # the user's label segmentation (never modified)
+    segment_ids: list = field(default_factory=list)  # the segments to learn, in order (empty: all)
+    orientation: str = "Axial"        # Axial / Coronal / Sagittal, or a grid axis k / j / i
+    held_out: list = field(default_factory=list)     # labelled slices kept for checking calibration
+    method: str = "MisMatch"          # MisMatch or U-Net (or an engine method name)
+    steps: int = 300
+    learning_rate: float = 1e-3
+    alpha: float = 0.002
+    batch_size: int = 4
+    patch_size: int = 176
+    width: int = 24
+    device: str = "auto"
+    init_model: Path | None = None    # continue from this model (fine-tune after corrections)
+
+
+@dataclass
+class SegmentRequest:
+    volumes: list
+    model: Path
+    device: str = "auto"
+    segmentation: object = None       # the user's labels: held-out slices are evaluated against them
+    held_out: list = field(default_factory=list)
+    output_segmentation: object = None  # None: a new segmentation node
+    confidence_volume: object = None
+    disagreement_volume: object = None
+
+
+@dataclass
+class Job:
+    kind: str                # "train" or "segment"
+    folder: Path
+    request: object
+    arguments: list
+    process: EngineProcess | None = None
+    batch_size: int = 0
+    retried: bool = False
+    files: object = None
+    output: Path | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def format_duration(seconds) -> str:
+    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def describe_progress(event: dict) -> str:
+    """Status line for a ``progress`` event: what, how far, the loss, the time left."""
+    phase = event.get("phase", "")
+    step, total = event.get("step"), event.get("total")
+    text = {"train": "Training", "segment": "Segmenting", "load": "Loading", "evaluate": "Evaluating"}.get(
+        phase, phase.capitalize())
+    unit = "step" if phase == "train" else "slice"
+    if step is not None and total:
+        text += f": {unit} {step}/{total}"
+    if event.get("loss") is not None:
+        text += f", loss {event['loss']:.4f}"
+    if event.get("eta") is not None:
+        text += f", {format_duration(event['eta'])} left"
+    return text
+
+
+def is_out_of_memory(finished: dict) -> bool:
+    text = " ".join([finished.get("message") or ""] + list(finished.get("stderr") or [])[-5:]).lower()
+    return "out of memory" in text
+
+
+class MisMatchLogic:
+    """Runs one job at a time. ``runner``: the class that runs the child (tests put a stand-in there);
+    ``python``: the engine's interpreter (default: Slicer's PythonSlicer, or this Python outside Slicer)."""
+
+    def __init__(self, work_dir: str | Path | None = None, python: str | None = None, runner=EngineProcess,
+                 command=None):
+        self.work_dir = Path(work_dir) if work_dir else self.default_work_dir()
+        self.python = python
+        self.runner = runner
+        self.command = command  # None: [python, -u, -m, mismatch]; tests give a stand-in command prefix
+        self.job: Job | None = None
+        self.current_model: Path | None = None
+        self.report: dict | None = None
+        self.report_axis: str = "k"
+        self.loss_curve = plots.LossCurve()
+        self.status: str = ""
+        self.fraction: float = 0.0
+        self.note: str = ""
+        self.results: dict = {}
+        self._visited: list[int] = []
+
+    # -- setup ------------------------------------------------------------------------------------------
+    @staticmethod
+    def default_work_dir() -> Path:
+        import slicer
+
+        base = getattr(getattr(slicer, "app", None), "temporaryPath", None) or tempfile.gettempdir()
+        return Path(base) / "MisMatch"
+
+    def _new_folder(self, kind: str) -> Path:
+        folder = self.work_dir / "jobs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def _command(self, arguments: list[str]) -> list[str]:
+        if self.command is not None:
+            return list(self.command) + arguments
+        return engine_command(arguments, self.python or find_python())
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    # -- training ---------------------------------------------------------------------------------------
+    def start_training(self, request: TrainingRequest) -> Job:
+        if self.job is not None:
+            raise JobError("a job is already running: wait for it or cancel it")
+        if not request.volumes or request.volumes[0] is None:
+            raise JobError("choose the input volume")
+        if request.segmentation is None:
+            raise JobError("choose the segmentation with your labels")
+        segment_ids = list(request.segment_ids) or [
+            request.segmentation.GetSegmentation().GetNthSegmentID(n)
+            for n in range(request.segmentation.GetSegmentation().GetNumberOfSegments())]
+        axis = jobfolder.axis_for_orientation(request.volumes[0], request.orientation)
+        init = Path(request.init_model) if request.init_model else None
+        if init is not None:
+            card = modelcard.read_card(init)
+            if modelcard.channel_count(card) != len(request.volumes):
+                raise JobError(f"the model to continue from takes {modelcard.channel_count(card)} channel(s), "
+                               f"but {len(request.volumes)} volume(s) are chosen")
+        folder = self._new_folder("train")
+        try:
+            files = jobfolder.write_training_inputs(folder, request.volumes, request.segmentation, segment_ids,
+                                                    axis, request.held_out)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        output = self.work_dir / "models" / folder.name.replace("train-", "model-")
+        arguments = ["train", *map(str, files.images), "--labels", str(files.labels), "--out", str(output),
+                     "--classes", str(files.classes), "--axis", axis,
+                     "--labelled-slices", jobfolder.format_slices(files.labelled),
+                     "--method", METHODS.get(request.method, request.method),
+                     "--steps", str(int(request.steps)), "--lr", repr(float(request.learning_rate)),
+                     "--alpha", repr(float(request.alpha)), "--width", str(int(request.width)),
+                     "--patch-size", str(int(request.patch_size)), "--device", request.device or "auto",
+                     "--events", "-"]
+        if init is not None:
+            arguments += ["--init", str(init)]
+        job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), files=files,
+                  output=output)
+        self.loss_curve.reset()
+        self.note = ""
+        self._start(job)
+        return job
+
+    # -- segmentation -----------------------------------------------------------------------------------
+    def start_segmenting(self, request: SegmentRequest) -> Job:
+        if self.job is not None:
+            raise JobError("a job is already running: wait for it or cancel it")
+        if request.model is None:
+            raise JobError("train a model, or load one, first")
+        card = modelcard.read_card(request.model)
+        if modelcard.channel_count(card) != len(request.volumes):
+            raise JobError(f"the model takes {modelcard.channel_count(card)} channel(s), but "
+                           f"{len(request.volumes)} volume(s) are chosen")
+        if request.segmentation is not None and request.output_segmentation is request.segmentation:
+            raise JobError("the output segmentation is the one that holds your labels: choose another output "
+                           "segmentation, or none to create a new one")
+        folder = self._new_folder("segment")
+        try:
+            images = jobfolder.write_images(request.volumes, folder)
+            arguments = ["segment", *map(str, images), "--model", str(request.model),
+                         "--out", str(folder / "segmentation.nrrd"), "--confidence", str(folder / "confidence.nrrd"),
+                         "--disagreement", str(folder / "disagreement.nrrd"), "--report", str(folder / "report.json"),
+                         "--device", request.device or "auto", "--events", "-"]
+            held_out = sorted(set(request.held_out or []))
+            evaluated: list[int] = []
+            if held_out and request.segmentation is not None:
+                axis = card.get("slice_axis", "k")
+                truth = jobfolder.labels_for_classes(request.segmentation, card["classes"], request.volumes[0])
+                if truth is not None:
+                    evaluated = [s for s in held_out if s in jobfolder.labelled_slices(truth, axis)]
+                if evaluated:
+                    jobfolder.write_labelmap(jobfolder.keep_slices(truth, axis, evaluated), request.volumes[0],
+                                             folder / "truth.nrrd")
+                    arguments += ["--truth", str(folder / "truth.nrrd"),
+                                  "--eval-slices", jobfolder.format_slices(evaluated)]
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = Job("segment", folder, request, arguments, files={"card": card, "evaluated": evaluated})
+        self._start(job)
+        return job
+
+    # -- running ----------------------------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        arguments = list(job.arguments)
+        if job.kind == "train":
+            arguments += ["--batch-size", str(job.batch_size)]
+            if job.output is not None and job.output.exists():
+                shutil.rmtree(job.output, ignore_errors=True)
+        job.process = self.runner(self._command(arguments), env=engine_environment(), cwd=str(job.folder))
+        self.job, self.fraction = job, 0.0
+        self.status = ("Training" if job.kind == "train" else "Segmenting") + ": starting the engine..."
+        job.process.start()
+
+    def cancel(self) -> None:
+        if self.job is not None and self.job.process is not None:
+            self.job.process.cancel()
+            self.status = "Cancelling: waiting for the engine to stop..."
+
+    def poll(self) -> list[dict]:
+        """Events since the last call; results are read into MRML nodes when the job's ``finished`` arrives."""
+        job = self.job
+        if job is None or job.process is None:
+            return []
+        out: list[dict] = []
+        loss_changed = False
+        for event in job.process.poll():
+            kind = event.get("event")
+            if kind == "progress":
+                if event.get("total"):
+                    self.fraction = min(1.0, float(event.get("step") or 0) / float(event["total"]))
+                self.status = (self.note + describe_progress(event)) if job.kind == "train" else describe_progress(event)
+                if job.kind == "train":
+                    self.loss_curve.add(event)
+                    loss_changed = True
+            elif kind == "start" and event.get("phase") in ("train", "segment"):
+                self.status = self.note + describe_progress(event)
+            elif kind == "finished":
+                out.extend(self._finish(job, event))
+                continue
+            out.append(event)
+        if loss_changed:
+            self.loss_curve.update_nodes()
+        return out
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict]:
+        """Poll until the job (including an out-of-memory retry) is over. For tests and scripts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        events: list[dict] = []
+        while self.job is not None:
+            events += self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"the MisMatch job did not finish within {timeout} s")
+            time.sleep(interval)
+        return events
+
+    def _finish(self, job: Job, finished: dict) -> list[dict]:
+        status, message = finished["status"], finished.get("message") or ""
+        if (status == "failed" and job.kind == "train" and not job.retried and job.batch_size > 1
+                and is_out_of_memory(finished)):
+            old, job.batch_size, job.retried = job.batch_size, max(1, job.batch_size // 2), True
+            self.note = f"(retry with batch size {job.batch_size}) "
+            text = (f"GPU out of memory with batch size {old}: retrying once with batch size {job.batch_size}.")
+            self.status = text
+            self.loss_curve.reset()
+            self._start(job)
+            self.status = text
+            return [{"event": "status", "message": text}]
+        self.job = None
+        self.fraction = 1.0 if status == "completed" else self.fraction
+        try:
+            if status == "completed":
+                message = self._train_done(job, finished) if job.kind == "train" else self._segment_done(job, finished)
+            elif status == "cancelled":
+                message = "Cancelled." + (" The previous model is kept." if job.kind == "train" and self.current_model else "")
+            else:
+                message = self._failure_text(job, finished)
+        except Exception as exc:  # reading results back failed: the panel must stay usable
+            status, message = "failed", f"reading the results failed: {exc}"
+        finally:
+            self._clean(job, keep_model=(status == "completed"))
+        self.status = message
+        return [{"event": "done", "job": job.kind, "status": status, "message": message}]
+
+    def _failure_text(self, job: Job, finished: dict) -> str:
+        message = finished.get("message") or "the engine stopped without a message"
+        if is_out_of_memory(finished):
+            advice = ("GPU out of memory even with batch size "
+                      f"{job.batch_size}: lower the patch size or the width, or train on the CPU")
+            return f"{advice} ({message})"
+        if finished.get("returncode") == 2:
+            return f"{message} (fix the input and try again)"
+        tail = "; ".join((finished.get("stderr") or [])[-3:])
+        return f"{message}. See the Python console for details" + (f" (last output: {tail})" if tail else "")
+
+    def _clean(self, job: Job, keep_model: bool) -> None:
+        shutil.rmtree(job.folder, ignore_errors=True)
+        if job.kind == "train" and not keep_model and job.output is not None:
+            shutil.rmtree(job.output, ignore_errors=True)
+
+    def _train_done(self, job: Job, finished: dict) -> str:
+        card = modelcard.read_card(job.output)
+        self.current_model = job.output
+        losses = (finished.get("end") or {}).get("final_losses") or card.get("summary", {}).get("final_losses") or {}
+        elapsed = (finished.get("end") or {}).get("elapsed")
+        text = f"Trained {card.get('summary', {}).get('steps', '?')} steps in {format_duration(elapsed)}"
+        if losses.get("loss") is not None:
+            text += f" (final loss {losses['loss']:.4f})"
+        if job.retried:
+            text += f" with batch size {job.batch_size} after a GPU out-of-memory"
+        return text + ". Press Segment."
+
+    def _segment_done(self, job: Job, finished: dict) -> str:
+        import json
+
+        request: SegmentRequest = job.request
+        reference = request.volumes[0]
+        card = job.files["card"]
+        name = reference.GetName()
+        seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, card["classes"],
+                                            request.output_segmentation, name=f"{name} MisMatch segmentation")
+        confidence = jobfolder.read_volume_on_grid(job.folder / "confidence.nrrd", reference, request.confidence_volume)
+        if request.confidence_volume is None:
+            confidence.SetName(f"{name} MisMatch confidence")
+        disagreement = jobfolder.read_volume_on_grid(job.folder / "disagreement.nrrd", reference,
+                                                     request.disagreement_volume)
+        if request.disagreement_volume is None:
+            disagreement.SetName(f"{name} MisMatch disagreement")
+        _colour_volume(confidence, (0.0, 1.0))
+        _colour_volume(disagreement, None)
+        self.report = json.loads((job.folder / "report.json").read_text(encoding="utf-8"))
+        self.report_axis = self.report.get("slice_axis") or card.get("slice_axis", "k")
+        self._visited = []
+        self.results = {"segmentation": seg, "confidence": confidence, "disagreement": disagreement}
+        evaluation = self.report.get("evaluation")
+        text = f"Segmented {name}"
+        elapsed = (finished.get("end") or {}).get("elapsed")
+        if elapsed is not None:
+            text += f" in {format_duration(elapsed)}"
+        if evaluation:
+            chart = plots.reliability_diagram(evaluation, job.files["evaluated"])
+            self.results["reliability"] = chart
+            ece = plots.ece_of(evaluation)
+            if ece is not None:
+                text += f"; ECE on held-out slices {jobfolder.format_slices(job.files['evaluated'])}: {ece:.3f}"
+        elif request.held_out:
+            text += "; the held-out slices hold none of the model's classes, so there is no reliability diagram"
+        if self.report.get("uncertain_slices"):
+            text += ". Press Next uncertain slice to check where the decoders disagree"
+        return text + "."
+
+    # -- after segmenting -------------------------------------------------------------------------------
+    def next_uncertain_slice(self, volume, segmentation=None, segment_ids=None, jump: bool = True):
+        """The unlabelled slice where the decoders disagree most that was not shown yet: ``(slice, ras)``,
+        or None. Slices the user has labelled (also since segmenting) are skipped; after the last one the
+        ranking starts again. ``jump``: centre every slice view on it."""
+        if not self.report or not self.report.get("uncertain_slices"):
+            return None
+        axis = self.report_axis
+        labelled: set[int] = set()
+        if segmentation is not None:
+            ids = list(segment_ids or []) or [segmentation.GetSegmentation().GetNthSegmentID(n)
+                                              for n in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+            if ids:
+                labels = jobfolder.labels_from_segments(segmentation, ids, volume)
+                labelled = set(jobfolder.labelled_slices(labels, axis))
+        ranked = [int(u["slice"]) for u in self.report["uncertain_slices"] if int(u["slice"]) not in labelled]
+        if not ranked:
+            return None
+        fresh = [s for s in ranked if s not in self._visited]
+        if not fresh:
+            self._visited, fresh = [], ranked
+        chosen = fresh[0]
+        self._visited.append(chosen)
+        ras = jobfolder.slice_centre_ras(volume, axis, chosen)
+        if jump:
+            jump_slice_views(ras)
+        return chosen, ras
+
+    # -- models -----------------------------------------------------------------------------------------
+    def load_model(self, folder: str | Path) -> dict:
+        """Validate a model folder, copy it into the working folder and make it the current model."""
+        card = modelcard.read_card(folder)
+        destination = self.work_dir / "models" / f"imported-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        modelcard.copy_model(folder, destination)
+        self.current_model = destination
+        return card
+
+    def save_model(self, destination: str | Path) -> Path:
+        if self.current_model is None:
+            raise JobError("there is no model to save yet: train one first")
+        return modelcard.copy_model(self.current_model, destination)
+
+
+def _colour_volume(node, window) -> None:
+    import slicer
+
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    scene = slicer.mrmlScene
+    for colour_id in VIRIDIS:
+        if scene.GetNodeByID(colour_id) is not None:
+            display.SetAndObserveColorNodeID(colour_id)
+            break
+    if window is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(*window)
+
+
+def jump_slice_views(ras) -> None:
+    """Centre every slice view of the scene on ``ras``."""
+    import slicer
+
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, float(ras[0]), float(ras[1]), float(ras[2]),
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)

@@ -1,0 +1,170 @@
+"""A stand-in for ``python -m mismatch`` that speaks the contract (docs/contract.md) in a few milliseconds.
+
+Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
+
+- ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK);
+- ``oom``: train fails like a CUDA out-of-memory while ``--batch-size`` is above 2, then behaves like ok;
+- ``slow``: emits progress for ever, starts a grandchild (its pid in ``$STANDIN_LOG/grandchild.pid``), ends
+  with a ``cancelled`` event and exit 130 on SIGTERM, like the engine;
+- ``stubborn``: like slow but ignores SIGTERM (must be killed);
+- ``crash``: writes to stderr and dies from SIGKILL without an ``end`` event;
+- ``gate``: one event, then waits for ``$STANDIN_LOG/go`` before the rest (events must arrive one by one);
+- ``usererror``: one line on stderr, a failed end event, exit 2.
+
+Each call appends its arguments to ``$STANDIN_LOG/calls.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOG = Path(os.environ.get("STANDIN_LOG", "."))
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def option(args: list[str], name: str, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+
+def images_of(args: list[str]) -> list[str]:
+    out = []
+    for a in args[1:]:
+        if a.startswith("--"):
+            break
+        out.append(a)
+    return out
+
+
+def train(args: list[str], mode: str) -> int:
+    batch = int(option(args, "--batch-size", "4"))
+    if mode == "oom" and batch > 2:
+        emit("start", phase="train", total=3, device="cuda:0")
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+        emit("end", status="failed", message="OutOfMemoryError: CUDA out of memory (out of memory: use a smaller "
+                                             "--batch-size, --patch-size or --width)", elapsed=0.1)
+        return 1
+    steps = int(option(args, "--steps", "3"))
+    emit("start", phase="load", total=None)
+    emit("start", phase="train", total=steps, device="cpu")
+    for step in range(1, steps + 1):
+        emit("progress", phase="train", step=step, total=steps, loss=1.0 / step,
+             terms={"dice": 0.9 / step, "consistency": 0.01, "alpha": 0.002}, elapsed=0.01 * step,
+             eta=0.01 * (steps - step))
+    out = Path(option(args, "--out"))
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    weights.write_bytes(b"stand-in weights " + str(batch).encode())
+    classes = json.loads(Path(option(args, "--classes")).read_text()) if "--classes" in args else [
+        {"value": 1, "name": "class_1", "color": [0.5, 0.5, 0.5]}]
+    card = {"format": "mismatch-model", "format_version": 1, "engine_version": "stand-in",
+            "architecture": {"name": option(args, "--method", "mismatch"), "width": 4,
+                             "in_channels": len(images_of(args)), "num_classes": len(classes) + 1},
+            "classes": classes, "channels": [{"name": Path(p).name} for p in images_of(args)],
+            "normalisation": {"method": "zscore"}, "slice_axis": option(args, "--axis", "k"),
+            "training": {"batch_size": batch}, "summary": {"steps": steps, "final_losses": {"loss": 1.0 / steps}},
+            "weights": {"file": weights.name, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                        "snapshots": 1}}
+    (out / "model.json").write_text(json.dumps(card))
+    emit("end", status="completed", message=f"model written to {out}", elapsed=0.05,
+         final_losses={"loss": 1.0 / steps})
+    return 0
+
+
+def segment(args: list[str]) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(images_of(args)[0])
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    card = json.loads((Path(option(args, "--model")) / "model.json").read_text())
+    values = [c["value"] for c in card["classes"]]
+    emit("start", phase="segment", total=array.shape[0])
+    threshold = float(np.median(array))
+    labels = np.zeros(array.shape, np.uint8)
+    labels[array < threshold] = values[0]
+    if len(values) > 1:
+        labels[:, :, : array.shape[2] // 2][labels[:, :, : array.shape[2] // 2] > 0] = values[1]
+    confidence = np.full(array.shape, 0.75, np.float32)
+    disagreement = np.linspace(0, 0.5, array.shape[0], dtype=np.float32)[:, None, None] * np.ones_like(confidence)
+    for path, data in ((option(args, "--out"), labels), (option(args, "--confidence"), confidence),
+                       (option(args, "--disagreement"), disagreement)):
+        if path:
+            out = sitk.GetImageFromArray(data)
+            out.CopyInformation(image)
+            sitk.WriteImage(out, path)
+    emit("progress", phase="segment", step=array.shape[0], total=array.shape[0], loss=None, terms={},
+         elapsed=0.01, eta=0.0)
+    report = {"slice_axis": card.get("slice_axis", "k"),
+              "uncertain_slices": [{"slice": int(s), "disagreement": float(0.5 * s / array.shape[0]),
+                                    "uncertain_fraction": 0.1} for s in range(array.shape[0] - 1, -1, -1)]}
+    if "--truth" in args:
+        bins = [{"lower": b / 10, "upper": (b + 1) / 10, "count": 10 * b, "confidence": b / 10 + 0.05,
+                 "accuracy": b / 10} if b else {"lower": 0, "upper": 0.1, "count": 0, "confidence": None,
+                                               "accuracy": None} for b in range(10)]
+        cal = {"all": {"n_bins": 10, "ece": 0.05, "mce": 0.05, "bins": bins}}
+        report["evaluation"] = {"slices": [int(s) for s in option(args, "--eval-slices", "").split(",") if s],
+                                "mean": {"iou": 0.8, "calibration": cal},
+                                "positive_decoder": {"iou": 0.7, "calibration": {"all": dict(cal["all"], ece=0.07)}},
+                                "negative_decoder": {"iou": 0.6, "calibration": {"all": dict(cal["all"], ece=0.09)}}}
+    if option(args, "--report"):
+        Path(option(args, "--report")).write_text(json.dumps(report))
+    emit("end", status="completed", message="segmentation written", elapsed=0.02, slices=int(array.shape[0]))
+    return 0
+
+
+def slow(stubborn: bool) -> int:
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (LOG / "grandchild.pid").write_text(str(grandchild.pid))
+    stop = []
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    emit("start", phase="train", total=100000, device="cpu")
+    step = 0
+    while not stop:
+        step += 1
+        emit("progress", phase="train", step=step, total=100000, loss=0.5, terms={}, elapsed=step * 0.02, eta=1e3)
+        time.sleep(0.02)
+    emit("end", status="cancelled", message=f"cancelled at step {step}; checkpoint written", elapsed=step * 0.02)
+    return 130
+
+
+def main() -> int:
+    mode, args = sys.argv[1], sys.argv[2:]
+    LOG.mkdir(parents=True, exist_ok=True)
+    with open(LOG / "calls.jsonl", "a") as f:
+        f.write(json.dumps({"mode": mode, "args": args, "pid": os.getpid()}) + "\n")
+    if mode in ("slow", "stubborn"):
+        return slow(mode == "stubborn")
+    if mode == "crash":
+        print("Traceback (most recent call last):\nSegmentation fault in a stand-in", file=sys.stderr, flush=True)
+        emit("start", phase="train", total=10)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "gate":
+        emit("start", phase="train", total=2)
+        while not (LOG / "go").exists():
+            time.sleep(0.01)
+        emit("progress", phase="train", step=1, total=2, loss=0.3, terms={}, elapsed=1.0, eta=1.0)
+        print("plain text, not an event", flush=True)
+        emit("end", status="completed", message="done", elapsed=2.0)
+        return 0
+    if mode == "usererror":
+        print("mismatch train: error: labels.nrrd is not on the image grid", file=sys.stderr)
+        emit("end", status="failed", message="labels.nrrd is not on the image grid", elapsed=0.0)
+        return 2
+    return train(args, mode) if args[0] == "train" else segment(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

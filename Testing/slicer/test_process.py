@@ -1,0 +1,151 @@
+"""The child-process runner: events as they arrive, cancel of the whole tree, failures reported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import standin_command
+
+from MisMatchSegmentationLib import process
+from MisMatchSegmentationLib.process import EngineProcess
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups and signals are POSIX here")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def poll_until(proc: EngineProcess, predicate, timeout: float = 20.0) -> list[dict]:
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += proc.poll()
+        if predicate(events):
+            return events
+        time.sleep(0.01)
+    raise AssertionError(f"condition not reached in {timeout} s; events so far: {events[-5:]}")
+
+
+def test_events_arrive_while_the_child_is_still_running(standin_log):
+    proc = EngineProcess(standin_command("gate") + ["train"]).start()
+    first = poll_until(proc, lambda ev: any(e["event"] == "start" for e in ev))
+    assert proc.running and not any(e["event"] == "finished" for e in first)
+    assert proc.poll() == []  # never blocks, nothing new while the child waits
+    (standin_log / "go").write_text("")
+    rest = proc.wait(timeout=20)
+    kinds = [e["event"] for e in rest]
+    assert kinds == ["progress", "log", "end", "finished"]
+    assert rest[1]["message"] == "plain text, not an event"
+    assert rest[-1]["status"] == "completed" and rest[-1]["returncode"] == 0
+    assert not proc.running
+
+
+@posix_only
+def test_cancel_ends_the_child_and_its_children(standin_log):
+    proc = EngineProcess(standin_command("slow") + ["train"]).start()
+    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    grandchild = int((standin_log / "grandchild.pid").read_text())
+    assert alive(grandchild)
+    proc.cancel()
+    events = proc.wait(timeout=20)
+    finished = events[-1]
+    assert finished["status"] == "cancelled" and finished["returncode"] == 130
+    assert "checkpoint" in finished["message"]
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild), "the engine's own child survived the cancel"
+
+
+@posix_only
+def test_a_child_that_ignores_the_request_is_killed_with_its_tree(standin_log):
+    proc = EngineProcess(standin_command("stubborn") + ["train"], kill_grace=0.5).start()
+    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    grandchild = int((standin_log / "grandchild.pid").read_text())
+    started = time.monotonic()
+    proc.cancel()
+    finished = proc.wait(timeout=20)[-1]
+    assert time.monotonic() - started < 10
+    assert finished["status"] == "cancelled" and finished["returncode"] == -signal.SIGKILL
+    time.sleep(0.2)
+    assert not alive(grandchild)
+
+
+@posix_only
+def test_a_crashed_child_is_a_failure_with_its_last_stderr_lines(standin_log):
+    proc = EngineProcess(standin_command("crash") + ["train"]).start()
+    finished = proc.wait(timeout=20)[-1]
+    assert finished["status"] == "failed"
+    assert "killed (SIGKILL)" in finished["message"]
+    assert "Segmentation fault in a stand-in" in finished["message"]
+    assert finished["stderr"][-1] == "Segmentation fault in a stand-in"
+
+
+def test_a_user_error_keeps_the_engine_message(standin_log):
+    finished = EngineProcess(standin_command("usererror") + ["train"]).start().wait(timeout=20)[-1]
+    assert finished["status"] == "failed" and finished["returncode"] == 2
+    assert finished["message"] == "labels.nrrd is not on the image grid"
+
+
+def test_a_missing_interpreter_fails_to_start():
+    with pytest.raises(OSError):
+        EngineProcess(["/nonexistent/PythonSlicer", "-m", "mismatch"]).start()
+
+
+def test_finished_event_merges_end_event_and_exit_status():
+    f = process.finished_event
+    assert f(0, {"status": "completed", "message": "ok"}, False, [])["status"] == "completed"
+    assert f(0, None, False, [])["status"] == "completed"
+    assert f(130, {"status": "cancelled", "message": "c"}, True, [])["status"] == "cancelled"
+    assert f(-9, None, True, [])["status"] == "cancelled"
+    assert f(0, {"status": "failed", "message": "bad"}, False, [])["status"] == "failed"
+    crashed = f(-11, None, False, ["boom"])
+    assert crashed["status"] == "failed" and crashed["message"] == "the engine was killed (SIGSEGV): boom"
+    assert f(1, None, False, [])["message"] == "the engine stopped unexpectedly (exit status 1)"
+
+
+def test_parse_event_wraps_plain_text():
+    assert process.parse_event('{"event": "log", "message": "x"}')["message"] == "x"
+    assert process.parse_event("Warning: something")["event"] == "log"
+    assert process.parse_event("[1, 2]")["message"] == "[1, 2]"
+
+
+def test_find_python_prefers_pythonslicer(tmp_path, monkeypatch):
+    monkeypatch.delenv("MISMATCH_PYTHON", raising=False)
+    app = tmp_path / "bin" / ("SlicerApp-real.exe" if os.name == "nt" else "SlicerApp-real")
+    app.parent.mkdir()
+    app.write_text("")
+    # in Slicer, sys.executable can be the application: never run that with -m mismatch
+    with pytest.raises(RuntimeError, match="MISMATCH_PYTHON"):
+        process.find_python(str(app), which=lambda name: None)
+    assert process.find_python(str(app), which=lambda name: "/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
+    beside = app.parent / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    beside.write_text("")
+    assert process.find_python(str(app), which=lambda name: None) == str(beside)
+    # outside Slicer: the running Python
+    assert process.find_python(sys.executable, which=lambda name: None) == sys.executable
+    monkeypatch.setenv("MISMATCH_PYTHON", "/envs/cuda/bin/python")
+    assert process.find_python(str(app)) == "/envs/cuda/bin/python"
+
+
+def test_engine_environment_puts_the_engine_first_on_pythonpath(tmp_path):
+    env = process.engine_environment({"PYTHONPATH": "/somewhere"}, engine_dir=tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/somewhere"]
+    assert env["PYTHONUNBUFFERED"] == "1"
+    source = process.engine_source_dir()
+    assert source is not None and (source / "mismatch" / "__init__.py").is_file()
+    assert process.engine_command(["train"], python="py") == ["py", "-u", "-m", "mismatch", "train"]

@@ -1,0 +1,130 @@
+"""The panel's state machine: which actions are enabled in each state and what each event does."""
+
+from __future__ import annotations
+
+import pytest
+
+from MisMatchSegmentationLib.state import PanelStateMachine, State, TransitionError
+
+
+def ready(model: bool = False) -> PanelStateMachine:
+    m = PanelStateMachine()
+    m.set_inputs(True, "")
+    m.set_model(model)
+    return m
+
+
+def enabled(m: PanelStateMachine) -> dict:
+    v = m.view()
+    return {"train": v.train.enabled, "segment": v.segment.enabled, "next": v.next_uncertain,
+            "save": v.save_model, "import": v.import_model, "inputs": v.edit_inputs}
+
+
+def test_no_input_offers_only_choosing_inputs_and_importing_a_model():
+    m = PanelStateMachine()
+    assert m.state == State.NO_INPUT
+    assert enabled(m) == {"train": False, "segment": False, "next": False, "save": False, "import": True,
+                          "inputs": True}
+    assert "input volume" in m.view().train.tooltip
+    with pytest.raises(TransitionError):
+        m.start_training()
+
+
+def test_ready_without_labels_says_why_train_is_disabled():
+    m = PanelStateMachine()
+    m.set_inputs(True, "Paint the structure on a few slices first")
+    assert m.state == State.READY
+    assert not m.view().train.enabled and m.view().train.tooltip == "Paint the structure on a few slices first"
+    assert "paint the structure" in m.status
+    m.set_inputs(True, "")
+    assert m.view().train.enabled and not m.view().segment.enabled
+
+
+def test_training_turns_train_into_cancel_and_locks_everything_else():
+    m = ready(model=True)
+    m.set_uncertainty(True)
+    m.start_training()
+    v = m.view()
+    assert m.state == State.TRAINING
+    assert (v.train.enabled, v.train.text) == (True, "Cancel")
+    assert enabled(m) == {"train": True, "segment": False, "next": False, "save": False, "import": False,
+                          "inputs": False}
+    assert v.progress_visible
+    with pytest.raises(TransitionError):
+        m.start_segmenting()
+
+
+def test_segmenting_turns_segment_into_cancel():
+    m = ready(model=True)
+    m.start_segmenting()
+    v = m.view()
+    assert (v.segment.enabled, v.segment.text) == (True, "Cancel")
+    assert not v.train.enabled and v.train.text == "Train"
+
+
+def test_cancel_goes_through_cancelling_back_to_ready():
+    m = ready(model=True)
+    m.start_training()
+    m.request_cancel()
+    v = m.view()
+    assert m.state == State.CANCELLING
+    assert not v.train.enabled and not v.segment.enabled and v.train.text.startswith("Cancelling")
+    m.finish("cancelled", "cancelled at step 12")
+    assert m.state == State.READY and m.status.startswith("Cancelled.")
+    assert enabled(m)["train"] and enabled(m)["segment"]
+
+
+def test_failure_keeps_the_panel_usable_and_says_what_happened():
+    m = ready()
+    m.start_training()
+    m.finish("failed", "the engine was killed (SIGKILL)")
+    assert m.state == State.FAILED
+    assert m.status == "Failed: the engine was killed (SIGKILL)"
+    assert enabled(m)["train"] and enabled(m)["inputs"] and not m.view().progress_visible
+
+
+def test_completion_enables_segment_and_next_uncertain_slice():
+    m = ready()
+    m.start_training()
+    m.finish("completed", "Trained 300 steps")
+    m.set_model(True)
+    assert m.state == State.COMPLETED and m.status == "Trained 300 steps"
+    assert enabled(m)["segment"] and enabled(m)["save"] and not enabled(m)["next"]
+    m.start_segmenting()
+    m.finish("completed", "Segmented")
+    m.set_uncertainty(True)
+    assert enabled(m)["next"]
+
+
+def test_losing_the_input_volume():
+    m = ready(model=True)
+    m.set_inputs(False)
+    assert m.state == State.NO_INPUT and not enabled(m)["segment"]
+    # while a job runs, the state stays until it finishes
+    m = ready(model=True)
+    m.start_segmenting()
+    m.set_inputs(False)
+    assert m.state == State.SEGMENTING
+    m.finish("completed", "done")
+    assert m.state == State.NO_INPUT
+
+
+def test_events_that_do_not_fit_the_state_are_refused():
+    m = ready()
+    with pytest.raises(TransitionError):
+        m.request_cancel()
+    with pytest.raises(TransitionError):
+        m.finish("completed")
+    with pytest.raises(TransitionError):
+        m.start_segmenting()  # no model
+
+
+def test_listeners_get_every_change():
+    m = PanelStateMachine()
+    seen = []
+    m.listeners.append(lambda view: seen.append(view.state))
+    m.set_inputs(True, "")
+    m.start_training()
+    m.report("Training: step 3/300")
+    m.finish("completed", "ok")
+    assert seen == [State.READY, State.TRAINING, State.TRAINING, State.COMPLETED]
