@@ -1,0 +1,236 @@
+"""The module's logic on real MRML nodes (slicer-core) with a stand-in engine child process.
+
+The stand-in (``standin_engine.py``) speaks the contract in milliseconds, so these tests check the module's
+side: the job folder it writes, the command line, the nodes it fills, the retry on out-of-memory, cancel
+and failures. ``test_real_engine.py`` runs the same path with the real engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import standin_command
+
+from MisMatchSegmentationLib import jobfolder, plots
+from MisMatchSegmentationLib.logic import (MisMatchLogic, SegmentRequest, TrainingRequest, describe_progress,
+                                           format_duration)
+
+
+def calls(log) -> list[dict]:
+    return [json.loads(line) for line in (log / "calls.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def logic_for(tmp_path):
+    def make(mode: str) -> MisMatchLogic:
+        return MisMatchLogic(work_dir=tmp_path / "work", command=standin_command(mode))
+    return make
+
+
+def train_request(volume, labels, **kw) -> TrainingRequest:
+    ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(labels.GetSegmentation().GetNumberOfSegments())]
+    return TrainingRequest(volumes=[volume], segmentation=labels, segment_ids=ids, steps=5, device="cpu", **kw)
+
+
+def test_training_writes_the_job_and_gets_a_model(ct_chest, logic_for, standin_log):
+    import slicer
+
+    volume, labels = ct_chest
+    before = slicer.util.arrayFromSegmentBinaryLabelmap(labels, labels.GetSegmentation().GetNthSegmentID(0), volume).copy()
+    logic = logic_for("ok")
+    job = logic.start_training(train_request(volume, labels, held_out=[24]))
+    assert logic.running
+    events = logic.wait(timeout=60)
+    done = events[-1]
+    assert done == {"event": "done", "job": "train", "status": "completed", "message": done["message"]}
+    assert done["message"].startswith("Trained 5 steps") and "Press Segment" in done["message"]
+    assert logic.current_model is not None and (logic.current_model / "model.json").is_file()
+    assert not job.folder.exists(), "the job folder is removed once the model is written"
+    args = calls(standin_log)[0]["args"]
+    assert args[0] == "train" and args[1].endswith("image.nrrd")
+    assert args[args.index("--labelled-slices") + 1] == "10,17"  # 24 is held out
+    assert args[args.index("--axis") + 1] == "k" and args[args.index("--batch-size") + 1] == "4"
+    assert args[args.index("--method") + 1] == "mismatch" and args[args.index("--events") + 1] == "-"
+    card = json.loads((logic.current_model / "model.json").read_text())
+    assert [c["name"] for c in card["classes"]] == ["right lung", "left lung"]
+    # the loss curve went into table + series + chart nodes as events arrived
+    chart = slicer.mrmlScene.GetFirstNodeByName(plots.LOSS_CHART)
+    assert chart is not None and chart.GetNumberOfPlotSeriesNodes() == 3  # loss, dice, consistency
+    table = slicer.mrmlScene.GetFirstNodeByName(plots.LOSS_CHART + " table")
+    assert table.GetNumberOfRows() == 5
+    np.testing.assert_array_equal(
+        slicer.util.arrayFromSegmentBinaryLabelmap(labels, labels.GetSegmentation().GetNthSegmentID(0), volume), before)
+
+
+def test_out_of_memory_retries_once_with_half_the_batch(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("oom")
+    logic.start_training(train_request(volume, labels, batch_size=4))
+    events = logic.wait(timeout=60)
+    status = [e for e in events if e["event"] == "status"]
+    assert len(status) == 1
+    assert status[0]["message"] == "GPU out of memory with batch size 4: retrying once with batch size 2."
+    assert events[-1]["status"] == "completed" and "with batch size 2 after a GPU out-of-memory" in events[-1]["message"]
+    batches = [c["args"][c["args"].index("--batch-size") + 1] for c in calls(standin_log)]
+    assert batches == ["4", "2"]
+
+
+def test_out_of_memory_twice_fails_with_advice(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("oom")
+    logic.start_training(train_request(volume, labels, batch_size=8))  # 8 -> 4: still out of memory
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "failed"
+    assert done["message"].startswith("GPU out of memory even with batch size 4: lower the patch size")
+    assert logic.current_model is None and not logic.running
+
+
+def test_a_crashed_engine_leaves_the_logic_usable(ct_chest, logic_for, standin_log, tmp_path):
+    volume, labels = ct_chest
+    logic = logic_for("crash")
+    logic.start_training(train_request(volume, labels))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "failed" and "killed" in done["message"]
+    assert "Segmentation fault in a stand-in" in done["message"]
+    assert not logic.running and list((tmp_path / "work" / "jobs").iterdir()) == []
+    logic.command = standin_command("ok")
+    logic.start_training(train_request(volume, labels))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+
+
+def test_cancel_through_the_logic(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("slow")
+    logic.start_training(train_request(volume, labels))
+    for _ in range(400):
+        if any(e["event"] == "progress" for e in logic.poll()):
+            break
+        import time
+        time.sleep(0.01)
+    assert logic.status.startswith("Training: step")
+    logic.cancel()
+    done = logic.wait(timeout=30)[-1]
+    assert done["status"] == "cancelled" and logic.current_model is None
+
+
+def test_only_one_job_at_a_time(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("slow")
+    logic.start_training(train_request(volume, labels))
+    with pytest.raises(jobfolder.JobError, match="already running"):
+        logic.start_training(train_request(volume, labels))
+    logic.cancel()
+    logic.wait(timeout=30)
+
+
+def test_segment_fills_new_nodes_on_the_input_grid_with_reliability_and_next_slice(ct_chest, logic_for, standin_log):
+    import slicer
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    logic.start_training(train_request(volume, labels, held_out=[24]))
+    logic.wait(timeout=60)
+    ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(2)]
+    before = {s: slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume).copy() for s in ids}
+    n_segmentations = len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"))
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=logic.current_model, device="cpu",
+                                          segmentation=labels, held_out=[24]))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert "ECE on held-out slices 24: 0.050" in done["message"]
+    args = calls(standin_log)[-1]["args"]
+    assert args[args.index("--eval-slices") + 1] == "24"
+    seg = logic.results["segmentation"]
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == n_segmentations + 1
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["right lung", "left lung"]
+    np.testing.assert_allclose(segmentation.GetNthSegment(0).GetColor(), (0.8, 0.4, 0.3))
+    np.testing.assert_allclose(segmentation.GetNthSegment(1).GetColor(), (0.3, 0.5, 0.9))
+    for key in ("confidence", "disagreement"):
+        node = logic.results[key]
+        np.testing.assert_array_equal(jobfolder.ijk_to_ras(node), jobfolder.ijk_to_ras(volume))
+        assert slicer.util.arrayFromVolume(node).shape == (34, 128, 128)
+    assert np.all(slicer.util.arrayFromVolume(logic.results["confidence"]) == np.float32(0.75))
+    assert logic.results["confidence"].GetName() == "CTChest MisMatch confidence"
+    # the stand-in's segmentation: voxels darker than the median, left half class 2
+    ct = slicer.util.arrayFromVolume(volume).astype(np.float32)
+    expected_1 = (ct < np.median(ct))
+    expected_1[:, :, :64] = False
+    got_1 = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(0), volume) > 0
+    np.testing.assert_array_equal(got_1, expected_1)
+    # the reliability diagram: mean and both decoders, plus the diagonal, ECE in the title
+    chart = logic.results["reliability"]
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
+    assert chart.GetTitle() == "Reliability on held-out slices 24: ECE mean 0.050, positive 0.070, negative 0.090"
+    mean_table = slicer.mrmlScene.GetFirstNodeByName(plots.RELIABILITY_CHART + " table: mean of decoders")
+    assert mean_table.GetNumberOfRows() == 9  # the empty bin is left out
+    # the user's labels never change
+    for s in ids:
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume), before[s])
+    # next uncertain slice: the stand-in ranks 33, 32, ... first; labelled slices are skipped
+    slice_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetLayoutName("Red")
+    slice_node.SetOrientationToAxial()
+    chosen = [logic.next_uncertain_slice(volume, labels)[0] for _ in range(3)]
+    assert chosen == [33, 32, 31]
+    slice_index, ras = logic.next_uncertain_slice(volume, labels)
+    assert slice_index == 30
+    np.testing.assert_allclose(ras, jobfolder.slice_centre_ras(volume, "k", 30))
+    ijk = np.linalg.inv(jobfolder.ijk_to_ras(volume)) @ np.array([*ras, 1.0])
+    np.testing.assert_allclose(ijk[:3], [63.5, 63.5, 30], atol=1e-9)
+    np.testing.assert_allclose(slice_node.GetSliceToRAS().GetElement(2, 3), ras[2], atol=1e-6)
+    # segmenting again into the same output node replaces its content instead of adding nodes
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=logic.current_model, device="cpu",
+                                          output_segmentation=seg, confidence_volume=logic.results["confidence"]))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+    assert logic.results["segmentation"] is seg
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == n_segmentations + 1
+
+
+def test_next_uncertain_slice_skips_labelled_slices(ct_chest, logic_for):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    logic.report = {"slice_axis": "k", "uncertain_slices": [{"slice": 17}, {"slice": 5}, {"slice": 10}, {"slice": 3}]}
+    assert [logic.next_uncertain_slice(volume, labels, jump=False)[0] for _ in range(3)] == [5, 3, 5]
+    logic.report = {"slice_axis": "k", "uncertain_slices": [{"slice": 10}]}
+    assert logic.next_uncertain_slice(volume, labels, jump=False) is None
+
+
+def test_refuses_to_write_into_the_label_segmentation(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    logic.start_training(train_request(volume, labels))
+    logic.wait(timeout=60)
+    with pytest.raises(jobfolder.JobError, match="holds your labels"):
+        logic.start_segmenting(SegmentRequest(volumes=[volume], model=logic.current_model, segmentation=labels,
+                                              output_segmentation=labels))
+
+
+def test_save_and_load_model(ct_chest, logic_for, standin_log, tmp_path):
+    from MisMatchSegmentationLib.modelcard import ModelCardError
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    with pytest.raises(jobfolder.JobError, match="no model"):
+        logic.save_model(tmp_path / "saved")
+    logic.start_training(train_request(volume, labels))
+    logic.wait(timeout=60)
+    saved = logic.save_model(tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == ["model.json", "model.safetensors"]
+    other = logic_for("ok")
+    card = other.load_model(saved)
+    assert other.current_model != saved and card["classes"][0]["name"] == "right lung"
+    (saved / "model.safetensors").write_bytes(b"changed")
+    with pytest.raises(ModelCardError, match="checksum"):
+        other.load_model(saved)
+
+
+def test_progress_text():
+    assert describe_progress({"event": "progress", "phase": "train", "step": 120, "total": 300, "loss": 0.31234,
+                              "eta": 83.2}) == "Training: step 120/300, loss 0.3123, 1:23 left"
+    assert describe_progress({"phase": "segment", "step": 8, "total": 34, "loss": None, "eta": None}) == \
+        "Segmenting: slice 8/34"
+    assert format_duration(3725) == "1:02:05" and format_duration(None) == "?"
