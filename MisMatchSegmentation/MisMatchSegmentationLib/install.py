@@ -58,8 +58,9 @@ def torch_installed(version_of=importlib.metadata.version) -> bool:
         return False
 
 
-def ensure_torch(pytorch_utils=None) -> None:
-    """Install torch with the PyTorch extension if it is missing (it asks the user first)."""
+def ensure_torch(pytorch_utils=None, ask: bool = True) -> None:
+    """Install torch with the PyTorch extension if it is missing (it asks the user first, unless ``ask`` is
+    False: the unattended self-test on the Slicer factory)."""
     if torch_installed():
         return
     if pytorch_utils is None:
@@ -69,7 +70,7 @@ def ensure_torch(pytorch_utils=None) -> None:
             raise InstallDeclined("MisMatch needs PyTorch: install the 'PyTorch' extension from the Extension "
                                   "Manager, restart Slicer and try again") from None
         pytorch_utils = PyTorchUtils.PyTorchUtilsLogic()
-    torch = pytorch_utils.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+    torch = pytorch_utils.installTorch(askConfirmation=ask, torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:
         raise InstallDeclined("PyTorch was not installed, so MisMatch cannot train or segment; press Train "
                               "again to install it, or use the PyTorch Utils module")
@@ -99,7 +100,7 @@ def ensure_requirements(path: Path = REQUIREMENTS, slicer_module=None, confirm=N
     return todo
 
 
-def ensure_dependencies(pytorch_utils=None, slicer_module=None) -> None:
+def ensure_dependencies(pytorch_utils=None, slicer_module=None, ask: bool = True) -> None:
     """Everything the engine's child process imports: torch first, then the rest."""
-    ensure_torch(pytorch_utils)
+    ensure_torch(pytorch_utils, ask=ask)
     ensure_requirements(slicer_module=slicer_module)
