@@ -70,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", required=True, help="label map on the image's grid: 0 = background or unlabelled")
     t.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write the model to")
     t.add_argument("--method", default=d.method, help="mismatch (default), unet (supervised U-Net), sup2, "
-                                                      "mm-a, mm-b, mm-c")
+                                                      "mm-a, mm-b, mm-c; baselines mt, fixmatch, cct, mta, "
+                                                      "morph (docs/methods.md)")
     t.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
     t.add_argument("--width", type=_positive_int, default=d.width, help="channels of the first encoder block")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="labelled slices per step")
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="labelled slices per step; under torchrun the global batch, split evenly over the "
+                        "processes (a multiple of their number)")
     t.add_argument("--unlabelled-batch-size", type=int, default=0, help="unlabelled slices per step "
-                                                                        "(default: --batch-size)")
+                                                                        "(default: --batch-size; global too)")
     t.add_argument("--patch-size", type=int, default=d.patch_size, help="square patch side; 0 = whole slices")
     t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
     t.add_argument("--alpha", type=float, default=d.alpha, help="consistency weight (default 0.002)")
@@ -91,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hu-window", type=_window, metavar="LOW,HIGH", help="CT: clip to this HU window first")
     t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
                    help="extra unlabelled cases; a case with several channels is a comma-separated list")
+    t.add_argument("--unlabelled-manifest", metavar="FILE",
+                   help="CSV (a 'path' column, or one path per line; more channel columns 'path...') or JSON "
+                        "(a list of paths, or of lists of channel paths) of unlabelled volumes, read lazily a "
+                        "slice at a time: pools too large for memory")
+    t.add_argument("--cache-volumes", type=_positive_int, default=8, metavar="N",
+                   help="manifest volumes held in memory at once (default 8)")
+    t.add_argument("--cache-mb", type=_positive_int, default=2048, metavar="MB",
+                   help="memory for cached manifest slices and volumes (default 2048)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, metavar="STEPS",
+                   help=f"write a resumable checkpoint every STEPS steps (default {d.checkpoint_every})")
     t.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
     t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections)")
     t.add_argument("--seed", type=int, default=d.seed)
@@ -126,6 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--width", type=_positive_int, default=None)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default="auto")
+
+    b = sub.add_parser(
+        "benchmark", help="the paper's comparisons (Table 1, ECE, Fig. 4/5, alpha sweep, ablation) on real data",
+        description="Train every selected method with the same budget on the same labelled slices of each data "
+                    "set, for each labelled-slice count and seed, evaluate on disjoint test slices, and write "
+                    "results.md, the figures and runs.json (every run's settings and metrics) into --out. "
+                    "Finished runs in --out/runs.json are kept: running again resumes.")
+    b.add_argument("--out", default="benchmark-output", metavar="DIR")
+    b.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help="ctchest-lungs, mni152-gm, pyradiomics-brain1, synthetic-vessels, synthetic-vessels-lung "
+                        "(default: ctchest-lungs)")
+    b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
+                   help="labelled-slice counts (default 3 5 10; --quick: 3)")
+    b.add_argument("--seeds", type=_positive_int, help="draws of the labelled slices per count (default 3)")
+    b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
+    b.add_argument("--alpha-sweep", nargs="*", type=float, metavar="ALPHA",
+                   help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; none: off)")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 1000; --quick: 60)")
+    b.add_argument("--width", type=_positive_int, help="channels of the first block (default 24; --quick: 8)")
+    b.add_argument("--batch-size", type=_positive_int)
+    b.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices")
+    b.add_argument("--lr", type=float)
+    b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every other "
+                   "foreground slice)")
+    b.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
+    b.add_argument("--devices", default="auto",
+                   help="comma-separated devices, one run at a time on each (e.g. cuda:0,cuda:1; 'all' = every "
+                        "GPU; default: every GPU when there are several, else the best device)")
+    b.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: width 8, 60 steps, 1 data set")
+    b.add_argument("--report-only", action="store_true", help="rebuild results.md and the figures from runs.json")
     return parser
 
 
@@ -138,25 +181,41 @@ def _reporter(args, quiet: bool = False):
 
 
 def cmd_train(args) -> int:
+    from .distributed import init_from_env
+
+    ctx = init_from_env(args.device)   # several processes only under torchrun (WORLD_SIZE > 1)
+    if not ctx.is_main:   # rank 0 alone writes events and progress; one error line per machine
+        args.events = None
+        args.silent = ctx.local_rank != 0
+    try:
+        return _train(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(args, ctx) -> int:
     from .train import TrainConfig, stop_on_signals, train_files
 
     config = TrainConfig(
         method=args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
         alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
-        snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp)
+        snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
+        checkpoint_every=args.checkpoint_every)
     if args.patch_size < 0 or (0 < args.patch_size < 16):
         raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
     unlabelled = [case.split(",") for case in args.unlabelled]
-    reporter = _reporter(args)
+    reporter = _reporter(args, quiet=not ctx.is_main)
     with stop_on_signals({}) as stop:
         card = train_files(args.images, args.labels, args.out, config, unlabelled=unlabelled,
                            explicit_slices=args.labelled_slices, classes_path=args.classes,
-                           init_model=args.init, device=args.device, resume=args.resume,
-                           reporter=reporter, stop=stop)
+                           init_model=args.init, device=str(ctx.device) if ctx.distributed else args.device,
+                           resume=args.resume, reporter=reporter, stop=stop,
+                           unlabelled_manifest=args.unlabelled_manifest, cache_volumes=args.cache_volumes,
+                           cache_bytes=args.cache_mb * 2**20)
     losses = card["summary"]["final_losses"]
     reporter.end("completed", f"model written to {args.out}", final_losses=losses)
-    if args.events != "-":
+    if args.events != "-" and ctx.is_main:
         print(f"model written to {args.out} (final loss {losses.get('loss', float('nan')):.4f})")
     return 0
 
@@ -195,7 +254,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo}
+def cmd_benchmark(args) -> int:
+    from .benchmark.runner import BenchmarkConfig, load_runs, run_benchmark, write_report
+
+    if args.report_only:
+        data = load_runs(args.out)
+        if not data["runs"]:
+            raise UserError(f"{args.out} holds no runs.json with runs; run the benchmark first")
+        print(f"wrote {write_report(data, args.out)}")
+        return 0
+    options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
+               "steps": args.steps, "width": args.width, "batch_size": args.batch_size,
+               "patch_size": args.patch_size, "lr": args.lr, "n_test": args.n_test, "data_dir": args.data_dir,
+               "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
+    if args.quick:
+        config = BenchmarkConfig.quick(**options)
+    else:
+        config = BenchmarkConfig(**{k: v for k, v in options.items() if v is not None})
+    if config.patch_size < 0 or 0 < config.patch_size < 16:
+        raise UserError(f"--patch-size {config.patch_size}: use 0 (whole slices) or at least 16")
+    run_benchmark(config, args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except UserError as exc:
         _final(args, "failed", str(exc))
-        print(f"mismatch {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(args, "silent", False):
+            print(f"mismatch {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Cancelled as exc:
         _final(args, "cancelled", str(exc))
-        print(f"mismatch {args.command}: cancelled: {exc}", file=sys.stderr)
+        if not getattr(args, "silent", False):
+            print(f"mismatch {args.command}: cancelled: {exc}", file=sys.stderr)
         return EXIT_CANCELLED
     except KeyboardInterrupt:
         _final(args, "cancelled", "interrupted")

@@ -7,7 +7,12 @@ trains, says whether it needs unlabelled slices, and implements :meth:`Method.lo
 from __future__ import annotations
 
 from .base import Method, TrainingBatch
+from .cct import CCTMethod
+from .fixmatch import FixMatchMethod
+from .mean_teacher import MeanTeacherMethod
 from .mismatch import MisMatchMethod
+from .morph import MorphMethod
+from .mta import MTAMethod
 from .supervised import SupervisedMethod
 
 METHODS: dict[str, type[Method]] = {}
@@ -24,6 +29,12 @@ register("sup2", lambda **kw: SupervisedMethod(architecture="mismatch", augment=
 # decoder ablations (paper Sec. 3.3), trained like MisMatch
 for _arch in ("mm-a", "mm-b", "mm-c"):
     register(_arch, (lambda a: (lambda **kw: MisMatchMethod(architecture=a, **kw)))(_arch))
+# the paper's semi-supervised baselines (Sec. 3.1) on the same backbone; see docs/methods.md
+register("mt", lambda **kw: MeanTeacherMethod(**kw))
+register("fixmatch", lambda **kw: FixMatchMethod(**kw))
+register("cct", lambda **kw: CCTMethod(**kw))
+register("mta", lambda **kw: MTAMethod(**kw))
+register("morph", lambda **kw: MorphMethod(**kw))
 
 
 def make_method(name: str, **options) -> Method:
@@ -33,4 +44,5 @@ def make_method(name: str, **options) -> Method:
     return METHODS[name](**options)
 
 
-__all__ = ["METHODS", "Method", "MisMatchMethod", "SupervisedMethod", "TrainingBatch", "make_method", "register"]
+__all__ = ["METHODS", "CCTMethod", "FixMatchMethod", "MTAMethod", "MeanTeacherMethod", "Method", "MisMatchMethod",
+           "MorphMethod", "SupervisedMethod", "TrainingBatch", "make_method", "register"]

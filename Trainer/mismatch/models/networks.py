@@ -1,9 +1,15 @@
-"""The 2D networks: the U-Net backbone (Sup1) and MisMatch (encoder + two attention-shifting decoders).
+"""The 2D networks: the U-Net backbone (Sup1), MisMatch (encoder + two attention-shifting decoders) and
+the baselines' variants of the backbone.
 
 All networks share one interface: ``forward(x [B, C_in, H, W]) -> list of logits [B, K, H, W]``, one entry
-per decoder (1 for the U-Net, 2 for MisMatch: positive then negative). ``K`` is 1 for a binary (sigmoid)
-model and the number of classes including background for a multi-class (softmax) model. H and W may be
-any size: the input is padded to a multiple of 8 and the output cropped back.
+per *segmentation* decoder (1 for the U-Net, 2 for MisMatch: positive then negative). ``K`` is 1 for a
+binary (sigmoid) model and the number of classes including background for a multi-class (softmax) model.
+H and W may be any size: the input is padded to a multiple of 8 and the output cropped back.
+
+Training-only heads (``ArchitectureConfig.auxiliary``: CCT's auxiliary decoders, MTA's reconstruction
+decoder) are part of the network, so that the optimiser trains them and a saved model loads strictly, but
+``forward`` and ``predict`` never run them: inference sees the segmentation decoders only. Methods reach
+them with :meth:`SegmentationNetwork.encode` and :meth:`SegmentationNetwork.decode`.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from .blocks import (
     NegativeAttentionShiftingBlock,
     PositiveAttentionShiftingBlock,
 )
+from .heads import PERTURBATIONS, MorphologicalDecoderBlock
 
-#: decoder block kinds: "plain" U-Net stage, "positive" (PASB), "negative" (NASB)
-BLOCK_KINDS = ("plain", "positive", "negative")
+#: decoder block kinds: "plain" U-Net stage, "positive" (PASB), "negative" (NASB), and the Morph
+#: baseline's plain stages followed by a fixed 3x3 grey-scale "dilate" or "erode"
+BLOCK_KINDS = ("plain", "positive", "negative", "dilate", "erode")
 
 #: architectures by name: the decoders each one has
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
@@ -32,6 +40,17 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "mm-a": ("plain", "plain"),
     "mm-b": ("plain", "negative"),
     "mm-c": ("plain", "positive"),
+    # baselines (paper Sec. 3.1) that change the network; Mean Teacher and FixMatch train a "unet"
+    "cct": ("plain",),
+    "mta": ("plain",),
+    "morph": ("dilate", "erode"),
+}
+
+#: training-only heads by architecture: CCT's auxiliary decoders (one per feature perturbation, see
+#: :mod:`mismatch.models.heads`) and MTA's image reconstruction decoder. Not run at inference.
+AUXILIARY_HEADS: dict[str, tuple[str, ...]] = {
+    "cct": PERTURBATIONS,
+    "mta": ("reconstruction",),
 }
 
 DOWNSAMPLING = 8  # three stride-2 encoder blocks
@@ -70,10 +89,17 @@ class ArchitectureConfig:
     def decoders(self) -> tuple[str, ...]:
         return ARCHITECTURES[self.name]
 
+    @property
+    def auxiliary(self) -> tuple[str, ...]:
+        """The training-only heads (empty for every architecture but ``cct`` and ``mta``)."""
+        return AUXILIARY_HEADS.get(self.name, ())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["output"] = self.output
         d["decoders"] = list(self.decoders)
+        if self.auxiliary:  # absent for the other architectures, so their cards are unchanged
+            d["auxiliary_heads"] = list(self.auxiliary)
         return d
 
     @classmethod
@@ -110,7 +136,8 @@ class Decoder(nn.Module):
     """Three decoder stages at the U-Net decoder's resolutions (H/4, H/2, H) and a 1x1 classifier.
 
     ``forward(features from Encoder) -> logits [B, K, H, W]``. ``kind`` picks the stage: plain, positive
-    (PASB, f_d1) or negative (NASB, f_d2).
+    (PASB, f_d1) or negative (NASB, f_d2), or a plain stage followed by a fixed 3x3 dilation / erosion
+    (``dilate`` / ``erode``, the Morph baseline).
     """
 
     def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "paper",
@@ -127,6 +154,8 @@ class Decoder(nn.Module):
                     c_coarse, c_skip, c_out, side=pasb_side, side_ratio=ratio, dilation=dilation))
             elif kind == "negative":
                 blocks.append(NegativeAttentionShiftingBlock(c_coarse, c_skip, c_out, side_ratio=ratio))
+            elif kind in ("dilate", "erode"):
+                blocks.append(MorphologicalDecoderBlock(c_coarse, c_skip, c_out, operation=kind))
             else:
                 raise ValueError(f"unknown decoder kind {kind!r}: one of {BLOCK_KINDS}")
         self.kind = kind
@@ -141,9 +170,14 @@ class Decoder(nn.Module):
 
 
 class SegmentationNetwork(nn.Module):
-    """Shared encoder and one or more decoders (``ArchitectureConfig.decoders``).
+    """Shared encoder and one or more segmentation decoders (``ArchitectureConfig.decoders``), plus the
+    training-only heads of ``ArchitectureConfig.auxiliary``.
 
-    ``forward(x [B, C_in, H, W]) -> list of logits [B, K, H, W]``, one per decoder.
+    ``forward(x [B, C_in, H, W]) -> list of logits [B, K, H, W]``, one per segmentation decoder.
+
+    - ``aux_decoders``: CCT's auxiliary decoders, plain, one per perturbation in ``config.auxiliary``
+      (empty otherwise, so other architectures' weights are unchanged).
+    - ``reconstruction``: MTA's image decoder, plain, ``C_in`` linear outputs (``None`` otherwise).
     """
 
     def __init__(self, config: ArchitectureConfig):
@@ -155,19 +189,34 @@ class SegmentationNetwork(nn.Module):
                     config.dilation)
             for kind in config.decoders
         )
+        aux = config.auxiliary
+        self.aux_decoders = nn.ModuleList(
+            Decoder("plain", config.width, config.out_channels) for kind in aux if kind in PERTURBATIONS)
+        self.reconstruction = (Decoder("plain", config.width, config.in_channels)
+                               if "reconstruction" in aux else None)
 
     @property
     def decoder_names(self) -> list[str]:
-        names = {"plain": "plain decoder", "positive": "positive decoder", "negative": "negative decoder"}
+        names = {"plain": "plain decoder", "positive": "positive decoder", "negative": "negative decoder",
+                 "dilate": "dilation decoder", "erode": "erosion decoder"}
         return [names[d.kind] for d in self.decoders]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """The encoder's features of ``x`` padded to a multiple of 8, and the original ``(H, W)``."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % DOWNSAMPLING, (-w) % DOWNSAMPLING
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        features = self.encoder(x)
-        return [decoder(features)[..., :h, :w] for decoder in self.decoders]
+        return self.encoder(x), (h, w)
+
+    @staticmethod
+    def decode(decoder: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Run one decoder (segmentation or training-only) on :meth:`encode`'s features, cropped to ``size``."""
+        return decoder(features)[..., :size[0], :size[1]]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features, size = self.encode(x)
+        return [self.decode(decoder, features, size) for decoder in self.decoders]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, K, H, W]`` -> probabilities: foreground ``[B, 1, H, W]`` (binary) or ``[B, K, H, W]``."""
@@ -181,7 +230,8 @@ class SegmentationNetwork(nn.Module):
 
 def build_model(name: str = "mismatch", in_channels: int = 1, num_classes: int = 2, width: int = 24,
                 **options) -> SegmentationNetwork:
-    """A network by architecture name (``unet``, ``mismatch``, ``mm-a``, ``mm-b``, ``mm-c``)."""
+    """A network by architecture name (a key of :data:`ARCHITECTURES`: ``unet``, ``mismatch``, ``mm-a``,
+    ``mm-b``, ``mm-c``, ``cct``, ``mta``, ``morph``)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}: one of {sorted(ARCHITECTURES)}")
     return SegmentationNetwork(ArchitectureConfig(name=name, in_channels=in_channels,
