@@ -24,6 +24,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Lay out, write ``fig`` as a PNG at ``path`` (parents created), close it; returns the path."""
+    plt = _pyplot()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    plt.close(fig)
+    return out
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -86,12 +97,7 @@ def reliability_diagram(curves: dict[str, dict], path: str | os.PathLike, title:
             ax_n.set_ylabel("voxels (log)")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
-    plt.close(fig)
-    return out
+    return _save(fig, path, dpi)
 
 
 def loss_curve(history: list[dict], path: str | os.PathLike, title: str | None = None, dpi: int = 110) -> Path:
@@ -130,9 +136,41 @@ def loss_curve(history: list[dict], path: str | os.PathLike, title: str | None =
     ax.set_ylabel("loss")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
-    plt.close(fig)
-    return out
+    return _save(fig, path, dpi)
+
+
+def ece_vs_iou(points: dict[str, list[tuple[float, float, int]]], path: str | os.PathLike,
+               title: str | None = None, dpi: int = 120) -> Path:
+    """The paper's Fig. 5: ECE against IoU, one marker per run, one colour per method.
+
+    ``points``: ``{method: [(iou, ece, n_labelled), ...]}`` with IoU and ECE in 0..1 (drawn in %); the
+    marker shape tells the number of labelled slices, a larger outlined marker the method's mean. Better
+    models sit at the bottom right. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    markers = "os^Dvx*"
+    counts = sorted({n for pts in points.values() for _, _, n in pts})
+    colours = plt.get_cmap("tab20").colors
+    for i, (method, pts) in enumerate(points.items()):
+        colour = colours[i % len(colours)]
+        for j, n in enumerate(counts):
+            sel = [(100 * a, 100 * e) for a, e, k in pts if k == n and _is_number(a) and _is_number(e)]
+            if sel:
+                ax.scatter(*zip(*sel), color=colour, marker=markers[j % len(markers)], s=18, alpha=0.7,
+                           label=method if j == 0 else None)
+        good = [(100 * a, 100 * e) for a, e, _ in pts if _is_number(a) and _is_number(e)]
+        if good:
+            mean = [sum(v) / len(v) for v in zip(*good)]
+            ax.scatter(*mean, color=colour, marker="o", s=90, edgecolor="black", linewidth=1.0)
+    ax.set_xlabel("IoU (%)")
+    ax.set_ylabel("ECE in the foreground band (%)")
+    if len(counts) > 1:
+        shapes = ", ".join(f"{markers[j % len(markers)]} = {n}" for j, n in enumerate(counts))
+        ax.text(0.01, 0.99, f"labelled slices: {shapes}; large outlined = mean", transform=ax.transAxes,
+                fontsize=7, va="top")
+    if points:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path, dpi)

@@ -7,7 +7,7 @@ The benchmark writes one dict per trained (or classical) run, and the tables are
 ================  =========  ===========================================================================
 key               type       meaning
 ================  =========  ===========================================================================
-``method``        str        method name (``mismatch``, ``unet``, ``sup2``, ``mean-teacher``, ``fixmatch``,
+``method``        str        method name (``mismatch``, ``unet``, ``sup2``, ``mt``, ``fixmatch``,
                              ``cct``, ``mta``, ``morph``, ``mm-a``/``b``/``c``, ``slicer-fill-between``,
                              ``slicer-grow-from-seeds``, ...). Required.
 ``dataset``       str        data set name (``synthetic-...`` for synthetic data). Required.
@@ -49,7 +49,7 @@ DISPLAY_NAMES = {
     "slicer-grow-from-seeds": "Slicer: Grow from seeds",
     "unet": "Sup1 (U-Net)",
     "sup2": "Sup2 (MisMatch network, supervised)",
-    "mean-teacher": "Mean Teacher",
+    "mt": "Mean Teacher",
     "fixmatch": "FixMatch",
     "cct": "CCT",
     "mta": "MTA",

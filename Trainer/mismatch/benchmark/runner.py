@@ -1,0 +1,473 @@
+"""``mismatch benchmark``: the paper's comparisons on the real data that can be had here.
+
+For each data set, labelled-slice count and seed, :func:`~mismatch.benchmark.datasets.draw_split` draws the
+labelled slices (the rest of the volume is the unlabelled pool) and a disjoint set of test slices; every
+selected method is trained with the same budget (steps, width, batch, patch, learning rate) on exactly those
+slices and evaluated on the test slices. Slicer's *Fill between slices* and *Grow from seeds* run on the same
+labelled slices. Each finished run is appended to ``runs.json`` at once, so an interrupted benchmark resumes
+where it stopped, and the report (``results.md`` and the figures) is rebuilt from ``runs.json`` alone.
+
+Independent runs can be spread over several devices (``--devices cuda:0,cuda:1``): one worker process per
+device, one run per device at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+
+#: learned methods in table order; the Slicer effects are added when slicer-core is installed
+LEARNED = ["unet", "sup2", "mt", "fixmatch", "cct", "mta", "morph", "mm-a", "mm-b", "mm-c", "mismatch"]
+CLASSICAL = ["slicer-fill-between", "slicer-grow-from-seeds"]
+ABLATION = ["mm-a", "mm-b", "mm-c", "mismatch"]
+ALPHAS = [0.0, 0.0005, 0.001, 0.002, 0.004]
+AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
+RUNS_FILE = "runs.json"
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on; stored in ``runs.json``."""
+
+    datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
+    labelled: list[int] = field(default_factory=lambda: [3, 5, 10])
+    seeds: int = 3
+    methods: list[str] = field(default_factory=lambda: LEARNED + CLASSICAL)
+    alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
+    steps: int = 1000
+    width: int = 24
+    batch_size: int = 4
+    patch_size: int = 176
+    lr: float = 1e-3
+    alpha: float = 0.002
+    n_test: int | None = None
+    dataset_options: dict[str, dict] = field(default_factory=dict)
+    data_dir: str | None = None
+    devices: list[str] = field(default_factory=lambda: ["auto"])
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchmarkConfig":
+        """Minutes on a 2-core CPU: small width, few steps, whole slices of one real data set."""
+        base = dict(datasets=["ctchest-lungs"], labelled=[3], seeds=2, steps=60, width=8, batch_size=2,
+                    patch_size=96, lr=2e-3, alpha_sweep=[0.0, 0.002])
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def training_settings(self) -> dict:
+        return {"steps": self.steps, "width": self.width, "batch_size": self.batch_size,
+                "patch_size": self.patch_size, "lr": self.lr}
+
+
+# -- the plan -----------------------------------------------------------------------------------------------
+
+def run_key(spec: dict) -> str:
+    """Identity of a run: a finished run with the same key is not trained again."""
+    alpha = spec.get("alpha")
+    return "|".join(str(x) for x in (spec["dataset"], spec["method"], spec["n_labelled"], spec["seed"],
+                                     "" if alpha is None else f"{alpha:g}", spec.get("group", "main")))
+
+
+def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None = None) -> list[dict]:
+    """The list of run specifications (dicts), main table first, then the alpha sweep.
+
+    The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count;
+    the run at the default alpha is shared with the main table.
+    """
+    from ..methods import METHODS
+
+    unknown = [m for m in config.methods if m not in METHODS and m not in CLASSICAL]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                        f"{', '.join(sorted(METHODS) + CLASSICAL)}")
+    available = available or (lambda m: True)
+    specs = []
+    for dataset in config.datasets:
+        for n in config.labelled:
+            for seed in range(config.seeds):
+                for method in config.methods:
+                    if not available(method):
+                        continue
+                    specs.append({"dataset": dataset, "method": method, "n_labelled": n, "seed": seed,
+                                  "alpha": config.alpha if _uses_unlabelled(method) else None, "group": "main"})
+    if config.alpha_sweep and "mismatch" in METHODS and config.datasets:
+        dataset, n = config.datasets[0], min(config.labelled)
+        for alpha in config.alpha_sweep:
+            if "mismatch" in config.methods and abs(alpha - config.alpha) < 1e-12:
+                continue  # the main table's run
+            for seed in range(config.seeds):
+                specs.append({"dataset": dataset, "method": "mismatch", "n_labelled": n, "seed": seed,
+                              "alpha": float(alpha), "group": "alpha"})
+    return specs
+
+
+def _uses_unlabelled(method: str) -> bool:
+    from ..methods import METHODS, make_method
+
+    return method in METHODS and bool(make_method(method).uses_unlabelled)
+
+
+# -- one run ------------------------------------------------------------------------------------------------
+
+_CASES: dict[tuple, list] = {}
+
+
+def _cases(dataset: str, config: BenchmarkConfig) -> list:
+    from .datasets import load_dataset
+
+    key = (dataset, json.dumps(config.dataset_options.get(dataset, {}), sort_keys=True), config.data_dir)
+    if key not in _CASES:
+        _CASES.clear()  # one data set in memory at a time
+        _CASES[key] = load_dataset(dataset, data_dir=config.data_dir, **config.dataset_options.get(dataset, {}))
+    return _CASES[key]
+
+
+def _per_slice_iou(pred: np.ndarray, truth: np.ndarray, slices: Sequence[int], axis: int) -> list[float]:
+    out = []
+    for s in slices:
+        p, t = np.take(pred, s, axis=axis) > 0, np.take(truth, s, axis=axis) > 0
+        union = np.logical_or(p, t).sum()
+        out.append(float(np.logical_and(p, t).sum() / union) if union else 1.0)
+    return out
+
+
+def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[dict]:
+    """Train (or run) one method on one labelled-slice draw of every case of the data set; one result per case."""
+    import torch
+
+    from ..data import Normalisation
+    from ..device import resolve_device
+    from ..events import Reporter
+    from ..inference import segment_volume
+    from ..metrics import evaluate_arrays
+    from ..models import SegmentationNetwork, count_parameters
+    from ..train import TrainConfig, fit
+    from .classical import run_in_subprocess
+    from .datasets import draw_split
+
+    results = []
+    for case in _cases(spec["dataset"], config):
+        labelled, unlabelled, test = draw_split(case.label, case.axis, spec["n_labelled"], spec["seed"],
+                                                n_test=config.n_test)
+        sparse = np.zeros_like(case.label)
+        index = [slice(None)] * 3
+        index[case.axis] = labelled
+        sparse[tuple(index)] = case.label[tuple(index)]
+        result = {**spec, "case": case.name, "synthetic": case.synthetic, "labelled_slices": labelled.tolist(),
+                  "test_slices": test.tolist(), "n_test": int(len(test)), "settings": config.training_settings()}
+        t0 = time.monotonic()
+        if spec["method"] in CLASSICAL:
+            kwargs = {"labels": sparse, "labelled_slices": labelled.tolist(), "axis": case.axis,
+                      "spacing": list(case.spacing)}
+            if spec["method"] == "slicer-grow-from-seeds":
+                kwargs["image"] = case.image[0]
+            pred = run_in_subprocess(spec["method"], **kwargs)
+            seconds = time.monotonic() - t0
+            ev = evaluate_arrays(pred, case.label, slices=test.tolist(), axis=case.axis,
+                                 classes=list(case.classes))
+            result.update(iou=ev["iou"], dice=ev["dice"], ece_all=None, ece_band=None, params=0,
+                          ms_per_slice=1000 * seconds / case.label.shape[case.axis], train_seconds=0.0,
+                          per_slice_iou=_per_slice_iou(pred, case.label, test, case.axis), device="cpu")
+            results.append(result)
+            continue
+        dev = resolve_device(device)
+        num_classes = len(case.classes) + 1
+        volume = Normalisation(hu_window=case.window).apply(case.image)
+        train_config = TrainConfig(
+            method=spec["method"], steps=config.steps, width=config.width, batch_size=config.batch_size,
+            patch_size=config.patch_size, lr=config.lr, seed=spec["seed"], axis=AXIS_NAMES[case.axis],
+            alpha=spec["alpha"] if spec.get("alpha") is not None else config.alpha, checkpoint_every=10 ** 9)
+        fitted = fit([volume], sparse, labelled, num_classes, train_config,
+                     reporter=Reporter(progress_bar=False, quiet=True), device=dev)
+        train_seconds = time.monotonic() - t0
+        nets = []
+        for state in fitted.snapshots:
+            net = SegmentationNetwork(fitted.architecture)
+            net.load_state_dict(state)
+            nets.append(net.eval())
+        seg = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
+                             truth=case.label, eval_slices=test.tolist())
+        ev = seg.evaluation
+        mean = ev["mean"]
+        outputs = ["mean"] + ([n.replace(" ", "_") for n in nets[0].decoder_names] if len(nets[0].decoders) > 1
+                              else [])
+        calibration = {name: ev[name]["calibration"]["band"] for name in outputs}
+        result.update(
+            iou=mean["iou"], dice=mean["dice"], ece_all=mean["calibration"]["all"]["ece"],
+            ece_band=mean["calibration"]["band"]["ece"], params=count_parameters(nets[0]),
+            ms_per_slice=1000 * seg.seconds / case.label.shape[case.axis], train_seconds=round(train_seconds, 2),
+            per_slice_iou=_per_slice_iou(seg.labels, case.label, test, case.axis), device=str(dev),
+            decoders={name: {"iou": ev[name]["iou"], "ece_all": ev[name]["calibration"]["all"]["ece"],
+                             "ece_band": ev[name]["calibration"]["band"]["ece"]} for name in calibration},
+            reliability=calibration,
+            final_losses={k: v for k, v in fitted.history[-1].items() if k not in ("step", "lr")}
+            if fitted.history else {})
+        results.append(result)
+        del nets, fitted
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# -- bookkeeping --------------------------------------------------------------------------------------------
+
+def load_runs(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / RUNS_FILE
+    if not path.exists():
+        return {"config": None, "runs": []}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); move it away to start the benchmark afresh") from None
+
+
+def _save_runs(out_dir: Path, data: dict) -> None:
+    tmp = out_dir / (RUNS_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / RUNS_FILE)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _worker_init(queue) -> None:
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = queue.get()
+
+
+_WORKER_DEVICE = "auto"
+
+
+def _worker_run(spec: dict, config_dict: dict) -> tuple[dict, list[dict] | None, str | None]:
+    try:
+        return spec, run_one(spec, BenchmarkConfig(**config_dict), device=_WORKER_DEVICE), None
+    except Exception as exc:  # reported and recorded; the other runs go on
+        return spec, None, f"{type(exc).__name__}: {exc}"
+
+
+def expand_devices(devices: Sequence[str]) -> list[str]:
+    """``["auto"]`` -> every CUDA GPU (one worker each) or the one best device; other lists as given."""
+    import torch
+
+    if list(devices) == ["auto"] or not devices:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["auto"]
+    if list(devices) == ["all"]:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    return list(devices)
+
+
+def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print,
+                  rerun_failed: bool = True) -> dict:
+    """Run every planned run not yet in ``out_dir/runs.json``, then write the report. Returns the JSON data."""
+    from .classical import slicer_filters_available
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_runs(out)
+    if data.get("config") and data["config"].get("training") != config.training_settings():
+        raise UserError(f"{out / RUNS_FILE} holds runs made with other training settings "
+                        f"({data['config'].get('training')}); use another --out folder or the same settings")
+    have_slicer = slicer_filters_available()
+    if not have_slicer and any(m in CLASSICAL for m in config.methods):
+        log("slicer-core is not installed (pip install slicer-core, Python 3.11): the Slicer effects' rows are "
+            "left out")
+    specs = plan_runs(config, available=lambda m: have_slicer or m not in CLASSICAL)
+    done = {run_key(r) for r in data["runs"]}
+    data["failed"] = [] if rerun_failed else data.get("failed", [])
+    failed = {run_key(f) for f in data["failed"]}
+    todo = [s for s in specs if run_key(s) not in done and run_key(s) not in failed]
+    data["config"] = {"training": config.training_settings(), "benchmark": asdict(config),
+                      "machine": machine_description()}
+    log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {out / RUNS_FILE}, {len(todo)} to do")
+    devices = expand_devices(config.devices)
+    t0 = time.monotonic()
+
+    def record(i: int, spec: dict, results: list[dict] | None, error: str | None) -> None:
+        if error is not None:
+            data.setdefault("failed", []).append({**spec, "error": error})
+            log(f"[{i}/{len(todo)}] {_describe(spec)}: FAILED {error}")
+        else:
+            data["runs"].extend(results)
+            iou = ", ".join(f"{r['iou']:.3f}" if r.get("iou") is not None else "n/a" for r in results)
+            log(f"[{i}/{len(todo)}] {_describe(spec)}: IoU {iou}  ({time.monotonic() - t0:.0f} s elapsed)")
+        _save_runs(out, data)
+
+    if len(devices) <= 1 or len(todo) <= 1:
+        for i, spec in enumerate(todo, 1):
+            try:
+                record(i, spec, run_one(spec, config, device=devices[0]), None)
+            except UserError:
+                raise
+            except Exception as exc:
+                record(i, spec, None, f"{type(exc).__name__}: {exc}")
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        for d in devices:
+            queue.put(d)
+        log(f"spreading the runs over {len(devices)} devices: {', '.join(devices)}")
+        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_worker_init,
+                                 initargs=(queue,)) as pool:
+            futures = [pool.submit(_worker_run, spec, asdict(config)) for spec in todo]
+            for i, fut in enumerate(as_completed(futures), 1):
+                record(i, *fut.result())
+    write_report(data, out)
+    log(f"wrote {out / 'results.md'} and the figures; every run is in {out / RUNS_FILE}")
+    return data
+
+
+def _describe(spec: dict) -> str:
+    alpha = f", alpha {spec['alpha']:g}" if spec.get("group") == "alpha" else ""
+    return f"{spec['dataset']} {spec['method']} {spec['n_labelled']} labelled, seed {spec['seed']}{alpha}"
+
+
+def machine_description() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+# -- the report ---------------------------------------------------------------------------------------------
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    m = float(np.mean(vals)) * scale
+    s = float(np.std(vals, ddof=1)) * scale if len(vals) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def alpha_table(runs: list[dict]) -> str:
+    """MisMatch at each alpha (the sweep's runs and the main table's run at the default alpha)."""
+    rows = defaultdict(list)
+    for r in runs:
+        if r["method"] == "mismatch" and r.get("alpha") is not None:
+            rows[(r["dataset"], r["n_labelled"], float(r["alpha"]))].append(r)
+    sweep_keys = {(r["dataset"], r["n_labelled"]) for r in runs if r.get("group") == "alpha"}
+    lines = []
+    for dataset, n in sorted(sweep_keys):
+        lines += [f"**{dataset}**, {n} labelled slices, MisMatch", "",
+                  "| alpha | IoU % | Dice % | ECE all % | ECE band % | runs |", "|---|---|---|---|---|---|"]
+        for (d, k, alpha), rs in sorted(rows.items()):
+            if (d, k) != (dataset, n):
+                continue
+            lines.append(f"| {alpha:g} | {_fmt([r['iou'] for r in rs])} | {_fmt([r.get('dice') for r in rs])} | "
+                         f"{_fmt([r.get('ece_all') for r in rs], digits=2)} | "
+                         f"{_fmt([r.get('ece_band') for r in rs], digits=2)} | {len(rs)} |")
+        lines.append("")
+    return "\n".join(lines) if lines else "_No alpha sweep in these runs._"
+
+
+def decoder_table(runs: list[dict]) -> str:
+    """IoU and ECE (band) of each decoder and of their mean, per two-decoder method (paper Fig. 4 in numbers)."""
+    acc = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.get("group", "main") != "main" or not r.get("decoders"):
+            continue
+        for name, v in r["decoders"].items():
+            acc[(r["dataset"], r["method"])][name].append(v)
+    if not acc:
+        return "_No decoder results._"
+    lines = ["| data set | method | output | IoU % | ECE all % | ECE band % |", "|---|---|---|---|---|---|"]
+    for (dataset, method), per in acc.items():
+        for name, vs in per.items():
+            lines.append(f"| {dataset} | {method} | {name.replace('_', ' ')} | {_fmt([v['iou'] for v in vs])} | "
+                         f"{_fmt([v['ece_all'] for v in vs], digits=2)} | "
+                         f"{_fmt([v['ece_band'] for v in vs], digits=2)} |")
+    return "\n".join(lines)
+
+
+def _merged_reliability(runs: list[dict], method: str, output: str) -> dict | None:
+    from ..calibration import CalibrationHistogram
+
+    total = None
+    for r in runs:
+        h = (r.get("reliability") or {}).get(output) if r["method"] == method else None
+        if h:
+            hist = CalibrationHistogram.from_dict(h)
+            total = hist if total is None else total + hist
+    return None if total is None else total.to_dict()
+
+
+def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
+    """``results.md`` with Table 1, the ECE, the decoders, the ablation and the alpha sweep, and the figures
+    ``fig4-reliability-<data set>.png`` and ``fig5-ece-iou-<data set>.png``, from ``data["runs"]`` alone."""
+    from ..plots import ece_vs_iou, reliability_diagram
+    from .tables import results_table
+
+    out = Path(out_dir)
+    runs = data["runs"]
+    main = [r for r in runs if r.get("group", "main") == "main"]
+    cfg = (data.get("config") or {})
+    lines = ["# MisMatch benchmark", ""]
+    if cfg:
+        lines += [f"Training budget, the same for every learned method: `{json.dumps(cfg.get('training'))}`. "
+                  f"Machine: `{json.dumps(cfg.get('machine'))}`.", ""]
+    if any(r.get("synthetic") for r in runs):
+        lines += ["Data sets named `synthetic-*` are SYNTHETIC (the generated vessel phantom), not patient data.",
+                  ""]
+    lines += ["## Table 1: foreground IoU on the test slices", "", results_table(main) if main else "_No runs._",
+              ""]
+    lines += ["## Each decoder and their mean (paper Fig. 4 in numbers)", "", decoder_table(runs), ""]
+    ablation = [r for r in main if r["method"] in ABLATION]
+    if len({r["method"] for r in ablation}) > 1:
+        lines += ["## Decoder ablation (paper Sec. 3.3)", "", results_table(ablation), ""]
+    lines += ["## Consistency weight alpha (paper Sec. 3.4)", "", alpha_table(runs), ""]
+    figures = []
+    for dataset in dict.fromkeys(r["dataset"] for r in main):
+        rs = [r for r in main if r["dataset"] == dataset]
+        n_min = min(r["n_labelled"] for r in rs)
+        points = defaultdict(list)
+        for r in rs:
+            if r.get("ece_band") is not None and r.get("iou") is not None:
+                points[r["method"]].append((r["iou"], r["ece_band"], r["n_labelled"]))
+        if points:
+            path = ece_vs_iou(points, out / f"fig5-ece-iou-{dataset}.png",
+                              title=f"{dataset}: ECE (foreground band) against IoU, every run")
+            figures.append(path.name)
+        curves = {}
+        subset = [r for r in rs if r["n_labelled"] == n_min]
+        for method, output, label in (("unet", "mean", "U-Net"), ("mismatch", "positive_decoder", "positive decoder"),
+                                      ("mismatch", "negative_decoder", "negative decoder"),
+                                      ("mismatch", "mean", "MisMatch (mean)")):
+            h = _merged_reliability(subset, method, output)
+            if h is not None:
+                curves[label] = h
+        if curves:
+            path = reliability_diagram(curves, out / f"fig4-reliability-{dataset}.png",
+                                       title=f"{dataset}, {n_min} labelled slices, all seeds pooled: "
+                                             "reliability in the foreground band")
+            figures.append(path.name)
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    if data.get("failed"):
+        lines += ["## Failed runs", ""] + [f"- {_describe(f)}: {f['error']}" for f in data["failed"]] + [""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
