@@ -243,6 +243,57 @@ def test_morphological_block_is_a_plain_block_then_a_3x3_max_or_min(operation):
     assert bool((grey_dilate(base) >= base).all() and (grey_erode(base) <= base).all())
 
 
+# -- under a DistributedDataParallel wrapper -----------------------------------------------------------
+
+class _AttributeForwardingDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP answering the network's own attributes, as the engine's multi-process wrapper does."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def test_every_semi_supervised_method_runs_whole_inside_the_networks_forward(tmp_path):
+    """Under the multi-process engine a method gets the network wrapped in DistributedDataParallel, which
+    only follows what happens inside its forward: every layer with parameters must run inside a forward
+    call of the network (``forward(x, heads=...)`` for the training-only heads), the wrapper's attributes
+    must reach the network's, and the teacher must copy the bare network."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for name in BASELINES + ["mismatch"]:
+            method = make_method(name)
+            net = _net(method)
+            if name == "mt":
+                method._teacher_for(net)  # before the hooks, so that the teacher does not carry them
+            inside, outside = [False], []
+            net.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
+            net.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
+            for layer_name, layer in net.named_modules():
+                if any(True for _ in layer.parameters(recurse=False)):
+                    layer.register_forward_pre_hook(
+                        lambda m, a, n=layer_name: None if inside[0] else outside.append(n))
+            wrapped = _AttributeForwardingDDP(net)
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+            for step in range(2):
+                opt.zero_grad(set_to_none=True)
+                loss, _ = method.loss(wrapped, _batch(step=step))
+                loss.backward()
+                opt.step()
+                method.after_step(net, step)
+            assert not outside, (name, outside[:3])
+            assert _grad_norm(net.encoder) > 0, name
+            if name == "mt":
+                assert type(method.teacher) is SegmentationNetwork
+    finally:
+        dist.destroy_process_group()
+
+
 # -- every method through the command line ------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -59,19 +59,22 @@ class CCTMethod(Method):
         x = batch.labelled_x
         if batch.unlabelled_x is not None:
             x = torch.cat([x, batch.unlabelled_x])
-        features, size = model.encode(x)
-        main = model.decode(model.decoders[0], features, size)
-        terms = {"supervised": supervised_loss(main[:n_l], batch.labelled_y)}
-        if batch.unlabelled_x is not None and len(model.aux_decoders):
-            target = model.probabilities(main[n_l:].float()).detach()
-            unlabelled = [f[n_l:] for f in features]
-            cons = []
-            for kind, decoder in zip(model.config.auxiliary, model.aux_decoders):
-                perturbed = self.perturb(kind, model, decoder, unlabelled, size, target)
-                probs = model.probabilities(model.decode(decoder, perturbed, size).float())
-                cons.append(torch.mean((probs - target) ** 2))
-            terms["consistency"] = torch.stack(cons).mean()
-        return terms
+
+        def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+            main = net.decode(net.decoders[0], features, size)
+            terms = {"supervised": supervised_loss(main[:n_l], batch.labelled_y)}
+            if batch.unlabelled_x is not None and len(net.aux_decoders):
+                target = net.probabilities(main[n_l:].float()).detach()
+                unlabelled = [f[n_l:] for f in features]
+                cons = []
+                for kind, decoder in zip(net.config.auxiliary, net.aux_decoders):
+                    perturbed = self.perturb(kind, net, decoder, unlabelled, size, target)
+                    probs = net.probabilities(net.decode(decoder, perturbed, size).float())
+                    cons.append(torch.mean((probs - target) ** 2))
+                terms["consistency"] = torch.stack(cons).mean()
+            return terms
+
+        return model(x, heads=heads)
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)

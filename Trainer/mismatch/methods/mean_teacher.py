@@ -49,6 +49,7 @@ class MeanTeacherMethod(Method):
         self.teacher: nn.Module | None = None
 
     def _teacher_for(self, model: nn.Module) -> nn.Module:
+        model = getattr(model, "module", model)  # the bare network under a DistributedDataParallel wrapper
         if self.teacher is None:
             self.teacher = copy.deepcopy(model)
             for p in self.teacher.parameters():
@@ -94,6 +95,7 @@ class MeanTeacherMethod(Method):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
+        model = getattr(model, "module", model)
         teacher = self._teacher_for(model)
         d = self.ema_decay_at(step)
         for t, s in zip(teacher.parameters(), model.parameters()):

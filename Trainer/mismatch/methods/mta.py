@@ -39,14 +39,18 @@ class MTAMethod(Method):
         x = batch.labelled_x
         if batch.unlabelled_x is not None:
             x = torch.cat([x, batch.unlabelled_x])
-        features, size = model.encode(gaussian_noise(x, self.noise_std))
-        labelled = [f[:n_l] for f in features]
-        seg = [model.decode(d, labelled, size) for d in model.decoders]
-        terms = {"supervised": torch.stack([supervised_loss(o, batch.labelled_y) for o in seg]).mean()}
-        if model.reconstruction is not None:
-            recon = model.decode(model.reconstruction, features, size).float()
-            terms["reconstruction"] = torch.mean((recon - x.float()) ** 2)
-        return terms
+        clean = x.float()
+
+        def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+            labelled = [f[:n_l] for f in features]
+            seg = [net.decode(d, labelled, size) for d in net.decoders]
+            terms = {"supervised": torch.stack([supervised_loss(o, batch.labelled_y) for o in seg]).mean()}
+            if net.reconstruction is not None:
+                recon = net.decode(net.reconstruction, features, size).float()
+                terms["reconstruction"] = torch.mean((recon - clean) ** 2)
+            return terms
+
+        return model(gaussian_noise(x, self.noise_std), heads=heads)
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)

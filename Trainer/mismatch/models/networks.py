@@ -9,12 +9,15 @@ H and W may be any size: the input is padded to a multiple of 8 and the output c
 Training-only heads (``ArchitectureConfig.auxiliary``: CCT's auxiliary decoders, MTA's reconstruction
 decoder) are part of the network, so that the optimiser trains them and a saved model loads strictly, but
 ``forward`` and ``predict`` never run them: inference sees the segmentation decoders only. Methods reach
-them with :meth:`SegmentationNetwork.encode` and :meth:`SegmentationNetwork.decode`.
+them through ``forward(x, heads=fn)``, which runs ``fn(network, features, size)`` on the encoder's features
+(with :meth:`SegmentationNetwork.decode`) inside the one forward call, so that a DistributedDataParallel
+wrapper sees every parameter used in its forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -214,8 +217,18 @@ class SegmentationNetwork(nn.Module):
         """Run one decoder (segmentation or training-only) on :meth:`encode`'s features, cropped to ``size``."""
         return decoder(features)[..., :size[0], :size[1]]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                heads: Callable[["SegmentationNetwork", list[torch.Tensor], tuple[int, int]], Any] | None = None):
+        """The segmentation decoders' logits, one ``[B, K, H, W]`` per decoder.
+
+        ``heads`` (training only): instead, return ``heads(self, features, size)``, where ``features`` are
+        :meth:`encode`'s and ``size`` the input's ``(H, W)``; the function runs whichever decoders and
+        heads it needs with :meth:`decode`. Calling it through ``forward`` keeps a method's whole
+        computation inside one call of the network (or of its DistributedDataParallel wrapper).
+        """
         features, size = self.encode(x)
+        if heads is not None:
+            return heads(self, features, size)
         return [self.decode(decoder, features, size) for decoder in self.decoders]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
