@@ -184,14 +184,24 @@ class TwoStreamSampler:
     non-zero label voxel of its slice, when it has one. All randomness comes from one
     ``numpy.random.Generator(seed)``; :meth:`state_dict` / :meth:`load_state_dict` resume exactly.
     Slices are taken as views; a batch copies only its crops.
+
+    ``shard``: ``(rank, world_size)`` for data-parallel training (:mod:`mismatch.distributed`). Every rank
+    draws the same global batch plan (which slices, which crop positions: the same random numbers as one
+    process, decided from slice shapes and labels only) and returns only the ``rank``-th of ``world_size``
+    equal parts of it, reading only those slices; whole-slice batches are padded to the global batch's size.
+    So the ranks' batches together are exactly the batch one process would draw, and the sampler's state is
+    the same on every rank. Batch sizes are then global and must be multiples of ``world_size``.
+    ``volumes`` may also hold lazily read volumes (:class:`mismatch.manifest.LazyVolume`) after volume 0.
     """
 
     #: Cache of foreground voxel positions per labelled slice is dropped above this many bytes.
     FG_CACHE_BYTES = 256 * 2**20
 
     def __init__(self, volumes: Sequence[np.ndarray], labels: np.ndarray, labelled: Sequence[int],
-                 axis: str = "k", patch_size: int | None = 176, seed: int = 0, foreground_fraction: float = 0.33):
+                 axis: str = "k", patch_size: int | None = 176, seed: int = 0, foreground_fraction: float = 0.33,
+                 shard: tuple[int, int] | None = None):
         self.volumes = list(volumes)
+        self.shard = (int(shard[0]), int(shard[1])) if shard and int(shard[1]) > 1 else None
         if not self.volumes:
             raise ValueError("no volume given")
         for v in self.volumes:
@@ -274,16 +284,41 @@ class TwoStreamSampler:
         return fg
 
     # -- batches --------------------------------------------------------------------------------------
+    def _mine(self, n: int) -> range:
+        """Positions of the global batch of ``n`` that this rank materialises (all of them without a shard)."""
+        if self.shard is None:
+            return range(n)
+        rank, world = self.shard
+        if n % world:
+            raise UserError(f"a batch of {n} slices cannot be split evenly over {world} processes; "
+                            f"use a batch size that is a multiple of {world}")
+        k = n // world
+        return range(rank * k, (rank + 1) * k)
+
+    def _slice_shape(self, v: int) -> tuple[int, int]:
+        """``(H, W)`` of a slice of volume ``v`` along the slice axis, from its shape (nothing is read)."""
+        kji = self.volumes[v].shape[1:]
+        return tuple(int(n) for a, n in enumerate(kji) if a != self.ax)
+
+    def _global_size(self, sizes: list) -> tuple[int, int] | None:
+        """Whole-slice mode with a shard: the padded size of the global batch (every rank pads alike)."""
+        if self.patch or self.shard is None or not sizes:
+            return None
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
+
     def labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """``x float32 [B, C, P, P]``, ``y int64 [B, P, P]`` (whole-slice mode: ``H, W`` padded to x8)."""
         if not self.labelled_items:
             raise UserError("no labelled slice to train on; paint the structure on at least one slice "
                             "(or list the slices that are labelled)")
-        xs, ys = [], []
-        for idx in self._lab.take(batch_size):
+        xs, ys, sizes = [], [], []
+        take = self._lab.take(batch_size)
+        mine = self._mine(len(take))
+        for b, idx in enumerate(take):
             v, s = self.labelled_items[idx]
             img = take_slice(self.volumes[v], self.axis, s)
             lab = take_slice(self.labels, self.axis, s)
+            sizes.append(lab.shape)
             if self.patch:
                 h, w = lab.shape
                 cy = cx = None
@@ -292,33 +327,45 @@ class TwoStreamSampler:
                     if len(fg):
                         cy, cx = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
                 y0, x0 = self._start(h, cy), self._start(w, cx)
+                if b not in mine:
+                    continue
                 img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
                 lab = self._cut(lab, y0, x0, 0)
+            elif b not in mine:
+                continue
             xs.append(img)
             ys.append(lab)
-        return self._stack(xs, label=False), self._stack(ys, label=True)
+        size = self._global_size(sizes)
+        return self._stack(xs, label=False, size=size), self._stack(ys, label=True, size=size)
 
     def unlabelled_batch(self, batch_size: int) -> np.ndarray:
         """``x float32 [B, C, P, P]`` (whole-slice mode: ``H, W`` padded to a multiple of 8)."""
         if not self.unlabelled_items:
             raise UserError("every slice is labelled, so there is nothing for the semi-supervised term; "
                             "train supervised with --method unet, or add unlabelled cases with --unlabelled")
-        xs = []
-        for idx in self._unl.take(batch_size):
+        xs, sizes = [], []
+        take = self._unl.take(batch_size)
+        mine = self._mine(len(take))
+        for b, idx in enumerate(take):
             v, s = self.unlabelled_items[idx]
+            h, w = self._slice_shape(v)
+            sizes.append((h, w))
+            if self.patch:
+                y0, x0 = self._start(h, None), self._start(w, None)
+            if b not in mine:
+                continue   # drawn like every rank draws it, read only by its own rank
             img = take_slice(self.volumes[v], self.axis, s)
             if self.patch:
-                y0, x0 = self._start(img.shape[-2], None), self._start(img.shape[-1], None)
                 img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
             xs.append(img)
-        return self._stack(xs, label=False)
+        return self._stack(xs, label=False, size=self._global_size(sizes))
 
-    def _stack(self, arrays: list[np.ndarray], label: bool) -> np.ndarray:
+    def _stack(self, arrays: list[np.ndarray], label: bool, size: tuple[int, int] | None = None) -> np.ndarray:
         dtype = np.int64 if label else np.float32
         if self.patch:
             return np.stack(arrays).astype(dtype, copy=False)
-        h = max(a.shape[-2] for a in arrays)
-        w = max(a.shape[-1] for a in arrays)
+        h = max(a.shape[-2] for a in arrays) if size is None else size[0]
+        w = max(a.shape[-1] for a in arrays) if size is None else size[1]
         h, w = h + (-h) % SIZE_MULTIPLE, w + (-w) % SIZE_MULTIPLE
         out = np.empty((len(arrays),) + arrays[0].shape[:-2] + (h, w), dtype=dtype)
         for b, a in enumerate(arrays):

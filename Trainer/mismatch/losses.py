@@ -13,6 +13,17 @@ from torch.nn import functional as F
 
 STOP_GRADIENT_MODES = ("none", "one-sided")
 
+#: Set by :mod:`mismatch.distributed` while several processes train one model: a differentiable sum over the
+#: processes, applied to the Dice sums so that they cover the global batch (as one process would compute
+#: them). ``None`` (one process): the sums are this process's own.
+batch_sum = None
+
+
+def _global_sums(*sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if batch_sum is None:
+        return sums
+    return tuple(batch_sum(torch.stack(sums)).unbind(0))
+
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """1 - soft Dice (Milletari et al. 2016), averaged over the foreground classes.
@@ -24,12 +35,14 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5)
     if probs.shape[1] == 1:
         p = probs[:, 0]
         t = (target > 0).to(p.dtype)
-        dice = (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+        inter, total = _global_sums((p * t).sum(), p.sum() + t.sum())
+        dice = (2 * inter + eps) / (total + eps)
         return 1 - dice
     k = probs.shape[1]
     t = F.one_hot(target.long(), k).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
-    dice = (2 * (probs * t).sum(dims) + eps) / (probs.sum(dims) + t.sum(dims) + eps)
+    inter, total = _global_sums((probs * t).sum(dims), probs.sum(dims) + t.sum(dims))
+    dice = (2 * inter + eps) / (total + eps)
     return 1 - dice[1:].mean()
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .data import Normalisation, TwoStreamSampler, check_label_values, labelled_slices
 from .device import autocast, describe, resolve_device
 from .errors import Cancelled, UserError
@@ -169,6 +169,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
                          stop_gradient=config.stop_gradient)
     arch = ArchitectureConfig(name=method.architecture, in_channels=volumes[0].shape[0],
                               num_classes=num_classes, width=config.width, pasb_side=config.pasb_side)
+    ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
     torch.manual_seed(config.seed)
     model = SegmentationNetwork(arch)
     if init_state is not None:
@@ -176,11 +177,12 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+    net = model   # the bare network (model becomes its DDP wrapper on several processes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     sampler = TwoStreamSampler(volumes, labels, labelled, axis=config.axis,
                                patch_size=config.patch_size or None, seed=config.seed,
-                               foreground_fraction=config.foreground_fraction)
+                               foreground_fraction=config.foreground_fraction, shard=ctx.shard)
     batch_l = config.batch_size
     batch_u = config.unlabelled_batch_size or config.batch_size
     if method.uses_unlabelled and sampler.num_unlabelled == 0:
@@ -192,7 +194,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     if resume:
         if ckpt is None:
             raise UserError("--resume needs the output folder of the interrupted run")
-        tensors, state = load_checkpoint(ckpt)
+        tensors, state = ctx.share_from_main(lambda: load_checkpoint(ckpt))
         for key in ("method", "width", "patch_size", "axis", "seed"):
             if state["config"].get(key) != config.to_dict().get(key):
                 raise UserError(f"--resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
@@ -208,11 +210,15 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
             snapshots.append({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         reporter.log(f"resuming at step {start_step} of {config.steps}")
 
+    ctx.check_batch(batch_l, "--batch-size")
+    if method.uses_unlabelled:
+        ctx.check_batch(batch_u, "--unlabelled-batch-size")
+
     def write_checkpoint(step: int) -> None:
-        if ckpt is None:
+        if ckpt is None or not ctx.is_main:
             return
         tensors, opt_rest = optimizer_to_tensors(optimizer)
-        tensors.update({f"model.{k}": v for k, v in _state_to_cpu(model).items()})
+        tensors.update({f"model.{k}": v for k, v in _state_to_cpu(net).items()})
         tensors["rng.torch"] = torch.get_rng_state()
         for i, snap in enumerate(snapshots):
             tensors.update({f"snapshot{i}.{k}": v for k, v in snap.items()})
@@ -222,6 +228,8 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
             "engine_version": __version__,
         })
 
+    model = ctx.wrap(model)
+    ctx.seed_augmentation(config.seed, start_step)
     reporter.start("train", total=config.steps, device=describe(device), method=config.method,
                    parameters=count_parameters(model), labelled_slices=[int(i) for i in labelled],
                    unlabelled_slices=sampler.num_unlabelled)
@@ -230,8 +238,9 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     step = start_step
     log_every = max(1, config.steps // 100)
     while step < config.steps:
-        if stop.get("stop"):
+        if ctx.agree_stop(stop):   # every process stops at the same step
             write_checkpoint(step)
+            ctx.barrier()
             raise Cancelled(f"stopped by {stop['stop']} at step {step} of {config.steps}; "
                             "run again with --resume to continue")
         for group in optimizer.param_groups:
@@ -240,6 +249,9 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
             loss, terms = _one_step(model, method, sampler, optimizer, scaler, device, config, step,
                                     batch_l, batch_u)
         except torch.OutOfMemoryError:
+            if ctx.distributed:   # the processes cannot agree on halving mid-step: stop with advice
+                raise UserError(f"the GPU ran out of memory on {describe(device)}; use a smaller --batch-size "
+                                "(it is split over the processes), --patch-size or --width") from None
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -250,20 +262,21 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
             reporter.log(f"GPU out of memory: retrying with batch sizes {batch_l} labelled + {batch_u} "
                          "unlabelled", level="warning")
             continue
+        loss, terms = ctx.mean_losses(loss, terms)
         if not math.isfinite(loss):
             raise RuntimeError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
-        method.after_step(model, step)
+        method.after_step(net, step)
         step += 1
         record = {"step": step, "loss": loss, **terms, "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
         if step in keep_at:
-            snapshots.append(_state_to_cpu(model))
+            snapshots.append(_state_to_cpu(net))
         if step % log_every == 0 or step == config.steps:
             reporter.progress("train", step, config.steps, loss=loss, terms=terms, first_step=start_step)
         if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
             write_checkpoint(step)
     if not snapshots:
-        snapshots.append(_state_to_cpu(model))
+        snapshots.append(_state_to_cpu(net))
     return FitResult(snapshots=snapshots[-max(1, config.snapshots):], architecture=arch, history=history,
                      steps_done=step, seconds=time.monotonic() - t0, batch_size=batch_l,
                      parameters=count_parameters(model))
@@ -318,13 +331,22 @@ def load_classes_file(path: str | os.PathLike) -> list[dict]:
 def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
                 unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
                 classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
-                resume: bool = False, reporter: Reporter | None = None, stop: dict | None = None) -> dict:
-    """Train from files and write the model folder; returns the card. See ``mismatch train --help``."""
+                resume: bool = False, reporter: Reporter | None = None, stop: dict | None = None,
+                unlabelled_manifest: str | None = None, cache_volumes: int = 8,
+                cache_bytes: int | None = None) -> dict:
+    """Train from files and write the model folder; returns the card. See ``mismatch train --help``.
+
+    ``unlabelled_manifest``: a CSV / JSON list of further unlabelled volumes, read lazily a slice at a time
+    with at most ``cache_volumes`` volumes (and ``cache_bytes``) held (:mod:`mismatch.manifest`). Under
+    torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
+    """
     from .io import check_outputs_not_inputs, read_image, read_labels
 
     reporter = reporter or Reporter(progress_bar=False)
+    ctx = distributed.current()
     dev = resolve_device(device)
     inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
+    inputs += [unlabelled_manifest] if unlabelled_manifest else []
     check_outputs_not_inputs([out_dir], inputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -339,6 +361,14 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
             raise UserError(f"unlabelled case {', '.join(case)} has {vol.shape[0]} channel(s) but the labelled "
                             f"case has {image.shape[0]}; give the same channels, comma-separated")
         extra.append(vol)
+    pool = None
+    if unlabelled_manifest:
+        from .manifest import ManifestPool
+
+        pool = ManifestPool.open(unlabelled_manifest, channels=image.shape[0], axis=config.axis,
+                                 hu_window=config.hu_window, cache_volumes=cache_volumes, cache_bytes=cache_bytes,
+                                 warn=lambda message: reporter.log(message, level="warning"),
+                                 check_not=[out_dir])
 
     init_state, init_card = None, None
     if init_model:
@@ -374,19 +404,22 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
                         "least one slice, or list labelled slices with --labelled-slices")
     n_slices = labels.shape[{"k": 0, "j": 1, "i": 2}[config.axis]]
-    if len(labelled) == n_slices and not extra and config.method in METHODS and \
+    if len(labelled) == n_slices and not extra and pool is None and config.method in METHODS and \
             make_method(config.method).uses_unlabelled:
         raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
                         "term; supervised training is what you want: --method unet (or add unlabelled volumes "
                         "with --unlabelled)")
     norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
-    volumes = [norm.apply(image)] + [norm.apply(v) for v in extra]
+    volumes = [norm.apply(image)] + [norm.apply(v) for v in extra] + (pool.volumes if pool else [])
     del image
 
     n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
     reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
-                 f"unlabelled; training {config.method} on {describe(dev)}")
-    out.mkdir(parents=True, exist_ok=True)
+                 f"unlabelled; training {config.method} on {describe(dev)}"
+                 + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"
+                    if ctx.distributed else ""))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
                  init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop)
     last = result.history[-1] if result.history else {}
@@ -398,15 +431,20 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         "slice_axis": config.axis,
         "training": {**config.to_dict(), "device": str(dev), "init_model": init_model,
                      "images": [Path(p).name for p in images], "labels": Path(labels_path).name,
-                     "unlabelled_cases": len(extra)},
+                     "unlabelled_cases": len(extra) + (len(pool.volumes) if pool else 0),
+                     "unlabelled_manifest": Path(unlabelled_manifest).name if unlabelled_manifest else None,
+                     "processes": ctx.world_size},
         "summary": {"steps": result.steps_done, "seconds": round(result.seconds, 1),
                     "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr")},
                     "labelled_slices": [int(i) for i in labelled], "parameters": result.parameters,
                     "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 5)} for h in result.history]},
         "geometry": geometry.to_dict(),
     }
-    save_model(out, result.snapshots, card)
-    _remove_checkpoint(out / CHECKPOINT_DIR)
+    if pool is not None:
+        reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
+    if ctx.is_main:
+        save_model(out, result.snapshots, card)
+        _remove_checkpoint(out / CHECKPOINT_DIR)
     return card
 
 
