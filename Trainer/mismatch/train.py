@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .data import Normalisation, TwoStreamSampler, check_label_values, labelled_slices
+from .data import Normalisation, TwoStreamSampler, check_label_values, common_size, labelled_slices
 from .device import autocast, describe, resolve_device
 from .errors import Cancelled, UserError
 from .events import Reporter
@@ -98,12 +98,13 @@ def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
 
 @contextmanager
 def stop_on_signals(flag: dict):
-    """SIGINT / SIGTERM set ``flag["stop"]``; the loop finishes its step, checkpoints and stops."""
+    """SIGINT / SIGTERM (and SIGBREAK on Windows, what a console Ctrl+Break or a parent's
+    ``CTRL_BREAK_EVENT`` sends) set ``flag["stop"]``; the loop finishes its step, checkpoints and stops."""
     def handler(signum, _frame):
         flag["stop"] = signal.Signals(signum).name
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
@@ -287,6 +288,7 @@ def _one_step(model, method, sampler, optimizer, scaler, device, config, step, b
 
     xl, yl = sampler.labelled_batch(batch_l)
     xu = sampler.unlabelled_batch(batch_u) if method.uses_unlabelled else None
+    xl, yl, xu = common_size(xl, yl, xu)   # whole slices of volumes of different sizes
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def to(x):
