@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
 
-from mismatch.device import resolve_device  # noqa: E402
+from mismatch.device import resolve_device, tune_cpu_allocator  # noqa: E402
 from mismatch.methods import TrainingBatch, make_method  # noqa: E402
 from mismatch.models import build_model, count_parameters  # noqa: E402
 
@@ -93,7 +93,10 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's allocator as it is (the mismatch command tunes it, see device.py)")
     args = p.parse_args(argv)
+    tuned = False if args.default_allocator else tune_cpu_allocator()
     device = resolve_device(args.device)
     dtypes = [torch.float32]
     if device.type == "cuda":
@@ -102,7 +105,8 @@ def main(argv=None):
         dtypes.append(torch.bfloat16)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# speed: torch {torch.__version__}, device {device} ({machine}), width {args.width}")
+    print(f"# speed: torch {torch.__version__}, device {device} ({machine}), width {args.width}, "
+          f"allocator {'tuned' if tuned else 'default'}")
     if device.type == "cpu" and not cpu_bf16_supported():
         print("(bf16 not measured: this CPU has no native bf16 instructions)")
     rows = []
@@ -126,7 +130,7 @@ def main(argv=None):
                      "patch": args.train_size, "batch": args.train_batch})
         print(f"| {name} | {sps:.2f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": str(device), "machine": machine,
+        Path(args.out).write_text(json.dumps({"device": str(device), "machine": machine, "allocator_tuned": tuned,
                                               "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
 
 
