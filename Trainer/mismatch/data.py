@@ -396,6 +396,28 @@ class TwoStreamSampler:
             stream.pos = int(state[name]["pos"])
 
 
+def common_size(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray | None):
+    """Whole-slice batches (``[B, C, H, W]``, labels ``[B, H, W]``) padded, centred, to one common ``H, W``:
+    labelled and unlabelled slices of different sizes (other volumes) go through the network together.
+    Images are padded with each slice's per-channel minimum, labels with 0. Same-size batches are returned
+    as they are."""
+    if xu is None or xl.shape[-2:] == xu.shape[-2:]:
+        return xl, yl, xu
+    h, w = max(xl.shape[-2], xu.shape[-2]), max(xl.shape[-1], xu.shape[-1])
+
+    def pad(a: np.ndarray, fill) -> np.ndarray:
+        ah, aw = a.shape[-2:]
+        if (ah, aw) == (h, w):
+            return a
+        out = np.empty(a.shape[:-2] + (h, w), dtype=a.dtype)
+        out[...] = fill
+        oy, ox = (h - ah) // 2, (w - aw) // 2
+        out[..., oy:oy + ah, ox:ox + aw] = a
+        return out
+
+    return pad(xl, xl.min(axis=(-2, -1), keepdims=True)), pad(yl, 0), pad(xu, xu.min(axis=(-2, -1), keepdims=True))
+
+
 # -- demo data -----------------------------------------------------------------------------------------
 _STRUCTURES = {"lungs": ("right lung", "left lung")}
 

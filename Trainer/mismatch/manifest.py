@@ -265,7 +265,7 @@ class VolumeSource:
             if self.mode == "memmap":
                 data, offset, dtype, shape = self.layouts[c]
                 mm = np.memmap(data, dtype=dtype, mode="r", offset=offset, shape=shape)
-                out.append(np.array(np.take(mm, index, axis=ax)))
+                out.append(np.array(mm[(slice(None),) * ax + (int(index),)]))   # copies one slice
                 del mm
             else:
                 d = 2 - ax                    # SimpleITK's index order is (I, J, K)
@@ -458,7 +458,7 @@ class ManifestPool:
             if whole is None:
                 whole = src.read_whole()
                 self.cache.put_whole(vid, whole)
-            return [np.take(w, index, axis=ax) for w in whole]
+            return [w[(slice(None),) * ax + (int(index),)] for w in whole]   # views
         self.cache.reads += 1
         return src.read_slice(ax, index)
 
