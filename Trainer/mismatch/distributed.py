@@ -57,7 +57,7 @@ class DataParallelNetwork(DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "module":
+            if name.startswith("_") or name == "module":   # DDP's own (private) attributes: no delegation
                 raise
             return getattr(self.module, name)
 
