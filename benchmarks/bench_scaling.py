@@ -12,7 +12,8 @@ global batch (``--batch-size`` labelled + as many unlabelled slices) and splits 
 ``--mode weak`` gives every process ``--batch-size`` + ``--batch-size``. On the CPU every process gets
 ``--threads`` torch threads (default: the cores divided by the processes; one value per ``--procs`` entry
 to pair them, e.g. ``--procs 1 1 2 --threads 2 1 1``). Prints a Markdown table; not a test (timings depend
-on the machine and on what else runs on it).
+on the machine and on what else runs on it). The environment is passed on to the processes: on a shared
+CPU, ``OMP_WAIT_POLICY=PASSIVE`` keeps OpenMP threads from spinning while they wait for each other.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     print(f"\nMisMatch width {args.width}, {args.patch_size} x {args.patch_size} patches, {args.mode} scaling, "
           f"{args.steps} timed steps after {args.warmup}; {os.cpu_count()} CPU cores ({cpu})"
-          + (f", {gpu}" if gpu else "") + f"; torch {torch.__version__}\n")
+          + (f", {gpu}" if gpu else "") + f"; torch {torch.__version__}"
+          + (f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else "")
+          + "\n")
     print(table(rows, args))
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
