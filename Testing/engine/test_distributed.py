@@ -192,6 +192,17 @@ def test_batch_and_device_rules():
             distributed.rank_device(name, 0)
 
 
+def test_an_uneven_batch_is_refused_before_anything_is_written(case, monkeypatch):
+    from mismatch.train import TrainConfig, train_files
+
+    monkeypatch.setattr(distributed, "_CURRENT", distributed.Context(rank=0, world_size=2))
+    for sizes, option in (((3, 0), "--batch-size 3"), ((4, 3), "--unlabelled-batch-size 3")):
+        config = TrainConfig(steps=1, width=4, patch_size=16, batch_size=sizes[0], unlabelled_batch_size=sizes[1])
+        with pytest.raises(UserError, match=f"{option} is the global batch, split evenly over the 2 processes"):
+            train_files([case["image"]], case["labels"], str(case["dir"] / "model"), config, device="cpu")
+        assert not (case["dir"] / "model").exists()
+
+
 # -- two processes ---------------------------------------------------------------------------------------
 
 def test_two_processes_match_one_process(case):

@@ -420,6 +420,9 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                  f"unlabelled; training {config.method} on {describe(dev)}"
                  + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"
                     if ctx.distributed else ""))
+    ctx.check_batch(config.batch_size, "--batch-size")   # before anything is written
+    if config.method in METHODS and make_method(config.method).uses_unlabelled:
+        ctx.check_batch(config.unlabelled_batch_size or config.batch_size, "--unlabelled-batch-size")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
