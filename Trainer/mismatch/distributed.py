@@ -117,8 +117,10 @@ class Context:
         return DataParallelNetwork(model, device_ids=ids)
 
     def seed_augmentation(self, seed: int, step: int) -> None:
-        """Processes other than rank 0 draw their augmentation from a generator of their own (seeded by
-        ``seed``, rank and ``step``, so a run and its resumption are reproducible); rank 0 keeps the run's."""
+        """Processes other than rank 0 draw their augmentation from a generator of their own, seeded by
+        ``seed``, rank and ``step`` (the first step of this run or resumption): reproducible, though a resumed
+        run draws other numbers there than the uninterrupted run would have. Rank 0 keeps the run's
+        generator (restored from the checkpoint on resumption)."""
         if self.distributed and self.rank > 0:
             torch.manual_seed(int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, self.rank, int(step)])
                                   .generate_state(1, np.uint64)[0] >> 1))
