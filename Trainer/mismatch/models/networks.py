@@ -68,8 +68,10 @@ class ArchitectureConfig:
     num_classes: int = 2  # including background
     width: int = 24
     pasb_side: str = "paper"
-    side_ratio: tuple[float, float, float] = (1.0, 0.25, 0.125)
+    side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125)
     dilation: int = 5
+    bottleneck_ratio: float = 1.25
+    min_side_width: int = 8
 
     def __post_init__(self):
         if isinstance(self.side_ratio, (int, float)):
@@ -105,9 +107,19 @@ class ArchitectureConfig:
             d["auxiliary_heads"] = list(self.auxiliary)
         return d
 
+    @property
+    def bottom_channels(self) -> int:
+        """Channels of the bottleneck block: ``8 * width * bottleneck_ratio``."""
+        return max(1, int(round(8 * self.width * self.bottleneck_ratio)))
+
     @classmethod
     def from_dict(cls, d: dict) -> "ArchitectureConfig":
         keys = {f for f in cls.__dataclass_fields__}
+        d = dict(d)
+        # cards written before these fields existed describe the layout of that time
+        d.setdefault("bottleneck_ratio", 1.0)
+        d.setdefault("side_ratio", (1.0, 0.25, 0.125))
+        d.setdefault("min_side_width", 4)
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
@@ -115,17 +127,19 @@ class Encoder(nn.Module):
     """f_e: a full-resolution stem, three stride-2 blocks and a bottleneck block.
 
     ``[B, C_in, H, W] -> [s0 [B, w, H, W], s1 [B, 2w, H/2, W/2], s2 [B, 4w, H/4, W/4],
-    bottom [B, 8w, H/8, W/8]]`` (the first three are the skip connections).
+    bottom [B, b, H/8, W/8]]`` (the first three are the skip connections; ``b = bottom_channels``,
+    default ``8w``). Parameters are cheapest at the bottleneck (each weight is applied at 1/64 of the
+    pixels), which is where the default configuration puts its extra width.
     """
 
-    def __init__(self, in_channels: int, width: int):
+    def __init__(self, in_channels: int, width: int, bottom_channels: int | None = None):
         super().__init__()
         w = width
         self.stem = ConvBlock(in_channels, w)
         self.down1 = ConvBlock(w, 2 * w, stride=2)
         self.down2 = ConvBlock(2 * w, 4 * w, stride=2)
         self.down3 = ConvBlock(4 * w, 8 * w, stride=2)
-        self.bottleneck = ConvBlock(8 * w, 8 * w)
+        self.bottleneck = ConvBlock(8 * w, bottom_channels or 8 * w)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s0 = self.stem(x)
@@ -144,19 +158,22 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "paper",
-                 side_ratio: tuple[float, float, float] = (1.0, 0.25, 0.125), dilation: int = 5):
+                 side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125), dilation: int = 5,
+                 bottom_channels: int | None = None, min_side: int = 8):
         super().__init__()
         w = width
-        stages = [(8 * w, 4 * w, 4 * w), (4 * w, 2 * w, 2 * w), (2 * w, w, w)]  # (coarse, skip, out)
+        stages = [(bottom_channels or 8 * w, 4 * w, 4 * w), (4 * w, 2 * w, 2 * w), (2 * w, w, w)]  # (coarse, skip, out)
         blocks = []
         for (c_coarse, c_skip, c_out), ratio in zip(stages, side_ratio):
             if kind == "plain":
                 blocks.append(DecoderBlock(c_coarse, c_skip, c_out))
             elif kind == "positive":
                 blocks.append(PositiveAttentionShiftingBlock(
-                    c_coarse, c_skip, c_out, side=pasb_side, side_ratio=ratio, dilation=dilation))
+                    c_coarse, c_skip, c_out, side=pasb_side, side_ratio=ratio, dilation=dilation,
+                    min_side=min_side))
             elif kind == "negative":
-                blocks.append(NegativeAttentionShiftingBlock(c_coarse, c_skip, c_out, side_ratio=ratio))
+                blocks.append(NegativeAttentionShiftingBlock(c_coarse, c_skip, c_out, side_ratio=ratio,
+                                                             min_side=min_side))
             elif kind in ("dilate", "erode"):
                 blocks.append(MorphologicalDecoderBlock(c_coarse, c_skip, c_out, operation=kind))
             else:
@@ -186,16 +203,18 @@ class SegmentationNetwork(nn.Module):
     def __init__(self, config: ArchitectureConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.in_channels, config.width)
+        bottom = config.bottom_channels
+        self.encoder = Encoder(config.in_channels, config.width, bottom)
         self.decoders = nn.ModuleList(
             Decoder(kind, config.width, config.out_channels, config.pasb_side, config.side_ratio,
-                    config.dilation)
+                    config.dilation, bottom_channels=bottom, min_side=config.min_side_width)
             for kind in config.decoders
         )
         aux = config.auxiliary
         self.aux_decoders = nn.ModuleList(
-            Decoder("plain", config.width, config.out_channels) for kind in aux if kind in PERTURBATIONS)
-        self.reconstruction = (Decoder("plain", config.width, config.in_channels)
+            Decoder("plain", config.width, config.out_channels, bottom_channels=bottom)
+            for kind in aux if kind in PERTURBATIONS)
+        self.reconstruction = (Decoder("plain", config.width, config.in_channels, bottom_channels=bottom)
                                if "reconstruction" in aux else None)
 
     @property
