@@ -326,3 +326,32 @@ def test_every_method_trains_three_steps_and_its_model_segments(name, tiny_case)
                  "--device", "cpu"]) == 0
     result = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
     assert result.shape == (6, 32, 32) and set(np.unique(result)) <= {0, 1}
+
+
+def test_mean_teacher_teacher_is_checkpointed_and_restored_on_resume(tmp_path):
+    from mismatch.modelfile import load_checkpoint
+    from mismatch.train import TrainConfig, fit
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(1, 6, 24, 24)).astype(np.float32)
+    labels = np.zeros((6, 24, 24), dtype=np.int64)
+    labels[1, 6:18, 6:18] = 1
+    labels[4, 8:16, 8:16] = 1
+    config = TrainConfig(method="mt", steps=3, width=4, batch_size=1, patch_size=16, checkpoint_every=2)
+    fit([vol], labels, np.array([1, 4]), 2, config, checkpoint_dir=tmp_path)
+    tensors, _ = load_checkpoint(tmp_path)
+    teacher = {k[len("method.teacher."):]: v for k, v in tensors.items() if k.startswith("method.teacher.")}
+    student = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    assert teacher and set(teacher) == set(student)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # an EMA, not a copy
+
+    method = make_method("mt")
+    net = _net(method)
+    net.load_state_dict(student)
+    method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}, net)
+    for k, v in method.teacher.state_dict().items():
+        assert torch.equal(v, teacher[k])
+    resumed = fit([vol], labels, np.array([1, 4]), 2, TrainConfig(**{**config.to_dict(), "steps": 4,
+                                                                        "hu_window": None}),
+                  checkpoint_dir=tmp_path, resume=True)
+    assert resumed.steps_done == 4

@@ -201,6 +201,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
                 raise UserError(f"--resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
                                 f"not {config.to_dict().get(key)!r}; use the same settings or start afresh")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method.")}, model)
         optimizer_from_tensors(optimizer, tensors, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -221,6 +222,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
         tensors, opt_rest = optimizer_to_tensors(optimizer)
         tensors.update({f"model.{k}": v for k, v in _state_to_cpu(net).items()})
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({f"method.{k}": v for k, v in method.state_dict().items()})
         for i, snap in enumerate(snapshots):
             tensors.update({f"snapshot{i}.{k}": v for k, v in snap.items()})
         save_checkpoint(ckpt, tensors, {

@@ -39,6 +39,14 @@ class Method:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimiser step (e.g. an EMA teacher update)."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the method keeps between steps (e.g. an EMA teacher), saved in training checkpoints so
+        that ``--resume`` continues exactly; empty for stateless methods."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """Restore :meth:`state_dict` after ``model`` (the student) has been restored."""
+
     def settings(self) -> dict:
         """The method's settings, for the model card."""
         return {"method": self.name, "architecture": self.architecture, **self.options}

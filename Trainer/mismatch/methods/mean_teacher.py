@@ -90,6 +90,16 @@ class MeanTeacherMethod(Method):
         out["weight"] = w
         return loss, out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {}
+        return {f"teacher.{k}": v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        teacher_state = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        if teacher_state:
+            self._teacher_for(model).load_state_dict(teacher_state)
+
     def ema_decay_at(self, step: int) -> float:
         return min(self.ema_decay, 1.0 - 1.0 / (step + 1))
 
