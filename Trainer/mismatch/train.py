@@ -66,7 +66,7 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     amp: bool = True                 # mixed precision on CUDA
     checkpoint_every: int = 100
-    pasb_side: str = "paper"
+    pasb_side: str = "factorised"
 
     def to_dict(self) -> dict:
         d = asdict(self)

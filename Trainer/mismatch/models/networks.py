@@ -67,7 +67,7 @@ class ArchitectureConfig:
     in_channels: int = 1
     num_classes: int = 2  # including background
     width: int = 24
-    pasb_side: str = "paper"
+    pasb_side: str = "factorised"
     side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125)
     dilation: int = 5
     bottleneck_ratio: float = 1.25
@@ -157,7 +157,7 @@ class Decoder(nn.Module):
     (``dilate`` / ``erode``, the Morph baseline).
     """
 
-    def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "paper",
+    def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "factorised",
                  side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125), dilation: int = 5,
                  bottom_channels: int | None = None, min_side: int = 8):
         super().__init__()
