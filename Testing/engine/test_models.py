@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mismatch.models.networks import ArchitectureConfig
 from mismatch.models import (
     ConvBlock,
     DecoderBlock,
@@ -68,10 +69,10 @@ def test_shifting_block_is_main_times_mask_plus_main(cls):
 
 
 def _without_normalisation(module):
-    """Instance normalisation mixes the whole image into every pixel; take it out to see the convolutions'
-    own receptive field."""
+    """Instance normalisation mixes the whole image into every pixel; take it out (and the ReLUs, which
+    can switch a random small network's centre off) to see the convolutions' own receptive field."""
     for name, child in module.named_children():
-        if isinstance(child, torch.nn.GroupNorm):
+        if isinstance(child, (torch.nn.GroupNorm, torch.nn.ReLU)):
             setattr(module, name, torch.nn.Identity())
         else:
             _without_normalisation(child)
@@ -105,3 +106,24 @@ def test_compact_pasb_reading_is_a_named_option():
     assert block(torch.randn(1, 16, 4, 4), torch.randn(1, 8, 8, 8)).shape == (1, 16, 8, 8)
     with pytest.raises(ValueError):
         PositiveAttentionShiftingBlock(16, 8, 16, side="other")
+
+
+def test_factorised_pasb_side_is_one_atrous_convolution_of_low_rank():
+    """The default side branch's first layer (1x1 projection, then atrous 3x3) is exactly one atrous 3x3
+    convolution from the merged input, whose weight is the product of the two."""
+    block = PositiveAttentionShiftingBlock(16, 8, 16, side="factorised", side_ratio=0.5).eval()
+    project, atrous = block.side[0]
+    weight = torch.einsum("orhw,ri->oihw", atrous.weight, project.weight[:, :, 0, 0])
+    merged = torch.randn(2, block.c_in, 20, 20)
+    direct = torch.nn.functional.conv2d(merged, weight, atrous.bias, padding=5, dilation=5)
+    torch.testing.assert_close(block.side[0](merged), direct, rtol=1e-4, atol=1e-5)
+    assert _mask_receptive_radius(block) == 10
+    assert ArchitectureConfig().pasb_side == "factorised"
+
+
+def test_cards_written_before_the_layout_fields_rebuild_their_own_layout():
+    old = {"name": "mismatch", "in_channels": 1, "num_classes": 2, "width": 8, "pasb_side": "paper",
+           "dilation": 5}
+    config = ArchitectureConfig.from_dict(old)
+    assert config.side_ratio == (1.0, 0.25, 0.125) and config.bottleneck_ratio == 1.0
+    assert config.min_side_width == 4 and config.bottom_channels == 64
