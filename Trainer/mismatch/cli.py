@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of training over which alpha ramps up (0 = constant)")
     t.add_argument("--stop-gradient", choices=["none", "one-sided"], default=d.stop_gradient,
                    help="consistency gradient: to both decoders (none, default) or only the positive one")
+    t.add_argument("--pasb-side", choices=["factorised", "paper", "compact"], default=d.pasb_side,
+                   help="PASB side branch: factorised (default; the first atrous conv as 1x1 then atrous 3x3), "
+                        "paper (full-rank atrous convs) or compact (the authors' public code)")
     t.add_argument("--snapshots", type=_positive_int, default=d.snapshots,
                    help="keep the last K snapshots and average them at inference (paper: 10)")
     t.add_argument("--labelled-slices", type=_slices, metavar="LIST",
@@ -200,6 +203,7 @@ def _train(args, ctx) -> int:
         method=args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
         alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
+        pasb_side=args.pasb_side,
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     if args.patch_size < 0 or (0 < args.patch_size < 16):
