@@ -89,3 +89,30 @@ def test_runs_spread_over_two_workers(tmp_path):
                          log=lambda m: None)
     assert sorted(r["seed"] for r in data["runs"]) == [0, 1]
     assert all(r["device"] == "cpu" for r in data["runs"])
+
+
+def test_quick_mode_from_the_command_line(tmp_path, monkeypatch):
+    """`mismatch benchmark --quick` with its defaults (CTChest4 lungs, width 8, whole-budget settings),
+    cut to two methods, one seed and a few steps so that the test stays short."""
+    seen = {}
+    real = runner.run_benchmark
+
+    def spy(config, out_dir, **kw):
+        seen["config"] = config
+        return real(config, out_dir, **kw)
+
+    monkeypatch.setattr(runner, "run_benchmark", spy)
+    status = main(["benchmark", "--quick", "--out", str(tmp_path), "--methods", "unet", "mismatch",
+                   "--seeds", "1", "--steps", "3", "--alpha-sweep"])
+    assert status == 0
+    config = seen["config"]
+    assert config.datasets == ["ctchest-lungs"] and config.width == 8 and config.labelled == [3]
+    assert config.steps == 3 and config.alpha_sweep == []
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"unet", "mismatch"} and all(r["dataset"] == "ctchest-lungs" for r in runs)
+    assert "| MisMatch |" in (tmp_path / "results.md").read_text()
+
+
+def test_bad_patch_size_is_one_clear_error(tmp_path, capsys):
+    assert main(["benchmark", "--quick", "--out", str(tmp_path), "--patch-size", "8"]) == 2
+    assert "--patch-size 8" in capsys.readouterr().err
