@@ -71,13 +71,7 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
         t0 = time.monotonic()
         fitted = fit([volume], sparse, np.asarray(labelled), 2, config, reporter=reporter, device=dev)
         train_s = time.monotonic() - t0
-        from .models import SegmentationNetwork
-
-        nets = []
-        for state in fitted.snapshots:
-            net = SegmentationNetwork(fitted.architecture)
-            net.load_state_dict(state)
-            nets.append(net.eval())
+        nets = fitted.networks()
         seg = segment_volume(nets, volume, axis="k", batch_size=8, device=dev, truth=truth,
                              eval_slices=test_slices, reporter=Reporter(progress_bar=False))
         classes = [LUNG_CLASS]

@@ -148,6 +148,16 @@ class FitResult:
     batch_size: int = 0
     parameters: int = 0
 
+    def networks(self) -> list[SegmentationNetwork]:
+        """One network in eval mode per kept snapshot (what :func:`~mismatch.inference.segment_volume`
+        averages)."""
+        nets = []
+        for state in self.snapshots:
+            net = SegmentationNetwork(self.architecture)
+            net.load_state_dict(state)
+            nets.append(net.eval())
+        return nets
+
 
 def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
         config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,

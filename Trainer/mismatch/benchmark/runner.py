@@ -150,7 +150,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
     from ..events import Reporter
     from ..inference import segment_volume
     from ..metrics import evaluate_arrays
-    from ..models import SegmentationNetwork, count_parameters
+    from ..models import count_parameters
     from ..train import TrainConfig, fit
     from .classical import run_in_subprocess
     from .datasets import draw_split
@@ -190,11 +190,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         fitted = fit([volume], sparse, labelled, num_classes, train_config,
                      reporter=Reporter(progress_bar=False, quiet=True), device=dev)
         train_seconds = time.monotonic() - t0
-        nets = []
-        for state in fitted.snapshots:
-            net = SegmentationNetwork(fitted.architecture)
-            net.load_state_dict(state)
-            nets.append(net.eval())
+        nets = fitted.networks()
         seg = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
                              truth=case.label, eval_slices=test.tolist())
         ev = seg.evaluation
