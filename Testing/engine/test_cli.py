@@ -185,3 +185,19 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(case):
     log = [e for e in _events(events) if e["event"] == "log"]
     assert any(f"resuming at step {state['step']}" in e["message"] for e in log)
     assert (d / "model" / "model.json").exists() and not (d / "model" / "checkpoint").exists()
+
+
+def test_method_options_reach_the_method_and_the_card(case, capsys):
+    out = case["dir"] / "model-mt"
+    assert main(["train", str(case["image"]), "--labels", str(case["labels"]), "--out", str(out), *TINY,
+                 "--method", "mt", "--method-option", "ema_decay=0.9",
+                 "--method-option", "consistency_weight=0.5"]) == 0
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["method_options"] == {"ema_decay": 0.9, "consistency_weight": 0.5}
+    capsys.readouterr()
+    _bad(["train", str(case["image"]), "--labels", str(case["labels"]), "--out", str(case["dir"] / "m2"), *TINY,
+          "--method", "mt", "--method-option", "threshold=0.9"], capsys, "not a setting of --method mt")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        main(["train", str(case["image"]), "--labels", str(case["labels"]), "--out", str(case["dir"] / "m3"),
+              *TINY, "--method-option", "oops"])
+    assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err

@@ -37,6 +37,20 @@ def _window(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _method_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. ema_decay=0.999")
+    value = value.strip()
+    for convert in (int, float):
+        try:
+            return key.strip(), convert(value)
+        except ValueError:
+            pass
+    lowered = value.lower()
+    return key.strip(), {"true": True, "false": False}.get(lowered, value)
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -86,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of training over which alpha ramps up (0 = constant)")
     t.add_argument("--stop-gradient", choices=["none", "one-sided"], default=d.stop_gradient,
                    help="consistency gradient: to both decoders (none, default) or only the positive one")
+    t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", type=_method_option,
+                   help="a setting of the chosen method, e.g. ema_decay=0.999 (mt), threshold=0.9 (fixmatch), "
+                        "consistency_weight=0.3 (mt, cct); repeat for several; see docs/methods.md")
     t.add_argument("--pasb-side", choices=["factorised", "paper", "compact"], default=d.pasb_side,
                    help="PASB side branch: factorised (default; the first atrous conv as 1x1 then atrous 3x3), "
                         "paper (full-rank atrous convs) or compact (the authors' public code)")
@@ -203,7 +220,7 @@ def _train(args, ctx) -> int:
         method=args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
         alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
-        pasb_side=args.pasb_side,
+        pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     if args.patch_size < 0 or (0 < args.patch_size < 16):

@@ -67,6 +67,7 @@ class TrainConfig:
     amp: bool = True                 # mixed precision on CUDA
     checkpoint_every: int = 100
     pasb_side: str = "factorised"
+    method_options: dict = field(default_factory=dict)  # a method's own settings, e.g. {"ema_decay": 0.999}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -159,6 +160,20 @@ class FitResult:
         return nets
 
 
+def build_method(config: TrainConfig):
+    """The training method of ``config``, with its options; an option the method does not have is a
+    :class:`UserError` (not silently ignored)."""
+    if config.method not in METHODS:
+        raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    method = make_method(config.method, alpha=config.alpha, alpha_rampup=config.alpha_rampup,
+                         stop_gradient=config.stop_gradient, **config.method_options)
+    unknown = sorted(set(config.method_options) - set(method.options))
+    if unknown:
+        raise UserError(f"--method-option {', '.join(unknown)}: not a setting of --method {config.method}; its "
+                        f"settings are {', '.join(sorted(method.options)) or 'none'}")
+    return method
+
+
 def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
         config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,
         init_state: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
@@ -174,10 +189,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     reporter = reporter or Reporter(progress_bar=False)
     device = device or torch.device("cpu")
     stop = stop if stop is not None else {}
-    if config.method not in METHODS:
-        raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(METHODS))}")
-    method = make_method(config.method, alpha=config.alpha, alpha_rampup=config.alpha_rampup,
-                         stop_gradient=config.stop_gradient)
+    method = build_method(config)
     arch = ArchitectureConfig(name=method.architecture, in_channels=volumes[0].shape[0],
                               num_classes=num_classes, width=config.width, pasb_side=config.pasb_side)
     ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
@@ -357,6 +369,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     from .io import check_outputs_not_inputs, read_image, read_labels
 
     reporter = reporter or Reporter(progress_bar=False)
+    build_method(config)  # a wrong method option stops here, before anything is read
     ctx = distributed.current()
     dev = resolve_device(device)
     inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
