@@ -127,3 +127,28 @@ def test_cards_written_before_the_layout_fields_rebuild_their_own_layout():
     config = ArchitectureConfig.from_dict(old)
     assert config.side_ratio == (1.0, 0.25, 0.125) and config.bottleneck_ratio == 1.0
     assert config.min_side_width == 4 and config.bottom_channels == 64
+
+
+@pytest.mark.parametrize("c_in,c_out", [(8, 8), (8, 5)])
+def test_residual_conv_is_one_convolution_with_the_skip_in_its_centre_tap(c_in, c_out):
+    from mismatch.models.blocks import _ResidualConv
+
+    torch.manual_seed(0)
+    block = _ResidualConv(c_in, c_out).eval()
+    x = torch.randn(2, c_in, 9, 11)
+    with torch.no_grad():
+        separate = block.post(block.conv(x) + block.skip(x))
+    torch.testing.assert_close(block(x), separate, rtol=1e-5, atol=1e-5)
+
+
+def test_nasb_single_pass_equals_the_two_branches_computed_apart():
+    torch.manual_seed(0)
+    block = NegativeAttentionShiftingBlock(c_coarse=16, c_skip=8, c_out=8, side_ratio=1.0).eval()
+    coarse, skip = torch.randn(2, 16, 6, 7), torch.randn(2, 8, 12, 14)
+    with torch.no_grad():
+        merged = block.merge(coarse, skip)
+        main = block.main(merged)
+        first = block.side[0]
+        side = block.side[1](first.post(first.conv(merged) + first.skip(merged)))
+        expected = main * torch.sigmoid(side) + main
+    torch.testing.assert_close(block(coarse, skip), expected, rtol=1e-5, atol=1e-5)

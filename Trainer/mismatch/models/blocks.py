@@ -91,7 +91,7 @@ class _ShiftingBlock(DecoderBlock):
 
     def attention(self, merged: torch.Tensor) -> torch.Tensor:
         """The attention mask in (0, 1), shape ``[B, C_out, H, W]``."""
-        return torch.sigmoid(self.side(merged))
+        return self.side(merged).sigmoid_()  # in place: the side branch's last output is not needed again
 
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         merged = self.merge(coarse, skip)
@@ -164,8 +164,19 @@ class _ResidualConv(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
         self.post = nn.Sequential(nn.ReLU(inplace=True), norm(c_out))
 
+    def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of the one 3x3 convolution equal to ``conv(x) + skip(x)``: the skip (identity or
+        1x1 projection) added to the centre tap. Gradients reach ``conv`` and ``skip`` as before."""
+        w = self.conv.weight
+        if isinstance(self.skip, nn.Identity):
+            centre = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+        else:
+            centre = self.skip.weight[:, :, 0, 0]
+        return w + F.pad(centre[:, :, None, None], (1, 1, 1, 1)), self.conv.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(self.conv(x) + self.skip(x))
+        weight, bias = self.fused_weight()  # conv(x) + skip(x) in one pass over x
+        return self.post(F.conv2d(x, weight, bias, padding=1))
 
 
 class NegativeAttentionShiftingBlock(_ShiftingBlock):
@@ -188,16 +199,16 @@ class NegativeAttentionShiftingBlock(_ShiftingBlock):
 
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """As :meth:`_ShiftingBlock.forward`, with the main branch's first convolution and the side
-        branch's first convolution (both 3x3, stride 1, on the same merged input) computed as one
-        convolution with their weights stacked, which reads the full-resolution input once instead of
-        twice. The result is the same as running the two branches separately."""
+        branch's first convolution (both 3x3, stride 1, on the same merged input; the side's skip folded
+        into its centre tap) computed as one convolution with their weights stacked, which reads the
+        full-resolution input once instead of three times. The result is the same as running the two
+        branches separately."""
         merged = self.merge(coarse, skip)
-        conv_main, conv_side = self.main.body[0], self.side[0].conv
+        conv_main, first = self.main.body[0], self.side[0]
         c_main = conv_main.out_channels
-        both = F.conv2d(merged, torch.cat([conv_main.weight, conv_side.weight]),
-                        torch.cat([conv_main.bias, conv_side.bias]), padding=1)
+        w_side, b_side = first.fused_weight()
+        both = F.conv2d(merged, torch.cat([conv_main.weight, w_side]), torch.cat([conv_main.bias, b_side]),
+                        padding=1)
         main = self.main.body[1:](both[:, :c_main])
-        first = self.side[0]
-        side = first.post(both[:, c_main:] + first.skip(merged))
-        side = self.side[1](side)
-        return torch.addcmul(main, main, torch.sigmoid(side))
+        side = self.side[1](first.post(both[:, c_main:]))
+        return torch.addcmul(main, main, side.sigmoid_())
