@@ -38,22 +38,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_inference(name, size, width, device, dtype, repeats, batch=1):
-    net = build_model(name, width=width).eval().to(device)
+def time_inference(names, size, width, device, dtype, repeats, batch=1):
+    """Median ms per slice of each network, the networks timed in turn within every repeat (so that a
+    change of machine load during the run affects them alike), after 2 warm-up passes each."""
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    net = net.to(memory_format=fmt)
+    nets = {n: build_model(n, width=width).eval().to(device).to(memory_format=fmt) for n in names}
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
     ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False))
-    times = []
+    times = {n: [] for n in names}
     with torch.inference_mode(), ctx:
         for i in range(repeats + 2):
-            _sync(device)
-            t = time.perf_counter()
-            [torch.sigmoid(o) for o in net(x)]
-            _sync(device)
-            if i >= 2:
-                times.append((time.perf_counter() - t) / batch)
-    return statistics.median(times) * 1000, count_parameters(net)
+            for name, net in nets.items():
+                _sync(device)
+                t = time.perf_counter()
+                [torch.sigmoid(o) for o in net(x)]
+                _sync(device)
+                if i >= 2:
+                    times[name].append((time.perf_counter() - t) / batch)
+    return {n: (statistics.median(times[n]) * 1000, count_parameters(nets[n])) for n in names}
 
 
 def time_training(name, size, width, device, steps, batch):
@@ -88,7 +90,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--width", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--train-size", type=int, default=176)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
@@ -114,8 +116,9 @@ def main(argv=None):
     for size in args.sizes:
         for dtype in dtypes:
             per = {}
+            measured = time_inference(("unet", "mismatch"), size, args.width, device, dtype, args.repeats)
             for name in ("unet", "mismatch"):
-                ms, params = time_inference(name, size, args.width, device, dtype, args.repeats)
+                ms, params = measured[name]
                 per[name] = ms
                 rows.append({"kind": "inference", "network": name, "size": size, "dtype": str(dtype).split(".")[-1],
                              "ms_per_slice": round(ms, 2), "parameters": params})
