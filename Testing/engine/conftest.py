@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mismatch.io import Geometry
 
@@ -44,3 +45,13 @@ def ct_chest():
     lung_hu = image[0][labels > 0]
     assert lung_hu.size > 1000 and float(np.median(lung_hu)) < -600, "lung label is not on the lungs"
     return image, labels, geometry
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread in this process, like each torchrun rank: on a busy shared 2-core machine, two
+    OpenMP threads per process wait for each other far longer than the tiny networks compute."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

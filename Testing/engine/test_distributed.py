@@ -36,16 +36,8 @@ from mismatch.models import ArchitectureConfig, SegmentationNetwork
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in this process, like each torchrun rank: on a busy shared 2-core machine, two
-    OpenMP threads per process wait for each other far longer than the tiny networks compute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # -- helpers ---------------------------------------------------------------------------------------------
 

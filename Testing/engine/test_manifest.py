@@ -17,16 +17,8 @@ from mismatch.errors import UserError
 from mismatch.io import read_image
 from mismatch.manifest import STAT_SLICES, ManifestPool, VolumeCache, nrrd_raw_layout, read_manifest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in this process, like each torchrun rank: on a busy shared 2-core machine, two
-    OpenMP threads per process wait for each other far longer than the tiny networks compute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _write(array, path, compress=False, spacing=(0.8, 0.9, 2.5)):
     img = sitk.GetImageFromArray(array)

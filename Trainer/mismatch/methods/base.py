@@ -20,6 +20,18 @@ class TrainingBatch:
     total_steps: int
 
 
+def combine_losses(supervised: torch.Tensor, *extra: tuple[str, torch.Tensor, float]
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``supervised + sum(weight * term)`` over the ``(name, term, weight)`` extras, and the progress terms:
+    ``dice`` (the supervised loss) and each extra term by name, unweighted, as plain floats."""
+    loss = supervised
+    out = {"dice": float(supervised.detach())}
+    for name, term, weight in extra:
+        loss = loss + weight * term
+        out[name] = float(term.detach())
+    return loss, out
+
+
 class Method:
     """How a batch becomes a loss. Subclasses set ``architecture`` and implement :meth:`loss`."""
 

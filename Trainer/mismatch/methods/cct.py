@@ -7,7 +7,7 @@ from torch import nn
 
 from ..losses import alpha_schedule, supervised_loss
 from ..models.heads import feature_cutout, feature_dropout, feature_noise, vat_perturbation
-from .base import Method, TrainingBatch
+from .base import Method, TrainingBatch, combine_losses
 
 
 class CCTMethod(Method):
@@ -79,10 +79,7 @@ class CCTMethod(Method):
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)
         w = alpha_schedule(batch.step, batch.total_steps, self.consistency_weight, self.alpha_rampup)
-        loss = t["supervised"]
-        out = {"dice": float(t["supervised"].detach())}
-        if "consistency" in t:
-            loss = loss + w * t["consistency"]
-            out["consistency"] = float(t["consistency"].detach())
+        extra = [("consistency", t["consistency"], w)] if "consistency" in t else []
+        loss, out = combine_losses(t["supervised"], *extra)
         out["weight"] = w
         return loss, out

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from ..losses import supervised_loss
 from .augment import gaussian_noise, rand_augment
-from .base import Method, TrainingBatch
+from .base import Method, TrainingBatch, combine_losses
 from .mean_teacher import mean_probabilities
 
 
@@ -91,10 +91,8 @@ class FixMatchMethod(Method):
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)
-        loss = t["supervised"]
-        out = {"dice": float(t["supervised"].detach())}
-        if "unlabelled" in t:
-            loss = loss + self.lambda_u * t["unlabelled"]
-            out["pseudo_label"] = float(t["unlabelled"].detach())
-            out["mask_fraction"] = float(t["mask_fraction"])
+        if "unlabelled" not in t:
+            return combine_losses(t["supervised"])
+        loss, out = combine_losses(t["supervised"], ("pseudo_label", t["unlabelled"], self.lambda_u))
+        out["mask_fraction"] = float(t["mask_fraction"])
         return loss, out

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..losses import alpha_schedule, supervised_loss
 from .augment import gaussian_noise
-from .base import Method, TrainingBatch
+from .base import Method, TrainingBatch, combine_losses
 
 
 def mean_probabilities(model: nn.Module, outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -82,11 +82,8 @@ class MeanTeacherMethod(Method):
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)
         w = self.weight(batch)
-        loss = t["supervised"]
-        out = {"dice": float(t["supervised"].detach())}
-        if "consistency" in t:
-            loss = loss + w * t["consistency"]
-            out["consistency"] = float(t["consistency"].detach())
+        extra = [("consistency", t["consistency"], w)] if "consistency" in t else []
+        loss, out = combine_losses(t["supervised"], *extra)
         out["weight"] = w
         return loss, out
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..losses import supervised_loss
 from .augment import gaussian_noise
-from .base import Method, TrainingBatch
+from .base import Method, TrainingBatch, combine_losses
 
 
 class MTAMethod(Method):
@@ -54,9 +54,5 @@ class MTAMethod(Method):
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         t = self.loss_terms(model, batch)
-        loss = t["supervised"]
-        out = {"dice": float(t["supervised"].detach())}
-        if "reconstruction" in t:
-            loss = loss + self.recon_weight * t["reconstruction"]
-            out["reconstruction"] = float(t["reconstruction"].detach())
-        return loss, out
+        extra = [("reconstruction", t["reconstruction"], self.recon_weight)] if "reconstruction" in t else []
+        return combine_losses(t["supervised"], *extra)
