@@ -14,7 +14,6 @@ device, one run per device at a time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -351,12 +350,10 @@ def machine_description() -> dict:
 # -- the report ---------------------------------------------------------------------------------------------
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return "–"
-    m = float(np.mean(vals)) * scale
-    s = float(np.std(vals, ddof=1)) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    """"mean ± std" in %, as the main table writes it (None and NaN left out)."""
+    from .tables import _fmt_mean_std
+
+    return _fmt_mean_std(values, scale, digits)[0]
 
 
 def alpha_table(runs: list[dict]) -> str:
