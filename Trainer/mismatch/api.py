@@ -15,6 +15,7 @@ from .errors import UserError
 from .events import Reporter
 from .inference import VolumeSegmentation, rank_uncertain_slices, segment_volume
 from .modelfile import load_model
+from .prior import PriorSettings, SlicePrior
 from .train import remap_labels
 
 
@@ -25,10 +26,29 @@ def class_values_lut(classes: list[dict]) -> np.ndarray:
     return np.asarray(values, dtype=dtype)
 
 
+def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
+                  explicit_slices: Sequence[int] | None = None) -> SlicePrior | None:
+    """The prior of a painted label map (label values, ``[K, J, I]``) for the model of ``card``: its labelled
+    slices (any painted voxel, or listed in ``explicit_slices``) along the model's slice axis, with the
+    card's prior settings. ``None`` when no slice is labelled. A card without prior settings (``--preset
+    paper``) keeps the painted slices as painted and leaves the others to the network."""
+    from .data import axis_index, labelled_slices
+
+    mapped = remap_labels(painted, card["classes"])
+    axis = card["slice_axis"]
+    labelled = labelled_slices(mapped, axis, explicit_slices)
+    if len(labelled) == 0:
+        return None
+    settings = card.get("prior")
+    prior_settings = PriorSettings.from_dict(settings) if settings else PriorSettings(weight=0.0)
+    return SlicePrior(mapped, labelled, axis_index(axis), spacing_kji, len(card["classes"]) + 1, prior_settings)
+
+
 def segment_arrays(card: dict, networks, image: np.ndarray, *, truth: np.ndarray | None = None,
                    eval_slices: Sequence[int] | None = None, batch_size: int = 8, device="cpu",
-                   reporter: Reporter | None = None) -> VolumeSegmentation:
-    """Normalise ``image [C, K, J, I]`` as the card says and segment it; ``truth`` holds label values."""
+                   reporter: Reporter | None = None, prior: SlicePrior | None = None) -> VolumeSegmentation:
+    """Normalise ``image [C, K, J, I]`` as the card says and segment it; ``truth`` holds label values;
+    ``prior``: see :func:`painted_prior`."""
     if image.shape[0] != card["architecture"]["in_channels"]:
         raise UserError(f"the model takes {card['architecture']['in_channels']} channel(s) "
                         f"({', '.join(c['name'] for c in card['channels'])}) but {image.shape[0]} image(s) "
@@ -36,30 +56,42 @@ def segment_arrays(card: dict, networks, image: np.ndarray, *, truth: np.ndarray
     volume = Normalisation.from_dict(card["normalisation"]).apply(image)
     mapped = remap_labels(truth, card["classes"]) if truth is not None else None
     return segment_volume(networks, volume, axis=card["slice_axis"], batch_size=batch_size, device=device,
-                          truth=mapped, eval_slices=eval_slices, reporter=reporter)
+                          truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior)
 
 
 def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence: str | None = None,
                   disagreement: str | None = None, report: str | None = None, truth: str | None = None,
                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device: str = "auto",
-                  reporter: Reporter | None = None) -> dict:
-    """Segment IMAGE(s) with a model folder and write the outputs on the input grid."""
+                  reporter: Reporter | None = None, labels: str | None = None,
+                  explicit_slices: Sequence[int] | None = None) -> dict:
+    """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
+
+    ``labels``: the painted label map of this volume (what the model was trained from): see
+    :func:`painted_prior`."""
     from .io import check_outputs_not_inputs, read_image, read_labels, write_volume
 
     reporter = reporter or Reporter(progress_bar=False)
     outputs = [p for p in (out, confidence, disagreement, report) if p]
-    inputs = list(images) + ([truth] if truth else [])
+    inputs = list(images) + ([truth] if truth else []) + ([labels] if labels else [])
     check_outputs_not_inputs(outputs, inputs + [str(Path(model_dir) / "model.json"),
                                                 str(Path(model_dir) / "model.safetensors")])
     if eval_slices is not None and truth is None:
         raise UserError("--eval-slices needs --truth (the label map to evaluate against)")
+    if explicit_slices and not labels:
+        raise UserError("--labelled-slices / --empty-slices need --labels (the painted label map)")
     dev = resolve_device(device)
     card, networks = load_model(model_dir, device=dev)
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     truth_arr = read_labels(truth, geometry) if truth else None
+    prior = None
+    if labels:
+        prior = painted_prior(card, read_labels(labels, geometry), geometry.spacing[::-1], explicit_slices)
+        if prior is None:
+            raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
+                            "leave --labels out")
     seg = segment_arrays(card, networks, image, truth=truth_arr, eval_slices=eval_slices,
-                         batch_size=batch_size, device=dev, reporter=reporter)
+                         batch_size=batch_size, device=dev, reporter=reporter, prior=prior)
     lut = class_values_lut(card["classes"])
     write_volume(lut[seg.labels], geometry, out)
     if confidence:

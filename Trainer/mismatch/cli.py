@@ -67,7 +67,7 @@ def _common_device(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .train import PRESETS, TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -86,15 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=d.method, help="mismatch (default), unet (supervised U-Net), sup2, "
                                                       "mm-a, mm-b, mm-c; baselines mt, fixmatch, cct, mta, "
                                                       "morph (docs/methods.md)")
-    t.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    t.add_argument("--width", type=_positive_int, default=d.width, help="channels of the first encoder block")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="default: the product's recipe (Dice + cross-entropy, width 16, 128-pixel patches, and the "
+                        "painted slices guide segmentation); paper: MisMatch as the paper describes it (width 24, "
+                        "176-pixel patches, Dice only). Options below override the preset")
+    t.add_argument("--steps", type=_positive_int, help=f"optimiser steps (default {d.steps})")
+    t.add_argument("--width", type=_positive_int, help=f"channels of the first encoder block (default {d.width})")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="labelled slices per step; under torchrun the global batch, split evenly over the "
                         "processes (a multiple of their number)")
     t.add_argument("--unlabelled-batch-size", type=int, default=0, help="unlabelled slices per step "
                                                                         "(default: --batch-size; global too)")
-    t.add_argument("--patch-size", type=int, default=d.patch_size, help="square patch side; 0 = whole slices")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    t.add_argument("--patch-size", type=int, help=f"square patch side; 0 = whole slices (default {d.patch_size})")
+    t.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
     t.add_argument("--alpha", type=float, default=d.alpha, help="consistency weight (default 0.002)")
     t.add_argument("--alpha-rampup", type=float, default=d.alpha_rampup,
                    help="fraction of training over which alpha ramps up (0 = constant)")
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the last K snapshots and average them at inference (paper: 10)")
     t.add_argument("--labelled-slices", type=_slices, metavar="LIST",
                    help="slices that count as labelled even if all background, e.g. 3,7,10-12")
+    t.add_argument("--empty-slices", type=_slices, metavar="LIST",
+                   help="slices you checked and found without the structure (labelled as all background), "
+                        "e.g. 0-4,40: they teach the model where the structure is not")
     t.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice axis of the image grid (default k)")
     t.add_argument("--hu-window", type=_window, metavar="LOW,HIGH", help="CT: clip to this HU window first")
     t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
@@ -138,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--confidence", metavar="FILE", help="write the probability of the predicted class")
     s.add_argument("--disagreement", metavar="FILE", help="write the disagreement between the two decoders")
     s.add_argument("--report", metavar="JSON", help="write per-slice uncertainty ranking (and evaluation)")
+    s.add_argument("--labels", metavar="LABELS",
+                   help="the painted label map this model was trained from (same volume): the painted slices are "
+                        "kept as painted, and the model's prediction on the other slices is combined with what "
+                        "the painted slices imply (where the structure can be)")
+    s.add_argument("--labelled-slices", type=_slices, metavar="LIST",
+                   help="with --labels: slices that count as labelled even if all background")
+    s.add_argument("--empty-slices", type=_slices, metavar="LIST",
+                   help="with --labels: slices checked and found without the structure")
     s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
     s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per batch")
@@ -214,22 +229,23 @@ def cmd_train(args) -> int:
 
 
 def _train(args, ctx) -> int:
-    from .train import TrainConfig, stop_on_signals, train_files
+    from .train import preset_config, stop_on_signals, train_files
 
-    config = TrainConfig(
-        method=args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
+    config = preset_config(
+        args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
         alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
-    if args.patch_size < 0 or (0 < args.patch_size < 16):
+    if config.patch_size < 0 or (0 < config.patch_size < 16):
         raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
     unlabelled = [case.split(",") for case in args.unlabelled]
     reporter = _reporter(args, quiet=not ctx.is_main)
     with stop_on_signals({}) as stop:
         card = train_files(args.images, args.labels, args.out, config, unlabelled=unlabelled,
-                           explicit_slices=args.labelled_slices, classes_path=args.classes,
+                           explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                           classes_path=args.classes,
                            init_model=args.init, device=str(ctx.device) if ctx.distributed else args.device,
                            resume=args.resume, reporter=reporter, stop=stop,
                            unlabelled_manifest=args.unlabelled_manifest, cache_volumes=args.cache_volumes,
@@ -248,7 +264,8 @@ def cmd_segment(args) -> int:
     summary = segment_files(args.images, args.model, args.out, confidence=args.confidence,
                             disagreement=args.disagreement, report=args.report, truth=args.truth,
                             eval_slices=args.eval_slices, batch_size=args.batch_size, device=args.device,
-                            reporter=reporter)
+                            reporter=reporter, labels=args.labels,
+                            explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []))
     reporter.end("completed", f"segmentation written to {args.out}", **summary)
     if args.events != "-":
         print(f"segmentation written to {args.out} ({summary['seconds']:.1f} s)")

@@ -22,6 +22,7 @@ from .device import autocast
 from .events import Reporter
 from .metrics import OverlapCounter
 from .models import SegmentationNetwork
+from .prior import SlicePrior
 
 #: a voxel counts as uncertain when the mean prediction's confidence is below this
 UNCERTAIN_CONFIDENCE = 0.8
@@ -50,6 +51,29 @@ def _top_label(probs: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.T
     return pred.to(torch.uint8 if probs.shape[1] < 256 else torch.int32), conf
 
 
+def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) -> torch.Tensor:
+    """The mean prediction combined with the painted slices' prior (a product of experts: network log-odds
+    plus the prior's weighted log-odds); on a painted slice, the painted labels with probability 1."""
+    eps = 1e-6
+    out = torch.empty_like(mean, dtype=torch.float32)
+    w = float(prior.settings.weight)
+    for i, s in enumerate(slices):
+        p = mean[i].float()
+        if prior.is_labelled(s):
+            painted = torch.from_numpy(np.ascontiguousarray(prior.labels(s))).to(p.device).long()
+            out[i] = (painted > 0).float()[None] if binary else \
+                torch.nn.functional.one_hot(painted, p.shape[0]).permute(2, 0, 1).float()
+            continue
+        lo = torch.from_numpy(prior.log_odds(s)).to(p.device)
+        if binary:
+            z = torch.log(p.clamp(eps, 1 - eps)) - torch.log1p(-p.clamp(eps, 1 - eps)) + w * lo
+            out[i] = torch.sigmoid(z)
+        else:
+            prior_logp = torch.log_softmax(torch.cat([torch.zeros_like(lo[:1]), lo]), 0)
+            out[i] = torch.softmax(torch.log(p.clamp_min(eps)) + w * prior_logp, 0)
+    return out
+
+
 def _disagreement(per_decoder: list[torch.Tensor], binary: bool) -> torch.Tensor:
     if len(per_decoder) < 2:
         return torch.zeros_like(per_decoder[0][:, 0])
@@ -61,8 +85,13 @@ def _disagreement(per_decoder: list[torch.Tensor], binary: bool) -> torch.Tensor
 def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray, axis: str = "k",
                    batch_size: int = 8, device: torch.device | str = "cpu", amp: bool = True,
                    truth: np.ndarray | None = None, eval_slices: Sequence[int] | None = None,
-                   reporter: Reporter | None = None, n_bins: int = 15) -> VolumeSegmentation:
+                   reporter: Reporter | None = None, n_bins: int = 15,
+                   prior: SlicePrior | None = None) -> VolumeSegmentation:
     """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis``.
+
+    ``prior``: what the user's painted slices of this volume imply (:class:`~mismatch.prior.SlicePrior`):
+    the mean prediction is combined with it and the painted slices are kept as painted. The decoders'
+    own outputs (their evaluation and disagreement) are the networks' alone.
 
     ``networks``: one per kept snapshot (their per-decoder probabilities are averaged). With ``truth``
     (class indices ``[K, J, I]``) and ``eval_slices``, the result's ``evaluation`` holds overlap and
@@ -104,6 +133,8 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray, 
                 per_decoder = probs if per_decoder is None else [a + b for a, b in zip(per_decoder, probs)]
         per_decoder = [p / len(networks) for p in per_decoder]
         mean = torch.stack(per_decoder).mean(0)
+        if prior is not None:
+            mean = _fuse(mean, prior, range(start, stop), binary)
         pred, conf = _top_label(mean, binary)
         dis = _disagreement(per_decoder, binary)
         lab_v[start:stop] = pred.cpu().numpy()

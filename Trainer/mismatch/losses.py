@@ -46,11 +46,20 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-5)
     return 1 - dice[1:].mean()
 
 
-def supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice for a binary model; Dice + cross-entropy for a multi-class model (``logits [B, K, H, W]``)."""
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, cross_entropy: bool = False) -> torch.Tensor:
+    """Dice for a binary model (the paper's loss), plus binary cross-entropy with ``cross_entropy``;
+    Dice + cross-entropy for a multi-class model (``logits [B, K, H, W]``).
+
+    Dice alone is a set-level loss: it rewards overlap and barely penalises a few confident false-positive
+    pixels. Cross-entropy scores every pixel, which keeps the probabilities calibrated and the background of
+    the few labelled slices learned; it is what the product's default uses.
+    """
     logits = logits.float()
     if logits.shape[1] == 1:
-        return soft_dice_loss(torch.sigmoid(logits), target)
+        dice = soft_dice_loss(torch.sigmoid(logits), target)
+        if not cross_entropy:
+            return dice
+        return dice + F.binary_cross_entropy_with_logits(logits[:, 0], (target > 0).to(logits.dtype))
     return soft_dice_loss(torch.softmax(logits, 1), target) + F.cross_entropy(logits, target.long())
 
 

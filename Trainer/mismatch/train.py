@@ -34,6 +34,7 @@ from .modelfile import (
     save_model,
 )
 from .models import ArchitectureConfig, SegmentationNetwork, count_parameters
+from .prior import PriorSettings
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -44,15 +45,16 @@ _PALETTE = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.43, 0.7
 
 @dataclass
 class TrainConfig:
-    """Every training setting. Defaults suit a few hundred steps on one volume."""
+    """Every training setting. The defaults are the product's ``default`` preset (see :data:`PRESETS`):
+    what a user gets from ``mismatch train`` and the Slicer panel."""
 
     method: str = "mismatch"
     steps: int = 300
-    width: int = 24
+    width: int = 16
     batch_size: int = 4              # labelled slices per step
     unlabelled_batch_size: int = 0   # unlabelled slices per step (0: same as batch_size)
-    patch_size: int = 176            # square random patches (the paper's size); 0 = whole slices
-    lr: float = 1e-3
+    patch_size: int = 128            # square random patches; 0 = whole slices
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: float = 0.05             # fraction of steps with a linear learning-rate warm-up, then cosine decay
     alpha: float = 0.002             # consistency weight (paper: 0.0005 to 0.004, 0.002 best)
@@ -68,11 +70,38 @@ class TrainConfig:
     checkpoint_every: int = 100
     pasb_side: str = "factorised"
     method_options: dict = field(default_factory=dict)  # a method's own settings, e.g. {"ema_decay": 0.999}
+    # what the painted slices imply, used when a volume is segmented with its painted labels
+    # (mismatch.prior.PriorSettings as a dict); None: the network's prediction alone
+    prior: dict | None = field(default_factory=lambda: PriorSettings().to_dict())
+    preset: str = "default"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window) if self.hu_window else None
         return d
+
+
+#: Named starting points for :class:`TrainConfig`. ``default`` is the product's recipe, chosen by the
+#: measurements in docs/benchmarks.md; ``paper`` is MisMatch as the paper describes it (width 24, 176-pixel
+#: patches, Dice only, no use of the painted slices beyond training), which this project shipped first.
+#: ``method_options`` apply to the named methods only.
+PRESETS: dict[str, dict] = {
+    "default": {"config": {}, "method_options": {m: {"cross_entropy": True}
+                                                 for m in ("mismatch", "mm-a", "mm-b", "mm-c", "sup2")}},
+    "paper": {"config": {"width": 24, "patch_size": 176, "lr": 1e-3, "steps": 300, "prior": None},
+              "method_options": {}},
+}
+
+
+def preset_config(preset: str = "default", method: str = "mismatch", **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset, with ``overrides`` (``None`` values are ignored) on top."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    options = dict(PRESETS[preset]["method_options"].get(method, {}))
+    options.update(overrides.pop("method_options", None) or {})
+    values = dict(PRESETS[preset]["config"])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(method=method, preset=preset, method_options=options, **values)
 
 
 def default_classes(values: Sequence[int]) -> list[dict]:
@@ -469,6 +498,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                     "labelled_slices": [int(i) for i in labelled], "parameters": result.parameters,
                     "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 5)} for h in result.history]},
         "geometry": geometry.to_dict(),
+        "prior": config.prior,
     }
     if pool is not None:
         reporter.log(f"unlabelled manifest: {pool.cache.describe()}")

@@ -123,3 +123,39 @@ def rand_augment(x: torch.Tensor, n_ops: int = 2, probability: float = 0.5, cuto
                 u = op(u, float(torch.rand(())))
         out[i] = (u * span + lo).to(x.dtype)
     return cutout(out, cutout_fraction) if cutout_fraction > 0 else out
+
+
+def anatomy_preserving(x: torch.Tensor, y: torch.Tensor, max_rotation: float = 15.0,
+                       scale: tuple[float, float] = (0.85, 1.15), intensity: float = 0.1,
+                       noise_std: float = 0.05, probability: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmentation that does not invent anatomy, for labelled slices ``x [B, C, H, W]``, ``y [B, H, W]``.
+
+    With ``probability`` per sample: a small rotation (``+-max_rotation`` degrees) and isotropic scaling
+    about the centre (image bilinear, labels nearest, the border replicated), a random intensity gain and
+    offset (``1 +- intensity``, ``+- intensity`` standard deviations, per channel) and Gaussian noise. No
+    flips: a mirrored slice is a body that does not exist (situs inversus, a tumour on the wrong side), and
+    the volume's other slices show the network the real orientation.
+    """
+    b = x.shape[0]
+    apply = torch.rand(b) < probability
+    if not bool(apply.any()):
+        return x, y
+    angle = (torch.rand(b) * 2 - 1) * max_rotation * torch.pi / 180
+    zoom = torch.empty(b).uniform_(*scale)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    theta[~apply] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    theta = theta.to(x.device, torch.float32)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    xf = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    yf = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
+    gain = 1 + (torch.rand(b, x.shape[1], 1, 1) * 2 - 1) * intensity
+    offset = (torch.rand(b, x.shape[1], 1, 1) * 2 - 1) * intensity
+    keep = (~apply).view(b, 1, 1, 1)
+    gain, offset = torch.where(keep, 1.0, gain), torch.where(keep, 0.0, offset)
+    xf = xf * gain.to(x.device) + offset.to(x.device)
+    if noise_std > 0:
+        xf = xf + noise_std * torch.randn(xf.shape).to(x.device) * (~keep).to(x.device)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return xf.to(x.dtype).contiguous(memory_format=fmt), yf[:, 0].round().to(y.dtype)

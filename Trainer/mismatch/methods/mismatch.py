@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..losses import STOP_GRADIENT_MODES, alpha_schedule, consistency_loss, supervised_loss
+from .augment import anatomy_preserving
 from .base import Method, TrainingBatch
 
 
@@ -24,22 +25,27 @@ class MisMatchMethod(Method):
     uses_unlabelled = True
 
     def __init__(self, architecture: str = "mismatch", alpha: float = 0.002, alpha_rampup: float = 0.4,
-                 stop_gradient: str = "none", **_ignored):
+                 stop_gradient: str = "none", cross_entropy: bool = False, augment: bool = False, **_ignored):
         if stop_gradient not in STOP_GRADIENT_MODES:
             raise ValueError(f"unknown stop-gradient mode {stop_gradient!r}: one of {STOP_GRADIENT_MODES}")
-        super().__init__(architecture, alpha=alpha, alpha_rampup=alpha_rampup, stop_gradient=stop_gradient)
+        super().__init__(architecture, alpha=alpha, alpha_rampup=alpha_rampup, stop_gradient=stop_gradient,
+                         cross_entropy=cross_entropy, augment=augment)
         self.name = "mismatch" if architecture == "mismatch" else architecture
         self.alpha = alpha
         self.alpha_rampup = alpha_rampup
         self.stop_gradient = stop_gradient
+        self.cross_entropy = bool(cross_entropy)
+        self.augment = bool(augment)
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         n_l = batch.labelled_x.shape[0]
-        x = batch.labelled_x
+        x, y = batch.labelled_x, batch.labelled_y
+        if self.augment:
+            x, y = anatomy_preserving(x, y)
         if batch.unlabelled_x is not None:
             x = torch.cat([x, batch.unlabelled_x])
         outputs = model(x)
-        sup = torch.stack([supervised_loss(o[:n_l], batch.labelled_y) for o in outputs]).mean()
+        sup = torch.stack([supervised_loss(o[:n_l], y, self.cross_entropy) for o in outputs]).mean()
         terms = {"dice": float(sup.detach())}
         loss = sup
         alpha = alpha_schedule(batch.step, batch.total_steps, self.alpha, self.alpha_rampup)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..losses import supervised_loss
+from .augment import anatomy_preserving
 from .base import Method, TrainingBatch
 
 
@@ -30,22 +31,37 @@ def flip_and_noise(x: torch.Tensor, y: torch.Tensor | None, noise_std: float = 0
     return x + noise_std * noise, y
 
 
+AUGMENTATIONS = ("paper", "anatomy", "none")
+
+
 class SupervisedMethod(Method):
-    """Dice (+ cross-entropy for multi-class) on each decoder, labelled slices only."""
+    """Dice (+ cross-entropy for multi-class, or with ``cross_entropy``) on each decoder, labelled slices only.
+
+    ``augment``: ``"paper"`` (Sup1's flips and Gaussian noise), ``"anatomy"``
+    (:func:`~mismatch.methods.augment.anatomy_preserving`: small rotations and scaling, intensity jitter, no
+    flips) or ``"none"``.
+    """
 
     name = "supervised"
     uses_unlabelled = False
 
-    def __init__(self, architecture: str = "unet", augment: bool = True, noise_std: float = 0.1, **_ignored):
-        super().__init__(architecture, augment=augment, noise_std=noise_std)
-        self.name = "unet" if architecture == "unet" else "sup2"
+    def __init__(self, architecture: str = "unet", augment: str = "paper", noise_std: float = 0.1,
+                 cross_entropy: bool = False, name: str | None = None, **_ignored):
+        augment = {True: "paper", False: "none"}.get(augment, augment)
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, not {augment!r}")
+        super().__init__(architecture, augment=augment, noise_std=noise_std, cross_entropy=cross_entropy)
+        self.name = name or ("unet" if architecture == "unet" else "sup2")
         self.augment = augment
         self.noise_std = noise_std
+        self.cross_entropy = bool(cross_entropy)
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch.labelled_x, batch.labelled_y
-        if self.augment:
+        if self.augment == "paper":
             x, y = flip_and_noise(x, y, self.noise_std)
+        elif self.augment == "anatomy":
+            x, y = anatomy_preserving(x, y)
         outputs = model(x)
-        sup = torch.stack([supervised_loss(o, y) for o in outputs]).mean()
+        sup = torch.stack([supervised_loss(o, y, self.cross_entropy) for o in outputs]).mean()
         return sup, {"dice": float(sup.detach())}

@@ -1,0 +1,210 @@
+"""What the painted slices imply about the slices between and around them.
+
+A user paints a structure on a few slices. Before any network is trained, those slices already say a lot:
+the structure lies *near* the painted shapes on the slices between them, and it ends somewhere beyond the
+outermost painted slice. This module turns that into
+
+- the free baselines a user has at once: :func:`nearest_slice` (copy the closest painted slice) and
+  :func:`shape_interpolation` (shape-based interpolation: linear in the signed distance between the two
+  painted slices around each slice, the nearest painted slice copied beyond the outermost ones);
+- :class:`SlicePrior`: per-slice prior log-odds of each class from the interpolated signed distance, soft
+  where the slice is far from any painted one. Inference adds them to the network's log-odds (a product of
+  experts: the network says what the image looks like, the prior says where the structure can be), which
+  removes the network's confident false positives far from the structure and keeps its boundaries where
+  the interpolation is unsure;
+- :func:`keep_connected`: the parts of a segmentation connected in 3D to the painted voxels of their class.
+
+Arrays are ``[K, J, I]``; ``axis`` is the numpy axis of the slices; ``spacing`` is ``(K, J, I)`` mm.
+``sparse`` label maps hold class indices 0..N on the labelled slices (0 = background there) and are ignored
+elsewhere. A labelled slice with no voxel of a class says "this class is absent here".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["nearest_slice", "shape_interpolation", "SlicePrior", "keep_connected", "signed_distance"]
+
+
+def _plane_spacing(spacing: Sequence[float], axis: int) -> tuple[float, float]:
+    sp = [float(s) for a, s in enumerate(spacing) if a != axis]
+    return sp[0], sp[1]
+
+
+def signed_distance(mask: np.ndarray, spacing: tuple[float, float], absent: float) -> np.ndarray:
+    """In-plane signed distance (mm) to the boundary of a 2D mask: negative inside, positive outside.
+
+    Measured between pixel centres and shifted by half a pixel, so that ``sdf < 0`` gives the mask back
+    exactly. An empty mask gives ``absent`` everywhere (the structure is far away); a full one ``-absent``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.full(mask.shape, absent, dtype=np.float32)
+    if mask.all():
+        return np.full(mask.shape, -absent, dtype=np.float32)
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing)
+    half = 0.5 * min(spacing)
+    return np.where(mask, -(inside - half), outside - half).astype(np.float32)
+
+
+def _check(sparse: np.ndarray, labelled: Sequence[int], axis: int) -> np.ndarray:
+    sparse = np.asarray(sparse)
+    if sparse.ndim != 3:
+        raise ValueError(f"labels must be [K, J, I], got shape {sparse.shape}")
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    if lab.size == 0:
+        raise ValueError("no labelled slice")
+    if lab[0] < 0 or lab[-1] >= sparse.shape[axis]:
+        raise ValueError(f"labelled slices {lab.tolist()} outside 0..{sparse.shape[axis] - 1}")
+    return lab
+
+
+def _neighbours(n: int, labelled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every slice: the painted slice at or below it, the one at or above it (-1 where none), and the
+    distance in slices to the nearest painted slice."""
+    idx = np.arange(n)
+    pos = np.searchsorted(labelled, idx, side="right") - 1          # last labelled <= s
+    below = np.where(pos >= 0, labelled[np.clip(pos, 0, None)], -1)
+    pos_up = np.searchsorted(labelled, idx, side="left")            # first labelled >= s
+    above = np.where(pos_up < len(labelled), labelled[np.clip(pos_up, None, len(labelled) - 1)], -1)
+    dist = np.min(np.abs(idx[:, None] - labelled[None, :]), axis=1)
+    return below, above, dist
+
+
+def nearest_slice(sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
+    """Every slice a copy of the nearest labelled slice (the lower one on a tie)."""
+    lab = _check(sparse, labelled, axis)
+    src = np.moveaxis(np.asarray(sparse), axis, 0)
+    nearest = lab[np.argmin(np.abs(np.arange(src.shape[0])[:, None] - lab[None, :]), axis=1)]
+    return np.moveaxis(src[nearest], 0, axis).copy()
+
+
+def _class_sdfs(src: np.ndarray, lab: np.ndarray, classes: Sequence[int], spacing2: tuple[float, float],
+                absent: float) -> dict[int, np.ndarray]:
+    """``{slice: float32 [N, H, W]}``: each class's signed distance on each labelled slice."""
+    return {int(s): np.stack([signed_distance(src[s] == c, spacing2, absent) for c in classes]) for s in lab}
+
+
+def _interpolated(sdfs: dict[int, np.ndarray], s: int, below: int, above: int) -> np.ndarray:
+    if below == above or above < 0:
+        return sdfs[below]
+    if below < 0:
+        return sdfs[above]
+    t = (s - below) / (above - below)
+    return (1 - t) * sdfs[below] + t * sdfs[above]
+
+
+def _labels_from_sdf(sdf: np.ndarray) -> np.ndarray:
+    """Class indices from per-class signed distances ``[N, H, W]``: the class with the most negative
+    distance where any is negative, else background."""
+    best = np.argmin(sdf, axis=0)
+    inside = np.take_along_axis(sdf, best[None], 0)[0] < 0
+    return np.where(inside, best + 1, 0)
+
+
+def shape_interpolation(sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
+                        spacing: Sequence[float] = (1.0, 1.0, 1.0), num_classes: int | None = None) -> np.ndarray:
+    """Shape-based interpolation: between two labelled slices each class's signed distance is interpolated
+    linearly and its negative part kept; beyond the outermost labelled slices the nearest one is copied."""
+    lab = _check(sparse, labelled, axis)
+    src = np.moveaxis(np.asarray(sparse), axis, 0)
+    n_cls = int(num_classes - 1) if num_classes else int(src[lab].max())
+    out = np.zeros(src.shape, dtype=np.uint8 if n_cls < 255 else np.int32)
+    if n_cls == 0:
+        return np.moveaxis(out, 0, axis)
+    sp2 = _plane_spacing(spacing, axis)
+    absent = float(np.hypot(src.shape[1] * sp2[0], src.shape[2] * sp2[1]))
+    sdfs = _class_sdfs(src, lab, range(1, n_cls + 1), sp2, absent)
+    below, above, _ = _neighbours(src.shape[0], lab)
+    for s in range(src.shape[0]):
+        out[s] = _labels_from_sdf(_interpolated(sdfs, s, int(below[s]), int(above[s])))
+    return np.moveaxis(out, 0, axis)
+
+
+@dataclass
+class PriorSettings:
+    """How sure the prior is. The log-odds of class c at a pixel are ``-d_c / tau``, with ``d_c`` the
+    interpolated signed distance (mm) and ``tau = tau_mm + tau_per_mm * D`` growing with ``D``, the
+    distance (mm, along the slice axis) to the nearest labelled slice. Beyond the outermost labelled slice
+    the structure is also taken to shrink by ``shrink`` mm per mm travelled (it has to end somewhere).
+    ``weight`` scales the prior's log-odds before they are added to the network's."""
+
+    tau_mm: float = 2.0
+    tau_per_mm: float = 0.5
+    shrink: float = 0.5
+    weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"tau_mm": self.tau_mm, "tau_per_mm": self.tau_per_mm, "shrink": self.shrink, "weight": self.weight}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PriorSettings":
+        d = d or {}
+        return cls(**{k: float(d[k]) for k in ("tau_mm", "tau_per_mm", "shrink", "weight") if k in d})
+
+
+class SlicePrior:
+    """Prior log-odds from the labelled slices, computed a slice at a time (no volume-sized float array).
+
+    ``log_odds(s)`` is ``float32 [N, H, W]`` (one map per foreground class, against background) for slice
+    ``s``; on a labelled slice it is ``+-inf`` (the painted labels are kept as painted).
+    """
+
+    def __init__(self, sparse: np.ndarray, labelled: Sequence[int], axis: int, spacing: Sequence[float],
+                 num_classes: int, settings: PriorSettings | None = None):
+        self.lab = _check(sparse, labelled, axis)
+        self.src = np.moveaxis(np.asarray(sparse), axis, 0)
+        self.settings = settings or PriorSettings()
+        self.n_fg = int(num_classes) - 1
+        self.sp2 = _plane_spacing(spacing, axis)
+        self.dz = float(spacing[axis])
+        self.absent = float(np.hypot(self.src.shape[1] * self.sp2[0], self.src.shape[2] * self.sp2[1]))
+        self.sdfs = _class_sdfs(self.src, self.lab, range(1, self.n_fg + 1), self.sp2, self.absent)
+        self.below, self.above, self.dist = _neighbours(self.src.shape[0], self.lab)
+
+    def is_labelled(self, s: int) -> bool:
+        return int(s) in self.sdfs
+
+    def labels(self, s: int) -> np.ndarray:
+        """The painted class indices of labelled slice ``s``."""
+        return self.src[int(s)]
+
+    def log_odds(self, s: int) -> np.ndarray:
+        st = self.settings
+        s = int(s)
+        lo, hi = int(self.below[s]), int(self.above[s])
+        sdf = _interpolated(self.sdfs, s, lo, hi)
+        d_mm = float(self.dist[s]) * self.dz
+        if lo < 0 or hi < 0:   # beyond the outermost labelled slice
+            sdf = sdf + st.shrink * d_mm
+        tau = st.tau_mm + st.tau_per_mm * d_mm
+        return (-sdf / tau).astype(np.float32)
+
+
+def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
+    """``pred`` with, for each class, only the 3D-connected (6-neighbour) parts that touch a painted voxel of
+    that class. A class painted nowhere is kept as predicted."""
+    lab = _check(sparse, labelled, axis)
+    out = np.array(pred, copy=True)
+    seeds = np.zeros(pred.shape, dtype=bool)
+    index = [slice(None)] * 3
+    index[axis] = lab
+    index = tuple(index)
+    for c in [int(v) for v in np.unique(pred) if v != 0]:
+        seeds[...] = False
+        seeds[index] = np.asarray(sparse)[index] == c
+        mask = pred == c
+        if not (seeds & mask).any():
+            if seeds.any():
+                out[mask] = 0
+            continue
+        comp, _ = ndimage.label(mask)
+        keep = np.unique(comp[seeds & mask])
+        keep = keep[keep > 0]
+        out[mask & ~np.isin(comp, keep)] = 0
+    return out
