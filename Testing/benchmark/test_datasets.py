@@ -3,12 +3,17 @@
 import importlib.util
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from mismatch.benchmark.datasets import DATA_DIR_ENV, PYRADIOMICS_DOWNLOAD, draw_split, load_dataset
+from mismatch.benchmark import datasets
+from mismatch.benchmark.datasets import DATA_DIR_ENV, DATASETS, PYRADIOMICS_DOWNLOAD, draw_split, load_dataset
 from mismatch.errors import UserError
+
+REPO_SDIST = Path(__file__).resolve().parents[2] / ".data" / "pyradiomics-3.0.1.tar.gz"
 
 has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
 
@@ -48,13 +53,95 @@ def test_mni152_grey_matter():
     assert case.image[0][case.label > 0].mean() > 0
 
 
+@pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")
+def test_ctchest_lungs_lr_is_its_own_two_class_data_set():
+    (case,) = load_dataset("ctchest-lungs-lr")
+    _check_case(case, n_classes=2)
+    assert case.name == "ctchest-lungs-lr" and case.classes == {1: "right lung", 2: "left lung"}
+    assert (case.label == 1).sum() > 1000 and (case.label == 2).sum() > 1000
+    (binary,) = load_dataset("ctchest-lungs")
+    assert np.array_equal(case.label > 0, binary.label > 0) and binary.classes == {1: "lungs"}
+
+
 def test_pyradiomics_missing_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "no-such-folder")
     with pytest.raises(UserError, match="pip download --no-deps --no-binary pyradiomics"):
         load_dataset("pyradiomics-brain1")
+    with pytest.raises(UserError, match="scripts/setup-benchmark.sh"):
+        load_dataset("pyradiomics-breast1")
     with pytest.raises(UserError, match=DATA_DIR_ENV):
         load_dataset("pyradiomics-brain1", data_dir=tmp_path)
     assert "--no-build-isolation pyradiomics==3.0.1" in PYRADIOMICS_DOWNLOAD
+
+
+def test_only_brain1_and_breast1_of_the_pyradiomics_cases():
+    assert sorted(n for n in DATASETS if n.startswith("pyradiomics-")) == ["pyradiomics-brain1",
+                                                                           "pyradiomics-breast1"]
+    with pytest.raises(UserError, match="reserved"):
+        datasets._find_pyradiomics_case("lung1", None)
+
+
+def test_repo_data_dir_is_the_repository_root():
+    assert datasets.REPO_DATA_DIR == Path(__file__).resolve().parents[2] / ".data"
+    assert (datasets.REPO_DATA_DIR.parent / "pyproject.toml").exists()
+
+
+def _fake_sdist(folder: Path, case: str, shape_kji=(4, 6, 5), value=1) -> tuple[np.ndarray, np.ndarray]:
+    """A tarball named like the pyradiomics 3.0.1 sdist holding only data/{case}_image/label.nrrd."""
+    rng = np.random.default_rng(value)
+    image = rng.normal(100, 10, shape_kji).astype(np.int16)
+    label = np.zeros(shape_kji, np.uint8)
+    label[1:3, 2:4, 1:4] = value  # the lesion: any value > 0 is foreground
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / "staging"
+    staging.mkdir()
+    for kind, arr in (("image", image), ("label", label)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((0.66, 0.66, 2.1))
+        sitk.WriteImage(img, str(staging / f"{case}_{kind}.nrrd"))
+    with tarfile.open(folder / "pyradiomics-3.0.1.tar.gz", "w:gz") as tar:
+        tar.add(staging, arcname="pyradiomics-3.0.1/data", recursive=False)  # the folder entry, as in the sdist
+        for kind in ("image", "label"):
+            tar.add(staging / f"{case}_{kind}.nrrd", arcname=f"pyradiomics-3.0.1/data/{case}_{kind}.nrrd")
+    for f in staging.iterdir():
+        f.unlink()
+    staging.rmdir()
+    return image, label
+
+
+def test_breast1_from_a_tarball_in_the_search_order(tmp_path, monkeypatch):
+    image, label = _fake_sdist(tmp_path / "arg", "breast1", value=1)
+    other, _ = _fake_sdist(tmp_path / "env", "breast1", value=2)
+    repo_image, _ = _fake_sdist(tmp_path / "repo" / ".data", "breast1", value=3)
+    monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "repo" / ".data")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "env"))
+
+    (case,) = load_dataset("pyradiomics-breast1", data_dir=tmp_path / "arg")   # 1. the argument
+    _check_case(case)
+    assert case.name == "pyradiomics-breast1" and case.axis == 2 and case.window is None
+    assert np.array_equal(case.image[0], image.astype(np.float32)) and np.array_equal(case.label, label > 0)
+    assert case.spacing == pytest.approx((2.1, 0.66, 0.66))
+    assert not list(tmp_path.glob("arg/pyradiomics-3.0.1"))  # read from the tarball, not untarred beside it
+
+    (case,) = load_dataset("pyradiomics-breast1")                            # 2. $MISMATCH_DATA_DIR
+    assert np.array_equal(case.image[0], other.astype(np.float32))
+    monkeypatch.delenv(DATA_DIR_ENV)
+    (case,) = load_dataset("pyradiomics-breast1")                            # 3. <repository>/.data
+    assert np.array_equal(case.image[0], repo_image.astype(np.float32))
+    # a data folder without the archive falls through to the next one
+    (case,) = load_dataset("pyradiomics-breast1", data_dir=tmp_path / "empty")
+    assert np.array_equal(case.image[0], repo_image.astype(np.float32))
+
+
+def test_tarball_without_the_case_says_so(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "no-such-folder")
+    _fake_sdist(tmp_path, "brain1")
+    with pytest.raises(UserError, match="has no pyradiomics-3.0.1/data/breast1_image.nrrd"):
+        load_dataset("pyradiomics-breast1", data_dir=tmp_path)
+    (brain,) = load_dataset("pyradiomics-brain1", data_dir=tmp_path)
+    assert brain.axis == 0 and brain.name == "pyradiomics-brain1"
 
 
 def _pyradiomics_dir():
@@ -62,15 +149,27 @@ def _pyradiomics_dir():
     if folder and (os.path.exists(os.path.join(folder, "pyradiomics-3.0.1.tar.gz"))
                    or os.path.exists(os.path.join(folder, "pyradiomics-3.0.1", "data", "brain1_image.nrrd"))):
         return folder
-    return None
+    return str(REPO_SDIST.parent) if REPO_SDIST.exists() else None
 
 
-@pytest.mark.skipif(_pyradiomics_dir() is None, reason=f"pyradiomics sdist not in ${DATA_DIR_ENV}")
+@pytest.mark.skipif(_pyradiomics_dir() is None, reason=f"pyradiomics sdist not in ${DATA_DIR_ENV} or .data/")
 def test_pyradiomics_brain1():
     (case,) = load_dataset("pyradiomics-brain1", data_dir=_pyradiomics_dir())
     _check_case(case)
     assert case.label.shape == (25, 256, 256)
     assert ((case.label > 0).sum(axis=(1, 2)) > 0).sum() == 7
+
+
+@pytest.mark.skipif(not REPO_SDIST.exists(), reason="no .data/pyradiomics-3.0.1.tar.gz (scripts/setup-benchmark.sh)")
+def test_pyradiomics_breast1_real_archive(monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    (case,) = load_dataset("pyradiomics-breast1")  # found in <repository>/.data with no argument
+    _check_case(case)
+    assert case.label.shape == (21, 120, 45) and case.axis == 2
+    per_axis = [int(((case.label > 0).sum(axis=tuple(a for a in range(3) if a != ax)) > 0).sum()) for ax in range(3)]
+    assert per_axis[0] == 3 and per_axis[2] == 9
+    labelled, _, test = draw_split(case.label, case.axis, 3, seed=0)
+    assert len(labelled) == 3 and len(test) == 45 - 3
 
 
 def test_synthetic_vessels_named_synthetic():
@@ -103,12 +202,28 @@ def test_draw_split_disjoint_deterministic():
     assert np.all(np.diff(lab) >= 2)  # one slice at least between labelled slices
     assert not set(lab) & set(test) and not set(lab) & set(unl)
     assert set(lab) | set(unl) == set(range(30))
-    assert set(test) == set(range(3, 25)) - set(lab) and set(test) <= set(unl)
+    assert np.array_equal(test, unl)  # every unlabelled slice is a test slice
     again = draw_split(label, axis=0, n_labelled=5, seed=7)
     assert all(np.array_equal(a, b) for a, b in zip((lab, unl, test), again))
     assert any(not np.array_equal(lab, draw_split(label, 0, 5, seed=s)[0]) for s in range(8, 12))
     lab4, _, test4 = draw_split(label, axis=0, n_labelled=5, seed=7, n_test=4)
     assert len(test4) == 4 and np.array_equal(lab4, lab) and not set(lab4) & set(test4)
+    assert set(test4) <= set(unl) and np.array_equal(test4, draw_split(label, 0, 5, seed=7, n_test=4)[2])
+
+
+def test_draw_split_tests_slices_without_foreground():
+    label = _label()  # foreground on slices 3..24 of 30: 0-2 and 25-29 are empty
+    lab, unl, test = draw_split(label, axis=0, n_labelled=3, seed=0)
+    empty = {0, 1, 2, 25, 26, 27, 28, 29}
+    assert empty <= set(test) and len(test) == 30 - 3
+    assert test.dtype == np.int64 and np.all(np.diff(test) > 0)
+    # n_test draws among all unlabelled slices, empty ones included
+    drawn = set()
+    for seed in range(20):
+        lab_s, _, t = draw_split(label, axis=0, n_labelled=3, seed=seed, n_test=10)
+        assert len(t) == 10 and not set(t) & set(lab_s)
+        drawn |= set(t)
+    assert empty <= drawn
 
 
 def test_draw_split_other_axis_gap_relaxed_and_errors():

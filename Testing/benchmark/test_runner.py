@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mismatch.benchmark import runner
@@ -116,3 +117,90 @@ def test_quick_mode_from_the_command_line(tmp_path, monkeypatch):
 def test_bad_patch_size_is_one_clear_error(tmp_path, capsys):
     assert main(["benchmark", "--quick", "--out", str(tmp_path), "--patch-size", "8"]) == 2
     assert "--patch-size 8" in capsys.readouterr().err
+
+
+# -- the free baselines -------------------------------------------------------------------------------------
+
+def _cylinder_case():
+    """12 slices of 2 mm; a square rod of constant cross-section on slices 2..9 only, brighter than the rest."""
+    from mismatch.benchmark.datasets import Case
+    from mismatch.io import Geometry
+
+    label = np.zeros((12, 32, 32), np.uint8)
+    label[2:10, 10:20, 12:22] = 1
+    rng = np.random.default_rng(0)
+    image = (rng.normal(0, 0.1, label.shape) + label).astype(np.float32)[None]
+    geometry = Geometry((32, 32, 12), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return Case("tiny-rod", image, label, geometry, axis=0, classes={1: "rod"})
+
+
+def test_default_methods_hold_the_free_baselines_and_the_strong_unet():
+    from mismatch.methods import METHODS
+
+    assert runner.FREE == ["nearest-slice", "shape-interpolation"]
+    assert runner.LEARNED.index("unet-strong") == runner.LEARNED.index("unet") + 1
+    assert BenchmarkConfig().methods == runner.LEARNED + runner.FREE + runner.CLASSICAL
+    specs = plan_runs(BenchmarkConfig(datasets=["tiny-rod"], labelled=[2], seeds=1, alpha_sweep=[]))
+    planned = [s["method"] for s in specs]
+    assert set(runner.FREE) <= set(planned) and all(s["alpha"] is None for s in specs if s["method"] in runner.FREE)
+    # a learned method the engine lacks is left out of the default list, but is an error when asked for
+    assert ("unet-strong" in planned) == ("unet-strong" in METHODS)
+    if "unet-strong" not in METHODS:
+        with pytest.raises(UserError, match="unknown method"):
+            plan_runs(tiny_config(methods=["unet-strong"]))
+
+
+def test_free_baselines_count_false_positives_on_empty_slices(tmp_path, monkeypatch):
+    """Both free baselines copy the rod beyond the outermost labelled slices, onto the 4 slices without it:
+    test = the 10 unlabelled slices, 6 with the rod and 4 without, so the pooled IoU is 6 / 10 exactly
+    (1.0 if only the slices with foreground were tested)."""
+    import mismatch.prior as prior
+    from mismatch.benchmark import datasets
+
+    case = _cylinder_case()
+    monkeypatch.setitem(datasets.DATASETS, "tiny-rod", lambda **kw: [case])
+    monkeypatch.setattr(runner, "_CASES", {})
+    calls = []
+    real = prior.shape_interpolation
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prior, "shape_interpolation", spy)
+    config = tiny_config(datasets=["tiny-rod"], dataset_options={}, methods=runner.FREE + ["mismatch"],
+                         alpha_sweep=[], seeds=2, patch_size=32)
+    data = run_benchmark(config, tmp_path, log=lambda m: None)
+    free = [r for r in data["runs"] if r["method"] in runner.FREE]
+    assert len(free) == 4 and {r["method"] for r in free} == set(runner.FREE)
+    for r in free:
+        assert r["n_test"] == 10 and set(r["test_slices"]) == set(range(12)) - set(r["labelled_slices"])
+        assert {0, 1, 10, 11} <= set(r["test_slices"])
+        assert r["iou"] == pytest.approx(0.6)
+        assert r["ece_band"] is None and r["params"] == 0 and r["train_seconds"] == 0.0
+        assert r["seconds"] >= 0 and r["ms_per_slice"] == pytest.approx(1000 * r["seconds"] / 12, rel=0.01, abs=1e-3)
+        assert r["per_slice_iou"].count(0.0) == 4 and r["per_slice_iou"].count(1.0) == 6
+    assert calls and all(c["spacing"] == (2.0, 1.0, 1.0) and c["num_classes"] == 2 for c in calls)
+    mm = [r for r in data["runs"] if r["method"] == "mismatch"]
+    assert all(r["seconds"] >= r["train_seconds"] > 0 for r in mm)
+    text = (tmp_path / "results.md").read_text()
+    assert "| Nearest labelled slice (copy) |" in text and "| Shape-based interpolation |" in text
+    assert "## Against the best free baseline" in text
+    assert "| 2 | best baseline: Nearest labelled slice (copy) | 60.0 ± 0.0 | ref. | ref. |" in text
+    assert "every slice that is not labelled" in text
+    line = next(l for l in text.splitlines() if l.startswith("| 2 | MisMatch |"))
+    diff = float(line.split("|")[4])
+    assert diff == pytest.approx(100 * np.mean([r["iou"] for r in mm]) - 60.0, abs=0.051)
+
+
+def test_runs_tested_on_other_slices_are_not_mixed(tmp_path):
+    old = {"config": {"training": tiny_config().training_settings()},
+           "runs": [{"dataset": "synthetic-vessels", "method": "unet", "n_labelled": 2, "seed": 0, "iou": 0.5,
+                     "group": "main", "alpha": None}]}
+    (tmp_path / "runs.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="other slices"):
+        run_benchmark(tiny_config(), tmp_path, log=lambda m: None)
+    assert main(["benchmark", "--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "before split version 2" in text and "## Against the best free baseline" in text
+    assert "| 2 | best baseline: Sup1 (U-Net) | 50.0 ± 0.0 | ref. | ref. | – | – |" in text

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mismatch.benchmark.stats import mann_whitney_p, mean_std
-from mismatch.benchmark.tables import MISSING, results_table, summary_rows, validate_runs
+from mismatch.benchmark.tables import (MISSING, baseline_rows, baseline_table, results_table, summary_rows,
+                                       validate_runs)
 
 
 def test_mann_whitney_known_values():
@@ -87,3 +88,67 @@ def test_summary_rows_and_validation():
     with pytest.raises(ValueError, match="iou"):
         validate_runs([{"method": "unet", "dataset": "x", "n_labelled": 3, "seed": 0}])
     assert results_table([]) == "_No runs._"
+
+
+def _baseline_runs():
+    """3 labelled: shape interpolation is the best baseline (52 %), ahead of nearest slice, Fill between and
+    the U-Net; MisMatch is 10 points above it, Mean Teacher 2 points below. 5 labelled: only the U-Net and
+    MisMatch ran. 10 labelled: no baseline ran."""
+    runs = []
+    table3 = {"nearest-slice": [0.40, 0.42, 0.44], "shape-interpolation": [0.50, 0.52, 0.54],
+              "slicer-fill-between": [0.45, 0.47, 0.49], "unet": [0.30, 0.35, 0.40],
+              "mismatch": [0.60, 0.62, 0.64], "mt": [0.49, 0.50, 0.51]}
+    for method, ious in table3.items():
+        for seed, iou in enumerate(ious):
+            learned = method in ("unet", "mismatch", "mt")
+            runs.append({"method": method, "dataset": "ctchest-lungs", "n_labelled": 3, "seed": seed, "iou": iou,
+                         "ece_band": (0.10 + 0.02 * seed) if learned else None,
+                         "seconds": (40.0 + seed) if learned else 0.5})
+    for seed in range(2):
+        runs.append({"method": "unet", "dataset": "ctchest-lungs", "n_labelled": 5, "seed": seed,
+                     "iou": 0.55 + 0.01 * seed, "seconds": 30.0})
+        # no "seconds": train + ms / slice x slices instead (10 + 100 ms x 20 = 12 s)
+        runs.append({"method": "mismatch", "dataset": "ctchest-lungs", "n_labelled": 5, "seed": seed,
+                     "iou": 0.70, "train_seconds": 10.0, "ms_per_slice": 100.0, "n_slices": 20})
+    runs.append({"method": "mismatch", "dataset": "ctchest-lungs", "n_labelled": 10, "seed": 0, "iou": 0.8})
+    return runs
+
+
+def test_baseline_rows_pick_the_best_free_baseline():
+    rows = {(r["n_labelled"], r["method"]): r for r in baseline_rows(_baseline_runs())}
+    assert set(rows) == {(3, "shape-interpolation"), (3, "mt"), (3, "mismatch"), (5, "unet"), (5, "mismatch"),
+                         (10, "mismatch")}  # the other baselines are not listed
+    best = rows[(3, "shape-interpolation")]
+    assert best["role"] == "baseline" and best["baseline"] == "shape-interpolation"
+    assert best["iou_mean"] == pytest.approx(0.52) and math.isnan(best["diff"]) and math.isnan(best["ece_band"])
+    mm = rows[(3, "mismatch")]
+    assert mm["baseline"] == "shape-interpolation" and mm["diff"] == pytest.approx(0.10)
+    assert mm["p"] == pytest.approx(0.1)  # 3 against 3, separated
+    assert mm["iou_std"] == pytest.approx(0.02) and mm["seconds"] == pytest.approx(41.0)
+    assert mm["ece_band"] == pytest.approx(0.12) and mm["ece_band_std"] == pytest.approx(0.02)
+    mt = rows[(3, "mt")]
+    assert mt["diff"] == pytest.approx(-0.02) and mt["p"] == pytest.approx(mann_whitney_p([0.49, 0.50, 0.51],
+                                                                                           [0.50, 0.52, 0.54]))
+    assert rows[(5, "mismatch")]["baseline"] == "unet" and rows[(5, "mismatch")]["diff"] == pytest.approx(0.145)
+    assert rows[(5, "mismatch")]["seconds"] == pytest.approx(12.0)
+    assert rows[(10, "mismatch")]["baseline"] is None and math.isnan(rows[(10, "mismatch")]["diff"])
+    # a tie goes to the first in BASELINES order (the cheaper, free one)
+    tie = [{"method": m, "dataset": "d", "n_labelled": 3, "seed": 0, "iou": 0.5} for m in ("unet", "nearest-slice")]
+    assert baseline_rows(tie)[0]["method"] == "nearest-slice" and len(baseline_rows(tie)) == 1
+
+
+def test_baseline_table_lines():
+    table = baseline_table(_baseline_runs())
+    assert "| 3 | best baseline: Shape-based interpolation | 52.0 ± 2.0 | ref. | ref. | 0.50 | – |" in table
+    assert "| 3 | MisMatch | 62.0 ± 2.0 | +10.0 | 0.100 | 41.0 | 12.00 ± 2.00 |" in table
+    assert "| 3 | Mean Teacher | 50.0 ± 1.0 | -2.0 |" in table
+    assert "| 5 | best baseline: Sup1 (U-Net) | 55.5 ± 0.7 | ref. | ref. | 30.0 | – |" in table
+    assert "| 5 | MisMatch | 70.0 ± 0.0 | +14.5 | 0.221 | 12.0 | – |" in table  # 2 vs 2, one side tied
+    assert "| 10 | no baseline in these runs |" in table
+    assert "| 10 | MisMatch | 80.0 ± 0.0 | – | – | – | – |" in table
+    assert "Nearest labelled slice (copy), Shape-based interpolation, Slicer: Fill between slices" in table
+    assert baseline_table([]) == "_No runs._"
+    # the existing Table 1 shows the free baselines first
+    names = [line.split("|")[1].strip() for line in results_table(_baseline_runs()).splitlines()
+             if line.startswith("| ")][1:]
+    assert names[:3] == ["Nearest labelled slice (copy)", "Shape-based interpolation", "Slicer: Fill between slices"]

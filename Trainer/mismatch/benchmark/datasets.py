@@ -9,11 +9,14 @@ name                     what
                          the lungs of its ``Segmentation.seg.nrrd`` (segments "right lung" + "left lung",
                          semi-automatic Segment Editor labels). Binary, or right = 1 / left = 2 with
                          ``multiclass=True``.
+``ctchest-lungs-lr``     the same lungs as two classes: right lung = 1, left lung = 2 (the multi-class case).
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
 ``pyradiomics-brain1``   pyradiomics 3.0.1's ``brain1`` case (T1 post-contrast MRI, 25x256x256, tumour on 7
-                         slices) from its source distribution, found in ``data_dir`` or ``$MISMATCH_DATA_DIR``.
+                         k-slices; slice axis k) from its source distribution (see below).
+``pyradiomics-breast1``  pyradiomics 3.0.1's ``breast1`` case (breast MRI crop, 21x120x45 [K, J, I], lesion on
+                         only 3 k-slices but on 9 of the 45 i-slices: slice axis i, numpy axis 2).
 ``synthetic-vessels``    the SYNTHETIC vessel phantom (:func:`mismatch.benchmark.phantom.vessel_phantom`) in
                          a synthetic parenchyma background; ``in_lungs=True`` places it inside CTChest4's lungs
                          (resampled to ``lung_spacing``; the CT's own vessels are then present but unlabelled).
@@ -22,6 +25,12 @@ name                     what
 Every loader returns a list of :class:`Case`: image ``float32 [C, K, J, I]``, label ``uint8 [K, J, I]``
 (0 = background, 1..N classes), the grid as :class:`mismatch.io.Geometry` (SimpleITK / LPS), a recommended
 slice axis (numpy axis; 0 = ``k``) and an intensity window (HU) or None.
+
+The pyradiomics cases are read from the pyradiomics 3.0.1 source distribution (the ``.tar.gz`` itself or
+its untarred ``data/``), looked for in this order: the ``data_dir`` argument (``--data-dir``),
+``$MISMATCH_DATA_DIR``, then ``<repository>/.data`` (where ``scripts/setup-benchmark.sh`` puts it). Only
+``brain1`` and ``breast1`` are used: the archive's other cases are reserved for independent checks of the
+product and have no loader here on purpose.
 """
 
 from __future__ import annotations
@@ -39,12 +48,19 @@ import SimpleITK as sitk
 from ..errors import UserError
 from ..io import Geometry
 
-__all__ = ["Case", "DATASETS", "load_dataset", "draw_split", "PYRADIOMICS_DOWNLOAD", "DATA_DIR_ENV"]
+__all__ = ["Case", "DATASETS", "load_dataset", "draw_split", "PYRADIOMICS_DOWNLOAD", "DATA_DIR_ENV",
+           "REPO_DATA_DIR", "data_dirs"]
 
 DATA_DIR_ENV = "MISMATCH_DATA_DIR"
 PYRADIOMICS_VERSION = "3.0.1"
 PYRADIOMICS_DOWNLOAD = (f"pip download --no-deps --no-binary pyradiomics --no-build-isolation "
                         f"pyradiomics=={PYRADIOMICS_VERSION} -d DIR")
+#: ``<repository root>/.data``: where ``scripts/setup-benchmark.sh`` downloads the pyradiomics sdist
+#: (datasets.py -> benchmark -> mismatch -> Trainer -> repository root); used only if the folder exists.
+REPO_DATA_DIR = Path(__file__).resolve().parents[3] / ".data"
+SETUP_SCRIPT = "scripts/setup-benchmark.sh"
+#: the only pyradiomics cases the benchmark may use (the others are reserved for independent checks)
+PYRADIOMICS_CASES = ("brain1", "breast1")
 CT_WINDOW = (-1000.0, 400.0)
 
 
@@ -156,7 +172,7 @@ def _ctchest_with_lungs() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
     return ct, segments[names["right lung"]], segments[names["left lung"]]
 
 
-def load_ctchest_lungs(multiclass: bool = False, **_: Any) -> list[Case]:
+def load_ctchest_lungs(multiclass: bool = False, name: str = "ctchest-lungs", **_: Any) -> list[Case]:
     """``ctchest-lungs``: slicerio's CTChest4 with lungs (binary, or right = 1, left = 2). Axis k."""
     ct, right, left = _ctchest_with_lungs()
     label = np.zeros(right.shape, dtype=np.uint8)
@@ -168,8 +184,15 @@ def load_ctchest_lungs(multiclass: bool = False, **_: Any) -> list[Case]:
         label[right | left] = 1
         classes = {1: "lungs"}
     image = _array(ct).astype(np.float32)[None]
-    return [Case("ctchest-lungs", image, label, Geometry.from_sitk(ct), axis=0, window=CT_WINDOW,
+    return [Case(name, image, label, Geometry.from_sitk(ct), axis=0, window=CT_WINDOW,
                  classes=classes, source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
+
+
+def load_ctchest_lungs_lr(**options: Any) -> list[Case]:
+    """``ctchest-lungs-lr``: CTChest4 with right lung = 1, left lung = 2 (two classes). Axis k."""
+    options.pop("multiclass", None)
+    options.pop("name", None)
+    return load_ctchest_lungs(multiclass=True, name="ctchest-lungs-lr", **options)
 
 
 def load_mni152_gm(downsample: int = 2, crop: bool = True, **_: Any) -> list[Case]:
@@ -215,22 +238,47 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, **_: Any) -> list[Cas
                         "kept by nilearn")]
 
 
+def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for data that no package installs, in order: ``data_dir``,
+    ``$MISMATCH_DATA_DIR``, then ``<repository>/.data`` (only if it exists)."""
+    folders = [Path(f) for f in (data_dir, os.environ.get(DATA_DIR_ENV)) if f]
+    if Path(REPO_DATA_DIR).is_dir():
+        folders.append(Path(REPO_DATA_DIR))
+    return list(dict.fromkeys(folders))
+
+
 def _find_pyradiomics_case(case: str, data_dir: str | os.PathLike | None) -> tuple[Path, Path, Any]:
-    """Paths of ``{case}_image.nrrd`` / ``{case}_label.nrrd`` (and a temporary folder to keep alive)."""
-    folder = data_dir or os.environ.get(DATA_DIR_ENV)
-    how = (f"get it once with: {PYRADIOMICS_DOWNLOAD} (DIR = a cache folder outside the repository), then "
-           f"pass that folder as the data folder or set {DATA_DIR_ENV}=DIR")
-    if not folder:
+    """Paths of ``{case}_image.nrrd`` / ``{case}_label.nrrd`` (and a temporary folder to keep alive).
+
+    Each folder of :func:`data_dirs` is searched in turn for the untarred files (``{case}_*.nrrd``,
+    ``pyradiomics-3.0.1/data/`` or ``data/``), then for ``pyradiomics-3.0.1.tar.gz``, whose two members are
+    extracted into a temporary folder.
+    """
+    if case not in PYRADIOMICS_CASES:
+        raise UserError(f"pyradiomics case {case!r} is not used by the benchmark (only "
+                        f"{', '.join(PYRADIOMICS_CASES)}; the others are reserved for independent checks)")
+    how = (f"run {SETUP_SCRIPT} once (it downloads the pyradiomics {PYRADIOMICS_VERSION} source distribution "
+           f"into {REPO_DATA_DIR}), or get it with: {PYRADIOMICS_DOWNLOAD} and pass DIR as the data folder "
+           f"(--data-dir) or set {DATA_DIR_ENV}=DIR")
+    folders = data_dirs(data_dir)
+    if not folders:
         raise UserError(f"pyradiomics-{case} needs the pyradiomics {PYRADIOMICS_VERSION} source distribution; {how}")
-    root = Path(folder)
-    for sub in ("", f"pyradiomics-{PYRADIOMICS_VERSION}/data", "data"):
-        img, lab = root / sub / f"{case}_image.nrrd", root / sub / f"{case}_label.nrrd"
-        if img.exists() and lab.exists():
-            return img, lab, None
-    archive = root / f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
-    if archive.exists():
-        tmp = tempfile.TemporaryDirectory(prefix="mismatch-pyradiomics-")
-        members = [f"pyradiomics-{PYRADIOMICS_VERSION}/data/{case}_{kind}.nrrd" for kind in ("image", "label")]
+    for root in folders:
+        for sub in ("", f"pyradiomics-{PYRADIOMICS_VERSION}/data", "data"):
+            img, lab = root / sub / f"{case}_image.nrrd", root / sub / f"{case}_label.nrrd"
+            if img.exists() and lab.exists():
+                return img, lab, None
+        archive = root / f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
+        if archive.exists():
+            return _extract_pyradiomics_case(archive, case, how)
+    raise UserError(f"no pyradiomics {PYRADIOMICS_VERSION} source distribution (or its data/{case}_image.nrrd) "
+                    f"in {', '.join(str(f) for f in folders)}; {how}")
+
+
+def _extract_pyradiomics_case(archive: Path, case: str, how: str) -> tuple[Path, Path, Any]:
+    tmp = tempfile.TemporaryDirectory(prefix="mismatch-pyradiomics-")
+    members = [f"pyradiomics-{PYRADIOMICS_VERSION}/data/{case}_{kind}.nrrd" for kind in ("image", "label")]
+    try:
         with tarfile.open(archive, "r:gz") as tar:
             for m in members:
                 try:
@@ -238,19 +286,22 @@ def _find_pyradiomics_case(case: str, data_dir: str | os.PathLike | None) -> tup
                 except KeyError as exc:
                     raise UserError(f"{archive} has no {m}; {how}") from exc
                 extracted = tar.extractfile(info)
+                if extracted is None:
+                    raise UserError(f"{archive}: {m} is not a regular file; {how}")
                 (Path(tmp.name) / Path(m).name).write_bytes(extracted.read())
-        return Path(tmp.name) / Path(members[0]).name, Path(tmp.name) / Path(members[1]).name, tmp
-    raise UserError(f"no pyradiomics {PYRADIOMICS_VERSION} source distribution (or its data/{case}_image.nrrd) "
-                    f"in {root}; {how}")
+    except (tarfile.TarError, OSError) as exc:
+        tmp.cleanup()
+        raise UserError(f"cannot read {archive} ({exc}); {how}") from exc
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return Path(tmp.name) / Path(members[0]).name, Path(tmp.name) / Path(members[1]).name, tmp
 
 
-def load_pyradiomics_brain1(data_dir: str | os.PathLike | None = None, **_: Any) -> list[Case]:
-    """``pyradiomics-brain1``: T1 post-contrast brain MRI with a tumour label (binary). Axis k.
-
-    Reads ``pyradiomics-3.0.1.tar.gz`` (or its untarred ``data/``) from ``data_dir`` or ``$MISMATCH_DATA_DIR``;
-    never downloads (a :class:`~mismatch.errors.UserError` says how to get it).
-    """
-    img_path, lab_path, keep = _find_pyradiomics_case("brain1", data_dir)
+def _load_pyradiomics(case: str, axis: int, description: str, label_name: str,
+                      data_dir: str | os.PathLike | None) -> list[Case]:
+    """One pyradiomics case: the image, and its label (> 0 = foreground) resampled onto the image grid."""
+    img_path, lab_path, keep = _find_pyradiomics_case(case, data_dir)
     try:
         image = sitk.ReadImage(str(img_path))
         label = sitk.ReadImage(str(lab_path))
@@ -260,8 +311,29 @@ def load_pyradiomics_brain1(data_dir: str | os.PathLike | None = None, **_: Any)
     finally:
         if keep is not None:
             keep.cleanup()
-    return [Case("pyradiomics-brain1", arr, lab, Geometry.from_sitk(image), axis=0, window=None,
-                 classes={1: "tumour"}, source=f"pyradiomics {PYRADIOMICS_VERSION} sdist data/brain1 (BSD-3)")]
+    return [Case(f"pyradiomics-{case}", arr, lab, Geometry.from_sitk(image), axis=axis, window=None,
+                 classes={1: label_name},
+                 source=f"pyradiomics {PYRADIOMICS_VERSION} sdist data/{case} ({description}; BSD-3)")]
+
+
+def load_pyradiomics_brain1(data_dir: str | os.PathLike | None = None, **_: Any) -> list[Case]:
+    """``pyradiomics-brain1``: T1 post-contrast brain MRI (25x256x256) with a tumour label on 7 k-slices
+    (binary). Axis k (numpy axis 0).
+
+    Reads ``pyradiomics-3.0.1.tar.gz`` (or its untarred ``data/``) from the folders of :func:`data_dirs`;
+    never downloads (a :class:`~mismatch.errors.UserError` says how to get it).
+    """
+    return _load_pyradiomics("brain1", 0, "T1 post-contrast brain MRI", "tumour", data_dir)
+
+
+def load_pyradiomics_breast1(data_dir: str | os.PathLike | None = None, **_: Any) -> list[Case]:
+    """``pyradiomics-breast1``: breast MRI crop, 21x120x45 voxels ``[K, J, I]``, with a lesion label (binary).
+
+    The lesion lies on only 3 of the 21 k-slices but on 9 of the 45 i-slices, so the recommended slice axis
+    is ``i`` (numpy axis 2): labelled and test slices are drawn along ``i``. Read like
+    :func:`load_pyradiomics_brain1`.
+    """
+    return _load_pyradiomics("breast1", 2, "breast MRI", "lesion", data_dir)
 
 
 def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequence[int] = (64, 128, 128),
@@ -324,8 +396,10 @@ def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequenc
 #: data set name -> loader(**options) -> list[Case]
 DATASETS: dict[str, Callable[..., list[Case]]] = {
     "ctchest-lungs": load_ctchest_lungs,
+    "ctchest-lungs-lr": load_ctchest_lungs_lr,
     "mni152-gm": load_mni152_gm,
     "pyradiomics-brain1": load_pyradiomics_brain1,
+    "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,
     "synthetic-vessels-lung": lambda **kw: load_synthetic_vessels(in_lungs=True, **kw),
 }
@@ -335,7 +409,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
     """The cases of data set ``name`` (see :data:`DATASETS`); ``data_dir`` for data found in a cache folder."""
     if name not in DATASETS:
         raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if name == "pyradiomics-brain1":
+    if name.startswith("pyradiomics-"):
         options["data_dir"] = data_dir
     return DATASETS[name](**options)
 
@@ -348,19 +422,21 @@ def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test:
     largest per-slice foreground count), at least ``min_gap`` slices apart when possible (``min_gap=2``
     leaves one slice between labelled slices, as Slicer's Fill between slices asks its users; the gap is
     relaxed, closest-first, only if the candidates cannot hold ``n_labelled`` slices otherwise).
-    Unlabelled = every slice not labelled (the Slicer use case: the rest of the same volume). Test =
-    the slices with any foreground that are not labelled, or ``n_test`` of them drawn at random.
+    Unlabelled = every slice not labelled (the Slicer use case: the rest of the same volume). Test = every
+    unlabelled slice, with or without foreground (a prediction on a slice without the structure is a false
+    positive and must count), or ``n_test`` of them drawn at random.
 
     Args:
         label: int ``[K, J, I]`` (any non-zero value is foreground).
         axis: numpy axis of the slices.
         n_labelled: number of labelled slices.
         seed: random seed (``numpy.random.default_rng``).
-        n_test: number of test slices (None = all remaining foreground slices).
+        n_test: number of test slices, drawn at random among the unlabelled ones (None = every unlabelled
+            slice).
 
     Returns:
         ``(labelled_idx, unlabelled_idx, test_idx)``: sorted int64 arrays of slice indices along ``axis``;
-        labelled and test are disjoint, test is a subset of unlabelled.
+        labelled and test are disjoint, test is unlabelled (or a subset of it with ``n_test``).
     """
     label = np.asarray(label)
     counts = (label != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
@@ -384,7 +460,7 @@ def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test:
     labelled = np.sort(np.asarray(chosen, dtype=np.int64))
     all_slices = np.arange(label.shape[axis], dtype=np.int64)
     unlabelled = np.setdiff1d(all_slices, labelled)
-    test = np.setdiff1d(np.flatnonzero(counts > 0), labelled).astype(np.int64)
+    test = unlabelled.copy()
     if n_test is not None and n_test < len(test):
         test = np.sort(rng.choice(test, size=n_test, replace=False)).astype(np.int64)
     return labelled, unlabelled, test

@@ -1,11 +1,15 @@
 """``mismatch benchmark``: the paper's comparisons on the real data that can be had here.
 
 For each data set, labelled-slice count and seed, :func:`~mismatch.benchmark.datasets.draw_split` draws the
-labelled slices (the rest of the volume is the unlabelled pool) and a disjoint set of test slices; every
-selected method is trained with the same budget (steps, width, batch, patch, learning rate) on exactly those
-slices and evaluated on the test slices. Slicer's *Fill between slices* and *Grow from seeds* run on the same
-labelled slices. Each finished run is appended to ``runs.json`` at once, so an interrupted benchmark resumes
-where it stopped, and the report (``results.md`` and the figures) is rebuilt from ``runs.json`` alone.
+labelled slices (the rest of the volume is the unlabelled pool) and the test slices (every unlabelled slice,
+with or without foreground); every selected method is trained with the same budget (steps, width, batch,
+patch, learning rate) on exactly those slices and evaluated on the test slices. The free baselines a user has
+without training run on the same labelled slices: copying the nearest labelled slice and shape-based
+interpolation (:mod:`mismatch.prior`, in-process, always run) and Slicer's *Fill between slices* and *Grow
+from seeds* (when slicer-core is installed); the report names the best of them, and of the supervised U-Nets,
+per data set and count, and sets every other method against it. Each finished run is appended to
+``runs.json`` at once, so an interrupted benchmark resumes where it stopped, and the report (``results.md``
+and the figures) is rebuilt from ``runs.json`` alone.
 
 Independent runs can be spread over several devices (``--devices cuda:0,cuda:1``): one worker process per
 device, one run per device at a time.
@@ -25,10 +29,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
+from .tables import BASELINES  # what a user can have instead of the default model (the report's bar)
 
-#: learned methods in table order; the Slicer effects are added when slicer-core is installed
-LEARNED = ["unet", "sup2", "mt", "fixmatch", "cct", "mta", "morph", "mm-a", "mm-b", "mm-c", "mismatch"]
+#: learned methods in table order
+LEARNED = ["unet", "unet-strong", "sup2", "mt", "fixmatch", "cct", "mta", "morph", "mm-a", "mm-b", "mm-c",
+           "mismatch"]
+#: non-learned baselines from :mod:`mismatch.prior` (numpy + scipy): in-process, always run
+FREE = ["nearest-slice", "shape-interpolation"]
+#: Slicer's Segment Editor effects, run when slicer-core is installed
 CLASSICAL = ["slicer-fill-between", "slicer-grow-from-seeds"]
+#: the methods of a benchmark run when none are named
+DEFAULT_METHODS = LEARNED + FREE + CLASSICAL
+#: the test slices of a draw: 2 = every unlabelled slice (1, before: only the unlabelled slices with foreground).
+#: Runs made with another definition are not comparable and are not mixed in one runs.json.
+SPLIT_VERSION = 2
 ABLATION = ["mm-a", "mm-b", "mm-c", "mismatch"]
 ALPHAS = [0.0, 0.0005, 0.001, 0.002, 0.004]
 AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
@@ -42,7 +56,7 @@ class BenchmarkConfig:
     datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
     labelled: list[int] = field(default_factory=lambda: [3, 5, 10])
     seeds: int = 3
-    methods: list[str] = field(default_factory=lambda: LEARNED + CLASSICAL)
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
     steps: int = 1000
     width: int = 24
@@ -81,21 +95,25 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
     """The list of run specifications (dicts), main table first, then the alpha sweep.
 
     The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count;
-    the run at the default alpha is shared with the main table.
+    the run at the default alpha is shared with the main table. A method this engine does not know is a
+    :class:`UserError` when it was asked for; with the default method list (:data:`DEFAULT_METHODS`) a learned
+    method missing from :data:`mismatch.methods.METHODS` is left out instead (see :func:`missing_defaults`).
     """
     from ..methods import METHODS
 
-    unknown = [m for m in config.methods if m not in METHODS and m not in CLASSICAL]
+    skipped = set(missing_defaults(config))
+    unknown = [m for m in config.methods if m not in METHODS and m not in FREE and m not in CLASSICAL
+               and m not in skipped]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from "
-                        f"{', '.join(sorted(METHODS) + CLASSICAL)}")
+                        f"{', '.join(sorted(METHODS) + FREE + CLASSICAL)}")
     available = available or (lambda m: True)
     specs = []
     for dataset in config.datasets:
         for n in config.labelled:
             for seed in range(config.seeds):
                 for method in config.methods:
-                    if not available(method):
+                    if method in skipped or not available(method):
                         continue
                     specs.append({"dataset": dataset, "method": method, "n_labelled": n, "seed": seed,
                                   "alpha": config.alpha if _uses_unlabelled(method) else None, "group": "main"})
@@ -108,6 +126,28 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
                 specs.append({"dataset": dataset, "method": "mismatch", "n_labelled": n, "seed": seed,
                               "alpha": float(alpha), "group": "alpha"})
     return specs
+
+
+def missing_defaults(config: BenchmarkConfig) -> list[str]:
+    """Learned methods of the default method list that this engine's ``METHODS`` lacks (left out, not an
+    error, when the user did not name the methods)."""
+    from ..methods import METHODS
+
+    if list(config.methods) != DEFAULT_METHODS:
+        return []
+    return [m for m in LEARNED if m not in METHODS]
+
+
+def free_baseline(method: str, sparse: np.ndarray, labelled: Sequence[int], case) -> np.ndarray:
+    """The prediction of a free baseline (:data:`FREE`) from the labelled slices ``sparse`` of ``case``."""
+    from ..prior import nearest_slice, shape_interpolation
+
+    if method == "nearest-slice":
+        return nearest_slice(sparse, labelled, axis=case.axis)
+    if method == "shape-interpolation":
+        return shape_interpolation(sparse, labelled, axis=case.axis, spacing=case.spacing,
+                                   num_classes=len(case.classes) + 1)
+    raise ValueError(f"{method!r} is not a free baseline ({', '.join(FREE)})")
 
 
 def _uses_unlabelled(method: str) -> bool:
@@ -162,20 +202,25 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         index = [slice(None)] * 3
         index[case.axis] = labelled
         sparse[tuple(index)] = case.label[tuple(index)]
+        n_slices = int(case.label.shape[case.axis])
         result = {**spec, "case": case.name, "synthetic": case.synthetic, "labelled_slices": labelled.tolist(),
-                  "test_slices": test.tolist(), "n_test": int(len(test)), "settings": config.training_settings()}
+                  "test_slices": test.tolist(), "n_test": int(len(test)), "n_slices": n_slices,
+                  "split_version": SPLIT_VERSION, "settings": config.training_settings()}
         t0 = time.monotonic()
-        if spec["method"] in CLASSICAL:
-            kwargs = {"labels": sparse, "labelled_slices": labelled.tolist(), "axis": case.axis,
-                      "spacing": list(case.spacing)}
-            if spec["method"] == "slicer-grow-from-seeds":
-                kwargs["image"] = case.image[0]
-            pred = run_in_subprocess(spec["method"], **kwargs)
+        if spec["method"] in CLASSICAL or spec["method"] in FREE:
+            if spec["method"] in FREE:
+                pred = free_baseline(spec["method"], sparse, labelled, case)
+            else:
+                kwargs = {"labels": sparse, "labelled_slices": labelled.tolist(), "axis": case.axis,
+                          "spacing": list(case.spacing)}
+                if spec["method"] == "slicer-grow-from-seeds":
+                    kwargs["image"] = case.image[0]
+                pred = run_in_subprocess(spec["method"], **kwargs)
             seconds = time.monotonic() - t0
             ev = evaluate_arrays(pred, case.label, slices=test.tolist(), axis=case.axis,
                                  classes=list(case.classes))
             result.update(iou=ev["iou"], dice=ev["dice"], ece_all=None, ece_band=None, params=0,
-                          ms_per_slice=1000 * seconds / case.label.shape[case.axis], train_seconds=0.0,
+                          ms_per_slice=1000 * seconds / n_slices, train_seconds=0.0, seconds=round(seconds, 6),
                           per_slice_iou=_per_slice_iou(pred, case.label, test, case.axis), device="cpu")
             results.append(result)
             continue
@@ -200,7 +245,8 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         result.update(
             iou=mean["iou"], dice=mean["dice"], ece_all=mean["calibration"]["all"]["ece"],
             ece_band=mean["calibration"]["band"]["ece"], params=count_parameters(nets[0]),
-            ms_per_slice=1000 * seg.seconds / case.label.shape[case.axis], train_seconds=round(train_seconds, 2),
+            ms_per_slice=1000 * seg.seconds / n_slices, train_seconds=round(train_seconds, 2),
+            seconds=round(train_seconds + seg.seconds, 3),
             per_slice_iou=_per_slice_iou(seg.labels, case.label, test, case.axis), device=str(dev),
             decoders={name: {"iou": ev[name]["iou"], "ece_all": ev[name]["calibration"]["all"]["ece"],
                              "ece_band": ev[name]["calibration"]["band"]["ece"]} for name in calibration},
@@ -282,17 +328,22 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     if data.get("config") and data["config"].get("training") != config.training_settings():
         raise UserError(f"{out / RUNS_FILE} holds runs made with other training settings "
                         f"({data['config'].get('training')}); use another --out folder or the same settings")
+    if data["runs"] and (data.get("config") or {}).get("split_version", 1) != SPLIT_VERSION:
+        raise UserError(f"{out / RUNS_FILE} holds runs tested on other slices (before the test slices were every "
+                        "unlabelled slice); use another --out folder (--report-only still rebuilds its report)")
     have_slicer = slicer_filters_available()
     if not have_slicer and any(m in CLASSICAL for m in config.methods):
         log("slicer-core is not installed (pip install slicer-core, Python 3.11): the Slicer effects' rows are "
             "left out")
+    for m in missing_defaults(config):
+        log(f"method {m} is not in this engine's methods: its rows are left out")
     specs = plan_runs(config, available=lambda m: have_slicer or m not in CLASSICAL)
     done = {run_key(r) for r in data["runs"]}
     data["failed"] = [] if rerun_failed else data.get("failed", [])
     failed = {run_key(f) for f in data["failed"]}
     todo = [s for s in specs if run_key(s) not in done and run_key(s) not in failed]
     data["config"] = {"training": config.training_settings(), "benchmark": asdict(config),
-                      "machine": machine_description()}
+                      "split_version": SPLIT_VERSION, "machine": machine_description()}
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {out / RUNS_FILE}, {len(todo)} to do")
     devices = expand_devices(config.devices)
     t0 = time.monotonic()
@@ -412,7 +463,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     """``results.md`` with Table 1, the ECE, the decoders, the ablation and the alpha sweep, and the figures
     ``fig4-reliability-<data set>.png`` and ``fig5-ece-iou-<data set>.png``, from ``data["runs"]`` alone."""
     from ..plots import ece_vs_iou, reliability_diagram
-    from .tables import results_table
+    from .tables import baseline_table, results_table
 
     out = Path(out_dir)
     runs = data["runs"]
@@ -425,7 +476,14 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     if any(r.get("synthetic") for r in runs):
         lines += ["Data sets named `synthetic-*` are SYNTHETIC (the generated vessel phantom), not patient data.",
                   ""]
-    lines += ["## Table 1: foreground IoU on the test slices", "", results_table(main) if main else "_No runs._",
+    versions = {r.get("split_version", 1) for r in main}
+    tested = ("every slice that is not labelled, with or without the structure (false positives on slices "
+              "without it count)" if versions == {SPLIT_VERSION} else
+              "the slices not labelled; in runs made before split version 2 only those with foreground")
+    lines += ["## Table 1: foreground IoU on the test slices", "",
+              f"Test slices: {tested}; the IoU is pooled over the voxels of all test slices of a run.", "",
+              results_table(main) if main else "_No runs._", ""]
+    lines += ["## Against the best free baseline", "", baseline_table(main, BASELINES) if main else "_No runs._",
               ""]
     lines += ["## Each decoder and their mean (paper Fig. 4 in numbers)", "", decoder_table(runs), ""]
     ablation = [r for r in main if r["method"] in ABLATION]

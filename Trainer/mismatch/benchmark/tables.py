@@ -7,8 +7,9 @@ The benchmark writes one dict per trained (or classical) run, and the tables are
 ================  =========  ===========================================================================
 key               type       meaning
 ================  =========  ===========================================================================
-``method``        str        method name (``mismatch``, ``unet``, ``sup2``, ``mt``, ``fixmatch``,
-                             ``cct``, ``mta``, ``morph``, ``mm-a``/``b``/``c``, ``slicer-fill-between``,
+``method``        str        method name (``mismatch``, ``unet``, ``unet-strong``, ``sup2``, ``mt``,
+                             ``fixmatch``, ``cct``, ``mta``, ``morph``, ``mm-a``/``b``/``c``,
+                             ``nearest-slice``, ``shape-interpolation``, ``slicer-fill-between``,
                              ``slicer-grow-from-seeds``, ...). Required.
 ``dataset``       str        data set name (``synthetic-...`` for synthetic data). Required.
 ``n_labelled``    int        number of labelled slices. Required.
@@ -22,6 +23,8 @@ key               type       meaning
 ``params``        int/float  trainable parameters (optional; 0 or None for the Slicer effects).
 ``ms_per_slice``  float      inference (or filter) time per slice, milliseconds (optional).
 ``per_slice_iou`` list       IoU of each test slice, 0..1 (optional; used by ``p_over="slices"``).
+``seconds``       float      train + inference (or filter) wall time of the run, s (optional; for runs without
+                             it, ``train_seconds + ms_per_slice * n_slices / 1000`` when ``n_slices`` is there).
 ================  =========  ===========================================================================
 
 Other keys (settings, timings, alpha, ...) are allowed and ignored here.
@@ -30,6 +33,11 @@ Table: rows = methods, columns = labelled-slice counts with "IoU mean ± std" in
 Mann-Whitney U p-value of each method against the reference (MisMatch) per count, then parameters
 (millions), inference ms per slice and ECE (all voxels / foreground band, in %). The best mean IoU of each
 count is in bold. A missing value is shown as "–".
+
+:func:`baseline_table`: per data set and labelled-slice count, the best of the things a user could do
+instead of the default model (:data:`BASELINES`: the free, non-learned baselines, Slicer's effects and the
+supervised U-Nets) and every other method's mean IoU difference to it, with the Mann-Whitney U p-value over
+the per-run IoUs, the std over runs, seconds per run and ECE (band).
 """
 
 from __future__ import annotations
@@ -39,15 +47,19 @@ from typing import Any, Iterable, Sequence
 
 from .stats import mann_whitney_p, mean_std
 
-__all__ = ["results_table", "summary_rows", "validate_runs", "REQUIRED_KEYS", "DISPLAY_NAMES", "METHOD_ORDER", "MISSING"]
+__all__ = ["results_table", "summary_rows", "validate_runs", "baseline_rows", "baseline_table", "run_seconds",
+           "REQUIRED_KEYS", "DISPLAY_NAMES", "METHOD_ORDER", "MISSING", "BASELINES"]
 
 REQUIRED_KEYS = ("method", "dataset", "n_labelled", "seed", "iou")
 MISSING = "–"
 
 DISPLAY_NAMES = {
+    "nearest-slice": "Nearest labelled slice (copy)",
+    "shape-interpolation": "Shape-based interpolation",
     "slicer-fill-between": "Slicer: Fill between slices",
     "slicer-grow-from-seeds": "Slicer: Grow from seeds",
     "unet": "Sup1 (U-Net)",
+    "unet-strong": "Strong U-Net (supervised)",
     "sup2": "Sup2 (MisMatch network, supervised)",
     "mt": "Mean Teacher",
     "fixmatch": "FixMatch",
@@ -59,8 +71,12 @@ DISPLAY_NAMES = {
     "mm-c": "MM-c (plain + positive)",
     "mismatch": "MisMatch",
 }
-#: row order (the paper's, Slicer's effects first); unknown methods follow in order of appearance.
+#: row order (the free baselines and Slicer's effects first, then the paper's); unknown methods follow in order
+#: of appearance.
 METHOD_ORDER = list(DISPLAY_NAMES)
+#: what a user can have instead of the default model: the best of these (mean IoU) is the bar in baseline_table
+BASELINES = ["nearest-slice", "shape-interpolation", "slicer-fill-between", "slicer-grow-from-seeds", "unet",
+             "unet-strong"]
 
 
 def validate_runs(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -208,3 +224,101 @@ def summary_rows(runs: Iterable[dict[str, Any]], reference: str = "mismatch") ->
         out.append(row)
     return out
 
+
+def run_seconds(run: dict[str, Any]) -> float | None:
+    """Train + inference (or filter) seconds of one run: ``seconds``, else ``train_seconds`` plus
+    ``ms_per_slice * n_slices / 1000`` when all three are there, else None."""
+    if run.get("seconds") is not None and not _isnan(run["seconds"]):
+        return float(run["seconds"])
+    parts = [run.get(k) for k in ("train_seconds", "ms_per_slice", "n_slices")]
+    if any(v is None or _isnan(v) for v in parts):
+        return None
+    return float(parts[0]) + float(parts[1]) * float(parts[2]) / 1000.0
+
+
+def _ordered_methods(runs: list[dict[str, Any]]) -> list[str]:
+    seen = list(dict.fromkeys(r["method"] for r in runs))
+    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+
+
+def baseline_rows(runs: Iterable[dict[str, Any]], baselines: Sequence[str] = tuple(BASELINES)) -> list[dict[str, Any]]:
+    """Per (data set, labelled count): the best baseline (highest mean IoU among ``baselines`` that ran; the
+    first in ``baselines`` order on a tie) and every other method against it, as data.
+
+    One dict per row, in table order: ``dataset``, ``n_labelled``, ``method``, ``role`` (``"baseline"`` for
+    the best baseline's row, ``"method"`` otherwise), ``baseline`` (its name, or None when no baseline ran),
+    ``iou_mean``, ``iou_std``, ``n_runs`` (0..1 IoU over the runs, one per seed and case), ``diff`` (mean IoU
+    minus the baseline's; NaN on the baseline row or without a baseline), ``p`` (two-sided Mann-Whitney U of
+    the per-run IoUs against the baseline's), ``seconds`` (mean train + inference seconds per run, NaN if
+    unknown), ``ece_band`` and ``ece_band_std`` (NaN for methods without probabilities). Baselines other than
+    the best are not listed.
+    """
+    runs = validate_runs(runs)
+    out: list[dict[str, Any]] = []
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        ds = [r for r in runs if r["dataset"] == dataset]
+        for n in sorted({int(r["n_labelled"]) for r in ds}):
+            rs = [r for r in ds if int(r["n_labelled"]) == n]
+            by = {m: [r for r in rs if r["method"] == m] for m in _ordered_methods(rs)}
+            means = {m: mean_std(_values(v, "iou"))[0] for m, v in by.items()}
+            ran = [b for b in baselines if b in by and not math.isnan(means[b])]
+            best = max(ran, key=lambda b: (means[b], -ran.index(b))) if ran else None
+            ref = _values(by[best], "iou") if best else []
+            others = [m for m in by if m not in baselines]
+            for m in ([best] if best else []) + others:
+                ious = _values(by[m], "iou")
+                mean, std, count = mean_std(ious)
+                secs = [t for t in (run_seconds(r) for r in by[m]) if t is not None]
+                ece_mean, ece_std, _ = mean_std(_values(by[m], "ece_band"))
+                is_ref = m == best
+                out.append({
+                    "dataset": dataset, "n_labelled": n, "method": m, "role": "baseline" if is_ref else "method",
+                    "baseline": best, "iou_mean": mean, "iou_std": std, "n_runs": count,
+                    "diff": math.nan if is_ref or best is None else mean - means[best],
+                    "p": math.nan if is_ref or best is None else mann_whitney_p(ious, ref),
+                    "seconds": mean_std(secs)[0], "ece_band": ece_mean, "ece_band_std": ece_std})
+    return out
+
+
+def baseline_table(runs: Iterable[dict[str, Any]], baselines: Sequence[str] = tuple(BASELINES),
+                   digits: int = 1) -> str:
+    """Markdown: per data set, for each labelled-slice count a row naming the best baseline (see
+    :func:`baseline_rows`), then one row per other method with its mean IoU difference to that baseline."""
+    rows = baseline_rows(runs, baselines)
+    if not rows:
+        return "_No runs._"
+    blocks = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        header = ["Labelled slices", "Method", "IoU %", "Δ IoU vs best baseline (points)", "p", "s / run",
+                  "ECE band %"]
+        lines = [f"**{dataset}**" + (" (SYNTHETIC data)" if dataset.startswith("synthetic") else ""), "",
+                 "| " + " | ".join(header) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * 5) + "|"]
+        ds_rows = [r for r in rows if r["dataset"] == dataset]
+        for n in dict.fromkeys(r["n_labelled"] for r in ds_rows):
+            group = [r for r in ds_rows if r["n_labelled"] == n]
+            if group[0]["baseline"] is None:
+                lines.append(f"| {n} | no baseline in these runs | {MISSING} | {MISSING} | {MISSING} | {MISSING} | "
+                             f"{MISSING} |")
+            for r in group:
+                iou = MISSING if r["n_runs"] == 0 else (f"{r['iou_mean'] * 100:.{digits}f} ± "
+                                                        f"{r['iou_std'] * 100:.{digits}f}")
+                secs = (MISSING if math.isnan(r["seconds"])
+                        else f"{r['seconds']:.1f}" if r["seconds"] >= 1 else f"{r['seconds']:.2f}")
+                ece = (MISSING if math.isnan(r["ece_band"])
+                       else f"{r['ece_band'] * 100:.2f} ± {r['ece_band_std'] * 100:.2f}")
+                if r["role"] == "baseline":
+                    name, diff, p = f"best baseline: {DISPLAY_NAMES.get(r['method'], r['method'])}", "ref.", "ref."
+                else:
+                    name = DISPLAY_NAMES.get(r["method"], r["method"])
+                    diff = MISSING if math.isnan(r["diff"]) else f"{r['diff'] * 100:+.{digits}f}"
+                    p = _fmt_p(r["p"])
+                lines.append(f"| {n} | {name} | {iou} | {diff} | {p} | {secs} | {ece} |")
+        names = ", ".join(DISPLAY_NAMES.get(b, b) for b in baselines)
+        lines += ["", f"Best baseline: the highest mean IoU, at that number of labelled slices, among what a user "
+                      f"can have instead ({names}; those that ran). Δ: the method's mean IoU minus the best "
+                      f"baseline's, in percentage points. p: two-sided Mann-Whitney U test of the per-run IoUs "
+                      f"(one per seed and case) against the best baseline's. IoU: mean ± std over runs; s / run: "
+                      f"mean train + inference seconds per run; ECE band: mean ± std, {MISSING} for methods "
+                      f"without probabilities."]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
