@@ -100,7 +100,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         write_volume(seg.disagreement, geometry, disagreement)
     summary = {"seconds": round(seg.seconds, 2), "slices": len(seg.slice_scores)}
     if report:
-        labelled = card.get("summary", {}).get("labelled_slices", [])
+        labelled = list(card.get("summary", {}).get("labelled_slices", []))
+        labelled += [int(s) for s in prior.lab] if prior is not None else []
         two = len(card["architecture"].get("decoders", [])) >= 2
         doc = {
             "slice_axis": card["slice_axis"],

@@ -183,21 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "Finished runs in --out/runs.json are kept: running again resumes.")
     b.add_argument("--out", default="benchmark-output", metavar="DIR")
     b.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help="ctchest-lungs, mni152-gm, pyradiomics-brain1, synthetic-vessels, synthetic-vessels-lung "
-                        "(default: ctchest-lungs)")
+                   help="ctchest-lungs, ctchest-lungs-lr, mni152-gm, pyradiomics-brain1, pyradiomics-breast1, "
+                        "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")
     b.add_argument("--seeds", type=_positive_int, help="draws of the labelled slices per count (default 3)")
     b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
     b.add_argument("--alpha-sweep", nargs="*", type=float, metavar="ALPHA",
                    help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; none: off)")
-    b.add_argument("--steps", type=_positive_int, help="training steps per run (default 1000; --quick: 60)")
-    b.add_argument("--width", type=_positive_int, help="channels of the first block (default 24; --quick: 8)")
+    b.add_argument("--preset", choices=sorted(PRESETS), help="the training budget and recipe of every learned "
+                   "method (default: default, what a user gets; paper: the paper's recipe); the options below "
+                   "override it")
+    b.add_argument("--steps", type=_positive_int, help="training steps per run (default: the preset's; --quick: 60)")
+    b.add_argument("--width", type=_positive_int, help="channels of the first block (default: the preset's; "
+                   "--quick: 8)")
     b.add_argument("--batch-size", type=_positive_int)
     b.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices")
     b.add_argument("--lr", type=float)
-    b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every other "
-                   "foreground slice)")
+    b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every unlabelled "
+                   "slice)")
     b.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
     b.add_argument("--devices", default="auto",
                    help="comma-separated devices, one run at a time on each (e.g. cuda:0,cuda:1; 'all' = every "
@@ -304,12 +308,12 @@ def cmd_benchmark(args) -> int:
     options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
                "steps": args.steps, "width": args.width, "batch_size": args.batch_size,
                "patch_size": args.patch_size, "lr": args.lr, "n_test": args.n_test, "data_dir": args.data_dir,
-               "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
+               "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(","), "preset": args.preset}
     if args.quick:
         config = BenchmarkConfig.quick(**options)
     else:
         config = BenchmarkConfig(**{k: v for k, v in options.items() if v is not None})
-    if config.patch_size < 0 or 0 < config.patch_size < 16:
+    if config.patch_size is not None and (config.patch_size < 0 or 0 < config.patch_size < 16):
         raise UserError(f"--patch-size {config.patch_size}: use 0 (whole slices) or at least 16")
     run_benchmark(config, args.out)
     return 0

@@ -158,12 +158,32 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray, 
                     overlap[name].update(_top_label(p_rows, binary)[0], t)
         reporter.progress("segment", stop, n_slices)
 
+    if prior is not None and prior.settings.connected:
+        kept = prior.keep_connected(labels)
+        removed = kept != labels
+        if removed.any():
+            # parts not connected to any painted voxel of their class: background, and no more sure of it
+            # than a coin toss (the network was sure of the opposite); they stay visible as uncertain
+            labels[removed] = 0
+            confidence[removed] = 0.5 if binary else np.minimum(confidence[removed], 0.5)
+            lab_v, conf_v = np.moveaxis(labels, ax, 0), np.moveaxis(confidence, ax, 0)
+            for row in scores:
+                s = row["slice"]
+                row["removed_fraction"] = float(np.moveaxis(removed, ax, 0)[s].mean())
+                row["foreground_fraction"] = float((lab_v[s] > 0).mean())
+                row["uncertain_fraction"] = float((conf_v[s] < UNCERTAIN_CONFIDENCE).mean())
     evaluation = None
     if eval_set:
         evaluation = {"slices": sorted(eval_set)}
         for name in names:
             key = name.replace(" ", "_")
             evaluation[key] = {**overlap[name].to_dict(), "calibration": calib[name].to_dict()}
+        if prior is not None and prior.settings.connected:   # the mean as written, after keep_connected
+            from .metrics import evaluate_confidence
+
+            ev = evaluate_confidence(labels, truth, confidence, classes=range(1, config.num_classes),
+                                     slices=sorted(eval_set), axis=ax, n_bins=n_bins)
+            evaluation["mean"] = {k: ev[k] for k in ("classes", "iou", "dice", "calibration")}
     return VolumeSegmentation(labels=labels, confidence=confidence, disagreement=disagreement,
                               slice_scores=scores, evaluation=evaluation, seconds=time.monotonic() - t0)
 

@@ -91,12 +91,26 @@ def _class_sdfs(src: np.ndarray, lab: np.ndarray, classes: Sequence[int], spacin
 
 
 def _interpolated(sdfs: dict[int, np.ndarray], s: int, below: int, above: int) -> np.ndarray:
+    """The signed distances of slice ``s``, linear between the painted slices ``below`` and ``above``.
+
+    Where a class is painted on one of the two slices and absent from the other, the absent side counts as
+    the painted shape's depth (its largest inside distance) everywhere: the shape then shrinks and ends
+    halfway between the two slices, instead of vanishing right next to the painted one."""
     if below == above or above < 0:
         return sdfs[below]
     if below < 0:
         return sdfs[above]
     t = (s - below) / (above - below)
-    return (1 - t) * sdfs[below] + t * sdfs[above]
+    lo, hi = sdfs[below], sdfs[above]
+    lo_absent = lo.reshape(len(lo), -1).min(1) > 0
+    hi_absent = hi.reshape(len(hi), -1).min(1) > 0
+    if np.any(lo_absent != hi_absent):
+        lo, hi = lo.copy(), hi.copy()
+        for c in np.flatnonzero(lo_absent & ~hi_absent):
+            lo[c] = -hi[c].min()
+        for c in np.flatnonzero(hi_absent & ~lo_absent):
+            hi[c] = -lo[c].min()
+    return (1 - t) * lo + t * hi
 
 
 def _labels_from_sdf(sdf: np.ndarray) -> np.ndarray:
@@ -132,20 +146,26 @@ class PriorSettings:
     interpolated signed distance (mm) and ``tau = tau_mm + tau_per_mm * D`` growing with ``D``, the
     distance (mm, along the slice axis) to the nearest labelled slice. Beyond the outermost labelled slice
     the structure is also taken to shrink by ``shrink`` mm per mm travelled (it has to end somewhere).
-    ``weight`` scales the prior's log-odds before they are added to the network's."""
+    ``weight`` scales the prior's log-odds before they are added to the network's. ``connected``: keep only
+    the parts of each class connected in 3D to its painted voxels (:func:`keep_connected`)."""
 
     tau_mm: float = 2.0
     tau_per_mm: float = 0.5
     shrink: float = 0.5
     weight: float = 1.0
+    connected: bool = True
 
     def to_dict(self) -> dict:
-        return {"tau_mm": self.tau_mm, "tau_per_mm": self.tau_per_mm, "shrink": self.shrink, "weight": self.weight}
+        return {"tau_mm": self.tau_mm, "tau_per_mm": self.tau_per_mm, "shrink": self.shrink, "weight": self.weight,
+                "connected": self.connected}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
         d = d or {}
-        return cls(**{k: float(d[k]) for k in ("tau_mm", "tau_per_mm", "shrink", "weight") if k in d})
+        values = {k: float(d[k]) for k in ("tau_mm", "tau_per_mm", "shrink", "weight") if k in d}
+        if "connected" in d:
+            values["connected"] = bool(d["connected"])
+        return cls(**values)
 
 
 class SlicePrior:
@@ -158,7 +178,9 @@ class SlicePrior:
     def __init__(self, sparse: np.ndarray, labelled: Sequence[int], axis: int, spacing: Sequence[float],
                  num_classes: int, settings: PriorSettings | None = None):
         self.lab = _check(sparse, labelled, axis)
-        self.src = np.moveaxis(np.asarray(sparse), axis, 0)
+        self.axis = int(axis)
+        self.sparse = np.asarray(sparse)
+        self.src = np.moveaxis(self.sparse, axis, 0)
         self.settings = settings or PriorSettings()
         self.n_fg = int(num_classes) - 1
         self.sp2 = _plane_spacing(spacing, axis)
@@ -173,6 +195,10 @@ class SlicePrior:
     def labels(self, s: int) -> np.ndarray:
         """The painted class indices of labelled slice ``s``."""
         return self.src[int(s)]
+
+    def keep_connected(self, labels: np.ndarray) -> np.ndarray:
+        """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
+        return keep_connected(labels, self.sparse, self.lab, self.axis)
 
     def log_odds(self, s: int) -> np.ndarray:
         st = self.settings

@@ -58,12 +58,18 @@ class BenchmarkConfig:
     seeds: int = 3
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
-    steps: int = 1000
-    width: int = 24
-    batch_size: int = 4
-    patch_size: int = 176
-    lr: float = 1e-3
+    # the budget: a training preset (mismatch.train.PRESETS; "default" is what a user gets) and overrides of
+    # it (None: the preset's value)
+    preset: str = "default"
+    steps: int | None = None
+    width: int | None = None
+    batch_size: int | None = None
+    patch_size: int | None = None
+    lr: float | None = None
     alpha: float = 0.002
+    # methods whose headline result uses what the painted slices imply (the product's segment --labels);
+    # every learned run also records the other variant (network alone / with the prior) for the ablation
+    prior_methods: list[str] = field(default_factory=lambda: ["mismatch"])
     n_test: int | None = None
     dataset_options: dict[str, dict] = field(default_factory=dict)
     data_dir: str | None = None
@@ -78,8 +84,19 @@ class BenchmarkConfig:
         return cls(**base)
 
     def training_settings(self) -> dict:
-        return {"steps": self.steps, "width": self.width, "batch_size": self.batch_size,
-                "patch_size": self.patch_size, "lr": self.lr}
+        from ..train import preset_config
+
+        c = preset_config(self.preset, steps=self.steps, width=self.width, batch_size=self.batch_size,
+                          patch_size=self.patch_size, lr=self.lr)
+        return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
+                "patch_size": c.patch_size, "lr": c.lr}
+
+    def train_config(self, method: str, **overrides) -> "TrainConfig":
+        """The training settings of ``method`` at this budget."""
+        from ..train import preset_config
+
+        return preset_config(self.preset, method, steps=self.steps, width=self.width, batch_size=self.batch_size,
+                             patch_size=self.patch_size, lr=self.lr, **overrides)
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -190,7 +207,8 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
     from ..inference import segment_volume
     from ..metrics import evaluate_arrays
     from ..models import count_parameters
-    from ..train import TrainConfig, fit
+    from ..prior import PriorSettings, SlicePrior
+    from ..train import fit
     from .classical import run_in_subprocess
     from .datasets import draw_split
 
@@ -227,16 +245,23 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         dev = resolve_device(device)
         num_classes = len(case.classes) + 1
         volume = Normalisation(hu_window=case.window).apply(case.image)
-        train_config = TrainConfig(
-            method=spec["method"], steps=config.steps, width=config.width, batch_size=config.batch_size,
-            patch_size=config.patch_size, lr=config.lr, seed=spec["seed"], axis=AXIS_NAMES[case.axis],
+        train_config = config.train_config(
+            spec["method"], seed=spec["seed"], axis=AXIS_NAMES[case.axis],
             alpha=spec["alpha"] if spec.get("alpha") is not None else config.alpha, checkpoint_every=10 ** 9)
         fitted = fit([volume], sparse, labelled, num_classes, train_config,
                      reporter=Reporter(progress_bar=False, quiet=True), device=dev)
         train_seconds = time.monotonic() - t0
         nets = fitted.networks()
+        prior = SlicePrior(sparse, labelled, case.axis, case.spacing, num_classes,
+                           PriorSettings.from_dict(train_config.prior or PriorSettings().to_dict()))
+        use_prior = spec["method"] in config.prior_methods and train_config.prior is not None
         seg = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
-                             truth=case.label, eval_slices=test.tolist())
+                             truth=case.label, eval_slices=test.tolist(), prior=prior if use_prior else None)
+        other = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
+                               truth=case.label, eval_slices=test.tolist(), prior=None if use_prior else prior)
+        result["prior"] = use_prior
+        result["other"] = {"prior": not use_prior, "iou": other.evaluation["mean"]["iou"],
+                           "ece_band": other.evaluation["mean"]["calibration"]["band"]["ece"]}
         ev = seg.evaluation
         mean = ev["mean"]
         outputs = ["mean"] + ([n.replace(" ", "_") for n in nets[0].decoder_names] if len(nets[0].decoders) > 1

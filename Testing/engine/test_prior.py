@@ -1,0 +1,114 @@
+"""What the painted slices imply: free baselines, the prior, connectivity, and their use in segmentation."""
+
+import numpy as np
+import pytest
+import torch
+
+from mismatch.inference import segment_volume
+from mismatch.methods.augment import anatomy_preserving
+from mismatch.models import ArchitectureConfig, SegmentationNetwork
+from mismatch.prior import (PriorSettings, SlicePrior, keep_connected, nearest_slice, shape_interpolation,
+                            signed_distance)
+
+
+def disc(shape, centre, radius):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def test_signed_distance_gives_the_mask_back_and_handles_empty_slices():
+    m = disc((32, 32), (16, 16), 6)
+    sdf = signed_distance(m, (1.0, 1.0), absent=99.0)
+    assert np.array_equal(sdf < 0, m)
+    assert sdf.min() < -4 and sdf.max() > 8
+    assert np.all(signed_distance(np.zeros((8, 8), bool), (1.0, 1.0), absent=99.0) == 99.0)
+
+
+def test_shape_interpolation_grows_between_slices_and_copies_beyond():
+    sparse = np.zeros((9, 40, 40), np.uint8)
+    sparse[2] = disc((40, 40), (20, 20), 4)
+    sparse[6] = disc((40, 40), (20, 20), 12)
+    out = shape_interpolation(sparse, [2, 6], axis=0, spacing=(3.0, 1.0, 1.0))
+    areas = out.reshape(9, -1).sum(1)
+    assert np.array_equal(out[2], sparse[2]) and np.array_equal(out[6], sparse[6])
+    assert areas[2] < areas[3] < areas[4] < areas[5] < areas[6]
+    r4 = np.sqrt(areas[4] / np.pi)
+    assert 7 <= r4 <= 9   # halfway between radius 4 and 12
+    assert np.array_equal(out[0], sparse[2]) and np.array_equal(out[8], sparse[6])   # copied beyond
+    near = nearest_slice(sparse, [2, 6], axis=0)
+    assert np.array_equal(near[3], sparse[2]) and np.array_equal(near[5], sparse[6])
+
+
+def test_shape_interpolation_along_another_axis_and_with_two_classes():
+    sparse = np.zeros((30, 9, 30), np.uint8)
+    sparse[:, 1] = disc((30, 30), (10, 10), 5) * 1 + disc((30, 30), (22, 22), 5) * 2
+    sparse[:, 7] = disc((30, 30), (10, 10), 5) * 1   # class 2 absent on slice 7
+    out = shape_interpolation(sparse, [1, 7], axis=1, spacing=(1.0, 2.0, 1.0), num_classes=3)
+    # class 2 is painted on slice 1 and absent on slice 7: it shrinks and ends halfway
+    assert set(np.unique(out[:, 3])) == {0, 1, 2} and (out[:, 3] == 2).sum() < (out[:, 2] == 2).sum()
+    assert not (out[:, 5:7] == 2).any()
+    assert np.array_equal(out[:, 4] == 1, sparse[:, 1] == 1)
+
+
+def test_prior_is_sure_near_painted_slices_and_far_from_the_shape_and_shrinks_beyond():
+    sparse = np.zeros((20, 40, 40), np.uint8)
+    sparse[8] = disc((40, 40), (20, 20), 6)
+    sparse[12] = disc((40, 40), (20, 20), 6)
+    prior = SlicePrior(sparse, [8, 12], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=2,
+                       settings=PriorSettings(tau_mm=2.0, tau_per_mm=0.5, shrink=1.0))
+    mid = prior.log_odds(10)[0]
+    assert mid.shape == (40, 40)
+    assert mid[20, 20] > 1 and mid[0, 0] < -5           # inside: foreground; far corner: background
+    beyond_near, beyond_far = prior.log_odds(14)[0], prior.log_odds(19)[0]
+    assert (beyond_far > 0).sum() < (beyond_near > 0).sum() <= (mid > 0).sum()   # the structure ends
+    assert prior.is_labelled(8) and not prior.is_labelled(10)
+
+
+def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class():
+    pred = np.zeros((10, 20, 20), np.uint8)
+    pred[2:8, 2:6, 2:6] = 1        # touches the painted voxels on slice 4
+    pred[0:2, 14:18, 14:18] = 1    # a separate blob: dropped
+    pred[5:7, 10:12, 2:4] = 2      # class 2, painted nowhere: kept
+    sparse = np.zeros_like(pred)
+    sparse[4, 3:5, 3:5] = 1
+    out = keep_connected(pred, sparse, [4], axis=0)
+    assert out[3, 3, 3] == 1 and out[0, 15, 15] == 0 and out[5, 10, 2] == 2
+    assert (out == 1).sum() == (pred[2:8, 2:6, 2:6] == 1).sum()
+
+
+def test_segment_volume_keeps_painted_slices_and_removes_unconnected_parts():
+    torch.manual_seed(0)
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()
+    volume = np.random.default_rng(0).normal(size=(1, 8, 24, 24)).astype(np.float32)
+    sparse = np.zeros((8, 24, 24), np.uint8)
+    sparse[2, 8:16, 8:16] = 1
+    sparse[5, 9:15, 9:15] = 1
+    prior = SlicePrior(sparse, [2, 5, 7], axis=0, spacing=(1.0, 1.0, 1.0), num_classes=2)   # 7: empty
+    seg = segment_volume([net], volume, axis="k", prior=prior)
+    for s in (2, 5, 7):
+        assert np.array_equal(seg.labels[s], sparse[s])
+        assert np.all(seg.confidence[s] == 1.0)
+    fg = seg.labels > 0
+    assert np.array_equal(keep_connected(seg.labels, sparse, [2, 5, 7], 0), seg.labels)
+    assert not fg[:, :4, :4].any()   # far from the painted shape: background
+    plain = segment_volume([net], volume, axis="k")
+    assert plain.labels.shape == seg.labels.shape
+
+
+def test_anatomy_preserving_augmentation_keeps_labels_and_can_be_off():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 32, 32)
+    y = torch.zeros(3, 32, 32, dtype=torch.long)
+    y[:, 10:20, 12:22] = 1
+    xa, ya = anatomy_preserving(x, y, probability=1.0)
+    assert xa.shape == x.shape and ya.shape == y.shape and ya.dtype == y.dtype
+    assert set(ya.unique().tolist()) <= {0, 1} and not torch.equal(xa, x)
+    assert abs(int(ya.sum()) - int(y.sum())) < 0.4 * int(y.sum())   # rotated / scaled, not mirrored away
+    x0, y0 = anatomy_preserving(x, y, probability=0.0)
+    assert torch.equal(x0, x) and torch.equal(y0, y)
+
+
+@pytest.mark.parametrize("bad", [[], [-1], [20]])
+def test_prior_rejects_bad_slices(bad):
+    with pytest.raises(ValueError):
+        SlicePrior(np.zeros((20, 4, 4), np.uint8), bad, 0, (1, 1, 1), 2)
