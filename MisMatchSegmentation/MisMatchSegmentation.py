@@ -75,14 +75,16 @@ class MisMatchSegmentationParameterNode:
     segmentIDs: str = ""  # comma-separated, in order; empty: all segments
     sliceOrientation: Annotated[str, Choice(["Axial", "Coronal", "Sagittal"])] = "Axial"
     heldOutSlices: str = ""
+    emptySlices: str = ""  # slices checked and found without the structure
     modelSource: Annotated[str, Choice(["New model", "Current model"])] = "New model"
     method: Annotated[str, Choice(["MisMatch", "U-Net"])] = "MisMatch"
+    # training defaults: the engine's (mismatch.train.TrainConfig; Testing/slicer/test_defaults.py checks them)
     steps: Annotated[int, WithinRange(10, 100000)] = 300
-    learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = 1e-3
+    learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = 2e-3
     alpha: Annotated[float, WithinRange(0.0, 1.0)] = 0.002
     batchSize: Annotated[int, WithinRange(1, 64)] = 4
-    patchSize: Annotated[int, WithinRange(0, 1024)] = 176
-    width: Annotated[int, WithinRange(4, 128)] = 24
+    patchSize: Annotated[int, WithinRange(0, 1024)] = 128
+    width: Annotated[int, WithinRange(4, 128)] = 16
     outputSegmentation: vtkMRMLSegmentationNode
     confidenceVolume: vtkMRMLScalarVolumeNode
     disagreementVolume: vtkMRMLScalarVolumeNode
@@ -123,6 +125,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.segmentSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentSelectionChanged)
         self.ui.labelSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLabelSegmentationChanged)
         self.ui.addHeldOutSliceButton.connect("clicked(bool)", self.onAddHeldOutSlice)
+        self.ui.markEmptySliceButton.connect("clicked(bool)", self.onMarkEmptySlice)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.nextUncertainButton.connect("clicked(bool)", self.onNextUncertain)
@@ -374,13 +377,20 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                                   .format(slice=found[0], axis=self.logic.report_axis))
 
     def onAddHeldOutSlice(self) -> None:
+        self._addCurrentSlice("heldOutSlices", "held-out slices")
+
+    def onMarkEmptySlice(self) -> None:
+        self._addCurrentSlice("emptySlices", "empty slices")
+
+    def _addCurrentSlice(self, field: str, what: str) -> None:
+        """Add the red view's slice index (along the training axis) to the slice list in parameter ``field``."""
         p = self._parameterNode
         if not p.inputVolume:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not read the red view's slice."), waitCursor=False):
             index = self.logic.sliceIndexInView(p.inputVolume, p.sliceOrientation, "Red")
-            slices = sorted(set(jobfolder.parse_slices(p.heldOutSlices)) | {index})
-            p.heldOutSlices = ", ".join(str(s) for s in slices)
+            slices = sorted(set(jobfolder.parse_slices(getattr(p, field), what)) | {index})
+            setattr(p, field, ", ".join(str(s) for s in slices))
 
     def onImportModel(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Load a MisMatch model folder"))
@@ -428,15 +438,18 @@ class MisMatchSegmentationLogic(ScriptedLoadableModuleLogic, MisMatchLogic):
         return TrainingRequest(
             volumes=self.volumes(p), segmentation=p.labelSegmentation,
             segment_ids=[s for s in p.segmentIDs.split(",") if s], orientation=p.sliceOrientation,
-            held_out=jobfolder.parse_slices(p.heldOutSlices), method=p.method, steps=p.steps,
+            held_out=jobfolder.parse_slices(p.heldOutSlices),
+            empty_slices=jobfolder.parse_slices(p.emptySlices, "empty slices"), method=p.method, steps=p.steps,
             learning_rate=p.learningRate, alpha=p.alpha, batch_size=p.batchSize, patch_size=p.patchSize,
             width=p.width, device=device, init_model=init)
 
     def segmentRequest(self, p, device: str = "auto") -> SegmentRequest:
         return SegmentRequest(
             volumes=self.volumes(p), model=self.current_model, device=device, segmentation=p.labelSegmentation,
-            held_out=jobfolder.parse_slices(p.heldOutSlices), output_segmentation=p.outputSegmentation,
-            confidence_volume=p.confidenceVolume, disagreement_volume=p.disagreementVolume)
+            held_out=jobfolder.parse_slices(p.heldOutSlices),
+            empty_slices=jobfolder.parse_slices(p.emptySlices, "empty slices"),
+            output_segmentation=p.outputSegmentation, confidence_volume=p.confidenceVolume,
+            disagreement_volume=p.disagreementVolume)
 
     def sliceIndexInView(self, volume, orientation: str, viewName: str = "Red") -> int:
         """Index, along the training slice axis, of the slice shown in a slice view."""

@@ -145,8 +145,8 @@ def keep_slices(labels: np.ndarray, axis: str, slices) -> np.ndarray:
     return out
 
 
-def parse_slices(text: str) -> list[int]:
-    """``"3, 7, 10-12"`` -> ``[3, 7, 10, 11, 12]``."""
+def parse_slices(text: str, what: str = "held-out slices") -> list[int]:
+    """``"3, 7, 10-12"`` -> ``[3, 7, 10, 11, 12]``. ``what`` names the field in the error message."""
     out: list[int] = []
     for part in (text or "").replace(";", ",").split(","):
         part = part.strip()
@@ -154,7 +154,7 @@ def parse_slices(text: str) -> list[int]:
             continue
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise JobError(f"held-out slices: {part!r} is not a slice number or range; write e.g. 12, 20 or 10-12")
+            raise JobError(f"{what}: {part!r} is not a slice number or range; write e.g. 12, 20 or 10-12")
         lo = int(match.group(1))
         out.extend(range(lo, int(match.group(2) or lo) + 1))
     return sorted(set(out))
@@ -162,6 +162,29 @@ def parse_slices(text: str) -> list[int]:
 
 def format_slices(slices) -> str:
     return ",".join(str(int(s)) for s in slices)
+
+
+def check_empty_slices(labels: np.ndarray, axis: str, empty, held_out, names: dict) -> list[int]:
+    """The sorted empty-marked slices, after checking them against the volume, the held-out slices and the
+    painted labels ``labels`` (values -> segment names in ``names``). Raises one :class:`JobError` that says
+    what to fix."""
+    empty = sorted(set(int(s) for s in (empty or [])))
+    n_slices = labels.shape[numpy_axis(axis)]
+    outside = [s for s in empty if not 0 <= s < n_slices]
+    if outside:
+        raise JobError(f"empty slice(s) {format_slices(outside)} are outside 0..{n_slices - 1} along {axis}: "
+                       "remove them from Empty slices")
+    both = [s for s in empty if s in set(held_out or [])]
+    if both:
+        raise JobError(f"slice(s) {format_slices(both)} are both held out and marked empty: a held-out slice is "
+                       "kept out of training, an empty one is trained on; remove them from one of the two lists")
+    for s in empty:
+        values = np.unique(np.take(labels, s, axis=numpy_axis(axis)))
+        painted = [names.get(int(v), f"label {int(v)}") for v in values if v != 0]
+        if painted:
+            raise JobError(f"slice {s} is marked empty but has painted voxels of {', '.join(painted)}: "
+                           "unpaint it or remove it from Empty slices")
+    return empty
 
 
 @dataclass
@@ -176,6 +199,7 @@ class TrainingFiles:
     labelled: list[int]
     held_out: list[int]
     class_list: list[dict] = field(default_factory=list)
+    empty: list[int] = field(default_factory=list)
 
 
 def check_channels(volumes: list) -> None:
@@ -195,9 +219,11 @@ def write_images(volumes: list, folder: Path) -> list[Path]:
 
 
 def write_training_inputs(folder: Path, volumes: list, segmentation_node, segment_ids: list[str],
-                          axis: str, held_out: list[int] | None = None) -> TrainingFiles:
+                          axis: str, held_out: list[int] | None = None,
+                          empty: list[int] | None = None) -> TrainingFiles:
     """Images, ``labels.nrrd`` (held-out slices removed), ``truth.nrrd`` (held-out slices only, for
-    evaluation) and ``classes.json``."""
+    evaluation) and ``classes.json``. ``empty``: slices the user checked and found without the structure
+    (checked by :func:`check_empty_slices`; the engine gets them as ``--empty-slices``)."""
     if segmentation_node is None:
         raise JobError("choose the segmentation that holds your labels")
     if not segment_ids:
@@ -212,13 +238,14 @@ def write_training_inputs(folder: Path, volumes: list, segmentation_node, segmen
     bad = [s for s in held_out if not 0 <= s < n_slices]
     if bad:
         raise JobError(f"held-out slice(s) {format_slices(bad)} are outside 0..{n_slices - 1} along {axis}")
+    classes = segment_classes(segmentation_node, segment_ids)
+    empty = check_empty_slices(labels, axis, empty, held_out, {c["value"]: c["name"] for c in classes})
     training = [s for s in all_labelled if s not in held_out]
     if not training:
         raise JobError("no labelled slice is left for training: paint the structure on at least one slice "
                        "that is not held out" if all_labelled else
                        "the chosen segments are empty: paint the structure on a few slices first")
     train_labels = keep_slices(labels, axis, training)
-    classes = segment_classes(segmentation_node, segment_ids)
     labels_path = write_labelmap(train_labels, reference, folder / "labels.nrrd")
     truth_path = None
     if held_out:
@@ -226,7 +253,7 @@ def write_training_inputs(folder: Path, volumes: list, segmentation_node, segmen
     classes_path = folder / "classes.json"
     classes_path.write_text(json.dumps(classes, indent=1) + "\n", encoding="utf-8")
     return TrainingFiles(images=images, labels=labels_path, classes=classes_path, truth=truth_path, axis=axis,
-                         labelled=training, held_out=held_out, class_list=classes)
+                         labelled=training, held_out=held_out, class_list=classes, empty=empty)
 
 
 # -- reading results back -----------------------------------------------------------------------------------

@@ -37,13 +37,15 @@ class TrainingRequest:
     segment_ids: list = field(default_factory=list)  # the segments to learn, in order (empty: all)
     orientation: str = "Axial"        # Axial / Coronal / Sagittal, or a grid axis k / j / i
     held_out: list = field(default_factory=list)     # labelled slices kept for checking calibration
+    empty_slices: list = field(default_factory=list)  # slices checked and found without the structure
     method: str = "MisMatch"          # MisMatch or U-Net (or an engine method name)
+    # the engine's defaults (mismatch.train.TrainConfig; Testing/slicer/test_defaults.py checks they agree)
     steps: int = 300
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     alpha: float = 0.002
     batch_size: int = 4
-    patch_size: int = 176
-    width: int = 24
+    patch_size: int = 128
+    width: int = 16
     device: str = "auto"
     init_model: Path | None = None    # continue from this model (fine-tune after corrections)
 
@@ -53,8 +55,10 @@ class SegmentRequest:
     volumes: list
     model: Path
     device: str = "auto"
-    segmentation: object = None       # the user's labels: held-out slices are evaluated against them
+    segmentation: object = None       # the user's labels: painted slices guide the segmentation (--labels),
+                                      # held-out slices are evaluated against them
     held_out: list = field(default_factory=list)
+    empty_slices: list = field(default_factory=list)  # slices checked and found without the structure
     output_segmentation: object = None  # None: a new segmentation node
     confidence_volume: object = None
     disagreement_volume: object = None
@@ -97,6 +101,15 @@ def describe_progress(event: dict) -> str:
     if event.get("eta") is not None:
         text += f", {format_duration(event['eta'])} left"
     return text
+
+
+def removed_slices(report: dict | None, threshold: float = 0.001, most: int = 3) -> list[int]:
+    """Up to ``most`` slices of the report where the engine removed more than ``threshold`` of the slice as
+    not connected to the painted structure, the largest removals, in slice order."""
+    rows = [r for r in (report or {}).get("uncertain_slices") or []
+            if isinstance(r.get("removed_fraction"), (int, float)) and r["removed_fraction"] > threshold]
+    rows.sort(key=lambda r: -float(r["removed_fraction"]))
+    return sorted(int(r["slice"]) for r in rows[:most])
 
 
 def is_out_of_memory(finished: dict) -> bool:
@@ -168,7 +181,7 @@ class MisMatchLogic:
         folder = self._new_folder("train")
         try:
             files = jobfolder.write_training_inputs(folder, request.volumes, request.segmentation, segment_ids,
-                                                    axis, request.held_out)
+                                                    axis, request.held_out, request.empty_slices)
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -181,6 +194,8 @@ class MisMatchLogic:
                      "--alpha", repr(float(request.alpha)), "--width", str(int(request.width)),
                      "--patch-size", str(int(request.patch_size)), "--device", request.device or "auto",
                      "--events", "-"]
+        if files.empty:
+            arguments += ["--empty-slices", jobfolder.format_slices(files.empty)]
         if init is not None:
             arguments += ["--init", str(init)]
         job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), files=files,
@@ -212,22 +227,54 @@ class MisMatchLogic:
                          "--device", request.device or "auto", "--events", "-"]
             held_out = sorted(set(request.held_out or []))
             evaluated: list[int] = []
-            if held_out and request.segmentation is not None:
+            notes: list[str] = []
+            if request.segmentation is not None:
                 axis = card.get("slice_axis", "k")
-                truth = jobfolder.labels_for_classes(request.segmentation, card["classes"], request.volumes[0])
-                if truth is not None:
-                    evaluated = [s for s in held_out if s in jobfolder.labelled_slices(truth, axis)]
+                user = jobfolder.labels_for_classes(request.segmentation, card["classes"], request.volumes[0])
+                if user is None:
+                    notes.append("your segmentation has no segment named like the model's classes: segmented "
+                                 "without your painted slices")
+                else:
+                    arguments += self._painted_arguments(folder, request, card, user, axis, held_out, notes)
+                    evaluated = [s for s in held_out if s in jobfolder.labelled_slices(user, axis)]
                 if evaluated:
-                    jobfolder.write_labelmap(jobfolder.keep_slices(truth, axis, evaluated), request.volumes[0],
+                    jobfolder.write_labelmap(jobfolder.keep_slices(user, axis, evaluated), request.volumes[0],
                                              folder / "truth.nrrd")
                     arguments += ["--truth", str(folder / "truth.nrrd"),
                                   "--eval-slices", jobfolder.format_slices(evaluated)]
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = Job("segment", folder, request, arguments, files={"card": card, "evaluated": evaluated})
+        job = Job("segment", folder, request, arguments, files={"card": card, "evaluated": evaluated, "notes": notes})
         self._start(job)
         return job
+
+    @staticmethod
+    def _painted_arguments(folder: Path, request: SegmentRequest, card: dict, user, axis: str, held_out: list,
+                           notes: list) -> list[str]:
+        """Write ``painted.nrrd`` (the user's painted labels as the model's class values, held-out slices
+        removed) and return ``--labels`` (and ``--empty-slices``) for the engine, or nothing (with a note
+        saying why) when no painted slice is left to guide the segmentation."""
+        classes = card["classes"]
+        empty = jobfolder.check_empty_slices(user, axis, request.empty_slices, held_out,
+                                             {int(c["value"]): str(c.get("name", "")) for c in classes})
+        painted = [s for s in jobfolder.labelled_slices(user, axis) if s not in held_out]
+        if not painted:
+            notes.append("your segmentation has no painted slice outside the held-out ones: segmented without "
+                         "your painted slices")
+            return []
+        segmentation = request.segmentation.GetSegmentation()
+        missing = [str(c.get("name", "")) for c in classes
+                   if not segmentation.GetSegmentIdBySegmentName(str(c.get("name", "")))]
+        if missing:
+            notes.append(f"no segment of your segmentation is named {', '.join(missing)}: on your painted slices "
+                         "the model's class(es) of that name count as absent")
+        path = jobfolder.write_labelmap(jobfolder.keep_slices(user, axis, painted), request.volumes[0],
+                                        folder / "painted.nrrd")
+        arguments = ["--labels", str(path)]
+        if empty:
+            arguments += ["--empty-slices", jobfolder.format_slices(empty)]
+        return arguments
 
     # -- running ----------------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
@@ -375,6 +422,12 @@ class MisMatchLogic:
                 text += f"; ECE on held-out slices {jobfolder.format_slices(job.files['evaluated'])}: {ece:.3f}"
         elif request.held_out:
             text += "; the held-out slices hold none of the model's classes, so there is no reliability diagram"
+        for note in job.files.get("notes") or []:
+            text += f"; {note}"
+        removed = removed_slices(self.report)
+        if removed:
+            where = ("slice " if len(removed) == 1 else "slices ") + ", ".join(map(str, removed))
+            text += f"; the model also drew parts away from your structure on {where}: they were removed; check them"
         if self.report.get("uncertain_slices"):
             text += ". Press Next uncertain slice to check where the decoders disagree"
         return text + "."

@@ -11,6 +11,12 @@ Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
 - ``gate``: one event, then waits for ``$STANDIN_LOG/go`` before the rest (events must arrive one by one);
 - ``usererror``: one line on stderr, a failed end event, exit 2.
 
+Like the engine, train accepts ``--empty-slices``, and segment accepts ``--labels PAINTED`` (checked to be on the
+image's grid with a painted voxel; its painted slices are kept as painted) with ``--labelled-slices`` /
+``--empty-slices`` (refused without ``--labels``). With ``--labels``, the report's rows carry
+``removed_fraction``: 0, or the fractions in ``$STANDIN_REMOVED`` (JSON ``{"slice": fraction}``), and the
+painted file is copied to ``$STANDIN_LOG/labels-seen.nrrd`` (the job folder is gone once the job is over).
+
 Each call appends its arguments to ``$STANDIN_LOG/calls.jsonl``.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +41,21 @@ def emit(event: str, **fields) -> None:
 
 def option(args: list[str], name: str, default=None):
     return args[args.index(name) + 1] if name in args else default
+
+
+def slices_of(text: str | None) -> list[int]:
+    out = []
+    for part in (text or "").split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def user_error(message: str) -> int:
+    print(f"mismatch: error: {message}", file=sys.stderr)
+    emit("end", status="failed", message=message, elapsed=0.0)
+    return 2
 
 
 def images_of(args: list[str]) -> list[str]:
@@ -88,12 +110,36 @@ def segment(args: list[str]) -> int:
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     card = json.loads((Path(option(args, "--model")) / "model.json").read_text())
     values = [c["value"] for c in card["classes"]]
+    if ("--empty-slices" in args or "--labelled-slices" in args) and "--labels" not in args:
+        return user_error("--labelled-slices / --empty-slices need --labels (the painted label map)")
+    painted = None
+    if "--labels" in args:
+        painted_image = sitk.ReadImage(option(args, "--labels"))
+        if (painted_image.GetSize() != image.GetSize()
+                or not np.allclose(painted_image.GetOrigin(), image.GetOrigin(), atol=1e-4)
+                or not np.allclose(painted_image.GetSpacing(), image.GetSpacing(), atol=1e-6)
+                or not np.allclose(painted_image.GetDirection(), image.GetDirection(), atol=1e-6)):
+            return user_error("--labels is not on the image's grid")
+        painted = sitk.GetArrayFromImage(painted_image)
+        shutil.copyfile(option(args, "--labels"), LOG / "labels-seen.nrrd")
+        if not set(np.unique(painted).tolist()) <= {0, *values}:
+            return user_error("--labels holds values that are not the model's classes")
+        axis = "kji".index(card.get("slice_axis", "k"))
+        labelled = sorted(set(np.flatnonzero(painted.any(axis=tuple(a for a in range(3) if a != axis))).tolist())
+                          | set(slices_of(option(args, "--labelled-slices")))
+                          | set(slices_of(option(args, "--empty-slices"))))
+        if not painted.any():
+            return user_error("--labels: no painted slice")
     emit("start", phase="segment", total=array.shape[0])
     threshold = float(np.median(array))
     labels = np.zeros(array.shape, np.uint8)
     labels[array < threshold] = values[0]
     if len(values) > 1:
         labels[:, :, : array.shape[2] // 2][labels[:, :, : array.shape[2] // 2] > 0] = values[1]
+    if painted is not None:  # the painted slices are kept as painted
+        index = [slice(None)] * 3
+        index[axis] = labelled
+        labels[tuple(index)] = painted[tuple(index)]
     confidence = np.full(array.shape, 0.75, np.float32)
     disagreement = np.linspace(0, 0.5, array.shape[0], dtype=np.float32)[:, None, None] * np.ones_like(confidence)
     for path, data in ((option(args, "--out"), labels), (option(args, "--confidence"), confidence),
@@ -107,6 +153,10 @@ def segment(args: list[str]) -> int:
     report = {"slice_axis": card.get("slice_axis", "k"),
               "uncertain_slices": [{"slice": int(s), "disagreement": float(0.5 * s / array.shape[0]),
                                     "uncertain_fraction": 0.1} for s in range(array.shape[0] - 1, -1, -1)]}
+    if painted is not None:
+        removed = {int(k): float(v) for k, v in json.loads(os.environ.get("STANDIN_REMOVED", "{}")).items()}
+        report["uncertain_slices"] = [dict(row, removed_fraction=removed.get(row["slice"], 0.0))
+                                      for row in report["uncertain_slices"] if row["slice"] not in labelled]
     if "--truth" in args:
         bins = [{"lower": b / 10, "upper": (b + 1) / 10, "count": 10 * b, "confidence": b / 10 + 0.05,
                  "accuracy": b / 10} if b else {"lower": 0, "upper": 0.1, "count": 0, "confidence": None,

@@ -101,3 +101,30 @@ def test_requirements_never_touch_slicers_own_packages():
     lines = install.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
     names = {install.requirement_name(line) for line in lines}
     assert names and not names & install.PROTECTED
+
+
+def test_every_package_the_engine_imports_is_installed_on_first_use():
+    """A module-level import of a third-party package in a packaged engine file (benchmark/ is for the command
+    line) must be Slicer's own, torch (the PyTorch extension), or in Resources/requirements.txt: otherwise the
+    engine's child process fails at import inside Slicer."""
+    import ast
+    import sys
+
+    from MisMatchSegmentationLib import install
+
+    provided = install.PROTECTED | {install.requirement_name(r) for r in install.read_requirements()}
+    engine = ENGINE_DIR / "mismatch"
+    needed: dict[str, set[str]] = {}
+    for path in engine.rglob("*.py"):
+        if "benchmark" in path.relative_to(engine).parts:
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "mismatch":
+                    needed.setdefault(top.lower(), set()).add(path.relative_to(engine).as_posix())
+    assert "scipy" in needed and "torch" in needed  # the scan sees the engine's imports
+    missing = {name: sorted(files) for name, files in needed.items() if name not in provided}
+    assert not missing, f"add these to MisMatchSegmentation/Resources/requirements.txt: {missing}"

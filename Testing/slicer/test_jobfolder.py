@@ -87,8 +87,10 @@ def test_parse_slices():
     assert jobfolder.parse_slices("3, 7; 10-12,7") == [3, 7, 10, 11, 12]
     assert jobfolder.parse_slices("") == []
     for bad in ("x", "5-3", "-2"):
-        with pytest.raises(jobfolder.JobError):
+        with pytest.raises(jobfolder.JobError, match="^held-out slices: "):
             jobfolder.parse_slices(bad)
+    with pytest.raises(jobfolder.JobError, match="^empty slices: 'x' is not a slice number"):
+        jobfolder.parse_slices("1, x", "empty slices")
 
 
 def test_training_inputs_from_ctchest_keep_names_colours_and_the_user_segmentation(ct_chest, tmp_path):
@@ -153,3 +155,34 @@ def test_import_segmentation_makes_named_coloured_segments_on_the_input_grid(sce
     # importing again into the same node replaces its segments
     seg2 = jobfolder.import_segmentation(path, node, classes[:1], seg)
     assert seg2 is seg and seg.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_empty_slices_are_checked_against_the_volume_the_held_out_slices_and_the_painting(ct_chest, tmp_path):
+    volume, labels_node = ct_chest
+    ids = [labels_node.GetSegmentation().GetNthSegmentID(n) for n in range(2)]
+    files = jobfolder.write_training_inputs(tmp_path / "ok", [volume], labels_node, ids, "k", held_out=[24],
+                                            empty=[33, 0, 1, 0])
+    assert files.empty == [0, 1, 33] and files.labelled == [10, 17]
+    train = sitk.GetArrayFromImage(sitk.ReadImage(str(files.labels)))
+    assert jobfolder.labelled_slices(train, "k") == [10, 17]  # empty slices add no label voxel
+    with pytest.raises(jobfolder.JobError) as painted:
+        jobfolder.write_training_inputs(tmp_path / "a", [volume], labels_node, ids[1:], "k", empty=[3, 17])
+    assert str(painted.value) == ("slice 17 is marked empty but has painted voxels of left lung: unpaint it or "
+                                  "remove it from Empty slices")
+    with pytest.raises(jobfolder.JobError, match=r"^slice\(s\) 24 are both held out and marked empty"):
+        jobfolder.write_training_inputs(tmp_path / "b", [volume], labels_node, ids, "k", held_out=[24], empty=[24])
+    with pytest.raises(jobfolder.JobError, match=r"^empty slice\(s\) 34 are outside 0..33 along k"):
+        jobfolder.write_training_inputs(tmp_path / "c", [volume], labels_node, ids, "k", empty=[2, 34])
+    # along another axis the indices count along that axis (128 slices along j)
+    with pytest.raises(jobfolder.JobError, match="outside 0..127 along j"):
+        jobfolder.write_training_inputs(tmp_path / "d", [volume], labels_node, ids, "j", empty=[128])
+
+
+def test_check_empty_slices_names_every_painted_class():
+    labels = np.zeros((4, 3, 3), np.uint8)
+    labels[2, 0, 0], labels[2, 1, 1] = 1, 3
+    assert jobfolder.check_empty_slices(labels, "k", [3, 0], [], {1: "vessel"}) == [0, 3]
+    with pytest.raises(jobfolder.JobError, match="slice 2 is marked empty but has painted voxels of vessel, label 3"):
+        jobfolder.check_empty_slices(labels, "k", [2], [], {1: "vessel"})
+    with pytest.raises(jobfolder.JobError, match="slice 0 is marked empty but has painted voxels of vessel"):
+        jobfolder.check_empty_slices(labels, "i", [0], [], {1: "vessel", 3: "x"})

@@ -16,7 +16,7 @@ from conftest import standin_command
 
 from MisMatchSegmentationLib import jobfolder, plots
 from MisMatchSegmentationLib.logic import (MisMatchLogic, SegmentRequest, TrainingRequest, describe_progress,
-                                           format_duration)
+                                           format_duration, removed_slices)
 
 
 def calls(log) -> list[dict]:
@@ -155,10 +155,12 @@ def test_segment_fills_new_nodes_on_the_input_grid_with_reliability_and_next_sli
         assert slicer.util.arrayFromVolume(node).shape == (34, 128, 128)
     assert np.all(slicer.util.arrayFromVolume(logic.results["confidence"]) == np.float32(0.75))
     assert logic.results["confidence"].GetName() == "CTChest MisMatch confidence"
-    # the stand-in's segmentation: voxels darker than the median, left half class 2
+    # the stand-in's segmentation: voxels darker than the median, left half class 2; the painted slices that
+    # reached it as --labels (10 and 17, not the held-out 24) are kept as painted
     ct = slicer.util.arrayFromVolume(volume).astype(np.float32)
     expected_1 = (ct < np.median(ct))
     expected_1[:, :, :64] = False
+    expected_1[[10, 17]] = before[ids[0]][[10, 17]] > 0
     got_1 = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(0), volume) > 0
     np.testing.assert_array_equal(got_1, expected_1)
     # the reliability diagram: mean and both decoders, plus the diagonal, ECE in the title
@@ -234,3 +236,175 @@ def test_progress_text():
     assert describe_progress({"phase": "segment", "step": 8, "total": 34, "loss": None, "eta": None}) == \
         "Segmenting: slice 8/34"
     assert format_duration(3725) == "1:02:05" and format_duration(None) == "?"
+
+
+# -- empty slices and segmenting with the painted labels -------------------------------------------------------
+def trained(logic, volume, labels):
+    logic.start_training(train_request(volume, labels, held_out=[24]))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+    return logic.current_model
+
+
+def test_training_passes_the_empty_slices(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    logic.start_training(train_request(volume, labels, empty_slices=[3, 0, 1, 2, 30]))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+    logic.start_training(train_request(volume, labels))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+    with_empty, without = (c["args"] for c in calls(standin_log))
+    assert with_empty[with_empty.index("--empty-slices") + 1] == "0,1,2,3,30"
+    assert with_empty[with_empty.index("--labelled-slices") + 1] == "10,17,24"
+    assert "--empty-slices" not in without
+
+
+@pytest.mark.parametrize("empty, message", [
+    ([17], "slice 17 is marked empty but has painted voxels of right lung, left lung: unpaint it or remove it "
+           "from Empty slices"),
+    ([5, 24], r"slice\(s\) 24 are both held out and marked empty"),
+    ([5, 34], r"empty slice\(s\) 34 are outside 0..33 along k"),
+])
+def test_wrong_empty_slices_stop_training_before_the_engine_starts(ct_chest, logic_for, standin_log, tmp_path,
+                                                                  empty, message):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    with pytest.raises(jobfolder.JobError, match=message):
+        logic.start_training(train_request(volume, labels, held_out=[24], empty_slices=empty))
+    assert not logic.running and not (standin_log / "calls.jsonl").exists()
+    assert list((tmp_path / "work" / "jobs").iterdir()) == []
+
+
+def test_segment_passes_the_painted_labels_without_the_held_out_slices(ct_chest, logic_for, standin_log):
+    import SimpleITK as sitk
+    import slicer
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(2)]
+    before = {s: slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume).copy() for s in ids}
+    # learn order was right lung = 1, left lung = 2; paint order in the user's segmentation does not matter
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=labels,
+                                          held_out=[24], empty_slices=[0, 1, 33]))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert "without your painted slices" not in done["message"] and "drew parts" not in done["message"]
+    args = calls(standin_log)[-1]["args"]
+    assert args[args.index("--labels") + 1].endswith("painted.nrrd")
+    assert args[args.index("--empty-slices") + 1] == "0,1,33"
+    assert args[args.index("--truth") + 1].endswith("truth.nrrd") and args[args.index("--eval-slices") + 1] == "24"
+    seen = sitk.ReadImage(str(standin_log / "labels-seen.nrrd"))
+    painted = sitk.GetArrayFromImage(seen)
+    assert jobfolder.labelled_slices(painted, "k") == [10, 17], "the held-out slice 24 must not be painted"
+    np.testing.assert_array_equal(painted[[10, 17]] == 1, before[ids[0]][[10, 17]] > 0)
+    np.testing.assert_array_equal(painted[[10, 17]] == 2, before[ids[1]][[10, 17]] > 0)
+    assert set(np.unique(painted).tolist()) == {0, 1, 2}
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])  # painted.nrrd is on the volume's exact grid
+    np.testing.assert_allclose(lps_to_ras @ np.array(seen.GetDirection()).reshape(3, 3) @ np.diag(seen.GetSpacing()),
+                               jobfolder.ijk_to_ras(volume)[:3, :3], atol=1e-9)
+    np.testing.assert_allclose(lps_to_ras @ np.array(seen.GetOrigin()), jobfolder.ijk_to_ras(volume)[:3, 3], atol=1e-6)
+    # the painted slices are kept in the result; the user's segmentation never changes
+    result = logic.results["segmentation"]
+    got = slicer.util.arrayFromSegmentBinaryLabelmap(result, result.GetSegmentation().GetNthSegmentID(1), volume)
+    np.testing.assert_array_equal(got[[10, 17]] > 0, before[ids[1]][[10, 17]] > 0)
+    for s in ids:
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume), before[s])
+    assert labels.GetSegmentation().GetNumberOfSegments() == 2
+    # the held-out slice is scored, the painted ones are not in the ranking
+    ranked = [u["slice"] for u in logic.report["uncertain_slices"]]
+    assert 24 in ranked and 10 not in ranked and 0 not in ranked
+
+
+def test_segment_refuses_an_empty_slice_with_painted_voxels_of_the_models_classes(ct_chest, logic_for,
+                                                                                  standin_log, tmp_path):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    n_calls = len(calls(standin_log))
+    with pytest.raises(jobfolder.JobError, match="slice 10 is marked empty but has painted voxels of right lung"):
+        logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, segmentation=labels, empty_slices=[10]))
+    with pytest.raises(jobfolder.JobError, match="both held out and marked empty"):
+        logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, segmentation=labels, held_out=[24],
+                                              empty_slices=[24]))
+    assert len(calls(standin_log)) == n_calls and not logic.running
+    assert list((tmp_path / "work" / "jobs").iterdir()) == []
+
+
+def test_segment_without_a_segment_named_like_the_classes_says_so(ct_chest, logic_for, standin_log):
+    import slicer
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    other = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Tumour labels")
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    sid = other.GetSegmentation().AddEmptySegment("tumour", "tumour", (0.9, 0.9, 0.1))
+    mask = np.zeros((34, 128, 128), np.uint8)
+    mask[12, 40:60, 40:60] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, other, sid, volume)
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=other,
+                                          held_out=[12], empty_slices=[0]))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert ("your segmentation has no segment named like the model's classes: segmented without your painted "
+            "slices") in done["message"]
+    args = calls(standin_log)[-1]["args"]
+    assert "--labels" not in args and "--empty-slices" not in args and "--truth" not in args
+    assert not (standin_log / "labels-seen.nrrd").exists()
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(other, sid, volume), mask)
+
+
+def test_segment_with_some_classes_unnamed_uses_the_others_and_says_so(ct_chest, logic_for, standin_log):
+    import SimpleITK as sitk
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    segmentation = labels.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetNthSegmentID(1)).SetName("left lung (old)")
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=labels))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert "no segment of your segmentation is named left lung" in done["message"]
+    painted = sitk.GetArrayFromImage(sitk.ReadImage(str(standin_log / "labels-seen.nrrd")))
+    assert set(np.unique(painted).tolist()) == {0, 1} and jobfolder.labelled_slices(painted, "k") == [10, 17, 24]
+
+
+def test_segment_names_the_slices_where_parts_were_removed(ct_chest, logic_for, standin_log, monkeypatch):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    monkeypatch.setenv("STANDIN_REMOVED", json.dumps({"12": 0.05, "30": 0.002, "5": 0.0005, "20": 0.01, "7": 0.2}))
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=labels,
+                                          held_out=[24]))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert ("the model also drew parts away from your structure on slices 7, 12, 20: they were removed; "
+            "check them") in done["message"]
+    assert logic.status == done["message"]
+    monkeypatch.setenv("STANDIN_REMOVED", json.dumps({"5": 0.0005}))
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=labels))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed" and "drew parts" not in done["message"]
+
+
+def test_removed_slices():
+    rows = [{"slice": 3, "removed_fraction": 0.3}, {"slice": 9}, {"slice": 1, "removed_fraction": 0.001},
+            {"slice": 2, "removed_fraction": 0.0011}]
+    assert removed_slices({"uncertain_slices": rows}) == [2, 3]
+    assert removed_slices({"uncertain_slices": rows}, most=1) == [3]
+    assert removed_slices(None) == [] and removed_slices({"uncertain_slices": None}) == []
+
+
+def test_segment_with_every_painted_slice_held_out_goes_without_labels(ct_chest, logic_for, standin_log):
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    model = trained(logic, volume, labels)
+    logic.start_segmenting(SegmentRequest(volumes=[volume], model=model, device="cpu", segmentation=labels,
+                                          held_out=[10, 17, 24], empty_slices=[0]))
+    done = logic.wait(timeout=60)[-1]
+    assert done["status"] == "completed", done["message"]
+    assert "no painted slice outside the held-out ones: segmented without your painted slices" in done["message"]
+    args = calls(standin_log)[-1]["args"]
+    assert "--labels" not in args and "--empty-slices" not in args
+    assert args[args.index("--eval-slices") + 1] == "10,17,24"

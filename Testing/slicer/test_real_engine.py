@@ -47,6 +47,10 @@ def test_train_and_segment_ctchest_with_the_real_engine(ct_chest, engine_availab
         np.testing.assert_array_equal(jobfolder.ijk_to_ras(node), jobfolder.ijk_to_ras(volume))
         values = slicer.util.arrayFromVolume(node)
         assert values.shape == (34, 128, 128) and np.isfinite(values).all()
+    # the painted labels went to the engine (--labels): it keeps the painted slices exactly as painted
+    for n, s in enumerate(ids):
+        got = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(n), volume)
+        np.testing.assert_array_equal(got[[10, 17]] > 0, before[s][[10, 17]] > 0)
     confidence = slicer.util.arrayFromVolume(logic.results["confidence"])
     assert confidence.min() >= 0.0 and confidence.max() <= 1.0
     assert "ECE on held-out slices 24" in done["message"]

@@ -151,7 +151,8 @@ def test_main_widgets_have_the_classes_slicer_users_expect():
                 "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
                 "lossPlotWidget": "qMRMLPlotWidget", "reliabilityPlotWidget": "qMRMLPlotWidget",
                 "nextUncertainButton": "QPushButton", "inputsCollapsibleButton": "ctkCollapsibleButton",
-                "stepsSpinBox": "QSpinBox", "deviceComboBox": "QComboBox"}
+                "stepsSpinBox": "QSpinBox", "deviceComboBox": "QComboBox",
+                "emptySlicesLineEdit": "QLineEdit", "markEmptySliceButton": "QPushButton"}
     assert {n: widgets[n].get("class") for n in expected} == expected
     assert prop(widgets["segmentSelector"], "multiSelection") is True
 
@@ -222,3 +223,24 @@ def test_names_the_module_imports_from_its_library_exist():
             for alias in node.names:
                 if not hasattr(module, alias.name):  # a submodule: ``from package import module``
                     importlib.import_module(f"{node.module}.{alias.name}")
+
+
+def test_empty_slices_row_and_requests():
+    widgets = ui_widgets()
+    edit = widgets["emptySlicesLineEdit"]
+    assert prop(edit, "SlicerParameterName") == "emptySlices"
+    assert prop(edit, "placeholderText") == "e.g. 0-3, 40 (optional)"
+    assert "without the structure" in prop(edit, "toolTip") and "where the structure is not" in prop(edit, "toolTip")
+    assert prop(widgets["markEmptySliceButton"], "text") == "Mark current slice empty"
+    assert prop(widgets["emptySlicesLabel"], "text") == "Empty slices:"
+    assert parameter_fields()["emptySlices"]["default"] == ""
+    assert ("markEmptySliceButton", "connect", "clicked(bool)") in ui_uses()
+    # both requests carry the parsed empty slices
+    tree = ast.parse(SOURCE.read_text())
+    builders = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    for name, request in (("trainingRequest", "TrainingRequest"), ("segmentRequest", "SegmentRequest")):
+        calls = [c for c in ast.walk(builders[name])
+                 if isinstance(c, ast.Call) and getattr(c.func, "id", "") == request]
+        assert len(calls) == 1 and "empty_slices" in {k.arg for k in calls[0].keywords}, name
+        keyword = next(k for k in calls[0].keywords if k.arg == "empty_slices")
+        assert "p.emptySlices" in ast.unparse(keyword.value), name
