@@ -55,13 +55,22 @@ def test_prior_is_sure_near_painted_slices_and_far_from_the_shape_and_shrinks_be
     sparse[8] = disc((40, 40), (20, 20), 6)
     sparse[12] = disc((40, 40), (20, 20), 6)
     prior = SlicePrior(sparse, [8, 12], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=2,
-                       settings=PriorSettings(tau_mm=2.0, tau_per_mm=0.5, shrink=1.0))
+                       settings=PriorSettings(tau_mm=2.0, default_rate=0.5))
     mid = prior.log_odds(10)[0]
     assert mid.shape == (40, 40)
     assert mid[20, 20] > 1 and mid[0, 0] < -5           # inside: foreground; far corner: background
     beyond_near, beyond_far = prior.log_odds(14)[0], prior.log_odds(19)[0]
     assert (beyond_far > 0).sum() < (beyond_near > 0).sum() <= (mid > 0).sum()   # the structure ends
     assert prior.is_labelled(8) and not prior.is_labelled(10)
+    assert prior.rate < 0.1    # the same disc on both slices: the outline does not move
+
+
+def test_boundary_rate_measures_how_fast_the_outline_moves():
+    sparse = np.zeros((9, 60, 60), np.uint8)
+    sparse[0] = disc((60, 60), (30, 30), 10)
+    sparse[4] = disc((60, 60), (30, 30), 18)      # the radius grows 8 mm over 4 slices of 2 mm
+    prior = SlicePrior(sparse, [0, 4], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=2)
+    assert 0.8 < prior.rate < 1.2
 
 
 def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class():

@@ -142,30 +142,57 @@ def shape_interpolation(sparse: np.ndarray, labelled: Sequence[int], axis: int =
 
 @dataclass
 class PriorSettings:
-    """How sure the prior is. The log-odds of class c at a pixel are ``-d_c / tau``, with ``d_c`` the
-    interpolated signed distance (mm) and ``tau = tau_mm + tau_per_mm * D`` growing with ``D``, the
-    distance (mm, along the slice axis) to the nearest labelled slice. Beyond the outermost labelled slice
-    the structure is also taken to shrink by ``shrink`` mm per mm travelled (it has to end somewhere).
-    ``weight`` scales the prior's log-odds before they are added to the network's. ``connected``: keep only
-    the parts of each class connected in 3D to its painted voxels (:func:`keep_connected`)."""
+    """How sure the prior is.
+
+    The log-odds of class c at a pixel are ``-d_c / tau``, with ``d_c`` the interpolated signed distance (mm)
+    and ``tau = tau_mm + tau_rate * rate * D``, where ``D`` is the distance (mm, along the slice axis) to the
+    nearest labelled slice and ``rate`` how far the structure's boundary moves per mm along the slice axis,
+    *measured on the painted slices themselves* (:func:`boundary_rate`): a structure whose outline changes
+    fast from slice to slice (cortex, vessels) gets a weak prior, one that changes slowly (lungs, a liver) a
+    sharp one. Beyond the outermost labelled slice the shape also shrinks by ``shrink_rate * rate`` mm per mm
+    (it has to end somewhere). ``weight`` scales the prior's log-odds before they are added to the
+    network's. ``connected``: keep only the parts of each class connected in 3D to its painted voxels
+    (:func:`keep_connected`). ``default_rate`` is used when a single slice is painted.
+    """
 
     tau_mm: float = 2.0
-    tau_per_mm: float = 0.5
-    shrink: float = 0.5
+    tau_rate: float = 1.0
+    shrink_rate: float = 1.0
     weight: float = 1.0
+    default_rate: float = 0.5
     connected: bool = True
 
+    _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate")
+
     def to_dict(self) -> dict:
-        return {"tau_mm": self.tau_mm, "tau_per_mm": self.tau_per_mm, "shrink": self.shrink, "weight": self.weight,
-                "connected": self.connected}
+        return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
         d = d or {}
-        values = {k: float(d[k]) for k in ("tau_mm", "tau_per_mm", "shrink", "weight") if k in d}
+        values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         if "connected" in d:
             values["connected"] = bool(d["connected"])
         return cls(**values)
+
+
+def boundary_rate(sdfs: dict[int, np.ndarray], dz: float, pixel: float = 1.0) -> float | None:
+    """How many mm the painted outlines move per mm along the slice axis: for each pair of consecutive
+    labelled slices, the mean distance from each one's boundary pixels to the other's outline, divided by
+    their distance; the median over the pairs. ``pixel``: the larger in-plane spacing (mm). ``None`` with fewer
+    than two labelled slices or no outline."""
+    keys = sorted(sdfs)
+    rates = []
+    for a, b in zip(keys, keys[1:]):
+        sa, sb = sdfs[a], sdfs[b]
+        for c in range(len(sa)):
+            on_a, on_b = np.abs(sa[c]) <= 0.51 * pixel, np.abs(sb[c]) <= 0.51 * pixel   # the outline pixels
+            present_a, present_b = sa[c].min() < 0, sb[c].min() < 0
+            if not (present_a and present_b and on_a.any() and on_b.any()):
+                continue
+            moved = 0.5 * (np.abs(sb[c][on_a]).mean() + np.abs(sa[c][on_b]).mean())
+            rates.append(moved / ((b - a) * dz))
+    return float(np.median(rates)) if rates else None
 
 
 class SlicePrior:
@@ -188,6 +215,8 @@ class SlicePrior:
         self.absent = float(np.hypot(self.src.shape[1] * self.sp2[0], self.src.shape[2] * self.sp2[1]))
         self.sdfs = _class_sdfs(self.src, self.lab, range(1, self.n_fg + 1), self.sp2, self.absent)
         self.below, self.above, self.dist = _neighbours(self.src.shape[0], self.lab)
+        measured = boundary_rate(self.sdfs, self.dz, max(self.sp2))
+        self.rate = self.settings.default_rate if measured is None else measured
 
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
@@ -207,8 +236,8 @@ class SlicePrior:
         sdf = _interpolated(self.sdfs, s, lo, hi)
         d_mm = float(self.dist[s]) * self.dz
         if lo < 0 or hi < 0:   # beyond the outermost labelled slice
-            sdf = sdf + st.shrink * d_mm
-        tau = st.tau_mm + st.tau_per_mm * d_mm
+            sdf = sdf + st.shrink_rate * self.rate * d_mm
+        tau = st.tau_mm + st.tau_rate * self.rate * d_mm
         return (-sdf / tau).astype(np.float32)
 
 

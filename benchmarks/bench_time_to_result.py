@@ -1,0 +1,94 @@
+"""Time to result as a user gets it: ``mismatch train`` with its defaults, then ``mismatch segment`` with the
+painted labels, on a real MRI slab the size the product is for (60 x 217 x 181 voxels: 60 axial slices of
+nilearn's MNI152 T1 template at 1 mm, grey matter = GM probability > 0.5, 3 labelled slices).
+
+    python benchmarks/bench_time_to_result.py [--slices 60] [--labelled 3] [--device cpu] [--out FILE.json]
+
+Runs the two commands as a user would (separate processes, files in a temporary folder) and prints the wall
+time of each, the training steps actually run, and the IoU on every unlabelled slice. Needs nilearn (the
+benchmark extra: scripts/setup-benchmark.sh). Not a test: the figures depend on the machine and its load;
+run it on an otherwise idle machine and record what else was running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
+
+
+def mni_slab(n_slices: int):
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_template
+
+    t1 = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32).transpose(2, 1, 0)
+    gm = np.asarray(load_mni152_gm_template(resolution=1).get_fdata(), np.float32).transpose(2, 1, 0)
+    k0 = t1.shape[0] // 2 - n_slices // 2
+    image, label = t1[k0:k0 + n_slices], (gm[k0:k0 + n_slices] > 0.5).astype(np.uint8)
+    return image, label
+
+
+def write(array, path):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(img, str(path))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=60)
+    ap.add_argument("--labelled", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write the figures as JSON")
+    args = ap.parse_args()
+
+    image, label = mni_slab(args.slices)
+    n = image.shape[0]
+    labelled = np.linspace(0, n - 1, args.labelled + 2).round().astype(int)[1:-1]   # evenly spaced, inside
+    sparse = np.zeros_like(label)
+    sparse[labelled] = label[labelled]
+    exe = [sys.executable, "-m", "mismatch"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "Trainer")}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write(image, tmp / "t1.nrrd")
+        write(sparse, tmp / "painted.nrrd")
+        t0 = time.monotonic()
+        subprocess.run(exe + ["train", str(tmp / "t1.nrrd"), "--labels", str(tmp / "painted.nrrd"), "--out",
+                              str(tmp / "model"), "--device", args.device, "--seed", str(args.seed)],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        t_train = time.monotonic() - t0
+        t0 = time.monotonic()
+        subprocess.run(exe + ["segment", str(tmp / "t1.nrrd"), "--model", str(tmp / "model"), "--labels",
+                              str(tmp / "painted.nrrd"), "--out", str(tmp / "seg.nrrd"), "--device", args.device],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        t_segment = time.monotonic() - t0
+        card = json.loads((tmp / "model" / "model.json").read_text())
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "seg.nrrd"))) > 0
+    test = np.setdiff1d(np.arange(n), labelled)
+    p, t = seg[test], label[test] > 0
+    iou = float((p & t).sum() / max(1, (p | t).sum()))
+    result = {"volume": list(image.shape), "labelled_slices": labelled.tolist(), "device": args.device,
+              "train_seconds": round(t_train, 1), "segment_seconds": round(t_segment, 1),
+              "total_seconds": round(t_train + t_segment, 1), "steps": card["summary"]["steps"],
+              "iou_unlabelled": round(iou, 4), "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or '?'}"}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
