@@ -40,7 +40,7 @@ class TrainingRequest:
     empty_slices: list = field(default_factory=list)  # slices checked and found without the structure
     method: str = "MisMatch"          # MisMatch or U-Net (or an engine method name)
     # the engine's defaults (mismatch.train.TrainConfig; Testing/slicer/test_defaults.py checks they agree)
-    steps: int = 300
+    steps: int = 200
     learning_rate: float = 2e-3
     alpha: float = 0.002
     batch_size: int = 4

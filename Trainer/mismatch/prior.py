@@ -155,10 +155,10 @@ class PriorSettings:
     (:func:`keep_connected`). ``default_rate`` is used when a single slice is painted.
     """
 
-    tau_mm: float = 2.0
+    tau_mm: float = 4.0
     tau_rate: float = 1.0
-    shrink_rate: float = 1.0
-    weight: float = 1.0
+    shrink_rate: float = 2.0
+    weight: float = 0.5
     default_rate: float = 0.5
     connected: bool = True
 

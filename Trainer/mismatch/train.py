@@ -49,7 +49,7 @@ class TrainConfig:
     what a user gets from ``mismatch train`` and the Slicer panel."""
 
     method: str = "mismatch"
-    steps: int = 300
+    steps: int = 200
     width: int = 16
     batch_size: int = 4              # labelled slices per step
     unlabelled_batch_size: int = 0   # unlabelled slices per step (0: same as batch_size)
