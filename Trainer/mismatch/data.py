@@ -18,8 +18,6 @@ from .errors import UserError
 
 AXES = {"k": 0, "j": 1, "i": 2}
 
-#: Whole-slice batches are padded to a multiple of this (the network downsamples 3 times).
-SIZE_MULTIPLE = 8
 
 
 def axis_index(axis: str) -> int:
@@ -177,9 +175,9 @@ class TwoStreamSampler:
     Unlabelled items are all other slices of volume 0 and every slice of volumes 1... Each stream goes
     through shuffled passes, so every item is used once before any is repeated.
 
-    ``patch_size``: ``P`` for square ``P x P`` crops at a uniformly random position (slices smaller than
-    ``P`` are padded, centred: image with the slice's per-channel minimum, labels with 0); ``None`` or 0
-    for whole slices, padded (centred) per batch to a common size that is a multiple of 8.
+    ``patch_size``: ``P`` for ``P x P`` crops at a uniformly random position (a slice side shorter than ``P``
+    is taken whole: ``min(P, H) x min(P, W)``, never padded); ``None`` or 0 for whole slices. Slices of
+    volumes of different shapes are padded (centred) per batch to a common size.
     ``foreground_fraction``: probability that a labelled crop is centred (clamped to the slice) on a random
     non-zero label voxel of its slice, when it has one. All randomness comes from one
     ``numpy.random.Generator(seed)``; :meth:`state_dict` / :meth:`load_state_dict` resume exactly.
@@ -255,22 +253,13 @@ class TwoStreamSampler:
             return int(self.rng.integers(0, n - p + 1))
         return int(np.clip(centre - p // 2, 0, n - p))
 
-    def _cut(self, arr: np.ndarray, y0: int, x0: int, fill) -> np.ndarray:
-        """Crop ``[..., H, W]`` to ``P x P`` at ``(y0, x0)``, padding (centred) where the slice is smaller.
-
-        ``fill``: a scalar or an array broadcastable to ``[..., 1, 1]``, or a callable giving one (only
-        called when padding is needed)."""
+    def _cut(self, arr: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        """Crop ``[..., H, W]`` to ``min(P, H) x min(P, W)`` at ``(y0, x0)``: a side shorter than the patch is
+        taken whole, never padded. (Padding a 21-pixel side to 128 filled the patch with a constant that the
+        network never sees at inference, where its instance normalisation then met other statistics: it
+        learned the padded patches and failed on the real slices.)"""
         p = self.patch
-        crop = arr[..., y0:y0 + p, x0:x0 + p]
-        ch, cw = crop.shape[-2:]
-        if ch == p and cw == p:
-            return crop
-        fill = fill() if callable(fill) else fill
-        out = np.empty(arr.shape[:-2] + (p, p), dtype=arr.dtype)
-        out[...] = fill
-        oy, ox = (p - ch) // 2, (p - cw) // 2
-        out[..., oy:oy + ch, ox:ox + cw] = crop
-        return out
+        return arr[..., y0:y0 + p, x0:x0 + p]
 
     def _foreground(self, s: int) -> np.ndarray:
         """Flat (row-major ``H*W``) indices of the non-zero label voxels of labelled slice ``s``."""
@@ -301,13 +290,16 @@ class TwoStreamSampler:
         return tuple(int(n) for a, n in enumerate(kji) if a != self.ax)
 
     def _global_size(self, sizes: list) -> tuple[int, int] | None:
-        """Whole-slice mode with a shard: the padded size of the global batch (every rank pads alike)."""
-        if self.patch or self.shard is None or not sizes:
+        """With a shard: the padded size of the global batch (every rank pads alike)."""
+        if self.shard is None or not sizes:
             return None
-        return max(h for h, _ in sizes), max(w for _, w in sizes)
+        p = self.patch
+        return (max(h for h, _ in sizes) if not p else max(min(p, h) for h, _ in sizes),
+                max(w for _, w in sizes) if not p else max(min(p, w) for _, w in sizes))
 
     def labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``x float32 [B, C, P, P]``, ``y int64 [B, P, P]`` (whole-slice mode: ``H, W`` padded to x8)."""
+        """``x float32 [B, C, h, w]``, ``y int64 [B, h, w]`` with ``h = min(P, H)``, ``w = min(P, W)``
+        (whole-slice mode: ``H, W``)."""
         if not self.labelled_items:
             raise UserError("no labelled slice to train on; paint the structure on at least one slice "
                             "(or list the slices that are labelled)")
@@ -329,8 +321,8 @@ class TwoStreamSampler:
                 y0, x0 = self._start(h, cy), self._start(w, cx)
                 if b not in mine:
                     continue
-                img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
-                lab = self._cut(lab, y0, x0, 0)
+                img = self._cut(img, y0, x0)
+                lab = self._cut(lab, y0, x0)
             elif b not in mine:
                 continue
             xs.append(img)
@@ -339,7 +331,7 @@ class TwoStreamSampler:
         return self._stack(xs, label=False, size=size), self._stack(ys, label=True, size=size)
 
     def unlabelled_batch(self, batch_size: int) -> np.ndarray:
-        """``x float32 [B, C, P, P]`` (whole-slice mode: ``H, W`` padded to a multiple of 8)."""
+        """``x float32 [B, C, h, w]`` as :meth:`labelled_batch`."""
         if not self.unlabelled_items:
             raise UserError("every slice is labelled, so there is nothing for the semi-supervised term; "
                             "train supervised with --method unet, or add unlabelled cases with --unlabelled")
@@ -356,17 +348,19 @@ class TwoStreamSampler:
                 continue   # drawn like every rank draws it, read only by its own rank
             img = take_slice(self.volumes[v], self.axis, s)
             if self.patch:
-                img = self._cut(img, y0, x0, lambda img=img: _channel_min(img))
+                img = self._cut(img, y0, x0)
             xs.append(img)
         return self._stack(xs, label=False, size=self._global_size(sizes))
 
     def _stack(self, arrays: list[np.ndarray], label: bool, size: tuple[int, int] | None = None) -> np.ndarray:
+        """One batch; slices (or crops) of different sizes, from volumes of different shapes, are padded
+        (centred: images with each slice's per-channel minimum, labels with 0) to the largest. Slices of one
+        volume are never padded here: the network pads to its multiple of 8 itself, as at inference."""
         dtype = np.int64 if label else np.float32
-        if self.patch:
-            return np.stack(arrays).astype(dtype, copy=False)
         h = max(a.shape[-2] for a in arrays) if size is None else size[0]
         w = max(a.shape[-1] for a in arrays) if size is None else size[1]
-        h, w = h + (-h) % SIZE_MULTIPLE, w + (-w) % SIZE_MULTIPLE
+        if all(a.shape[-2:] == (h, w) for a in arrays):
+            return np.stack(arrays).astype(dtype, copy=False)
         out = np.empty((len(arrays),) + arrays[0].shape[:-2] + (h, w), dtype=dtype)
         for b, a in enumerate(arrays):
             ah, aw = a.shape[-2:]

@@ -233,7 +233,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     sampler = TwoStreamSampler(volumes, labels, labelled, axis=config.axis,
-                               patch_size=_effective_patch(config.patch_size, volumes, config.axis), seed=config.seed,
+                               patch_size=config.patch_size or None, seed=config.seed,
                                foreground_fraction=config.foreground_fraction, shard=ctx.shard)
     batch_l = config.batch_size
     batch_u = config.unlabelled_batch_size or config.batch_size
@@ -334,16 +334,6 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     return FitResult(snapshots=snapshots[-max(1, config.snapshots):], architecture=arch, history=history,
                      steps_done=step, seconds=time.monotonic() - t0, batch_size=batch_l,
                      parameters=count_parameters(model))
-
-
-def _effective_patch(patch_size: int, volumes, axis: str) -> int | None:
-    """The training patch side: ``patch_size``, but no larger than the largest slice side (rounded up to a
-    multiple of 8): a patch larger than every slice would only add padding to compute on."""
-    if not patch_size:
-        return None
-    ax = {"k": 0, "j": 1, "i": 2}[axis]
-    side = max(max(n for a, n in enumerate(v.shape[1:]) if a != ax) for v in volumes)
-    return min(int(patch_size), side + (-side) % 8)
 
 
 def _one_step(model, method, sampler, optimizer, scaler, device, config, step, batch_l, batch_u):
