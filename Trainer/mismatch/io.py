@@ -10,7 +10,11 @@ Conventions:
 - Formats by extension: ``.nrrd``, ``.nhdr``, ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``.
 
 Every bad input is a :class:`~mismatch.errors.UserError` whose one line says what is wrong and what to do.
-Reading never modifies a file; writing goes through a temporary file in the target folder and a rename.
+Reading never modifies a file. Writing never leaves a half-written file under its final name, even when the
+process is killed: a file is written under a temporary name in the target folder and renamed into place
+(:func:`atomic_output`); a two-file format (``.mhd``, ``.nhdr``) gets a fresh data file and its header is
+renamed into place last; a folder (a model, a checkpoint) is built beside the target and swapped in by
+renames, the previous one kept until the new one is complete (:func:`replace_folder`).
 
 NIfTI caveat: NIfTI stores the grid as a float32 affine, so spacing, direction and origin come back to
 float32 precision (about 1e-7 relative; a few 1e-5 mm for an origin hundreds of mm from zero). The grid
@@ -22,10 +26,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -123,6 +130,11 @@ def _grid_mismatch(name_a, geo_a: Geometry, name_b, geo_b: Geometry) -> str:
 def _extension(path) -> str:
     name = str(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def check_extension(path) -> None:
+    """:class:`UserError` unless ``path`` has an extension SimpleITK reads and writes here."""
+    _check_extension(path)
 
 
 def _check_extension(path) -> None:
@@ -272,6 +284,19 @@ def read_labels(path, geometry: Geometry) -> np.ndarray:
                         + _grid_mismatch("the label map", geo, "the image", geometry)
                         + "; resample the label map onto the image (in Slicer: export the segmentation to a "
                         "label map with the image as reference volume)")
+    return check_label_array(array, path)
+
+
+def read_label_volume(path) -> tuple[np.ndarray, Geometry]:
+    """A label map and its own grid (what ``mismatch evaluate`` compares); the value checks of
+    :func:`read_labels`."""
+    array, geo = read_volume(path)
+    return check_label_array(array, path), geo
+
+
+def check_label_array(array: np.ndarray, path) -> np.ndarray:
+    """``array`` as the smallest unsigned integer type; non-integer or negative values are a
+    :class:`UserError` naming ``path``."""
     if array.dtype == np.bool_:
         return array.astype(np.uint8)
     if array.dtype.kind == "f":
@@ -312,7 +337,8 @@ def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool 
     Integer arrays (label maps) are written as uint8 if their values fit, else uint16, else int32 (int16 /
     int32 if negative); floats as float32. The parent folder is created. Single-file formats are written to
     a temporary file in the same folder and renamed over ``path`` (a reader never sees half a file);
-    ``.mhd`` / ``.nhdr`` (header + separate data file) are written in place. ``compress`` asks for
+    ``.mhd`` / ``.nhdr`` get a fresh data file ``<name>.<8 hex>.raw`` (``.zraw``, ``.raw.gz``) and their
+    header is renamed over ``path`` last, the previous data file removed after. ``compress`` asks for
     compression where the format has it (``.nii.gz`` is always compressed).
     """
     _check_extension(path)
@@ -324,18 +350,216 @@ def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool 
     geometry.apply_to(image)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    ext = _extension(target)
-    if ext in (".mhd", ".nhdr"):
-        sitk.WriteImage(image, str(target), bool(compress))
+    if _extension(target) in (".mhd", ".nhdr"):
+        _write_two_file(image, target, bool(compress))
         return
-    # A fresh name (not mkstemp, whose 0600 mode would stick to the output): normal permissions.
-    tmp = target.parent / f".{target.name[:-len(ext)]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
-    try:
+    with atomic_output(target) as tmp:
         sitk.WriteImage(image, str(tmp), bool(compress))
+
+
+# -- writing that a kill cannot tear ----------------------------------------------------------------------
+
+def _temporary_name(target: Path) -> Path:
+    """A fresh hidden name beside ``target`` with the same extension (formats are chosen by extension).
+    Not mkstemp, whose 0600 mode would stick to the output: outputs get normal permissions."""
+    ext = _extension(target) if _extension(target) in SUPPORTED_EXTENSIONS else target.suffix
+    stem = target.name[:len(target.name) - len(ext)] if ext else target.name
+    return target.parent / f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, on POSIX, a folder's entries) to the disk; a no-op where that is not possible."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same extension) to write to; when the block ends without error it
+    is flushed and renamed over ``path`` (``os.replace``: atomic on POSIX and Windows), otherwise removed.
+    A reader, or a process killed at any moment, sees the previous file or the complete new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(target)
+    try:
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a text file (UTF-8) through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write a binary file through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+_DATA_FILE_LINE = re.compile(r"^(ElementDataFile[ \t]*=[ \t]*|data ?file:[ \t]*)(\S[^\r\n]*?)(?=[ \t]*\r?$)", re.MULTILINE)
+
+
+def _data_file_of(header: Path) -> str | None:
+    """The data file named by a ``.mhd`` / ``.nhdr`` header (None if unreadable or not a plain name)."""
+    try:
+        text = header.read_text(encoding="latin-1")
+    except OSError:
+        return None
+    match = _DATA_FILE_LINE.search(text)
+    name = match.group(2) if match else None
+    return name if name and Path(name).name == name and name.upper() != "LOCAL" else None
+
+
+def _write_two_file(image: sitk.Image, target: Path, compress: bool) -> None:
+    """``.mhd`` / ``.nhdr``: the data goes to a fresh file (``<name>.<8 hex>.raw`` and the like), then the
+    header that names it is renamed over ``target``; a kill at any moment leaves the previous header with
+    its own data, or the new one with its. The previous data file is removed afterwards."""
+    tmp = _temporary_name(target)
+    written_data: Path | None = None
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        tmp_data = _data_file_of(tmp)
+        if tmp_data is None:
+            raise RuntimeError(f"SimpleITK wrote a header without a data file name: {tmp}")
+        stem_tmp = tmp.name[:len(tmp.name) - len(_extension(tmp))]
+        suffix = tmp_data[len(stem_tmp):] if tmp_data.startswith(stem_tmp) else Path(tmp_data).suffix
+        stem = target.name[:len(target.name) - len(_extension(target))]
+        data_name = f"{stem}.{uuid.uuid4().hex[:8]}{suffix}"
+        written_data = target.parent / data_name
+        os.replace(target.parent / tmp_data, written_data)
+        _fsync(written_data)
+        text = tmp.read_text(encoding="latin-1")
+        text = _DATA_FILE_LINE.sub(lambda m: m.group(1) + data_name, text, count=1)
+        tmp.write_text(text, encoding="latin-1")
+        previous = _data_file_of(target) if target.is_file() else None
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for leftover in target.parent.glob(tmp.name[:len(tmp.name) - len(_extension(tmp))] + ".*"):
+            leftover.unlink(missing_ok=True)
+        if written_data is not None and _data_file_of(target) != written_data.name:
+            written_data.unlink(missing_ok=True)
+        raise
+    # the previous output's data file, if it was one of ours or SimpleITK's (named after the header)
+    if previous and previous != data_name and previous.startswith(stem + "."):
+        (target.parent / previous).unlink(missing_ok=True)
+
+
+def swap_names(target) -> tuple[Path, Path]:
+    """The folders :func:`replace_folder` uses beside ``target``: the new one being built, and the previous
+    one while it is being swapped out."""
+    target = Path(target)
+    return (target.parent / f".{target.name}.mismatch-new", target.parent / f".{target.name}.mismatch-old")
+
+
+def finish_interrupted_swap(target, is_complete: Callable[[Path], bool]) -> None:
+    """After a kill between the two renames of :func:`replace_folder` ``target`` is missing: put the complete
+    new folder in its place, or else the previous one."""
+    target = Path(target)
+    new, old = swap_names(target)
+    if target.exists() or target.is_symlink():
+        return
+    if new.is_dir() and is_complete(new):
+        os.replace(new, target)
+    elif old.is_dir():
+        os.replace(old, target)
+
+
+def resolve_folder(target, is_complete: Callable[[Path], bool]) -> Path:
+    """Where to read the folder ``target`` from, without changing anything: ``target`` itself, or after a kill
+    between the renames of :func:`replace_folder`, the complete new folder, else the previous one."""
+    target = Path(target)
+    if target.exists():
+        return target
+    new, old = swap_names(target)
+    if new.is_dir() and is_complete(new):
+        return new
+    if old.is_dir():
+        return old
+    return target
+
+
+def replace_folder(target, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+    """Replace the folder ``target`` by one that ``write(folder)`` fills, so that a kill at any moment
+    leaves the previous folder or the complete new one.
+
+    The new folder is built beside ``target`` (:func:`swap_names`), flushed, then ``target`` is renamed
+    aside, the new folder renamed to ``target`` and the previous one removed. After a kill between those two
+    renames, :func:`resolve_folder` finds the right one and the next call finishes the swap first.
+    Everything in the previous folder goes: callers check beforehand that it holds only their files.
+    """
+    target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_swap(target, is_complete)
+    new, old = swap_names(target)
+    if new.exists():
+        shutil.rmtree(new)
+    new.mkdir()
+    try:
+        write(new)
+        for item in new.iterdir():
+            if item.is_file():
+                _fsync(item)
+        _fsync(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(new, target)
+    _fsync(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# -- checks before any work ------------------------------------------------------------------------------
+
+def check_writable(path, option: str, *, folder: bool = False) -> None:
+    """:class:`UserError` unless the output ``path`` can be created: its nearest existing folder must let
+    us create a file (tried, not guessed from permission bits), and ``path`` must not be a folder (a file
+    output) or a file (``folder=True``). Called before any work, so that a long run never ends on an
+    unwritable output."""
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UserError(f"{option} {path}: exists and is not a folder; give a folder")
+        if not folder and p.is_dir():
+            raise UserError(f"{option} {path}: is a folder; give a file name")
+    parent = p.parent   # files and folders alike are written beside the target and renamed into place
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    probe = parent / f".mismatch-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {path}: cannot write in {parent} ({reason}); choose a folder you can "
+                        "write to") from None
+    probe.unlink(missing_ok=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -3,6 +3,12 @@
 A model folder holds ``model.json`` (the card, see ``docs/contract.md``) and ``model.safetensors``. The
 safetensors file holds one set of weights per kept snapshot, keys prefixed ``snapshot<n>.``; the card
 records the file's sha256, checked before anything is loaded.
+
+Both a model folder and a checkpoint folder are written as one unit (:func:`mismatch.io.replace_folder`): the
+new folder is built beside the old one and swapped in by renames, so a process killed at any moment leaves
+the previous complete folder or the new complete one, never new weights beside an old card. A checkpoint's
+``state.json`` records the sha256 of its ``state.safetensors`` and a generation stored in both files;
+:func:`load_checkpoint` refuses a checkpoint whose two files do not belong together.
 """
 
 from __future__ import annotations
@@ -10,15 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from . import __version__
 from .errors import UserError
+from .io import replace_folder, resolve_folder, swap_names
 from .models import ArchitectureConfig, SegmentationNetwork
 
 CARD_NAME = "model.json"
@@ -37,50 +46,96 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` (CPU copies), in memory: hashed and written in one go."""
+    return save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none or cannot be parsed)."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        return dict(header.get("__metadata__") or {})
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+#: What a model folder may hold besides the model: ``mismatch train`` replaces the whole folder when the
+#: new model is complete, so anything else in it would be lost; such a folder is refused instead.
+_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, "checkpoint", *(p.name for p in swap_names("checkpoint")),
+                ".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def foreign_entries(model_dir: str | os.PathLike) -> list[str]:
+    """Names in ``model_dir`` that a model folder does not hold (empty for a missing folder)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in _OWN_ENTRIES and not (p.name.startswith(".") and ".tmp-" in p.name))
+
+
+def check_model_destination(model_dir: str | os.PathLike, option: str = "--out") -> None:
+    """:class:`UserError` unless ``model_dir`` may be replaced by a model folder: missing, empty, or a model
+    folder (with or without a checkpoint), and not a file."""
+    folder = Path(model_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {model_dir}: exists and is not a folder; give a folder for the model")
+    other = foreign_entries(folder)
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UserError(f"{option} {model_dir}: the folder holds files that are not a model's ({shown}); the "
+                        "model folder is replaced as a whole when training completes, so give a new folder "
+                        "or an existing model folder")
+
+
+def _model_complete(folder: Path) -> bool:
+    try:
+        card = json.loads((folder / CARD_NAME).read_text(encoding="utf-8"))
+        weights = folder / card["weights"].get("file", WEIGHTS_NAME)
+        return sha256_file(weights) == card["weights"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Tensor]], card: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (every snapshot) and ``model.json``; returns the folder.
+    """Write ``model.safetensors`` (every snapshot) and ``model.json`` as one unit; returns the folder.
 
     ``card`` must hold at least ``architecture`` (an :class:`ArchitectureConfig` dict), ``classes``,
     ``channels``, ``normalisation`` and ``slice_axis``; format, versions and the weights entry are added.
+    An existing folder is replaced only when the new one is complete (:func:`mismatch.io.replace_folder`);
+    a folder holding other files is a :class:`UserError` (:func:`check_model_destination`).
     """
     if not snapshots:
         raise ValueError("no weights to save")
     folder = Path(model_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_model_destination(folder)
     tensors = {f"snapshot{i}.{k}": v for i, sd in enumerate(snapshots) for k, v in sd.items()}
-    weights = folder / WEIGHTS_NAME
-    _save_tensors(tensors, weights, metadata={"format": FORMAT})
+    data = _tensor_bytes(tensors, metadata={"format": FORMAT})
     card = dict(card)
     card.update({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "engine_version": __version__,
-        "weights": {"file": WEIGHTS_NAME, "sha256": sha256_file(weights), "snapshots": len(snapshots)},
+        "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "snapshots": len(snapshots)},
     })
-    _atomic_write_text(folder / CARD_NAME, json.dumps(card, indent=2, sort_keys=False) + "\n")
-    return folder
+    text = json.dumps(card, indent=2, sort_keys=False) + "\n"
+
+    def write(new: Path) -> None:
+        (new / WEIGHTS_NAME).write_bytes(data)
+        (new / CARD_NAME).write_text(text, encoding="utf-8")
+
+    return replace_folder(folder, write, _model_complete)
 
 
 def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``model.json``; a :class:`UserError` says what is wrong with it."""
     folder = Path(model_dir)
-    card_path = folder / CARD_NAME
     if folder.is_file() and folder.name == CARD_NAME:
-        folder, card_path = folder.parent, folder
+        folder = folder.parent
+    folder = resolve_folder(folder, _model_complete)   # a kill while the folder was being replaced
+    card_path = folder / CARD_NAME
     if not card_path.is_file():
         raise UserError(f"{folder}: not a MisMatch model folder (no {CARD_NAME}); "
                         "give the folder that 'mismatch train --out' wrote")
@@ -97,9 +152,20 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{card_path}: model format version {card['format_version']} is newer than this engine "
                         f"reads ({FORMAT_VERSION}); update the MisMatch engine (installed: {__version__})")
     try:
-        ArchitectureConfig.from_dict(card["architecture"]).decoders  # noqa: B018 - validates the name
-    except (KeyError, TypeError):
+        arch = ArchitectureConfig.from_dict(card["architecture"])
+        arch.decoders  # noqa: B018 - validates the name
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{card_path}: unknown architecture {card['architecture']!r}") from None
+    if not isinstance(card["channels"], list) or len(card["channels"]) != arch.in_channels:
+        n = len(card["channels"]) if isinstance(card["channels"], list) else "no list of"
+        raise UserError(f"{card_path}: the card lists {n} channel(s) but the network takes {arch.in_channels} "
+                        "(architecture.in_channels); the model card is damaged or was edited: copy the model "
+                        "folder again")
+    if not isinstance(card["classes"], list) or len(card["classes"]) + 1 != arch.num_classes:
+        n = len(card["classes"]) if isinstance(card["classes"], list) else "no list of"
+        raise UserError(f"{card_path}: the card lists {n} class(es) but the network has {arch.num_classes - 1} "
+                        "(architecture.num_classes minus background); the model card is damaged or was "
+                        "edited: copy the model folder again")
     return card
 
 
@@ -110,6 +176,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu"
     if folder.is_file():
         folder = folder.parent
     card = read_card(folder)
+    folder = resolve_folder(folder, _model_complete)
     weights = folder / card["weights"].get("file", WEIGHTS_NAME)
     if not weights.is_file():
         raise UserError(f"{weights}: the weights file is missing; copy the whole model folder")
@@ -118,7 +185,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu"
         raise UserError(f"{weights}: the weights do not match the card's checksum (corrupted or replaced file); "
                         "copy the model folder again")
     try:
-        tensors = load_file(str(weights))
+        tensors = load_bytes(weights.read_bytes())
     except Exception as exc:  # safetensors raises several types for a damaged header
         raise UserError(f"{weights}: cannot read the weights ({exc})") from None
     config = ArchitectureConfig.from_dict(card["architecture"])
@@ -138,20 +205,70 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu"
 
 # -- resumable checkpoints -------------------------------------------------------------------------------
 
+CHECKPOINT_FORMAT = 2
+_CHECKPOINT_KEYS = ("step", "config", "optimizer", "sampler", "history", "snapshots")
+
+
+def _checkpoint_complete(folder: Path) -> bool:
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return (folder / "state.safetensors").stat().st_size == state["weights_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def save_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """Write ``state.safetensors`` and ``state.json`` (JSON for everything that is not a tensor)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _save_tensors(tensors, folder / "state.safetensors")
-    _atomic_write_text(folder / "state.json", json.dumps(state) + "\n")
+    """Write ``state.safetensors`` and ``state.json`` (JSON for everything that is not a tensor) as one unit:
+    a new folder swapped in by renames (:func:`mismatch.io.replace_folder`). ``state.json`` records the
+    sha256 of the tensors and a generation that the tensors' metadata repeats."""
+    generation = uuid.uuid4().hex
+    data = _tensor_bytes(tensors, metadata={"generation": generation})
+    state = {**state, "checkpoint_format": CHECKPOINT_FORMAT, "generation": generation,
+             "weights_sha256": hashlib.sha256(data).hexdigest(), "weights_bytes": len(data)}
+    text = json.dumps(state) + "\n"
+
+    def write(new: Path) -> None:
+        (new / "state.safetensors").write_bytes(data)
+        (new / "state.json").write_text(text, encoding="utf-8")
+
+    replace_folder(folder, write, _checkpoint_complete)
 
 
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    folder = Path(folder)
-    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
-        raise UserError(f"{folder}: no checkpoint to resume from; run without --resume to start training")
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    return load_file(str(folder / "state.safetensors")), state
+    """The tensors and state of the checkpoint in ``folder``; a missing, damaged or torn checkpoint (its two
+    files from different checkpoints) is a :class:`UserError` of one line."""
+    given = Path(folder)
+    folder = resolve_folder(given, _checkpoint_complete)   # a kill while it was being replaced
+    json_path, tensor_path = folder / "state.json", folder / "state.safetensors"
+    fresh = "; it cannot be resumed: run without --resume to start afresh"
+    if not json_path.is_file() and not tensor_path.is_file():
+        raise UserError(f"{given}: no checkpoint to resume from; run without --resume to start training")
+    if not json_path.is_file() or not tensor_path.is_file():
+        present = json_path.name if json_path.is_file() else tensor_path.name
+        raise UserError(f"{folder}: the checkpoint is incomplete (only {present}){fresh}")
+    try:
+        state = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{json_path}: the checkpoint is damaged (not valid JSON: {exc}){fresh}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{json_path}: the checkpoint is damaged (not a JSON object){fresh}")
+    if "weights_sha256" not in state:
+        raise UserError(f"{json_path}: the checkpoint has no checksum (written by an older engine), so it "
+                        f"cannot be checked{fresh}")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{json_path}: the checkpoint is damaged (it lacks {', '.join(missing)}){fresh}")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != state["weights_sha256"]:
+        torn = _safetensors_metadata(data).get("generation") not in (None, state.get("generation"))
+        why = ("torn: state.safetensors and state.json are from different checkpoints" if torn else
+               "state.safetensors does not match the checksum in state.json")
+        raise UserError(f"{folder}: the checkpoint is damaged ({why}){fresh}")
+    try:
+        tensors = load_bytes(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise UserError(f"{tensor_path}: the checkpoint is damaged ({exc}){fresh}") from None
+    return tensors, state
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

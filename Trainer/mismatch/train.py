@@ -203,17 +203,25 @@ def build_method(config: TrainConfig):
     return method
 
 
+#: A checkpoint is written at least this often (seconds of training), besides every ``checkpoint_every``
+#: steps: a kill loses at most this much work. Writing one costs a fraction of a second for the default
+#: network (docs/contract.md).
+CHECKPOINT_SECONDS = 60.0
+
+
 def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
         config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,
         init_state: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = False, stop: dict | None = None) -> FitResult:
+        resume: bool = False, stop: dict | None = None,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> FitResult:
     """Train a network on normalised volumes.
 
     ``volumes``: float32 ``[C, K, J, I]`` each, volume 0 the labelled case; ``labels``: class indices
     ``[K, J, I]`` of volume 0 (0 = background); ``labelled``: its labelled slice indices along
     ``config.axis``. Returns the kept snapshots' weights (CPU). With ``checkpoint_dir``, the full training
-    state is written there every ``checkpoint_every`` steps and when ``stop["stop"]`` is set (then
-    :class:`Cancelled` is raised); ``resume`` continues from it.
+    state is written there every ``checkpoint_every`` steps, after every ``checkpoint_seconds`` of training
+    (None or 0: by steps only), and when ``stop["stop"]`` is set (then :class:`Cancelled` is raised);
+    ``resume`` continues from it. A checkpoint is written as one unit (:func:`~mismatch.modelfile.save_checkpoint`).
     """
     reporter = reporter or Reporter(progress_bar=False)
     device = device or torch.device("cpu")
@@ -288,6 +296,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
                    parameters=count_parameters(model), labelled_slices=[int(i) for i in labelled],
                    unlabelled_slices=sampler.num_unlabelled)
     t0 = time.monotonic()
+    last_checkpoint = t0
     model.train()
     step = start_step
     log_every = max(1, config.steps // 100)
@@ -327,8 +336,13 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
             snapshots.append(_state_to_cpu(net))
         if step % log_every == 0 or step == config.steps:
             reporter.progress("train", step, config.steps, loss=loss, terms=terms, first_step=start_step)
-        if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            write_checkpoint(step)
+        if ckpt is not None and step < config.steps:
+            now = time.monotonic()
+            due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            due = due or bool(checkpoint_seconds) and now - last_checkpoint >= checkpoint_seconds
+            if due:
+                write_checkpoint(step)
+                last_checkpoint = time.monotonic()
     if not snapshots:
         snapshots.append(_state_to_cpu(net))
     return FitResult(snapshots=snapshots[-max(1, config.snapshots):], architecture=arch, history=history,
@@ -388,14 +402,18 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                 classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
                 resume: bool = False, reporter: Reporter | None = None, stop: dict | None = None,
                 unlabelled_manifest: str | None = None, cache_volumes: int = 8,
-                cache_bytes: int | None = None) -> dict:
+                cache_bytes: int | None = None, checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> dict:
     """Train from files and write the model folder; returns the card. See ``mismatch train --help``.
+
+    ``out_dir`` must be new, empty or a model folder: it is replaced as a whole, and only once the new
+    model is complete (:func:`~mismatch.modelfile.save_model`); checkpoints go to ``out_dir/checkpoint``.
 
     ``unlabelled_manifest``: a CSV / JSON list of further unlabelled volumes, read lazily a slice at a time
     with at most ``cache_volumes`` volumes (and ``cache_bytes``) held (:mod:`mismatch.manifest`). Under
     torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
     """
-    from .io import check_outputs_not_inputs, read_image, read_labels
+    from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
+    from .modelfile import _model_complete, check_model_destination
 
     reporter = reporter or Reporter(progress_bar=False)
     build_method(config)  # a wrong method option stops here, before anything is read
@@ -405,8 +423,10 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     inputs += [unlabelled_manifest] if unlabelled_manifest else []
     check_outputs_not_inputs([out_dir], inputs)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a folder; give a folder for the model")
+    check_model_destination(out)                   # nothing but a model's files would be replaced
+    check_writable(out, "--out", folder=True)      # before any work, not after training
+    if ctx.is_main:
+        finish_interrupted_swap(out, _model_complete)  # a run killed while it replaced the model folder
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     labels = read_labels(labels_path, geometry)
@@ -480,7 +500,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
-                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop)
+                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
+                 checkpoint_seconds=checkpoint_seconds)
     last = result.history[-1] if result.history else {}
     card = {
         "architecture": result.architecture.to_dict(),
@@ -503,18 +524,6 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if pool is not None:
         reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
     if ctx.is_main:
+        # one unit: the folder (with its checkpoint) is replaced only by the complete new model
         save_model(out, result.snapshots, card)
-        _remove_checkpoint(out / CHECKPOINT_DIR)
     return card
-
-
-def _remove_checkpoint(folder: Path) -> None:
-    for name in ("state.safetensors", "state.json"):
-        try:
-            (folder / name).unlink()
-        except FileNotFoundError:
-            pass
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
