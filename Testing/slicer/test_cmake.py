@@ -59,24 +59,57 @@ def test_module_cmake_uses_the_scripted_module_macros():
     assert re.search(r"if\(BUILD_TESTING\)\s+(#.*\n\s*)*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}.py\)", text)
 
 
+REPOSITORY = "https://github.com/mismatch-slicer/SlicerMisMatch"
+RAW = "https://raw.githubusercontent.com/mismatch-slicer/SlicerMisMatch/main/"
+CATALOG_SCHEMA = Path(__file__).with_name("catalog_entry_schema.json")
+# Slicer's categories as the ExtensionsIndex's check_description_files.py accepts them (the ones an
+# extension like this one could use; the full list is in that script)
+ACCEPTED_CATEGORIES = {"Segmentation", "Active Learning", "Analysis", "Quantification", "Utilities"}
+
+
+def extension_values() -> dict[str, str]:
+    return dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()))
+
+
+def cmake_project() -> str:
+    """The extension's name as the ExtensionsIndex reads it: the first ``project(...)`` of the top CMakeLists."""
+    names = re.findall(r"project\s*\(\s*([^\s\)\n\r]+)", (ROOT / "CMakeLists.txt").read_text(), re.I)
+    assert names, "no project() in CMakeLists.txt"
+    return names[0].strip("\"'")
+
+
 def test_extension_cmake_has_the_metadata_and_builds_the_module():
     text = (ROOT / "CMakeLists.txt").read_text()
-    values = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text))
-    homepage = "https://github.com/mismatch-slicer/SlicerMisMatch"
-    assert values["EXTENSION_HOMEPAGE"] == homepage
+    values = extension_values()
+    assert values["EXTENSION_HOMEPAGE"].startswith(REPOSITORY)
     assert values["EXTENSION_CATEGORY"] == "Segmentation"
-    assert values["EXTENSION_CONTRIBUTORS"] == "MisMatch for 3D Slicer developers"
+    contributors = values["EXTENSION_CONTRIBUTORS"]
+    assert "developers" not in contributors.lower() and "SlicerMisMatch" in contributors
     assert values["EXTENSION_DEPENDS"] == "PyTorch"
     assert len(values["EXTENSION_DESCRIPTION"]) > 80
-    raw = "https://raw.githubusercontent.com/mismatch-slicer/SlicerMisMatch/main/"
     icon = values["EXTENSION_ICONURL"]
-    assert icon.startswith(raw) and (ROOT / icon[len(raw):]).is_file()
-    for url in values["EXTENSION_SCREENSHOTURLS"].split():
-        assert url.startswith(raw + "Resources/Screenshots/")
+    assert icon.startswith(RAW) and (ROOT / icon[len(RAW):]).is_file()
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                  "add_subdirectory(MisMatchSegmentation)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
                  "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
+
+
+def test_screenshot_urls_point_to_pngs_in_the_repository():
+    """check_description_files.py downloads every screenshot URL: each must be a file committed here."""
+    from PIL import Image
+
+    urls = extension_values()["EXTENSION_SCREENSHOTURLS"].split()
+    assert len(urls) >= 3
+    for url in urls:
+        assert url.startswith(RAW + "Resources/Screenshots/") and url.endswith(".png"), url
+        path = ROOT / url[len(RAW):]
+        assert path.is_file(), f"{url} points to {path.relative_to(ROOT)}, which is not in the repository"
+        assert path.stat().st_size < 300_000, f"{path.name} is larger than 300 KB"
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
+        caption = (ROOT / "Resources" / "Screenshots" / "README.md").read_text()
+        assert path.name in caption, f"{path.name} has no caption in Resources/Screenshots/README.md"
 
 
 def test_extension_icon_is_a_128_pixel_png():
@@ -87,12 +120,77 @@ def test_extension_icon_is_a_128_pixel_png():
             assert image.format == "PNG" and image.size == (128, 128)
 
 
-def test_extensions_index_entry():
-    entry = json.loads((ROOT / "MisMatchSegmentation.json").read_text())
-    assert entry["$schema"].endswith("slicer-extension-catalog-item-schema-v1.0.0.json#")
-    assert entry["scmurl"] == "https://github.com/mismatch-slicer/SlicerMisMatch"
-    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
-    assert entry["scmrevision"] and entry["build_subdirectory"] == "."
+def validate(instance, schema: dict) -> list[str]:
+    """Errors of ``instance`` against ``schema``: with ``jsonschema`` when it is installed, else with the
+    subset of draft-07 that the catalog schema uses (type, required, additionalProperties, enum, items,
+    minimum, maximum)."""
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        validator = jsonschema.Draft7Validator(schema)
+        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(instance)]
+    types = {"object": dict, "string": str, "array": list, "boolean": bool, "integer": int}
+    errors = []
+
+    def check(value, rule, where):
+        wanted = types.get(rule.get("type"))
+        if wanted and (not isinstance(value, wanted) or (wanted is int and isinstance(value, bool))):
+            errors.append(f"{where}: {value!r} is not of type {rule['type']!r}")
+            return
+        if "enum" in rule and value not in rule["enum"]:
+            errors.append(f"{where}: {value!r} is not one of {rule['enum']}")
+        if "minimum" in rule and value < rule["minimum"] or "maximum" in rule and value > rule["maximum"]:
+            errors.append(f"{where}: {value!r} is out of range")
+        if isinstance(value, list):
+            for n, item in enumerate(value):
+                check(item, rule.get("items", {}), f"{where}/{n}")
+        if isinstance(value, dict):
+            errors.extend(f"{where}: {k!r} is a required property" for k in rule.get("required", []) if k not in value)
+            for key, item in value.items():
+                if key in rule.get("properties", {}):
+                    check(item, rule["properties"][key], f"{where}/{key}")
+                elif rule.get("additionalProperties") is False:
+                    errors.append(f"{where}: additional property {key!r} is not allowed")
+
+    check(instance, schema, "")
+    return errors
+
+
+def test_catalog_schema_rejects_what_the_index_rejects():
+    """The validator (jsonschema, or the fallback) on the schema: the old misspelt keys fail."""
+    schema = json.loads(CATALOG_SCHEMA.read_text())
+    good = {"$schema": "x", "category": "Segmentation", "scm_url": "https://github.com/a/SlicerB", "tier": 1}
+    assert validate(good, schema) == []
+    assert validate(dict(good, scmurl="u"), schema)                          # additionalProperties: false
+    assert validate({k: v for k, v in good.items() if k != "scm_url"}, schema)  # required
+    assert validate(dict(good, tier=7), schema) and validate(dict(good, scm_type="svn"), schema)
+
+
+def test_extensions_index_entry_is_valid():
+    """What Slicer's factory and the ExtensionsIndex checks read: the entry is named after the CMake project,
+    valid against the catalog-entry schema (v1.0.1) it names, has what the factory's ``string(JSON ...)``
+    needs, and points at this repository, which has a LICENSE."""
+    name = cmake_project()
+    assert name == "MisMatch" and not name.lower().startswith("slicer")
+    entries = sorted(p.name for p in ROOT.glob("*.json"))
+    assert entries == [f"{name}.json"], f"the index entry must be named {name}.json; found {entries}"
+    raw = (ROOT / f"{name}.json").read_bytes()
+    assert b"\r" not in raw, "the index wants LF line endings"
+    entry = json.loads(raw)
+    assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    errors = validate(entry, json.loads(CATALOG_SCHEMA.read_text()))
+    assert not errors, errors
+    for key in ("scm_url", "scm_revision", "category"):  # the factory's configure step fails without them
+        assert entry.get(key), key
+    assert entry["scm_url"] == REPOSITORY and entry["scm_url"].rsplit("/", 1)[-1].startswith("Slicer")
+    assert entry["category"] in ACCEPTED_CATEGORIES and entry["category"] == extension_values()["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == extension_values()["EXTENSION_DEPENDS"].split()
+    assert entry["tier"] == 1  # experimental: the index's maintainers assign higher tiers
+    licence = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0" in licence
 
 
 def test_requirements_never_touch_slicers_own_packages():
