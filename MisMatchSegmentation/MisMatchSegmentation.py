@@ -452,14 +452,11 @@ class MisMatchSegmentationLogic(ScriptedLoadableModuleLogic, MisMatchLogic):
             disagreement_volume=p.disagreementVolume)
 
     def sliceIndexInView(self, volume, orientation: str, viewName: str = "Red") -> int:
-        """Index, along the training slice axis, of the slice shown in a slice view."""
+        """Index, along the training slice axis, of the slice shown in a slice view (world coordinates: the
+        volume's parent transforms are honoured)."""
         sliceNode = slicer.app.layoutManager().sliceWidget(viewName).mrmlSliceNode()
         ras = [sliceNode.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
-        rasToIjk = vtk.vtkMatrix4x4()
-        volume.GetRASToIJKMatrix(rasToIjk)
-        ijk = rasToIjk.MultiplyPoint(ras + [1.0])
-        axis = jobfolder.axis_for_orientation(volume, orientation)
-        return int(round(ijk["ijk".index(axis)]))
+        return jobfolder.slice_index_at(volume, jobfolder.axis_for_orientation(volume, orientation), ras)
 
     def waitForJob(self, timeout: float = 600.0) -> list:
         """Poll until the job is over, keeping the application responsive (self-test, scripts)."""

@@ -18,6 +18,7 @@ import vtk
 
 import slicer
 
+OUTPUT_ATTRIBUTE = "MisMatch.Output"  # node attribute on the nodes the module created for its results
 AXES = ("k", "j", "i")  # contract axis name -> numpy axis of a [K, J, I] array: k=0, j=1, i=2
 ORIENTATION_RAS_AXIS = {"Sagittal": 0, "Coronal": 1, "Axial": 2}  # R, A, S
 
@@ -68,6 +69,39 @@ def slice_centre_ras(volume_node, axis: str, index: int) -> tuple[float, float, 
     ijk["ijk".index(axis)] = index
     ras = ijk_to_ras(volume_node) @ ijk
     return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def _transform_between(source, target):
+    import slicer
+
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
+    return transform
+
+
+def local_to_world(node, ras) -> tuple[float, float, float]:
+    """A point in the node's own RAS (before its parent transforms) in world RAS, where slice views are."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return tuple(float(c) for c in ras[:3])
+    return tuple(float(c) for c in _transform_between(parent, None).TransformPoint([float(c) for c in ras[:3]]))
+
+
+def world_to_local(node, ras) -> tuple[float, float, float]:
+    """A world RAS point in the node's own RAS (its parent transforms undone)."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return tuple(float(c) for c in ras[:3])
+    return tuple(float(c) for c in _transform_between(None, parent).TransformPoint([float(c) for c in ras[:3]]))
+
+
+def slice_index_at(volume_node, axis: str, world_ras) -> int:
+    """Index along grid ``axis`` of the volume's slice through the world point ``world_ras`` (e.g. a slice
+    view's centre), honouring the volume's parent transforms."""
+    local = world_to_local(volume_node, world_ras)
+    ras_to_ijk = np.linalg.inv(ijk_to_ras(volume_node))
+    ijk = ras_to_ijk @ np.array([local[0], local[1], local[2], 1.0])
+    return int(round(float(ijk["ijk".index(axis)])))
 
 
 # -- writing ------------------------------------------------------------------------------------------------

@@ -5,8 +5,14 @@ tests and scripts call ``wait()``. Events handed out by ``poll()`` are the engin
 ``start``, ``progress``, ``log``, ``end``) plus the logic's own:
 
 - ``{"event": "status", "message": ...}``: something the user should read now (e.g. the out-of-memory retry);
+- ``{"event": "output", "lines": [...]}``: what the engine wrote on stdout and stderr since the last poll, every
+  line (also in the job's log file, ``log_path``), for the panel's log pane and the Python console;
 - ``{"event": "done", "job": "train"|"segment", "status": "completed"|"cancelled"|"failed", "message": ...}``:
   the job is over and its results (model, nodes, plots) are in place; always the last event of a job.
+
+Nothing the user gave is overwritten: outputs go to nodes the logic created (marked with the node attribute
+``OUTPUT_ATTRIBUTE``) or to nodes the user picked that are not inputs of the job; a segmentation of the user's
+own is filled only with ``SegmentRequest.confirm_overwrite`` (the panel asks first).
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ from pathlib import Path
 
 from . import jobfolder, modelcard, plots
 from .jobfolder import JobError
-from .process import EngineProcess, engine_command, engine_environment, find_python
+from .process import EngineProcess, engine_command, engine_environment, engine_source_dir, find_python
 
 METHODS = {"MisMatch": "mismatch", "U-Net": "unet"}
+OUTPUT_ATTRIBUTE = jobfolder.OUTPUT_ATTRIBUTE
+KEEP_MODELS = 3          # models kept in the working folder besides the current one
+KEEP_LOGS = 20           # job logs kept in the working folder
+LOG_LINES = 20000        # lines of the current job's output kept in memory
 VIRIDIS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeFileInferno.txt",
            "vtkMRMLColorTableNodeRainbow", "vtkMRMLColorTableNodeGrey")
 
@@ -62,6 +72,11 @@ class SegmentRequest:
     output_segmentation: object = None  # None: a new segmentation node
     confidence_volume: object = None
     disagreement_volume: object = None
+    confirm_overwrite: bool = False   # the user agreed to replace the segments of their own output segmentation
+
+
+class OverwriteNeedsConfirmation(JobError):
+    """The output segmentation is one of the user's own, with segments: ask before replacing them."""
 
 
 @dataclass
@@ -76,6 +91,43 @@ class Job:
     files: object = None
     output: Path | None = None
     started: float = field(default_factory=time.monotonic)
+    resume: bool = False     # continue from the checkpoint in ``output`` (--resume)
+    discarded: bool = False  # the scene was closed: the results are thrown away when the engine has stopped
+    log: Path | None = None
+
+
+def checkpoint_step(output: Path | None) -> int | None:
+    """The step of the resumable checkpoint the engine wrote into a model folder when it was cancelled."""
+    if output is None:
+        return None
+    state = Path(output) / "checkpoint" / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        import json
+
+        return int(json.loads(state.read_text(encoding="utf-8")).get("step", 0))
+    except (ValueError, OSError):
+        return None
+
+
+def engine_supports(option: str, engine_dir: Path | None = None) -> bool:
+    """Whether the packaged engine's command line knows ``option`` (read from its source, without starting it)."""
+    engine_dir = engine_dir or engine_source_dir()
+    if engine_dir is None:
+        return False
+    try:
+        return f'"{option}"' in (Path(engine_dir) / "mismatch" / "cli.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def is_alive(node) -> bool:
+    """The node is still in the application's scene (not removed, not closed with its scene)."""
+    import slicer
+
+    scene = getattr(slicer, "mrmlScene", None)
+    return node is not None and scene is not None and node.GetScene() is scene and bool(scene.IsNodePresent(node))
 
 
 def format_duration(seconds) -> str:
@@ -122,11 +174,18 @@ class MisMatchLogic:
     ``python``: the engine's interpreter (default: Slicer's PythonSlicer, or this Python outside Slicer)."""
 
     def __init__(self, work_dir: str | Path | None = None, python: str | None = None, runner=EngineProcess,
-                 command=None):
+                 command=None, stop_file: bool | None = None):
         self.work_dir = Path(work_dir) if work_dir else self.default_work_dir()
         self.python = python
         self.runner = runner
         self.command = command  # None: [python, -u, -m, mismatch]; tests give a stand-in command prefix
+        # ask the engine to stop through a file in the job folder too (where signals cannot reach it); None:
+        # when the packaged engine knows --stop-file
+        self.stop_file = stop_file
+        self.interrupted: Job | None = None  # a cancelled training whose checkpoint is kept (resume_training)
+        self.log_lines: list[str] = []
+        self.log_path: Path | None = None
+        self._abandoned: list[Job] = []
         self.job: Job | None = None
         self.current_model: Path | None = None
         self.report: dict | None = None
@@ -160,10 +219,21 @@ class MisMatchLogic:
     def running(self) -> bool:
         return self.job is not None
 
+    @property
+    def busy(self) -> bool:
+        """A job runs, or a job abandoned at scene close has not stopped yet (keep polling)."""
+        return self.job is not None or bool(self._abandoned)
+
+    def _use_stop_file(self) -> bool:
+        if self.stop_file is None:
+            self.stop_file = engine_supports("--stop-file")
+        return bool(self.stop_file)
+
     # -- training ---------------------------------------------------------------------------------------
     def start_training(self, request: TrainingRequest) -> Job:
         if self.job is not None:
             raise JobError("a job is already running: wait for it or cancel it")
+        self._drain_abandoned()
         if not request.volumes or request.volumes[0] is None:
             raise JobError("choose the input volume")
         if request.segmentation is None:
@@ -200,6 +270,7 @@ class MisMatchLogic:
             arguments += ["--init", str(init)]
         job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), files=files,
                   output=output)
+        self.discard_interrupted()  # a new training starts over
         self.loss_curve.reset()
         self.note = ""
         self._start(job)
@@ -209,15 +280,14 @@ class MisMatchLogic:
     def start_segmenting(self, request: SegmentRequest) -> Job:
         if self.job is not None:
             raise JobError("a job is already running: wait for it or cancel it")
+        self._drain_abandoned()
+        check_outputs(request)  # before anything else: never a step towards overwriting the user's data
         if request.model is None:
             raise JobError("train a model, or load one, first")
         card = modelcard.read_card(request.model)
         if modelcard.channel_count(card) != len(request.volumes):
             raise JobError(f"the model takes {modelcard.channel_count(card)} channel(s), but "
                            f"{len(request.volumes)} volume(s) are chosen")
-        if request.segmentation is not None and request.output_segmentation is request.segmentation:
-            raise JobError("the output segmentation is the one that holds your labels: choose another output "
-                           "segmentation, or none to create a new one")
         folder = self._new_folder("segment")
         try:
             images = jobfolder.write_images(request.volumes, folder)
@@ -279,11 +349,26 @@ class MisMatchLogic:
     # -- running ----------------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
         arguments = list(job.arguments)
+        stop_file = None
         if job.kind == "train":
             arguments += ["--batch-size", str(job.batch_size)]
-            if job.output is not None and job.output.exists():
+            if job.resume:
+                arguments.append("--resume")
+            elif job.output is not None and job.output.exists():
                 shutil.rmtree(job.output, ignore_errors=True)
-        job.process = self.runner(self._command(arguments), env=engine_environment(), cwd=str(job.folder))
+            if self._use_stop_file():
+                stop_file = job.folder / "STOP"
+                stop_file.unlink(missing_ok=True)
+                arguments += ["--stop-file", str(stop_file)]
+        logs = self.work_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        job.log = logs / f"{job.folder.name}.log"
+        with open(job.log, "a", encoding="utf-8") as f:
+            f.write("$ " + " ".join(self._command(arguments)) + "\n")
+        self.log_path, self.log_lines = job.log, []
+        prune(logs, KEEP_LOGS, keep=[job.log])
+        job.process = self.runner(self._command(arguments), env=engine_environment(), cwd=str(job.folder),
+                                  stop_file=stop_file, log_file=job.log)
         self.job, self.fraction = job, 0.0
         self.status = ("Training" if job.kind == "train" else "Segmenting") + ": starting the engine..."
         job.process.start()
@@ -293,12 +378,68 @@ class MisMatchLogic:
             self.job.process.cancel()
             self.status = "Cancelling: waiting for the engine to stop..."
 
+    def abandon(self) -> None:
+        """The scene is closing: cancel the running job and forget it (whatever it produces is thrown away once
+        the engine has stopped, see ``busy``), and forget everything that belonged to the scene: the report,
+        the uncertain-slice ranking and the slices visited, the result nodes, the loss curve's nodes and the
+        interrupted run. The current model is kept (it is a file, not scene data)."""
+        job = self.job
+        if job is not None:
+            job.discarded = True
+            if job.process is not None:
+                job.process.cancel()
+            self._abandoned.append(job)
+            self.job = None
+        self.discard_interrupted()
+        self.report, self._visited, self.results = None, [], {}
+        self.status, self.fraction, self.note = "", 0.0, ""
+        self.loss_curve = plots.LossCurve()
+
+    def _drain_abandoned(self) -> None:
+        for job in list(self._abandoned):
+            events = job.process.poll() if job.process is not None else [{"event": "finished"}]
+            if job.process is None or any(e.get("event") == "finished" for e in events) or not job.process.running:
+                self._abandoned.remove(job)
+                self._clean(job, keep_model=False)
+
+    def shutdown(self) -> None:
+        """The application is quitting (or the module is going away): kill every engine tree now."""
+        for job in [self.job] + list(self._abandoned):
+            if job is not None and job.process is not None:
+                job.process.kill()
+
+    def discard_interrupted(self) -> None:
+        job, self.interrupted = self.interrupted, None
+        if job is not None:
+            self._clean(job, keep_model=False)
+
+    def resume_training(self) -> Job:
+        """Continue the cancelled training from its checkpoint (same inputs, ``--resume``)."""
+        if self.job is not None:
+            raise JobError("a job is already running: wait for it or cancel it")
+        job = self.interrupted
+        if job is None or checkpoint_step(job.output) is None or not job.folder.is_dir():
+            self.discard_interrupted()
+            raise JobError("there is no interrupted training to resume: press Train")
+        self.interrupted = None
+        job.resume, job.retried = True, True  # the batch size is the checkpoint's: no out-of-memory retry
+        self.note = ""
+        self._start(job)
+        return job
+
     def poll(self) -> list[dict]:
         """Events since the last call; results are read into MRML nodes when the job's ``finished`` arrives."""
+        if self._abandoned:
+            self._drain_abandoned()
         job = self.job
         if job is None or job.process is None:
             return []
         out: list[dict] = []
+        lines = [line for _, line in job.process.take_output()] if hasattr(job.process, "take_output") else []
+        if lines:
+            self.log_lines.extend(lines)
+            del self.log_lines[:-LOG_LINES]
+            out.append({"event": "output", "lines": lines})
         loss_changed = False
         for event in job.process.poll():
             kind = event.get("event")
@@ -345,19 +486,36 @@ class MisMatchLogic:
             return [{"event": "status", "message": text}]
         self.job = None
         self.fraction = 1.0 if status == "completed" else self.fraction
+        late = [line for _, line in job.process.take_output()] if hasattr(job.process, "take_output") else []
+        self.log_lines.extend(late)
+        events = [{"event": "output", "lines": late}] if late else []
+        keep_checkpoint = False
         try:
             if status == "completed":
                 message = self._train_done(job, finished) if job.kind == "train" else self._segment_done(job, finished)
             elif status == "cancelled":
-                message = "Cancelled." + (" The previous model is kept." if job.kind == "train" and self.current_model else "")
+                step = checkpoint_step(job.output) if job.kind == "train" else None
+                if step is not None:
+                    keep_checkpoint = True
+                    self.interrupted = job
+                    message = (f"Cancelled at step {step}: its checkpoint is kept. Press Resume to continue "
+                               "training from it, or Train to start again.")
+                else:
+                    message = "Cancelled." + (" The previous model is kept."
+                                              if job.kind == "train" and self.current_model else "")
             else:
                 message = self._failure_text(job, finished)
         except Exception as exc:  # reading results back failed: the panel must stay usable
             status, message = "failed", f"reading the results failed: {exc}"
+            if job.log is not None:
+                message += f". Full log: {job.log}"
         finally:
-            self._clean(job, keep_model=(status == "completed"))
+            if not keep_checkpoint:
+                self._clean(job, keep_model=(status == "completed"))
+        if status == "completed" and job.kind == "train":
+            self.prune_models()
         self.status = message
-        return [{"event": "done", "job": job.kind, "status": status, "message": message}]
+        return events + [{"event": "done", "job": job.kind, "status": status, "message": message}]
 
     def _failure_text(self, job: Job, finished: dict) -> str:
         message = finished.get("message") or "the engine stopped without a message"
@@ -367,13 +525,24 @@ class MisMatchLogic:
             return f"{advice} ({message})"
         if finished.get("returncode") == 2:
             return f"{message} (fix the input and try again)"
-        tail = "; ".join((finished.get("stderr") or [])[-3:])
-        return f"{message}. See the Python console for details" + (f" (last output: {tail})" if tail else "")
+        errors = [line for line in finished.get("stderr") or [] if line.strip()]
+        last = next((line for line in reversed(errors) if "error" in line.lower() or "exception" in line.lower()),
+                    errors[-1] if errors else "")
+        text = message if not last or last in message else f"{message}: {last}"
+        where = f"the Log section below and {job.log}" if job.log is not None else "the Log section below"
+        return f"{text}. The engine's full output is in {where} (and in the Python console)"
 
     def _clean(self, job: Job, keep_model: bool) -> None:
         shutil.rmtree(job.folder, ignore_errors=True)
         if job.kind == "train" and not keep_model and job.output is not None:
             shutil.rmtree(job.output, ignore_errors=True)
+
+    def prune_models(self, keep: int = KEEP_MODELS) -> list[Path]:
+        """Remove old models from the working folder: the current one, the one an interrupted or running
+        training writes, and the ``keep`` newest others stay. Returns what was removed."""
+        protected = [m for m in (self.current_model, getattr(self.interrupted, "output", None),
+                                 getattr(self.job, "output", None)) if m is not None]
+        return prune(self.work_dir / "models", keep, keep=protected)
 
     def _train_done(self, job: Job, finished: dict) -> str:
         card = modelcard.read_card(job.output)
@@ -392,6 +561,13 @@ class MisMatchLogic:
 
         request: SegmentRequest = job.request
         reference = request.volumes[0]
+        if not is_alive(reference):
+            raise JobError("the input volume was removed from the scene while segmenting: nothing was imported")
+        # an output node removed meanwhile is replaced by a new one; the checks run again on what is left
+        for key in ("output_segmentation", "confidence_volume", "disagreement_volume"):
+            if getattr(request, key) is not None and not is_alive(getattr(request, key)):
+                setattr(request, key, None)
+        check_outputs(request)
         card = job.files["card"]
         name = reference.GetName()
         seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, card["classes"],
@@ -403,6 +579,9 @@ class MisMatchLogic:
                                                      request.disagreement_volume)
         if request.disagreement_volume is None:
             disagreement.SetName(f"{name} MisMatch disagreement")
+        seg.SetAttribute(OUTPUT_ATTRIBUTE, "segmentation")
+        confidence.SetAttribute(OUTPUT_ATTRIBUTE, "confidence")
+        disagreement.SetAttribute(OUTPUT_ATTRIBUTE, "disagreement")
         _colour_volume(confidence, (0.0, 1.0))
         _colour_volume(disagreement, None)
         self.report = json.loads((job.folder / "report.json").read_text(encoding="utf-8"))
@@ -435,8 +614,9 @@ class MisMatchLogic:
     # -- after segmenting -------------------------------------------------------------------------------
     def next_uncertain_slice(self, volume, segmentation=None, segment_ids=None, jump: bool = True):
         """The unlabelled slice where the decoders disagree most that was not shown yet: ``(slice, ras)``,
-        or None. Slices the user has labelled (also since segmenting) are skipped; after the last one the
-        ranking starts again. ``jump``: centre every slice view on it."""
+        or None, with ``ras`` in world coordinates (the volume's parent transforms applied). Slices the user has
+        labelled (also since segmenting) are skipped; after the last one the ranking starts again. ``jump``:
+        centre every slice view on it."""
         if not self.report or not self.report.get("uncertain_slices"):
             return None
         axis = self.report_axis
@@ -455,7 +635,7 @@ class MisMatchLogic:
             self._visited, fresh = [], ranked
         chosen = fresh[0]
         self._visited.append(chosen)
-        ras = jobfolder.slice_centre_ras(volume, axis, chosen)
+        ras = jobfolder.local_to_world(volume, jobfolder.slice_centre_ras(volume, axis, chosen))
         if jump:
             jump_slice_views(ras)
         return chosen, ras
@@ -467,12 +647,63 @@ class MisMatchLogic:
         destination = self.work_dir / "models" / f"imported-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         modelcard.copy_model(folder, destination)
         self.current_model = destination
+        self.prune_models()
         return card
 
     def save_model(self, destination: str | Path) -> Path:
         if self.current_model is None:
             raise JobError("there is no model to save yet: train one first")
         return modelcard.copy_model(self.current_model, destination)
+
+
+def prune(folder: Path, newest: int, keep=()) -> list[Path]:
+    """Remove the entries of ``folder`` except those in ``keep`` and the ``newest`` others (by modification
+    time). Returns what was removed."""
+    if not folder.is_dir():
+        return []
+    kept = {Path(k).resolve() for k in keep}
+    others = [p for p in folder.iterdir() if p.resolve() not in kept]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in others[max(0, newest):]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def check_outputs(request: SegmentRequest) -> None:
+    """Outputs go to nodes the module made, or to nodes the user picked that are not inputs of the job; a
+    segmentation of the user's own that holds segments needs ``confirm_overwrite``. Raises :class:`JobError`
+    (or :class:`OverwriteNeedsConfirmation`) saying what to choose instead."""
+    inputs = [v for v in request.volumes if v is not None]
+    ids = {v.GetID() for v in inputs if v.GetID()}
+
+    def is_input(node) -> bool:
+        return any(node is v for v in inputs) or (node.GetID() is not None and node.GetID() in ids)
+
+    for key, what in (("confidence_volume", "confidence"), ("disagreement_volume", "disagreement")):
+        node = getattr(request, key)
+        if node is not None and is_input(node):
+            raise JobError(f"the {what} output is {node.GetName()}, an input of this job, whose voxels would be "
+                           f"replaced: choose another {what} volume, or none to create a new one")
+    if (request.confidence_volume is not None and request.disagreement_volume is not None
+            and request.confidence_volume is request.disagreement_volume):
+        raise JobError("the confidence and disagreement outputs are the same volume: choose two different volumes, "
+                       "or none to create new ones")
+    seg = request.output_segmentation
+    if seg is None:
+        return
+    if request.segmentation is not None and (seg is request.segmentation or seg.GetID() == request.segmentation.GetID()):
+        raise JobError("the output segmentation is the one that holds your labels: choose another output "
+                       "segmentation, or none to create a new one")
+    count = seg.GetSegmentation().GetNumberOfSegments()
+    if count and not seg.GetAttribute(OUTPUT_ATTRIBUTE) and not request.confirm_overwrite:
+        raise OverwriteNeedsConfirmation(
+            f"the output segmentation {seg.GetName()} holds {count} segment(s) of your own, which segmenting would "
+            "replace: confirm, or choose none to create a new segmentation")
 
 
 def _colour_volume(node, window) -> None:

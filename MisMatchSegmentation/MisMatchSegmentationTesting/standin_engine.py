@@ -4,9 +4,12 @@ Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
 
 - ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK);
 - ``oom``: train fails like a CUDA out-of-memory while ``--batch-size`` is above 2, then behaves like ok;
-- ``slow``: emits progress for ever, starts a grandchild (its pid in ``$STANDIN_LOG/grandchild.pid``), ends
-  with a ``cancelled`` event and exit 130 on SIGTERM, like the engine;
-- ``stubborn``: like slow but ignores SIGTERM (must be killed);
+- ``slow``: emits progress for ever, starts a grandchild (its pid in ``$STANDIN_LOG/grandchild.pid``); on SIGTERM
+  or SIGINT (or when the ``--stop-file`` appears), like the engine, finishes its step (0.3 s), writes
+  ``--out``/checkpoint/state.json, ends with a ``cancelled`` event and exit 130;
+- ``stubborn``: like slow but ignores SIGTERM and the stop file (must be killed);
+- ``deaf``: ignores SIGTERM but stops like slow when ``--stop-file`` appears (an engine that signals cannot
+  reach, as behind a launcher on Windows);
 - ``crash``: writes to stderr and dies from SIGKILL without an ``end`` event;
 - ``gate``: one event, then waits for ``$STANDIN_LOG/go`` before the rest (events must arrive one by one);
 - ``usererror``: one line on stderr, a failed end event, exit 2.
@@ -17,7 +20,8 @@ image's grid with a painted voxel; its painted slices are kept as painted) with 
 ``removed_fraction``: 0, or the fractions in ``$STANDIN_REMOVED`` (JSON ``{"slice": fraction}``), and the
 painted file is copied to ``$STANDIN_LOG/labels-seen.nrrd`` (the job folder is gone once the job is over).
 
-Each call appends its arguments to ``$STANDIN_LOG/calls.jsonl``.
+Each call appends its arguments to ``$STANDIN_LOG/calls.jsonl``. The file ships with the module (the in-Slicer
+self-test runs it with Slicer's own Python) and needs only numpy and SimpleITK, never torch.
 """
 
 from __future__ import annotations
@@ -172,21 +176,33 @@ def segment(args: list[str]) -> int:
     return 0
 
 
-def slow(stubborn: bool) -> int:
+def slow(mode: str, args: list[str]) -> int:
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     (LOG / "grandchild.pid").write_text(str(grandchild.pid))
+    (LOG / "engine.pid").write_text(str(os.getpid()))
     stop = []
-    if stubborn:
+    stop_file = Path(option(args, "--stop-file")) if "--stop-file" in args else None
+    if mode in ("stubborn", "deaf"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
     emit("start", phase="train", total=100000, device="cpu")
     step = 0
     while not stop:
         step += 1
         emit("progress", phase="train", step=step, total=100000, loss=0.5, terms={}, elapsed=step * 0.02, eta=1e3)
         time.sleep(0.02)
-    emit("end", status="cancelled", message=f"cancelled at step {step}; checkpoint written", elapsed=step * 0.02)
+        if mode != "stubborn" and stop_file is not None and stop_file.exists():
+            stop.append("stop file")
+    time.sleep(0.3)  # the step in progress ends before the checkpoint is written
+    out = option(args, "--out")
+    if out:
+        folder = Path(out) / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.json").write_text(json.dumps({"step": step, "config": {"steps": 100000}}))
+    emit("end", status="cancelled", message=f"stopped by {stop[0]} at step {step} of 100000; checkpoint written; "
+                                             "run again with --resume to continue", elapsed=step * 0.02)
     return 130
 
 
@@ -195,8 +211,8 @@ def main() -> int:
     LOG.mkdir(parents=True, exist_ok=True)
     with open(LOG / "calls.jsonl", "a") as f:
         f.write(json.dumps({"mode": mode, "args": args, "pid": os.getpid()}) + "\n")
-    if mode in ("slow", "stubborn"):
-        return slow(mode == "stubborn")
+    if mode in ("slow", "stubborn", "deaf"):
+        return slow(mode, args)
     if mode == "crash":
         print("Traceback (most recent call last):\nSegmentation fault in a stand-in", file=sys.stderr, flush=True)
         emit("start", phase="train", total=10)

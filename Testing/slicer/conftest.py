@@ -147,12 +147,16 @@ def engine_available():
     return True
 
 
-STANDIN = Path(__file__).parent / "standin_engine.py"
+from MisMatchSegmentationTesting import STANDIN_ENGINE as STANDIN  # noqa: E402  (shipped with the module)
+from MisMatchSegmentationTesting import STANDIN_LAUNCHER  # noqa: E402,F401
 
 
-def standin_command(mode: str) -> list[str]:
-    """Command prefix that runs the stand-in engine in ``mode`` (contract arguments follow)."""
-    return [sys.executable, "-u", str(STANDIN), mode]
+def standin_command(mode: str, launcher: bool = False) -> list[str]:
+    """Command prefix that runs the stand-in engine in ``mode`` (contract arguments follow); ``launcher``:
+    behind the stand-in PythonSlicer launcher (a parent that forwards no signal)."""
+    from MisMatchSegmentationTesting import standin_command as command
+
+    return command(sys.executable, mode, launcher)
 
 
 @pytest.fixture

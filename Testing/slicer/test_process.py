@@ -149,3 +149,133 @@ def test_engine_environment_puts_the_engine_first_on_pythonpath(tmp_path):
     source = process.engine_source_dir()
     assert source is not None and (source / "mismatch" / "__init__.py").is_file()
     assert process.engine_command(["train"], python="py") == ["py", "-u", "-m", "mismatch", "train"]
+
+
+# -- cancel behind Slicer's launcher (PythonSlicer starts python-real and forwards no signal) ----------------
+def fake_pythonslicer(folder: Path) -> str:
+    """An executable named like Slicer's launcher that is the stand-in launcher (a parent forwarding no
+    signal, returning its child's exit status)."""
+    from conftest import STANDIN_LAUNCHER
+
+    path = folder / "bin" / "PythonSlicer"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN_LAUNCHER}" "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_launcher_is_recognised_by_its_name():
+    assert process.is_launcher("/opt/Slicer-5.10.0/bin/PythonSlicer")
+    assert process.is_launcher(r"C:\Slicer 5.10.0\bin\PythonSlicer.exe".replace("\\", "/"))
+    assert not process.is_launcher(sys.executable) and not process.is_launcher("/usr/bin/python3.12")
+
+
+@posix_only
+def test_cancel_behind_a_launcher_reaches_the_engine_and_keeps_its_checkpoint(standin_log, tmp_path):
+    from conftest import STANDIN
+
+    out = tmp_path / "model"
+    launcher = fake_pythonslicer(tmp_path)
+    proc = EngineProcess([launcher, "-u", str(STANDIN), "slow", "train", "--out", str(out)], kill_grace=15).start()
+    assert proc.launcher
+    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    engine = int((standin_log / "engine.pid").read_text())
+    grandchild = int((standin_log / "grandchild.pid").read_text())
+    assert engine != proc.pid and proc.interpreter_pids() == [engine]
+    started = time.monotonic()
+    proc.cancel()
+    events = proc.wait(timeout=30)
+    finished = events[-1]
+    assert time.monotonic() - started < 10, "the engine was not reached: it was killed after the grace period"
+    assert finished["status"] == "cancelled" and finished["returncode"] == 130  # the engine's own exit status
+    assert "checkpoint written" in finished["message"] and "SIGTERM" in finished["message"]
+    assert (out / "checkpoint" / "state.json").is_file(), "the engine was killed before writing its checkpoint"
+    deadline = time.monotonic() + 5
+    while (alive(engine) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(engine) and not alive(grandchild)
+
+
+@posix_only
+def test_the_stop_file_stops_an_engine_that_signals_cannot_reach(standin_log, tmp_path):
+    from conftest import STANDIN
+
+    out, stop = tmp_path / "model", tmp_path / "STOP"
+    proc = EngineProcess([fake_pythonslicer(tmp_path), "-u", str(STANDIN), "deaf", "train", "--out", str(out),
+                          "--stop-file", str(stop)], kill_grace=20, stop_file=stop).start()
+    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    started = time.monotonic()
+    proc.cancel()
+    finished = proc.wait(timeout=40)[-1]
+    assert stop.is_file() and time.monotonic() - started < 10
+    assert finished["status"] == "cancelled" and "stop file" in finished["message"]
+    assert (out / "checkpoint" / "state.json").is_file()
+
+
+@posix_only
+def test_a_launcher_that_ignores_everything_is_killed_with_its_tree(standin_log, tmp_path):
+    from conftest import STANDIN
+
+    proc = EngineProcess([fake_pythonslicer(tmp_path), "-u", str(STANDIN), "stubborn", "train"], kill_grace=0.5).start()
+    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    engine = int((standin_log / "engine.pid").read_text())
+    proc.cancel()
+    finished = proc.wait(timeout=30)[-1]
+    assert finished["status"] == "cancelled"
+    time.sleep(0.2)
+    assert not alive(engine)
+
+
+@posix_only
+def test_every_output_line_is_kept_and_logged(standin_log, tmp_path):
+    log = tmp_path / "job.log"
+    proc = EngineProcess(standin_command("crash") + ["train"], log_file=log).start()
+    proc.wait(timeout=20)
+    lines = proc.take_output()
+    assert ("stderr", "Traceback (most recent call last):") in lines and ("stdout", lines[-1][1]) in lines
+    text = log.read_text()
+    assert "Segmentation fault in a stand-in" in text and '"event": "start"' in text
+
+
+@posix_only
+def test_the_engine_tree_ends_when_the_python_that_started_it_exits(standin_log, tmp_path):
+    """Slicer quitting while a job runs: nothing of the engine may survive the application."""
+    import subprocess
+
+    from conftest import MODULE_DIR
+
+    script = (f"import sys, time, pathlib; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+              "from MisMatchSegmentationLib.process import EngineProcess\n"
+              f"p = EngineProcess({standin_command('slow') + ['train']!r}).start()\n"
+              f"log = pathlib.Path({str(standin_log)!r})\n"
+              "while not (log / 'grandchild.pid').exists(): time.sleep(0.02)\n"
+              "print(p.pid, flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    engine, grandchild = int(out.stdout.split()[0]), int((standin_log / "grandchild.pid").read_text())
+    deadline = time.monotonic() + 5
+    while (alive(engine) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [p for p in (engine, grandchild) if alive(p)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "the engine's tree survived the exit of the Python that started it"
+
+
+def test_mismatch_python_starts_from_slicers_startup_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISMATCH_PYTHON", "/envs/cuda/bin/python")
+    monkeypatch.setenv("PYTHONHOME", "/opt/Slicer/lib/Python")
+    monkeypatch.setenv("PYTHONPATH", "/opt/Slicer/lib/Python/lib/python3.12/site-packages")
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    startup = {"PATH": "/usr/bin", "HOME": "/home/u", "CUDA_VISIBLE_DEVICES": "1"}
+    env = process.engine_environment(engine_dir=tmp_path, startup=lambda: dict(startup))
+    assert "PYTHONHOME" not in env and "PYTHONNOUSERSITE" not in env
+    assert env["PYTHONPATH"] == str(tmp_path) and env["CUDA_VISIBLE_DEVICES"] == "1" and env["HOME"] == "/home/u"
+    # outside Slicer (no startup environment): this one, without Slicer's Python variables
+    env = process.engine_environment(engine_dir=tmp_path, startup=lambda: None)
+    assert "PYTHONHOME" not in env and env["PYTHONPATH"] == str(tmp_path)
+    # Slicer's own Python (no override): Slicer's environment as it is
+    monkeypatch.delenv("MISMATCH_PYTHON")
+    env = process.engine_environment(engine_dir=tmp_path, startup=lambda: dict(startup))
+    assert env["PYTHONHOME"] == "/opt/Slicer/lib/Python"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
