@@ -8,7 +8,9 @@ States::
                                   └──Segment──▶ segmenting ──Cancel──▶ cancelling ──finished──▶ ready
 
 ``completed`` and ``failed`` behave like ``ready`` (everything that is possible is enabled again); they only
-keep the last outcome in the status line. Train and Segment turn into Cancel while their job runs.
+keep the last outcome in the status line. Train and Segment turn into Cancel while their job runs. A training
+cancelled after its checkpoint was written can be resumed (``set_checkpoint``); the scene closing while a job
+runs puts the panel back to idle at once (``abort``), whatever the engine is still doing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class PanelView:
     train: Button
     segment: Button
     next_uncertain: bool
+    resume: bool
     save_model: bool
     import_model: bool
     edit_inputs: bool
@@ -64,6 +67,8 @@ class PanelStateMachine:
     labels_reason: str = "choose the segmentation with your labels"  # empty when training is possible
     has_model: bool = False
     has_uncertainty: bool = False
+    has_checkpoint: bool = False     # a cancelled training whose checkpoint can be resumed
+    outputs_reason: str = ""         # why the chosen outputs cannot be written ("" when they can)
     status: str = "Choose the input volume."
     listeners: list = field(default_factory=list)
 
@@ -93,11 +98,30 @@ class PanelStateMachine:
         self.has_uncertainty = bool(available)
         self._changed()
 
+    def set_checkpoint(self, available: bool) -> None:
+        self.has_checkpoint = bool(available)
+        self._changed()
+
+    def set_outputs(self, reason: str = "") -> None:
+        """``reason``: why Segment cannot write into the chosen output nodes ("" when it can)."""
+        self.outputs_reason = reason
+        self._changed()
+
+    def abort(self, status: str) -> None:
+        """The scene was closed: whatever ran is abandoned; back to idle with a fresh start."""
+        self.has_uncertainty = self.has_checkpoint = False
+        self.state = State.READY if self.has_volume else State.NO_INPUT
+        self.status = status
+        self._changed()
+
     # -- jobs -------------------------------------------------------------------------------------------
-    def start_training(self) -> None:
-        if not self.view().train.enabled or self.state in RUNNING:
+    def start_training(self, resume: bool = False) -> None:
+        allowed = self.view().resume if resume else self.view().train.enabled
+        if not allowed or self.state in RUNNING:
             raise TransitionError(f"cannot train in state {self.state.value}: {self._train_reason()}")
-        self.state, self.status = State.TRAINING, "Training: starting the engine..."
+        self.has_checkpoint = False
+        self.state = State.TRAINING
+        self.status = "Training: resuming from the checkpoint..." if resume else "Training: starting the engine..."
         self._changed()
 
     def start_segmenting(self) -> None:
@@ -138,7 +162,8 @@ class PanelStateMachine:
         s = self.state
         idle = s in IDLE
         if s == State.TRAINING:
-            train = Button(True, "Cancel", "Stop training; the model of the last finished step is kept")
+            train = Button(True, "Cancel", "Stop training at the end of the current step; its checkpoint is kept "
+                                           "and Resume continues from it")
         elif s == State.CANCELLING:
             train = Button(False, "Cancelling...", "Waiting for the engine to stop")
         else:
@@ -154,6 +179,7 @@ class PanelStateMachine:
         return PanelView(
             state=s, train=train, segment=segment,
             next_uncertain=idle and self.has_uncertainty,
+            resume=(idle or s == State.NO_INPUT) and self.has_checkpoint,
             save_model=idle and self.has_model,
             import_model=s in IDLE or s == State.NO_INPUT,
             edit_inputs=s not in RUNNING,
@@ -171,7 +197,7 @@ class PanelStateMachine:
             return "Choose the input volume first"
         if not self.has_model:
             return "Train a model, or load one, first"
-        return ""
+        return self.outputs_reason
 
     def _ready_status(self) -> str:
         if self.labels_reason and not self.has_model:

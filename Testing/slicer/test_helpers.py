@@ -126,3 +126,59 @@ def test_copy_model_refuses_a_folder_with_other_files(tmp_path):
     (busy / "notes.txt").write_text("x")
     with pytest.raises(modelcard.ModelCardError, match="not empty"):
         modelcard.copy_model(model, busy)
+
+
+# -- a failed install says what failed and what to do; progress instead of a wait cursor -------------------
+def test_a_failed_torch_install_says_what_failed_and_what_to_do(monkeypatch):
+    monkeypatch.setattr(install, "torch_installed", lambda: False)
+    said = []
+
+    class Utils:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            raise OSError("[Errno 28] No space left on device")
+    with pytest.raises(install.InstallFailed) as failure:
+        install.ensure_torch(Utils(), progress=said.append)
+    exc = failure.value
+    assert exc.what == "PyTorch" and "No space left on device" in str(exc) and "free disk space" in str(exc)
+    assert "Traceback" in exc.details and "OSError" in exc.details
+    assert said and "several GB" in said[0]  # the panel showed what is being downloaded before it started
+
+
+def test_a_failed_pip_install_names_the_packages_and_the_console_command(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("not-installed-package-xyz>=1\n")
+
+    def pip_ensure(reqs, requester):
+        raise RuntimeError("pip exited with status 1: no matching distribution")
+    broken = SimpleNamespace(packaging=SimpleNamespace(pip_ensure=pip_ensure))
+    said = []
+    with pytest.raises(install.InstallFailed) as failure:
+        install.ensure_requirements(req, slicer_module=broken, progress=said.append)
+    assert failure.value.what == "not-installed-package-xyz>=1"
+    assert "no matching distribution" in str(failure.value)
+    assert "slicer.util.pip_install('not-installed-package-xyz>=1')" in str(failure.value)
+    assert said == ["Installing not-installed-package-xyz>=1. pip's output follows here and in the Python console."]
+    # the user saying no stays a refusal, not a failure
+    old = SimpleNamespace(util=SimpleNamespace(pip_install=lambda r: None))
+    with pytest.raises(install.InstallDeclined):
+        install.ensure_requirements(req, slicer_module=old, confirm=lambda text: False)
+
+
+def test_pips_log_lines_reach_the_panel_while_installing():
+    import logging
+
+    seen = []
+    with install.forward_log(seen.append):
+        logging.getLogger("some.module").info("Downloading torch-2.13.0-cp312-none-manylinux.whl (900.1 MB)")
+    logging.getLogger().info("after the install")
+    assert seen == ["Downloading torch-2.13.0-cp312-none-manylinux.whl (900.1 MB)"]
+
+
+def test_nothing_to_install_means_no_dialog():
+    def everything(name):
+        return "9.9"
+
+    def nothing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    assert install.dependencies_missing(everything) is False
+    assert install.dependencies_missing(nothing) is True

@@ -128,3 +128,42 @@ def test_listeners_get_every_change():
     m.report("Training: step 3/300")
     m.finish("completed", "ok")
     assert seen == [State.READY, State.TRAINING, State.TRAINING, State.COMPLETED]
+
+
+def test_a_kept_checkpoint_offers_resume_until_a_job_starts():
+    m = ready(model=False)
+    assert not m.view().resume
+    m.start_training()
+    assert "checkpoint is kept" in m.view().train.tooltip
+    m.request_cancel()
+    m.finish("cancelled", "")
+    m.set_checkpoint(True)
+    assert m.view().resume and m.view().train.enabled
+    m.start_training(resume=True)
+    assert m.state == State.TRAINING and "resuming" in m.status and not m.view().resume
+    m.finish("completed", "Trained.")
+    assert not m.view().resume
+    with pytest.raises(TransitionError):
+        m.start_training(resume=True)
+
+
+def test_scene_closed_while_a_job_runs_rearms_the_panel():
+    m = ready(model=True)
+    m.set_uncertainty(True)
+    m.start_segmenting()
+    m.abort("The scene was closed: the job was cancelled and its results discarded.")
+    assert m.state == State.READY and m.status.startswith("The scene was closed")
+    v = m.view()
+    assert v.train.text == "Train" and v.segment.text == "Segment" and v.segment.enabled and v.edit_inputs
+    assert not v.next_uncertain and not v.progress_visible
+    m.set_inputs(False)
+    assert m.state == State.NO_INPUT
+
+
+def test_outputs_that_cannot_be_written_disable_segment_and_say_why():
+    m = ready(model=True)
+    m.set_outputs("The confidence output is CT, an input of the job: choose another volume")
+    assert not m.view().segment.enabled and m.view().segment.tooltip.startswith("The confidence output is CT")
+    assert m.view().train.enabled
+    m.set_outputs("")
+    assert m.view().segment.enabled
