@@ -279,3 +279,19 @@ def test_kill_9_while_an_existing_model_is_replaced_keeps_a_whole_model(files):
     assert again.returncode == 0, again.stderr
     assert _weights_sha(d / "model") == first
     assert sorted(p.name for p in d.iterdir() if "model" in p.name) == ["model"]
+
+
+def test_kill_9_before_the_first_step_checkpoint_loses_only_the_time_since_the_last_one(files):
+    """The issue's case: a checkpoint every 100 steps, killed at step 86. Here: every 1000 steps, a time
+    checkpoint after every step (--checkpoint-seconds tiny), killed right after the first one is in place."""
+    d = files
+    plain = _run(_train_argv(d, d / "reference"))
+    assert plain.returncode == 0, plain.stderr
+    argv = _train_argv(d, d / "model", "--checkpoint-every", "1000", "--checkpoint-seconds", "0.000001")
+    killed = _run(argv, kill_after=1, match="checkpoint")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr   # a checkpoint was written by time
+    resumed = _run([*argv, "--resume", "--events", str(d / "ev")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert any("resuming at step 1 of 6" in json.loads(line).get("message", "")
+               for line in (d / "ev").read_text().splitlines())
+    assert _weights_sha(d / "model") == _weights_sha(d / "reference")

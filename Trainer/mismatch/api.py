@@ -68,13 +68,21 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
 
     ``labels``: the painted label map of this volume (what the model was trained from): see
     :func:`painted_prior`."""
-    from .io import check_outputs_not_inputs, read_image, read_labels, write_volume
+    from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
+                     write_text_atomic, write_volume)
 
     reporter = reporter or Reporter(progress_bar=False)
     outputs = [p for p in (out, confidence, disagreement, report) if p]
     inputs = list(images) + ([truth] if truth else []) + ([labels] if labels else [])
     check_outputs_not_inputs(outputs, inputs + [str(Path(model_dir) / "model.json"),
                                                 str(Path(model_dir) / "model.safetensors")])
+    # every output can be written, before any work (not found out after the whole inference)
+    for option, path in (("--out", out), ("--confidence", confidence), ("--disagreement", disagreement),
+                         ("--report", report)):
+        if path:
+            check_writable(path, option)
+            if option != "--report":
+                check_extension(path)
     if eval_slices is not None and truth is None:
         raise UserError("--eval-slices needs --truth (the label map to evaluate against)")
     if explicit_slices and not labels:
@@ -109,8 +117,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
             "uncertain_slices": rank_uncertain_slices(seg.slice_scores, exclude=labelled, two_decoders=two),
             "evaluation": seg.evaluation,
         }
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        Path(report).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(report, json.dumps(doc, indent=1) + "\n")
     if seg.evaluation:
         summary["iou"] = seg.evaluation["mean"].get("iou")
     return summary
@@ -119,13 +126,19 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
 def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None,
                    slices: Sequence[int] | None = None, axis: str = "k", n_bins: int = 15,
                    diagram: str | None = None) -> dict:
-    """Overlap (and calibration, with a confidence volume) of a label map against a truth."""
-    from .io import read_volume
+    """Overlap (and calibration, with a confidence volume) of a label map against a truth.
+
+    The prediction and the truth must be integer label maps on one grid, the confidence a volume of
+    probabilities on that grid: anything else is a :class:`UserError` (an intensity image given by mistake
+    would score an IoU of 0 or a meaningless calibration)."""
+    from .io import atomic_output, read_label_volume, read_volume
     from .metrics import evaluate_confidence, evaluate_arrays
     from .data import axis_index
 
-    pred, g_pred = read_volume(prediction)
-    true, g_true = read_volume(truth)
+    if diagram and not confidence:
+        raise UserError("--diagram needs --confidence (the confidence volume from 'mismatch segment')")
+    pred, g_pred = read_label_volume(prediction)
+    true, g_true = read_label_volume(truth)
     if not g_pred.same_grid(g_true):
         raise UserError(f"{prediction} ({g_pred.describe()}) and {truth} ({g_true.describe()}) are not on the "
                         "same grid; resample one onto the other first")
@@ -134,17 +147,32 @@ def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None
         conf, g_conf = read_volume(confidence)
         if not g_conf.same_grid(g_pred):
             raise UserError(f"{confidence} is not on the prediction's grid ({g_pred.describe()})")
+        check_confidence(conf, confidence)
         result = evaluate_confidence(pred, true, conf.astype(np.float32, copy=False), slices=slices, axis=ax,
                                      n_bins=n_bins)
     else:
         result = evaluate_arrays(pred, true, slices=slices, axis=ax, n_bins=n_bins)
     if diagram:
-        if not confidence:
-            raise UserError("--diagram needs --confidence (the confidence volume from 'mismatch segment')")
         from .plots import reliability_diagram
 
         cal = result["calibration"]
-        reliability_diagram({"all voxels": cal["all"], "foreground band": cal["band"]}, diagram,
-                            title=f"{Path(prediction).name} vs {Path(truth).name}")
+        with atomic_output(diagram) as tmp:
+            reliability_diagram({"all voxels": cal["all"], "foreground band": cal["band"]}, tmp,
+                                title=f"{Path(prediction).name} vs {Path(truth).name}")
         result["diagram"] = str(diagram)
     return result
+
+
+def check_confidence(conf: np.ndarray, path) -> None:
+    """:class:`UserError` unless ``conf`` holds probabilities: finite values in 0..1 (what ``mismatch segment
+    --confidence`` writes), not, say, the CT itself."""
+    finite = np.isfinite(conf)
+    if not finite.all():
+        raise UserError(f"{path}: {int(conf.size - np.count_nonzero(finite))} voxel(s) of the confidence volume "
+                        "are NaN or infinite; give the confidence volume that 'mismatch segment --confidence' "
+                        "wrote")
+    lo, hi = (float(conf.min()), float(conf.max())) if conf.size else (0.0, 0.0)
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise UserError(f"{path}: the confidence volume holds values from {lo:g} to {hi:g}, not probabilities "
+                        "(0 to 1); is it an image? give the confidence volume that 'mismatch segment "
+                        "--confidence' wrote")

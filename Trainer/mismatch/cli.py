@@ -1,14 +1,22 @@
 """The ``mismatch`` command: train, segment, evaluate, demo.
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing modified); 130 cancelled; 1 other failure.
+
+This module imports nothing heavy at the top: :func:`main` chooses the CPU threads and the OpenMP wait
+policy (:func:`configure_threads`) and installs its signal handlers before torch is imported, because
+OpenMP reads its settings once, when torch loads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -16,6 +24,203 @@ from .errors import Cancelled, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
+
+
+# -- CPU threads ----------------------------------------------------------------------------------------
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a Linux cgroup quota (containers), or None."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]   # cgroup v2
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())        # cgroup v1
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores(cpus: list[int] | None = None, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Physical cores this process may run on: the distinct cores of the CPUs in its affinity mask (Linux
+    sysfs topology; hyper-threads of one core count once), capped by a cgroup CPU quota; macOS
+    ``hw.physicalcpu``; elsewhere the logical CPUs. ``cpus`` and ``sysfs`` are for tests."""
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = []
+    cores = len(cpus) or os.cpu_count() or 1
+    if sys.platform.startswith("linux") and cpus:
+        seen = set()
+        for cpu in cpus:
+            topology = Path(sysfs) / f"cpu{cpu}" / "topology"
+            try:
+                seen.add(((topology / "physical_package_id").read_text().strip(),
+                          (topology / "core_id").read_text().strip()))
+            except OSError:
+                seen = set()
+                break
+        cores = len(seen) or cores
+        limit = _cgroup_cpu_limit()
+        if limit:
+            cores = min(cores, max(1, int(limit)))
+    elif sys.platform == "darwin":
+        import subprocess
+
+        try:
+            cores = int(subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True,
+                                       timeout=5).stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    return max(1, cores)
+
+
+def choose_threads(requested: int | None = None, environ=None) -> tuple[int, str]:
+    """The CPU threads to use and why: ``--threads`` if given, else the user's own ``OMP_NUM_THREADS``,
+    else the physical cores (:func:`physical_cores`; more threads than cores only wait for each other)."""
+    environ = os.environ if environ is None else environ
+    if requested:
+        return int(requested), "--threads"
+    try:
+        own = int(environ.get("OMP_NUM_THREADS", "").split(",")[0])
+        if own >= 1:
+            return own, "OMP_NUM_THREADS"
+    except ValueError:
+        pass
+    return physical_cores(), "physical cores"
+
+
+def configure_threads(requested: int | None = None, environ=None) -> tuple[int, str]:
+    """Choose the threads (:func:`choose_threads`) and, while torch is not yet imported, put them and a
+    passive OpenMP wait policy in the environment, where OpenMP reads them when torch loads it.
+
+    Passive waiting: an OpenMP thread that has finished its share sleeps instead of spinning for the
+    others; on a busy CPU (another job, or 3D Slicer itself) spinning threads take the cores from the
+    threads they wait for. ``OMP_WAIT_POLICY`` and ``KMP_BLOCKTIME`` (Intel and LLVM OpenMP: macOS,
+    Windows) set by the user are kept, and so is ``OMP_NUM_THREADS`` unless ``--threads`` is given.
+    Returns ``(threads, reason)``; :func:`apply_threads` sets them in torch.
+    """
+    environ = os.environ if environ is None else environ
+    threads, reason = choose_threads(requested, environ)
+    if "torch" not in sys.modules:
+        if requested or "OMP_NUM_THREADS" not in environ:
+            environ["OMP_NUM_THREADS"] = str(threads)
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        environ.setdefault("KMP_BLOCKTIME", "0")
+    return threads, reason
+
+
+def apply_threads(threads: int) -> int:
+    """``torch.set_num_threads(threads)``; returns the number before (to restore it in-process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    return before
+
+
+def _early_value(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``argv`` before argparse runs (None if absent)."""
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _early_threads(argv: list[str]) -> int | None:
+    try:
+        value = int(_early_value(argv, "--threads") or 0)
+    except ValueError:
+        return None   # argparse reports it
+    return value if value >= 1 else None
+
+
+# -- signals --------------------------------------------------------------------------------------------
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
+
+
+@contextmanager
+def cancel_on_signals():
+    """SIGINT, SIGTERM (and SIGBREAK on Windows) raise :class:`Cancelled` once, from the first moment of
+    :func:`main` (importing torch takes seconds): the command ends with one line and exit 130 instead of a
+    ``KeyboardInterrupt`` traceback or a silent death. Training installs its own handlers over these (it
+    finishes the step and writes a checkpoint, :func:`mismatch.train.stop_on_signals`)."""
+    raised = []
+
+    def handler(signum, _frame):
+        if raised:      # a second signal while the first unwinds: the first one's message stands
+            return
+        raised.append(signum)
+        raise Cancelled(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    for sig in _STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):   # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- argument types -------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one ``--help`` away) and exit status 2."""
+
+    def error(self, message):  # noqa: D102
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
 
 
 def _slices(text: str) -> list[int]:
@@ -61,16 +266,23 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads (default: $OMP_NUM_THREADS if set, else the physical cores); OpenMP threads "
+                        "wait passively unless $OMP_WAIT_POLICY says otherwise")
+
+
 def _common_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
+    _threads_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import PRESETS, TrainConfig
+    from .train import CHECKPOINT_SECONDS, PRESETS, TrainConfig
 
     d = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mismatch",
         description="MisMatch semi-supervised segmentation from a few labelled slices (Xu et al., MIDL 2022).")
     parser.add_argument("--version", action="version", version=f"mismatch {__version__}")
@@ -95,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="labelled slices per step; under torchrun the global batch, split evenly over the "
                         "processes (a multiple of their number)")
-    t.add_argument("--unlabelled-batch-size", type=int, default=0, help="unlabelled slices per step "
+    t.add_argument("--unlabelled-batch-size", type=_non_negative_int, default=0, help="unlabelled slices per step "
                                                                         "(default: --batch-size; global too)")
     t.add_argument("--patch-size", type=int, help=f"square patch side; 0 = whole slices (default {d.patch_size})")
-    t.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
-    t.add_argument("--alpha", type=float, default=d.alpha, help="consistency weight (default 0.002)")
-    t.add_argument("--alpha-rampup", type=float, default=d.alpha_rampup,
+    t.add_argument("--lr", type=_positive_float, help=f"AdamW learning rate (default {d.lr})")
+    t.add_argument("--alpha", type=_non_negative_float, default=d.alpha, help="consistency weight (default 0.002)")
+    t.add_argument("--alpha-rampup", type=_fraction, default=d.alpha_rampup,
                    help="fraction of training over which alpha ramps up (0 = constant)")
     t.add_argument("--stop-gradient", choices=["none", "one-sided"], default=d.stop_gradient,
                    help="consistency gradient: to both decoders (none, default) or only the positive one")
@@ -131,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for cached manifest slices and volumes (default 2048)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, metavar="STEPS",
                    help=f"write a resumable checkpoint every STEPS steps (default {d.checkpoint_every})")
+    t.add_argument("--checkpoint-seconds", type=_non_negative_float, default=CHECKPOINT_SECONDS, metavar="SECONDS",
+                   help=f"... and after SECONDS of training since the last one (default {CHECKPOINT_SECONDS:g}; "
+                        "0 = by steps only)")
     t.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
     t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections)")
     t.add_argument("--seed", type=int, default=d.seed)
@@ -167,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bins", type=_positive_int, default=15, help="calibration bins (default 15)")
     e.add_argument("--diagram", metavar="PNG", help="write the reliability diagram")
     e.add_argument("--out", metavar="JSON", help="also write the JSON here")
+    _threads_option(e)
 
     m = sub.add_parser("demo", help="the real-data demo: chest CT lungs from 3 labelled slices")
     m.add_argument("--out", default="demo-output", metavar="DIR")
@@ -174,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--width", type=_positive_int, default=None)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default="auto")
+    _threads_option(m)
 
     b = sub.add_parser(
         "benchmark", help="the paper's comparisons (Table 1, ECE, Fig. 4/5, alpha sweep, ablation) on real data",
@@ -189,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")
     b.add_argument("--seeds", type=_positive_int, help="draws of the labelled slices per count (default 3)")
     b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
-    b.add_argument("--alpha-sweep", nargs="*", type=float, metavar="ALPHA",
+    b.add_argument("--alpha-sweep", nargs="*", type=_non_negative_float, metavar="ALPHA",
                    help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; none: off)")
     b.add_argument("--preset", choices=sorted(PRESETS), help="the training budget and recipe of every learned "
                    "method (default: default, what a user gets; paper: the paper's recipe); the options below "
@@ -199,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--quick: 8)")
     b.add_argument("--batch-size", type=_positive_int)
     b.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices")
-    b.add_argument("--lr", type=float)
+    b.add_argument("--lr", type=_positive_float)
     b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every unlabelled "
                    "slice)")
     b.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
@@ -208,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU; default: every GPU when there are several, else the best device)")
     b.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: width 8, 60 steps, 1 data set")
     b.add_argument("--report-only", action="store_true", help="rebuild results.md and the figures from runs.json")
+    _threads_option(b)
     return parser
 
 
@@ -244,6 +462,7 @@ def _train(args, ctx) -> int:
         checkpoint_every=args.checkpoint_every)
     if config.patch_size < 0 or (0 < config.patch_size < 16):
         raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
+    check_training_memory(config, len(args.images), str(ctx.device) if ctx.distributed else args.device)
     unlabelled = [case.split(",") for case in args.unlabelled]
     reporter = _reporter(args, quiet=not ctx.is_main)
     with stop_on_signals({}) as stop:
@@ -253,12 +472,50 @@ def _train(args, ctx) -> int:
                            init_model=args.init, device=str(ctx.device) if ctx.distributed else args.device,
                            resume=args.resume, reporter=reporter, stop=stop,
                            unlabelled_manifest=args.unlabelled_manifest, cache_volumes=args.cache_volumes,
-                           cache_bytes=args.cache_mb * 2**20)
+                           cache_bytes=args.cache_mb * 2**20, checkpoint_seconds=args.checkpoint_seconds)
     losses = card["summary"]["final_losses"]
     reporter.end("completed", f"model written to {args.out}", final_losses=losses)
     if args.events != "-" and ctx.is_main:
         print(f"model written to {args.out} (final loss {losses.get('loss', float('nan')):.4f})")
     return 0
+
+
+def check_training_memory(config, in_channels: int, device: str) -> None:
+    """:class:`UserError` before any work when the network's weights, gradients, AdamW state and kept
+    snapshots alone exceed the memory available on the device (e.g. ``--width 100000``): counted on
+    torch's ``meta`` device, nothing allocated. Activations come on top; running out of memory for them
+    is reported by :func:`main` with the settings to lower."""
+    import torch
+
+    from .device import available_memory, resolve_device
+    from .methods import METHODS, make_method
+    from .models import ArchitectureConfig, SegmentationNetwork
+
+    if config.method not in METHODS:
+        return   # reported by train_files
+    arch = ArchitectureConfig(name=make_method(config.method).architecture, in_channels=in_channels,
+                              num_classes=2, width=config.width, pasb_side=config.pasb_side)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in SegmentationNetwork(arch).parameters())
+    need = parameters * 4 * (4 + max(1, config.snapshots))
+    dev = resolve_device(device)
+    available = available_memory(dev)
+    if available is not None and need > available:
+        raise UserError(f"--width {config.width}: the network has {parameters:,} parameters, and training it needs "
+                        f"{need / 2**30:,.1f} GiB for its weights, gradients and optimiser state alone, but "
+                        f"{available / 2**30:,.1f} GiB are available on {dev}; use a smaller --width "
+                        f"(default {type(config)().width})")
+
+
+def _memory_advice(args) -> str:
+    """The settings that set the memory a command needs, with their values."""
+    names = {"train": ("width", "batch_size", "patch_size"), "segment": ("batch_size",),
+             "demo": ("width",), "benchmark": ("width", "batch_size", "patch_size")}.get(args.command, ())
+    shown = [f"--{n.replace('_', '-')}" + (f" (now {getattr(args, n)})" if getattr(args, n, None) is not None
+                                            else "") for n in names]
+    if not shown:
+        return "free memory, or use a smaller input"
+    return "use a smaller " + (", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0])
 
 
 def cmd_segment(args) -> int:
@@ -279,19 +536,27 @@ def cmd_segment(args) -> int:
 def cmd_evaluate(args) -> int:
     from .api import evaluate_files
 
+    from .io import check_outputs_not_inputs, check_writable, write_text_atomic
+
+    outputs = {"--out": args.out, "--diagram": args.diagram}
+    check_outputs_not_inputs(outputs.values(), [args.prediction, args.truth, args.confidence])
+    for option, path in outputs.items():
+        if path:
+            check_writable(path, option)
     result = evaluate_files(args.prediction, args.truth, confidence=args.confidence, slices=args.slices,
                             axis=args.axis, n_bins=args.bins, diagram=args.diagram)
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .io import check_writable
 
+    check_writable(args.out, "--out", folder=True)
     run_demo(out_dir=args.out, steps=args.steps, width=args.width, seed=args.seed, device=args.device)
     return 0
 
@@ -324,41 +589,58 @@ COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return EXIT_USER_ERROR
-    from .device import tune_cpu_allocator
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # before torch is imported (build_parser imports it): OpenMP reads its settings when torch loads it
+    threads, _ = configure_threads(_early_threads(argv))
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = argparse.Namespace(command=command, events=_early_value(argv, "--events"))
+    threads_before = None
+    with cancel_on_signals():
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not args.command:
+                parser.print_help()
+                return EXIT_USER_ERROR
+            threads_before = apply_threads(getattr(args, "threads", None) or threads)
+            from .device import tune_cpu_allocator
 
-    tune_cpu_allocator()  # faster CPU training and inference; the numbers computed are the same
-    try:
-        status = COMMANDS[args.command](args)
-        if getattr(args, "reporter", None) is not None:
-            args.reporter.close()
-        return status
-    except UserError as exc:
-        _final(args, "failed", str(exc))
-        if not getattr(args, "silent", False):
-            print(f"mismatch {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Cancelled as exc:
-        _final(args, "cancelled", str(exc))
-        if not getattr(args, "silent", False):
-            print(f"mismatch {args.command}: cancelled: {exc}", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        _final(args, "cancelled", "interrupted")
-        print(f"mismatch {args.command}: interrupted", file=sys.stderr)
-        return EXIT_CANCELLED
-    except Exception as exc:  # an engine bug or a system failure: keep the traceback for the report
-        message = f"{type(exc).__name__}: {exc}"
-        if "out of memory" in str(exc).lower():
-            message += " (out of memory: use a smaller --batch-size, --patch-size or --width)"
-        _final(args, "failed", message)
-        traceback.print_exc()
-        print(f"mismatch {args.command}: failed: {message}", file=sys.stderr)
-        return 1
+            tune_cpu_allocator()  # faster CPU training and inference; the numbers computed are the same
+            status = COMMANDS[args.command](args)
+            if getattr(args, "reporter", None) is not None:
+                args.reporter.close()
+            return status
+        except UserError as exc:
+            return _fail(args, EXIT_USER_ERROR, "failed", "error", str(exc))
+        except Cancelled as exc:
+            return _fail(args, EXIT_CANCELLED, "cancelled", "cancelled", str(exc))
+        except KeyboardInterrupt:
+            return _fail(args, EXIT_CANCELLED, "cancelled", "cancelled", "interrupted")
+        except Exception as exc:  # an engine bug or a system failure: keep the traceback for the report
+            from .device import is_out_of_memory
+
+            first = (str(exc).strip().splitlines() or [""])[0]
+            if is_out_of_memory(exc):   # a setting too large for this machine: what to lower, in one line
+                reason = first.split("DefaultCPUAllocator: ")[-1][:200]
+                return _fail(args, EXIT_USER_ERROR, "failed", "error",
+                             f"out of memory ({reason}); {_memory_advice(args)}")
+            message = f"{type(exc).__name__}: {exc}"
+            _final(args, "failed", message)
+            traceback.print_exc()
+            print(f"mismatch {args.command}: failed: {message}", file=sys.stderr)
+            return 1
+        finally:
+            if threads_before is not None:   # in-process callers get their thread count back
+                apply_threads(threads_before)
+
+
+def _fail(args, code: int, status: str, word: str, message: str) -> int:
+    """The final event and one line on stderr; returns the exit status."""
+    _final(args, status, message)
+    if not getattr(args, "silent", False):
+        print(f"mismatch {args.command or ''}: {word}: {message}".replace("mismatch : ", "mismatch: "),
+              file=sys.stderr)
+    return code
 
 
 def _final(args, status: str, message: str) -> None:

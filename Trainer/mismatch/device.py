@@ -97,3 +97,73 @@ def tune_cpu_allocator() -> bool:
         return False
     _ALLOCATOR_TUNED = bool(ok)
     return _ALLOCATOR_TUNED
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on ``device``, or None where that is not known.
+
+    CUDA: the free memory the driver reports. CPU: ``MemAvailable`` on Linux (capped by a cgroup v2 memory
+    limit), the physical memory on other POSIX systems, the available physical memory on Windows.
+    """
+    import os
+    import sys
+
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no driver answer: no check
+            return None
+    if device.type != "cpu":
+        return None
+    if sys.platform.startswith("linux"):
+        available = None
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            pass
+        try:
+            with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+                limit = f.read().strip()
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+                used = int(f.read().strip())
+            if limit != "max":
+                left = max(0, int(limit) - used)
+                available = left if available is None else min(available, left)
+        except (OSError, ValueError):
+            pass
+        return available
+    if sys.platform == "win32":
+        try:
+            import ctypes
+
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+            status = MemoryStatus()
+            status.dwLength = ctypes.sizeof(MemoryStatus)
+            if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+                return int(status.ullAvailPhys)
+        except (OSError, AttributeError):
+            pass
+        return None
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's ``OutOfMemoryError`` or the CPU allocator's (Linux, macOS, Windows)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "not enough memory", "out of memory"))

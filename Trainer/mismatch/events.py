@@ -1,4 +1,6 @@
-"""Progress reporting: JSON-lines events for programs (the Slicer module) and a progress bar for people.
+"""Progress reporting: JSON-lines events for programs (the Slicer module) and, for people, a progress bar on
+a terminal or, when stderr is not a terminal (redirected to a log file, a job scheduler), a plain line at a
+steady interval.
 
 The event format is fixed by ``docs/contract.md``: one JSON object per line, flushed as written, the last
 line an ``end`` event with ``status`` completed, cancelled or failed.
@@ -23,6 +25,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # replaced or closed streams
+        return False
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -32,14 +41,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
+#: Seconds between two plain progress lines when stderr is not a terminal.
+PROGRESS_LINE_SECONDS = 30.0
+
+
 class Reporter:
-    """Writes events to a JSON-lines stream and/or draws a progress bar on a terminal.
+    """Writes events to a JSON-lines stream and shows progress to people on stderr.
 
     ``events``: a path, ``"-"`` for stdout, or None. ``progress_bar``: draw a bar on stderr (default:
-    only when stderr is a terminal and events do not go to stdout).
+    only when stderr is a terminal and events do not go to stdout). ``progress_lines``: without a bar,
+    print a plain line (``train step 40/200 loss 0.4312 elapsed 0:12 eta 0:48``) on stderr for the first
+    progress of a phase, then every ``line_seconds``, and for its last step (default: when ``progress_bar``
+    is left to choose, stderr is not a terminal and events do not go to stdout, which is then the machine
+    channel).
     """
 
-    def __init__(self, events: str | None = None, progress_bar: bool | None = None, quiet: bool = False):
+    def __init__(self, events: str | None = None, progress_bar: bool | None = None, quiet: bool = False,
+                 progress_lines: bool | None = None, line_seconds: float = PROGRESS_LINE_SECONDS):
         self._stream: IO[str] | None = None
         self._owns_stream = False
         if events == "-":
@@ -47,9 +65,15 @@ class Reporter:
         elif events:
             self._stream = open(events, "a", encoding="utf-8", buffering=1)
             self._owns_stream = True
+        terminal = _isatty(sys.stderr)
+        if progress_lines is None:   # a caller that turned the bar off wants no progress on stderr at all
+            progress_lines = progress_bar is None and not terminal and events != "-" and not quiet
         if progress_bar is None:
-            progress_bar = sys.stderr.isatty() and events != "-" and not quiet
+            progress_bar = terminal and events != "-" and not quiet
         self.progress_bar = progress_bar
+        self.progress_lines = bool(progress_lines) and not progress_bar
+        self.line_seconds = line_seconds
+        self._last_line: float | None = None
         self.quiet = quiet
         self.start_time = time.monotonic()
         self._phase_start = self.start_time
@@ -66,6 +90,7 @@ class Reporter:
 
     def start(self, phase: str, total: int | None = None, **fields: Any) -> None:
         self._phase_start = time.monotonic()
+        self._last_line = None
         self.emit("start", phase=phase, total=total, **fields)
 
     def progress(self, phase: str, step: int, total: int, loss: float | None = None,
@@ -78,6 +103,12 @@ class Reporter:
                   elapsed=elapsed, eta=eta)
         if self.progress_bar:
             self._draw(phase, step, total, loss, elapsed, eta)
+        elif self.progress_lines and (self._last_line is None or now - self._last_line >= self.line_seconds
+                                      or step >= total):
+            self._last_line = now
+            loss_text = f" loss {loss:.4f}" if loss is not None and math.isfinite(loss) else ""
+            print(f"{phase} step {step}/{total}{loss_text} elapsed {format_duration(elapsed)} "
+                  f"eta {format_duration(eta)}", file=sys.stderr, flush=True)
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)

@@ -234,9 +234,19 @@ def save_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     replace_folder(folder, write, _checkpoint_complete)
 
 
+def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """The state of the checkpoint in ``folder`` after every check of :func:`load_checkpoint` (``--resume``
+    checks it before reading any input)."""
+    return _read_checkpoint(folder, tensors=False)[1]
+
+
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and state of the checkpoint in ``folder``; a missing, damaged or torn checkpoint (its two
     files from different checkpoints) is a :class:`UserError` of one line."""
+    return _read_checkpoint(folder, tensors=True)
+
+
+def _read_checkpoint(folder, tensors: bool):
     given = Path(folder)
     folder = resolve_folder(given, _checkpoint_complete)   # a kill while it was being replaced
     json_path, tensor_path = folder / "state.json", folder / "state.safetensors"
@@ -264,11 +274,13 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         why = ("torn: state.safetensors and state.json are from different checkpoints" if torn else
                "state.safetensors does not match the checksum in state.json")
         raise UserError(f"{folder}: the checkpoint is damaged ({why}){fresh}")
+    if not tensors:
+        return None, state
     try:
-        tensors = load_bytes(data)
+        loaded = load_bytes(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise UserError(f"{tensor_path}: the checkpoint is damaged ({exc}){fresh}") from None
-    return tensors, state
+    return loaded, state
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

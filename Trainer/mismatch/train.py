@@ -413,7 +413,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
     """
     from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
-    from .modelfile import _model_complete, check_model_destination
+    from .modelfile import _model_complete, check_checkpoint, check_model_destination
 
     reporter = reporter or Reporter(progress_bar=False)
     build_method(config)  # a wrong method option stops here, before anything is read
@@ -427,6 +427,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     check_writable(out, "--out", folder=True)      # before any work, not after training
     if ctx.is_main:
         finish_interrupted_swap(out, _model_complete)  # a run killed while it replaced the model folder
+        if resume:   # a missing, damaged or torn checkpoint is found before the inputs are read
+            check_checkpoint(out / CHECKPOINT_DIR)
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     labels = read_labels(labels_path, geometry)
