@@ -41,7 +41,7 @@ def _fmt(x) -> str:
 
 def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int | None = None, seed: int = 0,
              device: str = "auto", n_labelled: int = 3, quiet: bool = False) -> dict:
-    from .io import write_volume
+    from .io import atomic_output, write_text_atomic, write_volume
     from .plots import loss_curve, reliability_diagram
 
     out = Path(out_dir)
@@ -102,7 +102,8 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
         write_volume(seg.confidence, geometry, out / f"{method}-confidence.nrrd")
         if method == "mismatch":
             write_volume(seg.disagreement, geometry, out / "mismatch-disagreement.nrrd")
-            _write_seg_nrrd(seg.labels, geometry, out / "mismatch.seg.nrrd", classes)
+            with atomic_output(out / "mismatch.seg.nrrd") as tmp:
+                _write_seg_nrrd(seg.labels, geometry, tmp, classes)
         ev = seg.evaluation
         results["models"][method] = {
             "train_seconds": round(train_s, 1), "segment_seconds": round(seg.seconds, 2),
@@ -117,7 +118,8 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
             if method != "mismatch" and name != "mean":
                 continue
             curves[label] = ev[name]["calibration"]["band"]
-        loss_curve(fitted.history, out / f"{method}-loss.png")
+        with atomic_output(out / f"{method}-loss.png") as tmp:
+            loss_curve(fitted.history, tmp)
         m = ev["mean"]
         say(f"{method}: IoU {_fmt(m.get('iou'))}  Dice {_fmt(m.get('dice'))}  "
             f"ECE all voxels {_fmt(m['calibration']['all']['ece'])}  "
@@ -125,11 +127,12 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
 
     diagram = out / "reliability.png"
     order = [k for k in ("positive decoder", "negative decoder", "MisMatch (default)", "strong U-Net") if k in curves]
-    reliability_diagram({k: curves[k] for k in order}, diagram,
-                        title="CTChest4 lungs, 3 labelled slices: reliability in the foreground band")
+    with atomic_output(diagram) as tmp:
+        reliability_diagram({k: curves[k] for k in order}, tmp,
+                            title="CTChest4 lungs, 3 labelled slices: reliability in the foreground band")
     results["reliability_diagram"] = diagram.name
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_report(results, geometry.describe()), encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "report.md", _report(results, geometry.describe()))
     say(f"wrote {out}/: mismatch.seg.nrrd (load in Slicer), *-segmentation.nrrd, *-confidence.nrrd, "
         f"reliability.png, report.md, results.json, model-mismatch/, model-unet-strong/")
     return results
