@@ -156,8 +156,8 @@ class PriorSettings:
     """
 
     tau_mm: float = 4.0
-    tau_rate: float = 1.0
-    shrink_rate: float = 2.0
+    tau_rate: float = 0.5
+    shrink_rate: float = 8.0
     weight: float = 0.5
     default_rate: float = 0.5
     connected: bool = True
