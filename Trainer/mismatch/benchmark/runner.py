@@ -488,11 +488,12 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     """``results.md`` with Table 1, the ECE, the decoders, the ablation and the alpha sweep, and the figures
     ``fig4-reliability-<data set>.png`` and ``fig5-ece-iou-<data set>.png``, from ``data["runs"]`` alone."""
     from ..plots import ece_vs_iou, reliability_diagram
-    from .tables import baseline_table, results_table
+    from .tables import baseline_table, prior_table, results_table
 
     out = Path(out_dir)
     runs = data["runs"]
     main = [r for r in runs if r.get("group", "main") == "main"]
+    PRIOR_METHODS_NOTE = sorted({r["method"] for r in main if r.get("prior")}) or ["none"]
     cfg = (data.get("config") or {})
     lines = ["# MisMatch benchmark", ""]
     if cfg:
@@ -510,6 +511,13 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               results_table(main) if main else "_No runs._", ""]
     lines += ["## Against the best free baseline", "", baseline_table(main, BASELINES) if main else "_No runs._",
               ""]
+    lines += ["## What the painted slices add", "",
+              "Every learned run is segmented twice from the same trained networks: the network alone, and with "
+              "the painted slices kept as painted, the prior of their shape-based interpolation added to the "
+              "network's log-odds and only the parts connected to painted voxels kept (`mismatch segment "
+              "--labels`). The headline of each method (tables above) is the product's way for "
+              f"{', '.join(PRIOR_METHODS_NOTE)} and the network alone for the others.", "",
+              prior_table(main), ""]
     lines += ["## Each decoder and their mean (paper Fig. 4 in numbers)", "", decoder_table(runs), ""]
     ablation = [r for r in main if r["method"] in ABLATION]
     if len({r["method"] for r in ablation}) > 1:
