@@ -3,15 +3,39 @@
 The four classes of Slicer's scripted-module template. The real work lives in ``MisMatchSegmentationLib``
 (job folder, child process, state machine, plots, devices, install); training and segmentation run in the
 engine (``Trainer/mismatch``) as a child process of Slicer's Python, never in the GUI process.
+
+Supported: 3D Slicer 5.10 and later (Python 3.12). On an older Slicer (5.8 embeds Python 3.9) the module refuses
+to load with one message instead of failing somewhere inside; the check comes first, before any import that an
+old Slicer lacks, and this file keeps to syntax that Python 3.9 parses.
 """
 
-import logging
-import os
-import time
-from pathlib import Path
-from typing import Annotated, Optional
+import sys
 
-import qt
+MINIMUM_SLICER = "5.10"
+MINIMUM_PYTHON = (3, 12)
+
+
+def unsupportedReason(versionInfo=None):
+    """Why this Slicer cannot run the module (its Python is older than Slicer 5.10's), or None."""
+    versionInfo = tuple(versionInfo or sys.version_info)
+    if versionInfo[:2] >= MINIMUM_PYTHON:
+        return None
+    return ("MisMatch Segmentation needs 3D Slicer {slicer} or later (Python {need}); this Slicer runs Python "
+            "{have}. Install the current Slicer release from https://download.slicer.org and the MisMatch "
+            "extension for it.").format(slicer=MINIMUM_SLICER, need=".".join(map(str, MINIMUM_PYTHON)),
+                                        have=".".join(map(str, versionInfo[:3])))
+
+
+if unsupportedReason() is not None:
+    raise ImportError(unsupportedReason())
+
+import logging  # noqa: E402  (after the version check)
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import qt  # noqa: E402
 import vtk
 
 import slicer
@@ -23,9 +47,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MisMatchSegmentationLib import devices, install, jobfolder, modelcard
+from MisMatchSegmentationLib import devices, install, jobfolder, modelcard, process, reloading
 from MisMatchSegmentationLib.jobfolder import JobError
-from MisMatchSegmentationLib.logic import MisMatchLogic, SegmentRequest, TrainingRequest
+from MisMatchSegmentationLib.logic import (MisMatchLogic, OverwriteNeedsConfirmation, SegmentRequest,
+                                           TrainingRequest, check_outputs)
 from MisMatchSegmentationLib.modelcard import ModelCardError
 from MisMatchSegmentationLib.process import engine_environment, find_python
 from MisMatchSegmentationLib.state import PanelStateMachine, State, TransitionError
@@ -104,6 +129,9 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.state = PanelStateMachine()
         self.timer = None
         self._plotViews = {}
+        # dialogs, replaceable by the self-test (a modal dialog would block an unattended run)
+        self.errorDisplay = slicer.util.errorDisplay
+        self.confirm = slicer.util.confirmOkCancelDisplay
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -121,12 +149,15 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
 
         self.ui.segmentSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentSelectionChanged)
         self.ui.labelSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLabelSegmentationChanged)
         self.ui.addHeldOutSliceButton.connect("clicked(bool)", self.onAddHeldOutSlice)
         self.ui.markEmptySliceButton.connect("clicked(bool)", self.onMarkEmptySlice)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
+        self.ui.copyLogButton.connect("clicked(bool)", self.onCopyLog)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.nextUncertainButton.connect("clicked(bool)", self.onNextUncertain)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
@@ -140,11 +171,29 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._showState(self.state.view())
 
     def cleanup(self) -> None:
-        if self.logic is not None and self.logic.running:
-            self.logic.cancel()  # never leave a training child behind when the module goes away
+        if self.logic is not None:
+            self.logic.shutdown()  # never leave an engine behind when the module goes away
         if self.timer is not None:
             self.timer.stop()
+        try:
+            slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        except (AttributeError, ValueError, TypeError):
+            pass
         self.removeObservers()
+
+    def onAboutToQuit(self) -> None:
+        """Slicer is quitting: end every engine process tree now (a training would otherwise outlive Slicer)."""
+        if self.logic is not None:
+            self.logic.shutdown()
+        process.kill_all()
+
+    def onReload(self) -> None:
+        """Reload the library too (Slicer reloads the module file only), after ending any running job: the
+        reloaded widget would not know it."""
+        if self.logic is not None:
+            self.logic.shutdown()
+        reloading.reload_library()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -156,6 +205,19 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """The scene is closing: a running job is cancelled and its results discarded, the report, the
+        uncertain-slice ranking, the visited slices and an interrupted run are forgotten, the panel is idle."""
+        running = self.logic is not None and self.logic.running
+        if self.logic is not None:
+            self.logic.abandon()
+        if running:
+            self.state.abort(_("The scene was closed while a job ran: the job was cancelled and its results "
+                               "discarded."))
+        else:
+            self.state.set_uncertainty(False)
+            self.state.set_checkpoint(False)
+        self.ui.progressBar.value = 0
+        self._plotViews = {}  # their view nodes go with the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -192,6 +254,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if list(self.ui.segmentSelector.selectedSegmentIDs()) != wanted:
             self.ui.segmentSelector.setSelectedSegmentIDs(wanted)
         self.state.set_inputs(bool(p.inputVolume), self._labelsReason())
+        self.state.set_outputs(self._outputsReason())
         self.state.set_model(self.logic.current_model is not None)
         self._showModel()
 
@@ -208,8 +271,20 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return _("Choose the segmentation that holds your labels")
         if seg.GetSegmentation().GetNumberOfSegments() == 0:
             return _("Paint the structure on a few slices with the Segment Editor first")
-        if self._parameterNode.outputSegmentation is seg:
-            return _("The output segmentation must not be your label segmentation")
+        return ""
+
+    def _outputsReason(self) -> str:
+        """Why Segment cannot write into the chosen outputs (an input of the job, the label segmentation), or "".
+        A segmentation of the user's own is asked about when Segment is pressed."""
+        p = self._parameterNode
+        request = SegmentRequest(volumes=self.logic.volumes(p), model=None, segmentation=p.labelSegmentation,
+                                 output_segmentation=p.outputSegmentation, confidence_volume=p.confidenceVolume,
+                                 disagreement_volume=p.disagreementVolume, confirm_overwrite=True)
+        try:
+            check_outputs(request)
+        except JobError as exc:
+            text = str(exc)
+            return text[:1].upper() + text[1:]
         return ""
 
     # -- what the panel shows -------------------------------------------------------------------------
@@ -219,6 +294,8 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             button.toolTip = state.tooltip
             button.enabled = state.enabled
         self.ui.nextUncertainButton.enabled = view.next_uncertain
+        self.ui.resumeButton.enabled = view.resume
+        self.ui.resumeButton.visible = view.resume
         self.ui.saveModelButton.enabled = view.save_model
         self.ui.importModelButton.enabled = view.import_model
         for section in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
@@ -276,13 +353,39 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     # -- actions --------------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
+        """Install what the engine needs on first use, with a progress dialog that shows pip's output (the torch
+        download is several GB); a failure opens an error dialog that says what failed and what to do."""
+        if not install.dependencies_missing():
+            return True
+        dialog = slicer.util.createProgressDialog(windowTitle=_("MisMatch: installing"), maximum=0,
+                                                  labelText=_("Preparing the installation..."))
+        heading = [""]
+
+        def progress(text):
+            heading[0] = text
+            self._appendLog([text])
+            dialog.labelText = text
+            slicer.app.processEvents()
+
+        def line(text):
+            self._appendLog([text])
+            dialog.labelText = heading[0] + "\n\n" + text[-160:]
+            slicer.app.processEvents()
+
         try:
-            with slicer.util.WaitCursor():
-                install.ensure_dependencies()
+            with install.forward_log(line):
+                install.ensure_dependencies(progress=progress)
             return True
         except install.InstallDeclined as exc:
             self.state.report(str(exc))
             return False
+        except install.InstallFailed as exc:
+            self.state.report(str(exc))
+            self.ui.logCollapsibleButton.collapsed = False
+            self.errorDisplay(str(exc), windowTitle=_("MisMatch: installation failed"), detailedText=exc.details)
+            return False
+        finally:
+            dialog.close()
 
     def onTrainButton(self) -> None:
         if self.state.state == State.TRAINING:
@@ -294,6 +397,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             request = self.logic.trainingRequest(self._parameterNode, self._device())
             self.state.start_training()
             self.logic.start_training(request)
+            self.state.set_checkpoint(False)  # a new training starts over: the interrupted one is gone
         except (JobError, ModelCardError, OSError, RuntimeError) as exc:
             self._failedToStart(exc)
             return
@@ -308,6 +412,13 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         try:
             request = self.logic.segmentRequest(self._parameterNode, self._device())
+            try:
+                check_outputs(request)
+            except OverwriteNeedsConfirmation as exc:
+                if not self.confirm(str(exc)[:1].upper() + str(exc)[1:] + "\n\n" + _("Replace them?")):
+                    self.state.report(_("Not segmented: your segmentation was left as it is."))
+                    return
+                request.confirm_overwrite = True
             self.state.start_segmenting()
             self.logic.start_segmenting(request)
         except (JobError, ModelCardError, OSError, RuntimeError) as exc:
@@ -315,6 +426,30 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         self.ui.progressBar.value = 0
         self.timer.start()
+
+    def onResumeButton(self) -> None:
+        try:
+            self.state.start_training(resume=True)
+            self.logic.resume_training()
+        except (JobError, ModelCardError, OSError, RuntimeError, TransitionError) as exc:
+            self._failedToStart(exc)
+            self.state.set_checkpoint(self.logic.interrupted is not None)
+            return
+        self.ui.progressBar.value = 0
+        self.timer.start()
+
+    def _appendLog(self, lines) -> None:
+        """The engine's output (and the installers'), into the Log section and the Python console."""
+        if not lines:
+            return
+        text = "\n".join(lines)
+        self.ui.logTextEdit.appendPlainText(text)
+        print(text)
+
+    def onCopyLog(self) -> None:
+        qt.QApplication.clipboard().setText(self.ui.logTextEdit.plainText)
+        self.state.report(_("The log is on the clipboard.") + (
+            " " + _("Full log file: {path}").format(path=self.logic.log_path) if self.logic.log_path else ""))
 
     def _failedToStart(self, exc) -> None:
         if self.state.state in (State.TRAINING, State.SEGMENTING):
@@ -332,7 +467,9 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def onPoll(self) -> None:
         for event in self.logic.poll():
             kind = event.get("event")
-            if kind in ("progress", "start", "status"):
+            if kind == "output":
+                self._appendLog(event.get("lines"))
+            elif kind in ("progress", "start", "status"):
                 self.ui.progressBar.value = int(round(100 * self.logic.fraction))
                 if self.state.state != State.CANCELLING:
                     self.state.report(event["message"] if kind == "status" else self.logic.status)
@@ -343,10 +480,18 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             elif kind == "log":
                 logging.info("MisMatch: %s", event.get("message"))
             elif kind == "done":
-                self.timer.stop()
                 self._jobDone(event)
+        if not self.logic.busy:
+            self.timer.stop()
 
     def _jobDone(self, event) -> None:
+        if self.state.state not in (State.TRAINING, State.SEGMENTING, State.CANCELLING):
+            return  # the panel was re-armed meanwhile (scene closed)
+        if self._parameterNode is None:  # no parameter node (module left, scene closing): no results to show
+            self.state.finish(event["status"], event["message"])
+            return
+        if event["status"] == "failed":
+            self.ui.logCollapsibleButton.collapsed = False
         if event["status"] == "completed" and event["job"] == "train":
             self._parameterNode.currentModelPath = str(self.logic.current_model)
             self._parameterNode.modelSource = "Current model"
@@ -361,6 +506,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self._showChart(self.ui.reliabilityPlotWidget, results.get("reliability"))
             self.state.set_uncertainty(bool(self.logic.report and self.logic.report.get("uncertain_slices")))
         self.state.finish(event["status"], event["message"])
+        self.state.set_checkpoint(self.logic.interrupted is not None)
         self.state.set_model(self.logic.current_model is not None)
         self._showModel()
 
@@ -476,18 +622,199 @@ class MisMatchSegmentationLogic(ScriptedLoadableModuleLogic, MisMatchLogic):
 # MisMatchSegmentationTest
 #
 class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
-    """Loads CTChest from Sample Data, labels the lungs on a few slices, trains a few steps on the CPU,
-    segments, and checks the outputs. Runs on the Slicer factory (downloads torch through the PyTorch
-    extension when it is missing)."""
+    """The module's own tests, run by Slicer's factory (``ctest``), by ``Slicer --testing`` and by the module's
+    *Reload and Test* button. They need neither network nor GPU nor torch: the engine is the stand-in in
+    ``MisMatchSegmentationTesting`` (plain Python that speaks the engine's contract), run by Slicer's own
+    PythonSlicer launcher. The logic scenarios are the ones Testing/slicer/test_scenarios.py runs with
+    slicer-core; the widget flows need the application and run only here.
+
+    ``test_RealEngine`` trains the real engine on CTChest and needs torch and the Sample Data download: it is off
+    by default (as in SlicerMONAIAuto3DSeg), on with the environment variable ``MISMATCH_TEST_REAL_ENGINE=1``.
+    """
+
+    TEST_METHODS = ("test_LogicTrainSegment", "test_LogicCancelKeepsCheckpoint", "test_LogicOutputsRefuseInputs",
+                    "test_WidgetTrainProgressDone", "test_WidgetCancel", "test_WidgetSceneClosedMidJob",
+                    "test_WidgetInstallFailure", "test_WidgetOutputSelectorsRefuseInputs", "test_RealEngine")
 
     def setUp(self):
+        self._restore()
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
-        self.setUp()
-        self.test_TrainSegmentFewSlices()
+    def tearDown(self):
+        self._restore()
 
-    def test_TrainSegmentFewSlices(self):
+    def runTest(self):
+        for name in self.TEST_METHODS:
+            self.setUp()
+            try:
+                getattr(self, name)()
+            finally:
+                self.tearDown()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _scenarios(self):
+        from MisMatchSegmentationTesting import scenarios
+
+        return scenarios
+
+    def _widget(self, mode: str = "ok"):
+        """The module's panel, entered, its logic running the stand-in engine; nothing to install."""
+        from MisMatchSegmentationTesting import standin_command
+
+        widget = slicer.util.getModuleWidget("MisMatchSegmentation")
+        widget.enter()
+        scenarios = self._scenarios()
+        fresh = scenarios.make_logic(mode)
+        widget.logic.work_dir = fresh.work_dir
+        widget.logic.command = standin_command(scenarios.python_for_standin(), mode)
+        widget.logic.current_model = None
+        self._saved = (widget, install.dependencies_missing, install.ensure_dependencies, widget.errorDisplay,
+                       widget.confirm)
+        install.dependencies_missing = lambda *args: False
+        self.errors, self.questions = [], []
+        widget.errorDisplay = lambda text, **kwargs: self.errors.append((text, kwargs))
+        widget.confirm = lambda text: self.questions.append(text) or False
+        volume, labels, segmentId = scenarios.make_phantom()
+        p = widget._parameterNode
+        p.inputVolume, p.labelSegmentation, p.segmentIDs = volume, labels, segmentId
+        p.steps, p.heldOutSlices, p.modelSource = 5, "", "New model"
+        p.outputSegmentation = p.confidenceVolume = p.disagreementVolume = None
+        return widget, volume, labels
+
+    def _restore(self):
+        """Undo what ``_widget`` replaced and stop whatever the panel still runs."""
+        saved, self._saved = getattr(self, "_saved", None), None
+        if saved is None:
+            return
+        widget, install.dependencies_missing, install.ensure_dependencies, widget.errorDisplay, widget.confirm = saved
+        if widget.logic.busy:
+            widget.logic.shutdown()
+            widget.logic.wait(timeout=30)
+
+    def _waitFor(self, predicate, timeout: float = 60.0, what: str = "the panel") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not reached within {timeout} s")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    def _idle(self, widget) -> bool:
+        return widget.state.state not in (State.TRAINING, State.SEGMENTING, State.CANCELLING)
+
+    # -- the logic with the stand-in engine ----------------------------------------------------------------
+    def test_LogicTrainSegment(self):
+        self.delayDisplay("Logic: train and segment with the stand-in engine")
+        scenarios = self._scenarios()
+        volume, labels, segmentId = scenarios.make_phantom()
+        scenarios.train_then_segment(scenarios.make_logic("ok"), volume, labels, segmentId)
+
+    def test_LogicCancelKeepsCheckpoint(self):
+        self.delayDisplay("Logic: cancel behind PythonSlicer keeps the checkpoint; resume continues")
+        scenarios = self._scenarios()
+        scenarios.cancel_keeps_the_checkpoint(*scenarios.make_phantom())
+
+    def test_LogicOutputsRefuseInputs(self):
+        self.delayDisplay("Logic: outputs never overwrite the inputs")
+        scenarios = self._scenarios()
+        scenarios.outputs_refuse_the_inputs(*scenarios.make_phantom())
+
+    # -- the panel ------------------------------------------------------------------------------------------
+    def test_WidgetTrainProgressDone(self):
+        self.delayDisplay("Panel: Train -> progress -> done, then Segment")
+        widget, volume, labels = self._widget("ok")
+        self.assertTrue(widget.ui.trainButton.enabled, widget.ui.trainButton.toolTip)
+        widget.ui.trainButton.click()
+        self.assertEqual(widget.ui.trainButton.text, "Cancel")
+        self._waitFor(lambda: self._idle(widget), what="training")
+        self.assertEqual(widget.state.state, State.COMPLETED, widget.ui.statusLabel.text)
+        self.assertIsNotNone(widget.logic.current_model)
+        self.assertEqual(widget._parameterNode.modelSource, "Current model")
+        self.assertIn("Trained 5 steps", widget.ui.statusLabel.text)
+        self.assertIn('"event": "end"', widget.ui.logTextEdit.plainText)
+        self.assertTrue(widget.ui.segmentButton.enabled)
+        widget.ui.segmentButton.click()
+        self._waitFor(lambda: self._idle(widget), what="segmenting")
+        self.assertEqual(widget.state.state, State.COMPLETED, widget.ui.statusLabel.text)
+        self.assertIsNotNone(widget._parameterNode.outputSegmentation)
+        self.assertIsNotNone(widget._parameterNode.confidenceVolume)
+        self.assertTrue(widget.ui.nextUncertainButton.enabled)
+
+    def test_WidgetCancel(self):
+        self.delayDisplay("Panel: Cancel keeps the checkpoint and offers Resume")
+        widget, volume, labels = self._widget("slow")
+        widget.ui.trainButton.click()
+        self._waitFor(lambda: widget.ui.progressBar.visible and "step" in widget.ui.statusLabel.text,
+                      what="first training steps")
+        widget.ui.trainButton.click()  # Cancel
+        self.assertEqual(widget.state.state, State.CANCELLING)
+        self.assertFalse(widget.ui.trainButton.enabled)
+        self._waitFor(lambda: self._idle(widget), timeout=30, what="cancel")
+        self.assertIn("checkpoint is kept", widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.resumeButton.enabled)
+        self.assertEqual(widget.ui.trainButton.text, "Train")
+
+    def test_WidgetSceneClosedMidJob(self):
+        self.delayDisplay("Panel: closing the scene while training re-arms the panel")
+        widget, volume, labels = self._widget("slow")
+        widget.ui.trainButton.click()
+        self._waitFor(lambda: "step" in widget.ui.statusLabel.text, what="first training steps")
+        slicer.mrmlScene.Clear()
+        self.assertTrue(self._idle(widget))
+        self.assertIn("scene was closed", widget.ui.statusLabel.text)
+        self.assertEqual(widget.ui.trainButton.text, "Train")
+        self.assertFalse(widget.ui.nextUncertainButton.enabled)
+        self.assertIsNone(widget.logic.report)
+        self._waitFor(lambda: not widget.logic.busy, timeout=30, what="the abandoned engine stopping")
+
+    def test_WidgetInstallFailure(self):
+        self.delayDisplay("Panel: a failed install opens an error dialog and leaves the panel usable")
+        widget, volume, labels = self._widget("ok")
+
+        def failing(**kwargs):
+            try:
+                raise OSError("No space left on device")
+            except OSError as exc:
+                raise install.InstallFailed("PyTorch", exc, install.TORCH_ADVICE) from exc
+        install.dependencies_missing = lambda *args: True
+        install.ensure_dependencies = failing  # tearDown restores both
+        widget.ui.trainButton.click()
+        self.assertEqual(len(self.errors), 1)
+        text, kwargs = self.errors[0]
+        self.assertIn("Installing PyTorch failed", text)
+        self.assertIn("free disk space", text)
+        self.assertIn("No space left on device", kwargs.get("detailedText", ""))
+        self.assertTrue(self._idle(widget))
+        self.assertTrue(widget.ui.trainButton.enabled)
+
+    def test_WidgetOutputSelectorsRefuseInputs(self):
+        self.delayDisplay("Panel: outputs that are inputs disable Segment; a user's segmentation needs a yes")
+        widget, volume, labels = self._widget("ok")
+        widget.ui.trainButton.click()
+        self._waitFor(lambda: self._idle(widget), what="training")
+        p = widget._parameterNode
+        p.confidenceVolume = volume
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        self.assertIn("an input of this job", widget.ui.segmentButton.toolTip)
+        p.confidenceVolume = None
+        p.outputSegmentation = labels
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        p.outputSegmentation = None
+        mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my work")
+        mine.GetSegmentation().AddEmptySegment("mine", "mine", [0.1, 0.2, 0.9])
+        p.outputSegmentation = mine
+        self.assertTrue(widget.ui.segmentButton.enabled)
+        widget.ui.segmentButton.click()  # the confirmation is answered no
+        self.assertEqual(len(self.questions), 1)
+        self.assertTrue(self._idle(widget))
+        self.assertEqual(mine.GetSegmentation().GetNthSegment(0).GetName(), "mine")
+
+    # -- the real engine: needs torch and a download; off by default ---------------------------------------
+    def test_RealEngine(self):
+        if os.environ.get("MISMATCH_TEST_REAL_ENGINE") != "1":
+            self.delayDisplay("Real-engine test skipped (set MISMATCH_TEST_REAL_ENGINE=1: needs torch and "
+                              "the CTChest download)")
+            return
         import numpy as np
         import SampleData
 

@@ -8,6 +8,7 @@
 - ``devices``: CPU, CUDA GPUs with free memory, Apple MPS, and why no GPU is usable
 - ``install``: dependencies installed on first use
 - ``modelcard``: checking a model folder before it is used or imported
+- ``reloading``: the module's Reload reloads this package too
 
 Nothing here imports Qt, so all of it runs outside the application with ``slicer-core``.
 """

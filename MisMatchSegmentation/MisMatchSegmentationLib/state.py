@@ -69,6 +69,7 @@ class PanelStateMachine:
     has_uncertainty: bool = False
     has_checkpoint: bool = False     # a cancelled training whose checkpoint can be resumed
     outputs_reason: str = ""         # why the chosen outputs cannot be written ("" when they can)
+    notice: str = ""                 # what happened to an aborted job, kept in the status until a job starts
     status: str = "Choose the input volume."
     listeners: list = field(default_factory=list)
 
@@ -80,7 +81,7 @@ class PanelStateMachine:
             self._changed()
             return
         if not self.has_volume:
-            self.state, self.status = State.NO_INPUT, "Choose the input volume."
+            self.state, self.status = State.NO_INPUT, self._with_notice("Choose the input volume.")
         elif self.state == State.NO_INPUT:
             self.state = State.READY
             self.status = self._ready_status()
@@ -111,7 +112,7 @@ class PanelStateMachine:
         """The scene was closed: whatever ran is abandoned; back to idle with a fresh start."""
         self.has_uncertainty = self.has_checkpoint = False
         self.state = State.READY if self.has_volume else State.NO_INPUT
-        self.status = status
+        self.status = self.notice = status
         self._changed()
 
     # -- jobs -------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class PanelStateMachine:
         allowed = self.view().resume if resume else self.view().train.enabled
         if not allowed or self.state in RUNNING:
             raise TransitionError(f"cannot train in state {self.state.value}: {self._train_reason()}")
-        self.has_checkpoint = False
+        self.has_checkpoint, self.notice = False, ""
         self.state = State.TRAINING
         self.status = "Training: resuming from the checkpoint..." if resume else "Training: starting the engine..."
         self._changed()
@@ -127,7 +128,7 @@ class PanelStateMachine:
     def start_segmenting(self) -> None:
         if not self.view().segment.enabled or self.state in RUNNING:
             raise TransitionError(f"cannot segment in state {self.state.value}: {self._segment_reason()}")
-        self.state, self.status = State.SEGMENTING, "Segmenting: starting the engine..."
+        self.state, self.status, self.notice = State.SEGMENTING, "Segmenting: starting the engine...", ""
         self._changed()
 
     def request_cancel(self) -> None:
@@ -149,7 +150,11 @@ class PanelStateMachine:
             self.state, self.status = State.COMPLETED, message or "Done."
         elif status == "cancelled":
             self.state = State.READY if self.has_volume else State.NO_INPUT
-            self.status = "Cancelled. " + (self._ready_status() if self.has_volume else "")
+            if message.startswith("Cancelled") and message.rstrip(".") != "Cancelled":  # the logic's own sentence,
+                # e.g. where the checkpoint is and how to resume
+                self.status = message
+            else:
+                self.status = "Cancelled. " + (self._ready_status() if self.has_volume else "")
         else:
             self.state = State.FAILED
             self.status = "Failed: " + (message or "the engine stopped without a message.")
@@ -199,12 +204,17 @@ class PanelStateMachine:
             return "Train a model, or load one, first"
         return self.outputs_reason
 
+    def _with_notice(self, text: str) -> str:
+        return f"{self.notice} {text}" if self.notice else text
+
     def _ready_status(self) -> str:
         if self.labels_reason and not self.has_model:
-            return f"Ready: {self.labels_reason[0].lower()}{self.labels_reason[1:]}."
-        if self.has_model:
-            return "Ready: press Train to (re)train, or Segment to segment the volume."
-        return "Ready: press Train."
+            text = f"Ready: {self.labels_reason[0].lower()}{self.labels_reason[1:]}."
+        elif self.has_model:
+            text = "Ready: press Train to (re)train, or Segment to segment the volume."
+        else:
+            text = "Ready: press Train."
+        return self._with_notice(text)
 
     def _changed(self) -> None:
         view = self.view()

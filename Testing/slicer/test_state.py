@@ -167,3 +167,22 @@ def test_outputs_that_cannot_be_written_disable_segment_and_say_why():
     assert m.view().train.enabled
     m.set_outputs("")
     assert m.view().segment.enabled
+
+
+def test_the_scene_closed_notice_stays_when_the_new_scene_has_no_volume():
+    m = ready(model=True)
+    m.start_training()
+    m.abort("The scene was closed while a job ran: the job was cancelled and its results discarded.")
+    m.set_inputs(False)
+    assert m.state == State.NO_INPUT and m.status.startswith("The scene was closed") and "Choose" in m.status
+    m.set_inputs(True, "")
+    m.start_training()
+    assert "scene was closed" not in m.status
+
+
+def test_a_cancel_message_from_the_logic_is_shown():
+    m = ready(model=False)
+    m.start_training()
+    m.request_cancel()
+    m.finish("cancelled", "Cancelled at step 57: its checkpoint is kept. Press Resume to continue.")
+    assert m.status.startswith("Cancelled at step 57") and m.state == State.READY
