@@ -296,3 +296,10 @@ def test_a_signal_during_start_up_ends_with_one_line_and_exit_130(case, sig):
     assert len(lines) == 1 and "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err, err
     end = json.loads(events.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["status"] == "cancelled"
+
+
+def test_demo_output_that_cannot_be_written(tmp_path, capsys, read_only):
+    (tmp_path / "a-file").write_text("x")
+    _bad(["demo", "--out", str(tmp_path / "a-file")], capsys, "not a folder")
+    _bad(["demo", "--out", str(read_only)], capsys, "--out", "cannot write")
+    _bad(["demo", "--out", str(read_only / "inside")], capsys, "--out", "cannot write")

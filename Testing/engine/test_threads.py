@@ -104,3 +104,21 @@ def test_in_process_callers_get_their_thread_count_back(tmp_path, capsys):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("setting,policy", [("before", "(OpenMP default)"), ("after", "PASSIVE")])
+def test_the_thread_benchmark_worker_runs(tmp_path, setting, policy):
+    """A smoke run of benchmarks/bench_threads.py's per-run worker (one tiny step; nothing is measured)."""
+    script = Path(TRAINER).parent / "benchmarks" / "bench_threads.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, str(script), "--worker", str(out), "--setting", setting, "--steps", "1",
+                           "--warmup", "0", "--width", "4", "--patch-size", "32"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["steps"] == 1 and result["median_s"] > 0 and result["omp_wait_policy"] == policy
+    if setting == "after":
+        assert result["threads"] == physical_cores()

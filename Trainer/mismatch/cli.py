@@ -556,7 +556,9 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     from .io import check_writable
 
-    check_writable(args.out, "--out", folder=True)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder; give a folder for the demo's outputs")
+    check_writable(Path(args.out) / "results.json", "--out", shown=args.out)   # the demo writes into the folder
     run_demo(out_dir=args.out, steps=args.steps, width=args.width, seed=args.seed, device=args.device)
     return 0
 

@@ -533,31 +533,32 @@ def replace_folder(target, write: Callable[[Path], None], is_complete: Callable[
 
 # -- checks before any work ------------------------------------------------------------------------------
 
-def check_writable(path, option: str, *, folder: bool = False) -> None:
+def check_writable(path, option: str, *, folder: bool = False, shown=None) -> None:
     """:class:`UserError` unless the output ``path`` can be created: its nearest existing folder must let
     us create a file (tried, not guessed from permission bits), and ``path`` must not be a folder (a file
     output) or a file (``folder=True``). Called before any work, so that a long run never ends on an
-    unwritable output."""
+    unwritable output. ``shown``: the path the message names (default ``path``)."""
     p = Path(path)
+    shown = path if shown is None else shown
     if p.exists():
         if folder and not p.is_dir():
-            raise UserError(f"{option} {path}: exists and is not a folder; give a folder")
+            raise UserError(f"{option} {shown}: exists and is not a folder; give a folder")
         if not folder and p.is_dir():
-            raise UserError(f"{option} {path}: is a folder; give a file name")
+            raise UserError(f"{option} {shown}: is a folder; give a file name")
     parent = p.parent   # files and folders alike are written beside the target and renamed into place
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+        raise UserError(f"{option} {shown}: {parent} is a file, not a folder; choose another path")
     probe = parent / f".mismatch-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(probe, "wb"):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"{option} {path}: cannot write in {parent} ({reason}); choose a folder you can "
+        raise UserError(f"{option} {shown}: cannot write in {parent} ({reason}); choose a folder you can "
                         "write to") from None
     probe.unlink(missing_ok=True)
 

@@ -263,8 +263,8 @@ def _read_checkpoint(folder, tensors: bool):
     if not isinstance(state, dict):
         raise UserError(f"{json_path}: the checkpoint is damaged (not a JSON object){fresh}")
     if "weights_sha256" not in state:
-        raise UserError(f"{json_path}: the checkpoint has no checksum (written by an older engine), so it "
-                        f"cannot be checked{fresh}")
+        raise UserError(f"{json_path}: the checkpoint has no checksum (written by an older engine), so whether "
+                        "its two files belong together cannot be checked; run without --resume to start afresh")
     missing = [k for k in _CHECKPOINT_KEYS if k not in state]
     if missing:
         raise UserError(f"{json_path}: the checkpoint is damaged (it lacks {', '.join(missing)}){fresh}")
