@@ -168,3 +168,27 @@ def test_the_scenarios_and_stand_ins_need_no_torch():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] in {"torch", "qt", "mismatch"} for n in names), (path.name, names)
+
+
+def test_the_external_ci_workflow_runs_the_self_test_headless():
+    root = MODULE_DIR.parent
+    text = (root / ".github" / "workflows" / "slicer-tests.yml").read_text()
+    for needed in ("xvfb-run", "--no-main-window", "--exit-after-startup", "--testing", "--python-script",
+                   "--additional-module-paths", "download.slicer.org", "Testing/slicer/run_in_slicer.py"):
+        assert needed in text, needed
+    runner = (root / "Testing" / "slicer" / "run_in_slicer.py").read_text()
+    assert "MisMatchSegmentationTest" in runner and "slicer.util.exit" in runner
+    try:
+        import yaml
+    except ImportError:
+        return
+    steps = yaml.safe_load(text)["jobs"]["slicer-self-test"]["steps"]
+    assert any("--python-script" in step.get("run", "") for step in steps)
+
+
+def test_the_test_command_runs_the_slicer_side_suite_on_python_3_12_too():
+    root = MODULE_DIR.parent
+    script = (root / "scripts" / "test.sh").read_text()
+    assert "python3.12" in script and ".venv/slicer-py3.12" in script and "slicer-core" in script
+    assert "Testing/slicer" in script and "torch" not in script.split("pip install -q", 2)[-1].split("\n")[0]
+    assert "Python 3.12" in (root / "README.md").read_text()
