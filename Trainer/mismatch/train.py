@@ -423,12 +423,18 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     inputs += [unlabelled_manifest] if unlabelled_manifest else []
     check_outputs_not_inputs([out_dir], inputs)
     out = Path(out_dir)
-    check_model_destination(out)                   # nothing but a model's files would be replaced
-    check_writable(out, "--out", folder=True)      # before any work, not after training
-    if ctx.is_main:
+
+    def check_output() -> None:   # rank 0 writes the folder and checks it
+        check_model_destination(out)                   # nothing but a model's files would be replaced
+        check_writable(out, "--out", folder=True)      # before any work, not after training
         finish_interrupted_swap(out, _model_complete)  # a run killed while it replaced the model folder
         if resume:   # a missing, damaged or torn checkpoint is found before the inputs are read
             check_checkpoint(out / CHECKPOINT_DIR)
+
+    if resume:   # every process gets rank 0's answer (resuming needs the checkpoint from rank 0 anyway)
+        ctx.share_from_main(check_output)
+    elif ctx.is_main:   # a failure here ends rank 0; torchrun then stops the others
+        check_output()
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     labels = read_labels(labels_path, geometry)
