@@ -162,7 +162,9 @@ def available_memory(device: torch.device) -> int | None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """An allocation failure: CUDA's ``OutOfMemoryError`` or the CPU allocator's (Linux, macOS, Windows)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None),
+                              MemoryError) if isinstance(k, type))
+    if isinstance(exc, kinds):   # torch.OutOfMemoryError is new in torch 2.5; Slicer's torch may be older
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
