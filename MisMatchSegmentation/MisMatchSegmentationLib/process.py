@@ -338,6 +338,9 @@ class EngineProcess:
         interpreters = [pid for pid in self._known_tree if pid != self._proc.pid]
         while interpreters and any(pid_alive(pid) for pid in interpreters) and time.monotonic() < end:
             time.sleep(0.05)
+        if os.name == "nt" and self.launcher:  # no process list there: the pipes close when python-real ends
+            for reader in readers:
+                reader.join(timeout=max(0.0, end - time.monotonic()))
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         if os.name != "nt":
