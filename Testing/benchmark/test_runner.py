@@ -204,3 +204,22 @@ def test_runs_tested_on_other_slices_are_not_mixed(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "before split version 2" in text and "## Against the best free baseline" in text
     assert "| 2 | best baseline: Sup1 (U-Net) | 50.0 ± 0.0 | ref. | ref. | – | – |" in text
+
+
+def test_a_cancel_stops_the_benchmark_and_keeps_the_finished_runs(tmp_path, monkeypatch):
+    from mismatch.errors import Cancelled
+
+    real = runner.run_one
+    calls = []
+
+    def run_one(spec, config, device="auto"):
+        calls.append(spec)
+        if len(calls) == 2:    # Ctrl-C / SIGTERM during the second run
+            raise Cancelled("stopped by SIGTERM")
+        return real(spec, config, device=device)
+
+    monkeypatch.setattr(runner, "run_one", run_one)
+    with pytest.raises(Cancelled):
+        run_benchmark(tiny_config(methods=["nearest-slice"], alpha_sweep=[], seeds=3), tmp_path, log=lambda m: None)
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert len(calls) == 2 and len(saved["runs"]) == 1 and not saved.get("failed")

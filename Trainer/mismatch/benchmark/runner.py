@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import Cancelled, UserError
 from .tables import BASELINES  # what a user can have instead of the default model (the report's bar)
 
 #: learned methods in table order
@@ -387,7 +387,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
         for i, spec in enumerate(todo, 1):
             try:
                 record(i, spec, run_one(spec, config, device=devices[0]), None)
-            except UserError:
+            except (UserError, Cancelled):   # bad input, or Ctrl-C / SIGTERM: stop the benchmark, keep runs.json
                 raise
             except Exception as exc:
                 record(i, spec, None, f"{type(exc).__name__}: {exc}")
