@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -13,7 +15,7 @@ from .data import Normalisation, parse_slice_list
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
-from .inference import VolumeSegmentation, rank_uncertain_slices, segment_volume
+from .inference import OUTPUTS, VolumeSegmentation, rank_uncertain_slices, segment_volume
 from .modelfile import load_model
 from .prior import PriorSettings, SlicePrior
 from .train import remap_labels
@@ -44,19 +46,72 @@ def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
     return SlicePrior(mapped, labelled, axis_index(axis), spacing_kji, len(card["classes"]) + 1, prior_settings)
 
 
-def segment_arrays(card: dict, networks, image: np.ndarray, *, truth: np.ndarray | None = None,
-                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device="cpu",
-                   reporter: Reporter | None = None, prior: SlicePrior | None = None) -> VolumeSegmentation:
-    """Normalise ``image [C, K, J, I]`` as the card says and segment it; ``truth`` holds label values;
-    ``prior``: see :func:`painted_prior`."""
+def _check_channels(card: dict, image: np.ndarray) -> None:
     if image.shape[0] != card["architecture"]["in_channels"]:
         raise UserError(f"the model takes {card['architecture']['in_channels']} channel(s) "
                         f"({', '.join(c['name'] for c in card['channels'])}) but {image.shape[0]} image(s) "
                         "were given; pass one file per channel, in the same order as for training")
-    volume = Normalisation.from_dict(card["normalisation"]).apply(image)
+
+
+def segment_arrays(card: dict, networks, image: np.ndarray, *, truth: np.ndarray | None = None,
+                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device="cpu",
+                   reporter: Reporter | None = None, prior: SlicePrior | None = None,
+                   outputs: Collection[str] = OUTPUTS,
+                   stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None) -> VolumeSegmentation:
+    """Normalise ``image [C, K, J, I]`` as the card says and segment it; ``truth`` holds label values;
+    ``prior``: see :func:`painted_prior`; ``outputs`` and ``stream``: see
+    :func:`~mismatch.inference.segment_volume`. ``image`` is left as it is (the normalised copy is freed
+    before the connectivity pass of ``prior``)."""
+    _check_channels(card, image)
     mapped = remap_labels(truth, card["classes"]) if truth is not None else None
+    volume = [Normalisation.from_dict(card["normalisation"]).apply(image)]   # handed over: freed after the loop
     return segment_volume(networks, volume, axis=card["slice_axis"], batch_size=batch_size, device=device,
-                          truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior)
+                          truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior, outputs=outputs,
+                          stream=stream)
+
+
+def _normalise_in_place(card: dict, image: np.ndarray) -> np.ndarray:
+    """``image [C, K, J, I]`` (float32) normalised as the card says, into itself: one channel's normalised
+    copy at a time exists beside it, not a second volume. The same numbers as
+    :meth:`~mismatch.data.Normalisation.apply` (which treats each channel on its own)."""
+    norm = Normalisation.from_dict(card["normalisation"])
+    for c in range(image.shape[0]):
+        image[c] = norm.apply(image[c:c + 1])[0]
+    return image
+
+
+class _SpilledVolume:
+    """An output volume ``[K, J, I]`` streamed batch by batch (slices along ``axis`` first, in order) into an
+    anonymous temporary file beside its destination, and read back only when it is written out: it is not in
+    memory during the inference. The file has no name on Linux and disappears when closed (or killed)."""
+
+    def __init__(self, destination, shape: Sequence[int], axis: int, dtype=np.float32):
+        folder = Path(destination).absolute().parent
+        while not folder.exists() and folder.parent != folder:   # write_volume creates the rest later
+            folder = folder.parent
+        self.file = tempfile.TemporaryFile(prefix=".mismatch-stream-", dir=folder)
+        self.axis, self.dtype, self.next = int(axis), np.dtype(dtype), 0
+        self.shape = tuple(int(n) for n in shape)
+        self.moved = (self.shape[self.axis],) + tuple(n for a, n in enumerate(self.shape) if a != self.axis)
+
+    def __call__(self, start: int, block: np.ndarray) -> None:
+        if start != self.next:
+            raise RuntimeError(f"batch at slice {start} given after slices 0..{self.next - 1}")
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        self.file.write(memoryview(block).cast("B"))
+        self.next += block.shape[0]
+
+    def read(self) -> np.ndarray:
+        """The whole volume ``[K, J, I]`` (a view of the array read back, the slice axis moved home)."""
+        if self.next != self.moved[0]:
+            raise RuntimeError(f"only {self.next} of {self.moved[0]} slices were streamed")
+        self.file.flush()
+        self.file.seek(0)
+        data = np.fromfile(self.file, dtype=self.dtype, count=math.prod(self.moved))
+        return np.moveaxis(data.reshape(self.moved), 0, self.axis)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence: str | None = None,
@@ -67,7 +122,13 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
 
     ``labels``: the painted label map of this volume (what the model was trained from): see
-    :func:`painted_prior`."""
+    :func:`painted_prior`.
+
+    Memory: the image is normalised into itself; during the inference only it and the label map are
+    volumes in memory: the confidence and the disagreement, when asked for, are streamed to temporary files
+    beside their destinations and read back one at a time to be written; the image is freed before the
+    painted slices' connectivity pass."""
+    from .data import axis_index
     from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
                      write_text_atomic, write_volume)
 
@@ -98,18 +159,38 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         if prior is None:
             raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
                             "leave --labels out")
-    seg = segment_arrays(card, networks, image, truth=truth_arr, eval_slices=eval_slices,
-                         batch_size=batch_size, device=dev, reporter=reporter, prior=prior)
-    lut = class_values_lut(card["classes"])
-    write_volume(lut[seg.labels], geometry, out)
-    if confidence:
-        write_volume(seg.confidence, geometry, confidence)
-    if disagreement:
-        write_volume(seg.disagreement, geometry, disagreement)
+    painted = [int(s) for s in prior.lab] if prior is not None else []
+    _check_channels(card, image)
+    volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass
+    del image
+    mapped = remap_labels(truth_arr, card["classes"]) if truth_arr is not None else None
+    del truth_arr
+    streamed = {}
+    try:
+        for name, path in (("confidence", confidence), ("disagreement", disagreement)):
+            if path:
+                streamed[name] = _SpilledVolume(path, geometry.shape, axis_index(card["slice_axis"]))
+        seg = segment_volume(networks, volume, axis=card["slice_axis"], batch_size=batch_size, device=dev,
+                             truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior,
+                             outputs=("labels",), stream=streamed)
+        del mapped, prior
+        lut = class_values_lut(card["classes"])
+        write_volume(lut[seg.labels], geometry, out)
+        seg.labels = None
+        for name, path in (("confidence", confidence), ("disagreement", disagreement)):
+            if path:
+                array = streamed[name].read()
+                if name == "confidence":
+                    seg.unsure_where_removed(array)
+                write_volume(array, geometry, path)
+                del array
+                streamed.pop(name).close()
+    finally:
+        for spilled in streamed.values():
+            spilled.close()
     summary = {"seconds": round(seg.seconds, 2), "slices": len(seg.slice_scores)}
     if report:
-        labelled = list(card.get("summary", {}).get("labelled_slices", []))
-        labelled += [int(s) for s in prior.lab] if prior is not None else []
+        labelled = list(card.get("summary", {}).get("labelled_slices", [])) + painted
         two = len(card["architecture"].get("decoders", [])) >= 2
         doc = {
             "slice_axis": card["slice_axis"],

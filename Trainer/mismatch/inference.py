@@ -1,9 +1,12 @@
 """Whole-volume inference: batched slices at full resolution, snapshot and decoder averaging.
 
-Only the outputs are kept for the whole volume (label map, confidence, disagreement: 1 + 4 + 4 bytes a
-voxel); class probabilities exist one batch of slices at a time, so a 512 x 512 x 600 volume never has its
-float probability tensors in memory at once. Calibration against a truth, when asked for, is accumulated
-as histograms batch by batch.
+Only the outputs the caller asks for are kept for the whole volume (``outputs``: label map, confidence,
+disagreement: 1 + 4 + 4 bytes a voxel); the others exist one batch of slices at a time, and ``stream``
+hands any of them to the caller batch by batch (``mismatch segment`` writes them to temporary files, so a
+512 x 512 x 600 volume never has them in memory during inference). Class probabilities exist one batch at a
+time too, and so do the per-slice scores and the evaluation against a truth (overlap counts and
+calibration histograms accumulated batch by batch). On the CPU a batch holds at most
+:data:`CPU_BATCH_PIXELS` pixels: the network's feature maps take about 200 bytes a pixel.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,20 +30,66 @@ from .prior import SlicePrior
 #: a voxel counts as uncertain when the mean prediction's confidence is below this
 UNCERTAIN_CONFIDENCE = 0.8
 
+#: the volumes :func:`segment_volume` can keep (``outputs``) or hand over batch by batch (``stream``)
+OUTPUTS = ("labels", "confidence", "disagreement")
+
+#: on the CPU, at most this many pixels in one batch of slices (2 slices of 512 x 512): the network's
+#: feature maps take about 200 bytes a pixel (MisMatch, width 16), so 8 slices of 512 x 512 held 1.5 GB,
+#: and 2 slices at a time are no slower (measured: faster) on a CPU; the results are the same
+CPU_BATCH_PIXELS = 2 * 512 * 512
+
 
 @dataclass
 class VolumeSegmentation:
     """Outputs on the input grid, ``[K, J, I]``: ``labels`` (class indices, 0 = background), ``confidence``
     (probability of the predicted class under the mean prediction) and ``disagreement`` (between the two
     decoders: ``|p1 - p2|`` for a binary model, total variation ``0.5 sum_c |p1_c - p2_c|`` for a multi-class
-    one; zero for a single-decoder network)."""
+    one; zero for a single-decoder network). Each is ``None`` unless asked for (``outputs`` of
+    :func:`segment_volume`).
 
-    labels: np.ndarray
-    confidence: np.ndarray
-    disagreement: np.ndarray
+    ``removed``: bool ``[K, J, I]``, the voxels that the painted slices' connectivity
+    (:meth:`~mismatch.prior.SlicePrior.keep_connected`) set to background after the network had predicted a
+    class there; ``None`` when none was. ``labels`` and ``confidence`` hold it already; a *streamed*
+    confidence does not: :meth:`unsure_where_removed` applies it."""
+
+    labels: np.ndarray | None
+    confidence: np.ndarray | None
+    disagreement: np.ndarray | None
     slice_scores: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     seconds: float = 0.0
+    removed: np.ndarray | None = None
+    binary: bool = True
+
+    def unsure_where_removed(self, confidence: np.ndarray) -> np.ndarray:
+        """``confidence [K, J, I]`` (streamed, as computed batch by batch) made what ``confidence`` is: where
+        a part was removed, no more sure than a coin toss. In place; returns it."""
+        if self.removed is not None:
+            unsure_where_removed(confidence, self.removed, self.binary)
+        return confidence
+
+
+def unsure_where_removed(confidence: np.ndarray, removed: np.ndarray, binary: bool) -> None:
+    """Parts not connected to any painted voxel of their class become background, and no more sure of it
+    than a coin toss (the network was sure of the opposite): confidence 0.5 for a binary model, at most 0.5
+    for a multi-class one. They stay visible as uncertain. In place."""
+    confidence[removed] = 0.5 if binary else np.minimum(confidence[removed], 0.5)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory that the C heap holds free back to the system (glibc ``malloc_trim``): the feature
+    maps of the last batches are freed but kept by the allocator (:func:`mismatch.device.tune_cpu_allocator`
+    raises its trim threshold), and the connectivity pass after the loop needs volume-sized temporaries."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def _top_label(probs: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +130,16 @@ def _disagreement(per_decoder: list[torch.Tensor], binary: bool) -> torch.Tensor
     return (a[:, 0] - b[:, 0]).abs() if binary else 0.5 * (a - b).abs().sum(1)
 
 
-@torch.inference_mode()
-def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray, axis: str = "k",
-                   batch_size: int = 8, device: torch.device | str = "cpu", amp: bool = True,
+def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray | list[np.ndarray],
+                   axis: str = "k", batch_size: int = 8, device: torch.device | str = "cpu", amp: bool = True,
                    truth: np.ndarray | None = None, eval_slices: Sequence[int] | None = None,
                    reporter: Reporter | None = None, n_bins: int = 15,
-                   prior: SlicePrior | None = None) -> VolumeSegmentation:
-    """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis``.
+                   prior: SlicePrior | None = None, outputs: Collection[str] = OUTPUTS,
+                   stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
+                   max_batch_pixels: int | None = None) -> VolumeSegmentation:
+    """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis``. A one-element list holding
+    the volume hands it over: the list is emptied after the networks have run, so that the volume's memory
+    is freed before the connectivity pass of ``prior`` (when the list held the last reference).
 
     ``prior``: what the user's painted slices of this volume imply (:class:`~mismatch.prior.SlicePrior`):
     the mean prediction is combined with it and the painted slices are kept as painted. The decoders'
@@ -96,96 +148,195 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray, 
     ``networks``: one per kept snapshot (their per-decoder probabilities are averaged). With ``truth``
     (class indices ``[K, J, I]``) and ``eval_slices``, the result's ``evaluation`` holds overlap and
     calibration of the mean prediction and of each decoder on those slices (paper Fig. 4).
+
+    ``outputs``: the volumes of :data:`OUTPUTS` to keep for the whole volume (the others are ``None`` in
+    the result; the per-slice scores and the evaluation are there either way). ``stream``: ``{name:
+    callback}`` for names of :data:`OUTPUTS`, called as ``callback(start, block)`` for each batch in slice
+    order, ``block`` holding slices ``start, start + 1, ...`` with the slice axis first (``[b, ...]``,
+    float32; class indices for ``labels``) as computed, before the connectivity pass of a ``prior``: see
+    :attr:`VolumeSegmentation.removed`. ``max_batch_pixels``: at most this many pixels in a batch (default
+    :data:`CPU_BATCH_PIXELS` on the CPU, no limit elsewhere; ``batch_size`` is the most slices either way).
+
+    Memory beyond the outputs kept: a batch of slices; the label map when a prior with ``connected`` is
+    given (its connectivity pass needs it), and the confidence too when that is combined with an
+    evaluation; one bit a voxel for the scores after that pass.
     """
-    device = torch.device(device)
-    reporter = reporter or Reporter(progress_bar=False)
-    config = networks[0].config
-    binary = config.binary
-    ax = AXES[axis]
-    n_slices = volume.shape[1 + ax]
-    out_shape = volume.shape[1:]
-    labels = np.zeros(out_shape, dtype=np.uint8 if config.num_classes < 256 else np.int32)
-    confidence = np.zeros(out_shape, dtype=np.float32)
-    disagreement = np.zeros(out_shape, dtype=np.float32)
-    # views with the slice axis first: writing into them fills the [K, J, I] arrays
-    lab_v, conf_v, dis_v = (np.moveaxis(a, ax, 0) for a in (labels, confidence, disagreement))
-    vol_v = np.moveaxis(volume, 1 + ax, 0)  # [S, C, H, W]
-    truth_v = np.moveaxis(truth, ax, 0) if truth is not None else None
-    eval_set = set(int(s) for s in (eval_slices if eval_slices is not None else
-                                    (range(n_slices) if truth is not None else [])))
-    names = ["mean"] + networks[0].decoder_names
-    calib = {n: CalibrationReport(n_bins=n_bins) for n in names} if eval_set else {}
-    overlap = {n: OverlapCounter(range(1, config.num_classes)) for n in names} if eval_set else {}
-    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    for net in networks:
-        net.to(device).eval()
+    array = volume[0] if isinstance(volume, list) else volume
+    run = VolumeInference(networks, array.shape, axis=axis, batch_size=batch_size, device=device, amp=amp,
+                          truth=truth, eval_slices=eval_slices, reporter=reporter, n_bins=n_bins, prior=prior,
+                          outputs=outputs, stream=stream, max_batch_pixels=max_batch_pixels)
+    run.segment(array)
+    del array
+    if isinstance(volume, list):
+        volume.clear()
+    return run.finish()
 
-    scores = []
-    t0 = time.monotonic()
-    reporter.start("segment", total=n_slices)
-    for start in range(0, n_slices, batch_size):
-        stop = min(n_slices, start + batch_size)
-        x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(device).contiguous(memory_format=fmt)
-        per_decoder = None
-        with autocast(device, amp):
-            for net in networks:
-                probs = [net.probabilities(l.float()) for l in net(x)]
-                per_decoder = probs if per_decoder is None else [a + b for a, b in zip(per_decoder, probs)]
-        per_decoder = [p / len(networks) for p in per_decoder]
-        mean = torch.stack(per_decoder).mean(0)
-        if prior is not None:
-            mean = _fuse(mean, prior, range(start, stop), binary)
-        pred, conf = _top_label(mean, binary)
-        dis = _disagreement(per_decoder, binary)
-        lab_v[start:stop] = pred.cpu().numpy()
-        conf_v[start:stop] = conf.float().cpu().numpy()
-        dis_v[start:stop] = dis.float().cpu().numpy()
-        for i in range(stop - start):
-            s = start + i
-            scores.append({
-                "slice": s,
-                "disagreement": float(dis[i].mean()),
-                "uncertain_fraction": float((conf[i] < UNCERTAIN_CONFIDENCE).float().mean()),
-                "foreground_fraction": float((pred[i] > 0).float().mean()),
-            })
-        if eval_set:
-            rows = [i for i in range(stop - start) if start + i in eval_set]
-            if rows:
-                t = torch.from_numpy(np.ascontiguousarray(truth_v[[start + i for i in rows]])).to(device)
-                for name, p in zip(names, [mean] + per_decoder):
-                    p_rows = p[rows]
-                    calib[name].update(p_rows[:, 0] if binary else p_rows, t, binary=binary)
-                    overlap[name].update(_top_label(p_rows, binary)[0], t)
-        reporter.progress("segment", stop, n_slices)
 
-    if prior is not None and prior.settings.connected:
-        kept = prior.keep_connected(labels)
-        removed = kept != labels
-        if removed.any():
-            # parts not connected to any painted voxel of their class: background, and no more sure of it
-            # than a coin toss (the network was sure of the opposite); they stay visible as uncertain
-            labels[removed] = 0
-            confidence[removed] = 0.5 if binary else np.minimum(confidence[removed], 0.5)
-            lab_v, conf_v = np.moveaxis(labels, ax, 0), np.moveaxis(confidence, ax, 0)
-            for row in scores:
-                s = row["slice"]
-                row["removed_fraction"] = float(np.moveaxis(removed, ax, 0)[s].mean())
-                row["foreground_fraction"] = float((lab_v[s] > 0).mean())
-                row["uncertain_fraction"] = float((conf_v[s] < UNCERTAIN_CONFIDENCE).mean())
-    evaluation = None
-    if eval_set:
-        evaluation = {"slices": sorted(eval_set)}
-        for name in names:
-            key = name.replace(" ", "_")
-            evaluation[key] = {**overlap[name].to_dict(), "calibration": calib[name].to_dict()}
-        if prior is not None and prior.settings.connected:   # the mean as written, after keep_connected
-            from .metrics import evaluate_confidence
+class VolumeInference:
+    """:func:`segment_volume` in two steps: :meth:`segment` runs the networks over ``volume``, :meth:`finish`
+    applies the painted slices' connectivity and completes the scores and the evaluation. Between the two
+    the volume can be freed (the connectivity pass needs volume-sized temporaries). The arguments are those
+    of :func:`segment_volume`, ``shape`` the volume's."""
 
-            ev = evaluate_confidence(labels, truth, confidence, classes=range(1, config.num_classes),
-                                     slices=sorted(eval_set), axis=ax, n_bins=n_bins)
-            evaluation["mean"] = {k: ev[k] for k in ("classes", "iou", "dice", "calibration")}
-    return VolumeSegmentation(labels=labels, confidence=confidence, disagreement=disagreement,
-                              slice_scores=scores, evaluation=evaluation, seconds=time.monotonic() - t0)
+    def __init__(self, networks: Sequence[SegmentationNetwork], shape: Sequence[int], axis: str = "k",
+                 batch_size: int = 8, device: torch.device | str = "cpu", amp: bool = True,
+                 truth: np.ndarray | None = None, eval_slices: Sequence[int] | None = None,
+                 reporter: Reporter | None = None, n_bins: int = 15, prior: SlicePrior | None = None,
+                 outputs: Collection[str] = OUTPUTS,
+                 stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
+                 max_batch_pixels: int | None = None):
+        unknown = sorted(set(outputs).union(stream or {}) - set(OUTPUTS))
+        if unknown:
+            raise ValueError(f"unknown output(s) {unknown}; choose from {', '.join(OUTPUTS)}")
+        self.networks = list(networks)
+        self.device = torch.device(device)
+        self.amp, self.n_bins, self.prior, self.truth = amp, n_bins, prior, truth
+        self.reporter = reporter or Reporter(progress_bar=False)
+        self.config = self.networks[0].config
+        self.binary = self.config.binary
+        self.axis = axis
+        self.ax = AXES[axis]
+        self.shape = tuple(int(n) for n in shape[1:])          # [K, J, I]
+        self.n_slices = self.shape[self.ax]
+        plane = math.prod(n for a, n in enumerate(self.shape) if a != self.ax)
+        if max_batch_pixels is None and self.device.type == "cpu":
+            max_batch_pixels = CPU_BATCH_PIXELS
+        self.batch_size = max(1, int(batch_size))
+        if max_batch_pixels:
+            self.batch_size = max(1, min(self.batch_size, int(max_batch_pixels) // max(1, plane)))
+        self.outputs = tuple(outputs)
+        self.stream = dict(stream or {})
+        self.connected = prior is not None and prior.settings.connected
+        self.eval_set = set(int(s) for s in (eval_slices if eval_slices is not None else
+                                             (range(self.n_slices) if truth is not None else [])))
+        # what is kept for the whole volume: what was asked for, and what the connectivity pass needs
+        keep = set(self.outputs)
+        if self.connected:
+            keep.add("labels")
+            if self.eval_set:   # the evaluation of the mean as written, after the pass
+                keep.add("confidence")
+        label_dtype = np.uint8 if self.config.num_classes < 256 else np.int32
+        self.labels = np.zeros(self.shape, dtype=label_dtype) if "labels" in keep else None
+        self.confidence = np.zeros(self.shape, dtype=np.float32) if "confidence" in keep else None
+        self.disagreement = np.zeros(self.shape, dtype=np.float32) if "disagreement" in keep else None
+        # one bit a voxel (confidence below UNCERTAIN_CONFIDENCE) for the scores after the pass
+        self.uncertain_bits = (np.zeros((self.n_slices, (plane + 7) // 8), dtype=np.uint8)
+                               if self.connected and self.confidence is None else None)
+        self.names = ["mean"] + self.networks[0].decoder_names
+        self.calib = {n: CalibrationReport(n_bins=n_bins) for n in self.names} if self.eval_set else {}
+        self.overlap = ({n: OverlapCounter(range(1, self.config.num_classes)) for n in self.names}
+                        if self.eval_set else {})
+        self.scores: list[dict] = []
+        self.seconds = 0.0
+
+    def _view(self, array: np.ndarray | None) -> np.ndarray | None:
+        """``array [K, J, I]`` with the slice axis first (a view: writing into it fills the array)."""
+        return None if array is None else np.moveaxis(array, self.ax, 0)
+
+    @torch.inference_mode()
+    def segment(self, volume: np.ndarray) -> None:
+        """Run the networks over every slice of ``volume [C, K, J, I]`` (the shape given at construction)."""
+        if tuple(volume.shape[1:]) != self.shape:
+            raise ValueError(f"volume of shape {volume.shape[1:]} given to an inference set up for {self.shape}")
+        device, binary, prior, n_slices = self.device, self.binary, self.prior, self.n_slices
+        lab_v, conf_v, dis_v = (self._view(a) for a in (self.labels, self.confidence, self.disagreement))
+        vol_v = np.moveaxis(volume, 1 + self.ax, 0)  # [S, C, H, W]
+        truth_v = np.moveaxis(self.truth, self.ax, 0) if self.truth is not None else None
+        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        for net in self.networks:
+            net.to(device).eval()
+
+        t0 = time.monotonic()
+        self.reporter.start("segment", total=n_slices)
+        for start in range(0, n_slices, self.batch_size):
+            stop = min(n_slices, start + self.batch_size)
+            x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(device).contiguous(memory_format=fmt)
+            per_decoder = None
+            with autocast(device, self.amp):
+                for net in self.networks:
+                    probs = [net.probabilities(l.float()) for l in net(x)]
+                    per_decoder = probs if per_decoder is None else [a + b for a, b in zip(per_decoder, probs)]
+            per_decoder = [p / len(self.networks) for p in per_decoder]
+            mean = torch.stack(per_decoder).mean(0)
+            if prior is not None:
+                mean = _fuse(mean, prior, range(start, stop), binary)
+            pred, conf = _top_label(mean, binary)
+            dis = _disagreement(per_decoder, binary)
+            blocks = {"labels": pred.cpu().numpy(), "confidence": conf.float().cpu().numpy(),
+                      "disagreement": dis.float().cpu().numpy()}
+            for view, name in ((lab_v, "labels"), (conf_v, "confidence"), (dis_v, "disagreement")):
+                if view is not None:
+                    view[start:stop] = blocks[name]
+            for name, callback in self.stream.items():
+                callback(start, blocks[name])
+            if self.uncertain_bits is not None:
+                low = blocks["confidence"] < UNCERTAIN_CONFIDENCE
+                self.uncertain_bits[start:stop] = np.packbits(low.reshape(stop - start, -1), axis=1)
+            for i in range(stop - start):
+                s = start + i
+                self.scores.append({
+                    "slice": s,
+                    "disagreement": float(dis[i].mean()),
+                    "uncertain_fraction": float((conf[i] < UNCERTAIN_CONFIDENCE).float().mean()),
+                    "foreground_fraction": float((pred[i] > 0).float().mean()),
+                })
+            if self.eval_set:
+                rows = [i for i in range(stop - start) if start + i in self.eval_set]
+                if rows:
+                    t = torch.from_numpy(np.ascontiguousarray(truth_v[[start + i for i in rows]])).to(device)
+                    for name, p in zip(self.names, [mean] + per_decoder):
+                        p_rows = p[rows]
+                        self.calib[name].update(p_rows[:, 0] if binary else p_rows, t, binary=binary)
+                        self.overlap[name].update(_top_label(p_rows, binary)[0], t)
+            self.reporter.progress("segment", stop, n_slices)
+        self.seconds += time.monotonic() - t0
+
+    def finish(self) -> VolumeSegmentation:
+        """The connectivity pass of the prior, the scores after it, the evaluation; the result holds the
+        volumes asked for (``outputs``) and nothing else."""
+        t0 = time.monotonic()
+        binary, ax, labels, confidence = self.binary, self.ax, self.labels, self.confidence
+        removed = None
+        if self.connected:
+            _return_freed_memory()
+            kept = self.prior.keep_connected(labels)
+            removed = kept != labels
+            del kept
+            if removed.any():
+                labels[removed] = 0
+                if confidence is not None:
+                    unsure_where_removed(confidence, removed, binary)
+                lab_v, conf_v, rem_v = self._view(labels), self._view(confidence), self._view(removed)
+                for row in self.scores:
+                    s = row["slice"]
+                    row["removed_fraction"] = float(rem_v[s].mean())
+                    row["foreground_fraction"] = float((lab_v[s] > 0).mean())
+                    if conf_v is not None:
+                        uncertain = conf_v[s] < UNCERTAIN_CONFIDENCE
+                    else:   # below the threshold before, or removed (at most 0.5 now)
+                        n = rem_v[s].size
+                        uncertain = np.unpackbits(self.uncertain_bits[s], count=n).astype(bool) | rem_v[s].ravel()
+                    row["uncertain_fraction"] = float(uncertain.mean())
+            else:
+                removed = None
+        evaluation = None
+        if self.eval_set:
+            evaluation = {"slices": sorted(self.eval_set)}
+            for name in self.names:
+                key = name.replace(" ", "_")
+                evaluation[key] = {**self.overlap[name].to_dict(), "calibration": self.calib[name].to_dict()}
+            if self.connected:   # the mean as written, after keep_connected
+                from .metrics import evaluate_confidence
+
+                ev = evaluate_confidence(labels, self.truth, confidence, classes=range(1, self.config.num_classes),
+                                         slices=sorted(self.eval_set), axis=ax, n_bins=self.n_bins)
+                evaluation["mean"] = {k: ev[k] for k in ("classes", "iou", "dice", "calibration")}
+        asked = {name: getattr(self, name) if name in self.outputs else None for name in OUTPUTS}
+        self.labels = self.confidence = self.disagreement = self.uncertain_bits = None
+        self.seconds += time.monotonic() - t0
+        return VolumeSegmentation(labels=asked["labels"], confidence=asked["confidence"],
+                                  disagreement=asked["disagreement"], slice_scores=self.scores,
+                                  evaluation=evaluation, seconds=self.seconds, removed=removed, binary=binary)
 
 
 def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_decoders: bool = True) -> list[dict]:
