@@ -201,3 +201,60 @@ def test_method_options_reach_the_method_and_the_card(case, capsys):
         main(["train", str(case["image"]), "--labels", str(case["labels"]), "--out", str(case["dir"] / "m3"),
               *TINY, "--method-option", "oops"])
     assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+# -- help text (issue 10, item 9) ---------------------------------------------------------------------------
+
+def _subcommands():
+    import argparse
+
+    from mismatch.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_of_every_subcommand_has_help_text():
+    import argparse
+
+    missing = []
+    for name, parser in _subcommands().items():
+        if not parser.description:
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.metavar or action.dest}")
+        assert parser.format_help()   # every help string formats (a stray % would not)
+    assert not missing, "without help: " + ", ".join(missing)
+
+
+def test_train_help_shows_each_presets_defaults():
+    """The defaults shown come from TrainConfig and PRESETS, not from numbers written in the help."""
+    from mismatch.train import PRESETS, TrainConfig
+
+    train = _subcommands()["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    d = TrainConfig()
+    for name in ("width", "batch_size", "patch_size", "seed", "steps"):
+        assert f"default {getattr(d, name)}" in helps[name], (name, helps[name])
+        for preset, values in PRESETS.items():
+            if name in values["config"] and values["config"][name] != getattr(d, name):
+                assert f"--preset {preset}: {values['config'][name]}" in helps[name], (name, helps[name])
+    assert "--preset paper: 24" in helps["width"] and "--preset paper: 176" in helps["patch_size"]
+
+
+def test_segment_evaluate_and_demo_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "Segment every slice of IMAGE" in text and "one per channel" in text and "'mismatch train --out'" in text
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the label map to evaluate" in text and "the reference label map" in text and "slice axis" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default demo-output" in text and "random seed" in text and "default auto" in text

@@ -278,7 +278,23 @@ def _common_device(p: argparse.ArgumentParser) -> None:
     _threads_option(p)
 
 
+def _preset_default(name: str) -> str:
+    """An option's default as each training preset sets it, e.g. ``default 16; --preset paper: 24``: the
+    values come from :class:`mismatch.train.TrainConfig` (the ``default`` preset) and
+    :data:`mismatch.train.PRESETS`, so that the help always says what a run does."""
+    from .train import PRESETS, TrainConfig
+
+    base = getattr(TrainConfig(), name)
+    default = PRESETS["default"]["config"].get(name, base)
+    others = [f"--preset {preset}: {values['config'][name]:g}" if isinstance(values["config"][name], float)
+              else f"--preset {preset}: {values['config'][name]}"
+              for preset, values in PRESETS.items()
+              if preset != "default" and values["config"].get(name, base) != default]
+    return "; ".join([f"default {default:g}" if isinstance(default, float) else f"default {default}"] + others)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .inference import CPU_BATCH_PIXELS
     from .train import CHECKPOINT_SECONDS, PRESETS, TrainConfig
 
     d = TrainConfig()
@@ -302,15 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the product's recipe (Dice + cross-entropy, width 16, 128-pixel patches, and the "
                         "painted slices guide segmentation); paper: MisMatch as the paper describes it (width 24, "
                         "176-pixel patches, Dice only). Options below override the preset")
-    t.add_argument("--steps", type=_positive_int, help=f"optimiser steps (default {d.steps})")
-    t.add_argument("--width", type=_positive_int, help=f"channels of the first encoder block (default {d.width})")
+    t.add_argument("--steps", type=_positive_int, help=f"optimiser steps ({_preset_default('steps')})")
+    t.add_argument("--width", type=_positive_int,
+                   help=f"channels of the first encoder block ({_preset_default('width')})")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help="labelled slices per step; under torchrun the global batch, split evenly over the "
-                        "processes (a multiple of their number)")
+                   help=f"labelled slices per step ({_preset_default('batch_size')}); under torchrun the global "
+                        "batch, split evenly over the processes (a multiple of their number)")
     t.add_argument("--unlabelled-batch-size", type=_non_negative_int, default=0, help="unlabelled slices per step "
                                                                         "(default: --batch-size; global too)")
-    t.add_argument("--patch-size", type=int, help=f"square patch side; 0 = whole slices (default {d.patch_size})")
-    t.add_argument("--lr", type=_positive_float, help=f"AdamW learning rate (default {d.lr})")
+    t.add_argument("--patch-size", type=int,
+                   help=f"square random patches of this side; 0 = whole slices; a slice side shorter than the "
+                        f"patch is taken whole ({_preset_default('patch_size')})")
+    t.add_argument("--lr", type=_positive_float, help=f"AdamW learning rate ({_preset_default('lr')})")
     t.add_argument("--alpha", type=_non_negative_float, default=d.alpha, help="consistency weight (default 0.002)")
     t.add_argument("--alpha-rampup", type=_fraction, default=d.alpha_rampup,
                    help="fraction of training over which alpha ramps up (0 = constant)")
@@ -348,14 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = by steps only)")
     t.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
     t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections)")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=int, default=d.seed,
+                   help=f"random seed of the weights, patches and augmentation ({_preset_default('seed')})")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _common_device(t)
 
-    s = sub.add_parser("segment", help="segment a whole volume with a trained model")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
-    s.add_argument("--model", required=True, metavar="MODEL_DIR")
+    s = sub.add_parser("segment", help="segment a whole volume with a trained model",
+                       description="Segment every slice of IMAGE with a trained model and write the label map on "
+                                   "the image's grid; optionally the confidence, the decoders' disagreement and "
+                                   "a report that ranks the slices most worth checking. With --labels (the "
+                                   "painted label map the model was trained from) the painted slices are kept "
+                                   "as painted and guide the others.")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image file(s) (.nrrd .nii .nii.gz .mha ...): one per channel, in the order the model "
+                        "was trained with")
+    s.add_argument("--model", required=True, metavar="MODEL_DIR",
+                   help="the model folder that 'mismatch train --out' wrote (model.json and model.safetensors)")
     s.add_argument("--out", required=True, metavar="LABELMAP", help="label map to write (input grid)")
     s.add_argument("--confidence", metavar="FILE", help="write the probability of the predicted class")
     s.add_argument("--disagreement", metavar="FILE", help="write the disagreement between the two decoders")
@@ -370,26 +398,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --labels: slices checked and found without the structure")
     s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
     s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
-    s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per batch")
+    s.add_argument("--batch-size", type=_positive_int, default=8,
+                   help=f"slices per batch (default 8; on the CPU at most {CPU_BATCH_PIXELS:,} pixels a batch, "
+                        f"{CPU_BATCH_PIXELS // (512 * 512)} slices of 512 x 512, to bound the memory)")
     _common_device(s)
 
-    e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth")
-    e.add_argument("--prediction", required=True, metavar="LABELMAP")
-    e.add_argument("--truth", required=True, metavar="LABELMAP")
+    e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth",
+                       description="Foreground IoU and Dice of a label map against a reference on the same grid, "
+                                   "and with --confidence the calibration (ECE, MCE; all voxels and the "
+                                   "foreground band) and a reliability diagram. Prints JSON.")
+    e.add_argument("--prediction", required=True, metavar="LABELMAP",
+                   help="the label map to evaluate (e.g. what 'mismatch segment --out' wrote): integers, "
+                        "0 = background")
+    e.add_argument("--truth", required=True, metavar="LABELMAP",
+                   help="the reference label map on the prediction's grid, with the same label values")
     e.add_argument("--confidence", metavar="FILE", help="confidence volume from 'mismatch segment'")
     e.add_argument("--slices", type=_slices, metavar="LIST", help="evaluate only these slices")
-    e.add_argument("--axis", choices=["k", "j", "i"], default="k")
+    e.add_argument("--axis", choices=["k", "j", "i"], default="k",
+                   help="slice axis of the grid (k: the file's slice direction, j, i): --slices count along "
+                        "it, and the calibration's foreground band is dilated within its slices (default k)")
     e.add_argument("--bins", type=_positive_int, default=15, help="calibration bins (default 15)")
     e.add_argument("--diagram", metavar="PNG", help="write the reliability diagram")
     e.add_argument("--out", metavar="JSON", help="also write the JSON here")
     _threads_option(e)
 
-    m = sub.add_parser("demo", help="the real-data demo: chest CT lungs from 3 labelled slices")
-    m.add_argument("--out", default="demo-output", metavar="DIR")
-    m.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
-    m.add_argument("--width", type=_positive_int, default=None)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--device", default="auto")
+    m = sub.add_parser("demo", help="the real-data demo: chest CT lungs from 3 labelled slices",
+                       description="Train MisMatch and a supervised U-Net on 3 labelled slices of a real chest CT "
+                                   "(CTChest4, shipped with slicerio), segment the whole volume with both and "
+                                   "report IoU, Dice and calibration on the slices neither saw.")
+    m.add_argument("--out", default="demo-output", metavar="DIR",
+                   help="folder for the demo's outputs (default demo-output)")
+    m.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"training steps per model (default {d.steps}, the default preset's)")
+    m.add_argument("--width", type=_positive_int, default=None,
+                   help=f"channels of the first encoder block (default {d.width}, the default preset's)")
+    m.add_argument("--seed", type=int, default=0, help="random seed of the training (default 0)")
+    m.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
+                                                    "(default auto)")
     _threads_option(m)
 
     b = sub.add_parser(
@@ -398,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "set, for each labelled-slice count and seed, evaluate on disjoint test slices, and write "
                     "results.md, the figures and runs.json (every run's settings and metrics) into --out. "
                     "Finished runs in --out/runs.json are kept: running again resumes.")
-    b.add_argument("--out", default="benchmark-output", metavar="DIR")
+    b.add_argument("--out", default="benchmark-output", metavar="DIR",
+                   help="folder for results.md, the figures and runs.json (default benchmark-output)")
     b.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="ctchest-lungs, ctchest-lungs-lr, mni152-gm, pyradiomics-brain1, pyradiomics-breast1, "
                         "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
@@ -414,9 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive_int, help="training steps per run (default: the preset's; --quick: 60)")
     b.add_argument("--width", type=_positive_int, help="channels of the first block (default: the preset's; "
                    "--quick: 8)")
-    b.add_argument("--batch-size", type=_positive_int)
+    b.add_argument("--batch-size", type=_positive_int,
+                   help="labelled slices per step (default: the preset's; --quick: 2)")
     b.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices")
-    b.add_argument("--lr", type=_positive_float)
+    b.add_argument("--lr", type=_positive_float, help="learning rate (default: the preset's; --quick: 2e-3)")
     b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every unlabelled "
                    "slice)")
     b.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
