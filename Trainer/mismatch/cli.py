@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for cached manifest slices and volumes (default 2048)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, metavar="STEPS",
                    help=f"write a resumable checkpoint every STEPS steps (default {d.checkpoint_every})")
+    t.add_argument("--stop-file", metavar="PATH",
+                   help="stop as on SIGTERM when this file appears (finish the step, write a checkpoint, exit 130; "
+                        "--resume continues): for a parent process that cannot signal the engine")
     t.add_argument("--checkpoint-seconds", type=_non_negative_float, default=CHECKPOINT_SECONDS, metavar="SECONDS",
                    help=f"... and after SECONDS of training since the last one (default {CHECKPOINT_SECONDS:g}; "
                         "0 = by steps only)")
@@ -498,7 +501,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, ctx) -> int:
-    from .train import preset_config, stop_on_signals, train_files
+    from .train import StopRequest, preset_config, stop_on_signals, train_files
 
     config = preset_config(
         args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
@@ -512,7 +515,7 @@ def _train(args, ctx) -> int:
     check_training_memory(config, len(args.images), str(ctx.device) if ctx.distributed else args.device)
     unlabelled = [case.split(",") for case in args.unlabelled]
     reporter = _reporter(args, quiet=not ctx.is_main)
-    with stop_on_signals({}) as stop:
+    with stop_on_signals(StopRequest(args.stop_file)) as stop:
         card = train_files(args.images, args.labels, args.out, config, unlabelled=unlabelled,
                            explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
                            classes_path=args.classes,

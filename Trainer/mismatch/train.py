@@ -126,6 +126,21 @@ def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
     return lut[labels]
 
 
+class StopRequest(dict):
+    """Why training should stop, if it should (``self["stop"]``): set by a signal (:func:`stop_on_signals`) or,
+    with ``path``, by a file appearing there (``mismatch train --stop-file``: how a parent that cannot signal
+    the engine, such as Slicer behind its PythonSlicer launcher, asks it to stop). Checked once a step."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        super().__init__()
+        self.path = Path(path) if path else None
+
+    def get(self, key, default=None):
+        if key == "stop" and self.path is not None and not super().get("stop") and self.path.exists():
+            self["stop"] = f"the stop file {self.path}"
+        return super().get(key, default)
+
+
 @contextmanager
 def stop_on_signals(flag: dict):
     """SIGINT / SIGTERM (and SIGBREAK on Windows, what a console Ctrl+Break or a parent's
