@@ -157,8 +157,8 @@ class PriorSettings:
 
     tau_mm: float = 4.0
     tau_rate: float = 0.5
-    shrink_rate: float = 8.0
-    weight: float = 0.5
+    shrink_rate: float = 2.0
+    weight: float = 0.25
     default_rate: float = 0.5
     connected: bool = True
 
