@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command from a fresh clone: set up .venv (CPU build of torch) and run the demo on real data.
+# One command from a fresh clone: set up .venv (torch 2.13.0, CUDA or CPU build: see README) and run the demo on real data.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh" demo,test

@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    # The CPU build of torch; a bare "torch" would pull a multi-GB CUDA build.
+    # torch 2.13.0: the CUDA build where an NVIDIA GPU answers, else the CPU build (scripts/install-torch.sh).
     bash scripts/install-torch.sh .venv/bin/python   # CUDA build with an NVIDIA GPU, else CPU; MISMATCH_TORCH=cpu|cuda|skip
     .venv/bin/python -m pip install -q -e ".[$extras]"
     touch "$stamp"
