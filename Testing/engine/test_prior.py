@@ -121,3 +121,21 @@ def test_anatomy_preserving_augmentation_keeps_labels_and_can_be_off():
 def test_prior_rejects_bad_slices(bad):
     with pytest.raises(ValueError):
         SlicePrior(np.zeros((20, 4, 4), np.uint8), bad, 0, (1, 1, 1), 2)
+
+
+def test_segment_volume_with_two_classes_keeps_each_painted_class():
+    torch.manual_seed(0)
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=3, width=4)).eval()
+    volume = np.random.default_rng(1).normal(size=(1, 6, 24, 24)).astype(np.float32)
+    sparse = np.zeros((6, 24, 24), np.uint8)
+    sparse[1, 4:10, 4:10] = 1
+    sparse[1, 14:20, 14:20] = 2
+    sparse[4, 5:11, 5:11] = 1          # class 2 absent on slice 4: it ends halfway
+    prior = SlicePrior(sparse, [1, 4], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=3)
+    assert prior.log_odds(2).shape == (2, 24, 24)
+    seg = segment_volume([net], volume, axis="k", prior=prior)
+    assert np.array_equal(seg.labels[1], sparse[1]) and np.array_equal(seg.labels[4], sparse[4])
+    assert np.all(seg.confidence[[1, 4]] == 1.0)
+    assert set(np.unique(seg.labels)) <= {0, 1, 2}
+    # every part of each class touches that class's painted voxels (the untrained network's others are gone)
+    assert np.array_equal(keep_connected(seg.labels, sparse, [1, 4], 0), seg.labels)
