@@ -170,7 +170,7 @@ def main(argv=None) -> int:
             "peak_rss_gib": round(peak / 2**30, 3), "bytes_per_voxel": round(peak / voxels, 2),
             "seconds": round(seconds, 1), "machine": f"{platform.machine()} {platform.system()}, "
             f"{os.cpu_count()} logical CPUs, Python {platform.python_version()}",
-            "command": " ".join(shlex.quote(c) for c in cmd).replace(str(work), "$WORK"),
+            "command": " ".join(["python"] + [shlex.quote(c) for c in cmd[1:]]).replace(str(work), "$WORK"),
             "benchmark_command": "python benchmarks/bench_memory.py " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         }
