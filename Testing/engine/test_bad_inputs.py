@@ -5,7 +5,6 @@ Each case here is a row of the table in docs/contract.md ("Bad input: what was t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,20 +19,16 @@ import pytest
 import SimpleITK as sitk
 
 from mismatch.cli import main
+from test_cli import TINY, _digest
+from test_cli import _write as _write_oblique
 
 TRAINER = str(Path(__file__).resolve().parents[2] / "Trainer")
-TINY = ["--steps", "3", "--width", "4", "--patch-size", "0", "--batch-size", "2", "--device", "cpu"]
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def _write(array, path, spacing=(0.8, 0.9, 2.5)):
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    sitk.WriteImage(img, str(path))
-    return str(path)
-
-
-def _digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """test_cli's writer on an axis-aligned grid at the origin."""
+    return _write_oblique(array, path, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=IDENTITY)
 
 
 @pytest.fixture

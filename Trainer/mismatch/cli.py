@@ -213,14 +213,18 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be " + ("0 or more" if minimum == 0 else f"at least {minimum}"))
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _slices(text: str) -> list[int]:
@@ -257,13 +261,7 @@ def _method_option(text: str) -> tuple[str, object]:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return v
+    return _whole_number(text, 1)
 
 
 def _threads_option(p: argparse.ArgumentParser) -> None:
