@@ -493,7 +493,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     runs = data["runs"]
     main = [r for r in runs if r.get("group", "main") == "main"]
-    PRIOR_METHODS_NOTE = sorted({r["method"] for r in main if r.get("prior")}) or ["none"]
+    prior_methods = sorted({r["method"] for r in main if r.get("prior")}) or ["none"]
     cfg = (data.get("config") or {})
     lines = ["# MisMatch benchmark", ""]
     if cfg:
@@ -516,7 +516,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               "the painted slices kept as painted, the prior of their shape-based interpolation added to the "
               "network's log-odds and only the parts connected to painted voxels kept (`mismatch segment "
               "--labels`). The headline of each method (tables above) is the product's way for "
-              f"{', '.join(PRIOR_METHODS_NOTE)} and the network alone for the others.", "",
+              f"{', '.join(prior_methods)} and the network alone for the others.", "",
               prior_table(main), ""]
     lines += ["## Each decoder and their mean (paper Fig. 4 in numbers)", "", decoder_table(runs), ""]
     ablation = [r for r in main if r["method"] in ABLATION]
