@@ -126,17 +126,13 @@ def shape_interpolation(sparse: np.ndarray, labelled: Sequence[int], axis: int =
     """Shape-based interpolation: between two labelled slices each class's signed distance is interpolated
     linearly and its negative part kept; beyond the outermost labelled slices the nearest one is copied."""
     lab = _check(sparse, labelled, axis)
-    src = np.moveaxis(np.asarray(sparse), axis, 0)
-    n_cls = int(num_classes - 1) if num_classes else int(src[lab].max())
-    out = np.zeros(src.shape, dtype=np.uint8 if n_cls < 255 else np.int32)
+    n_cls = int(num_classes - 1) if num_classes else int(np.moveaxis(np.asarray(sparse), axis, 0)[lab].max())
+    out = np.zeros(np.moveaxis(np.asarray(sparse), axis, 0).shape, dtype=np.uint8 if n_cls < 255 else np.int32)
     if n_cls == 0:
         return np.moveaxis(out, 0, axis)
-    sp2 = _plane_spacing(spacing, axis)
-    absent = float(np.hypot(src.shape[1] * sp2[0], src.shape[2] * sp2[1]))
-    sdfs = _class_sdfs(src, lab, range(1, n_cls + 1), sp2, absent)
-    below, above, _ = _neighbours(src.shape[0], lab)
-    for s in range(src.shape[0]):
-        out[s] = _labels_from_sdf(_interpolated(sdfs, s, int(below[s]), int(above[s])))
+    prior = SlicePrior(sparse, lab, axis, spacing, n_cls + 1)
+    for s in range(out.shape[0]):
+        out[s] = _labels_from_sdf(prior.interpolated_sdf(s))
     return np.moveaxis(out, 0, axis)
 
 
@@ -229,11 +225,17 @@ class SlicePrior:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
         return keep_connected(labels, self.sparse, self.lab, self.axis)
 
+    def interpolated_sdf(self, s: int) -> np.ndarray:
+        """``float32 [N, H, W]``: each class's signed distance (mm) on slice ``s``, linear between the painted
+        slices around it, the nearest painted slice's beyond them (:func:`shape_interpolation`'s shapes)."""
+        s = int(s)
+        return _interpolated(self.sdfs, s, int(self.below[s]), int(self.above[s]))
+
     def log_odds(self, s: int) -> np.ndarray:
         st = self.settings
         s = int(s)
         lo, hi = int(self.below[s]), int(self.above[s])
-        sdf = _interpolated(self.sdfs, s, lo, hi)
+        sdf = self.interpolated_sdf(s)
         d_mm = float(self.dist[s]) * self.dz
         if lo < 0 or hi < 0:   # beyond the outermost labelled slice
             sdf = sdf + st.shrink_rate * self.rate * d_mm
