@@ -41,3 +41,22 @@ def test_loss_curve(tmp_path):
     history.append({"step": 30, "loss": 0.03, "terms": {"dice": 0.02, "consistency": 0.01}})
     assert _is_png(loss_curve(history, tmp_path / "loss.png"))
     assert _is_png(loss_curve([], tmp_path / "empty.png"))
+
+
+def test_iou_vs_labelled_panels_with_gaps(tmp_path):
+    from mismatch.plots import iou_vs_labelled
+
+    panels = {"lungs": {"mismatch": {3: [0.8, 0.85, 0.9], 5: [0.9]}, "nearest-slice": {3: [0.5], 5: [float("nan")]}},
+              "brain": {"mismatch": {3: [0.6, 0.7]}}, "empty": {}}
+    out = iou_vs_labelled(panels, tmp_path / "iou.png", names={"mismatch": "MisMatch"}, title="t")
+    assert out == tmp_path / "iou.png" and _is_png(out)
+
+
+def test_benchmark_report_draws_iou_against_labelled_count(tmp_path):
+    from mismatch.benchmark.runner import write_report
+
+    runs = [{"dataset": "d", "method": m, "n_labelled": n, "seed": s, "iou": 0.5 + 0.1 * s, "group": "main"}
+            for m in ("mismatch", "nearest-slice") for n in (3, 5) for s in range(2)]
+    text = write_report({"runs": runs}, tmp_path).read_text()
+    assert "![fig-iou-vs-labelled.png](fig-iou-vs-labelled.png)" in text
+    assert _is_png(tmp_path / "fig-iou-vs-labelled.png")

@@ -174,3 +174,61 @@ def ece_vs_iou(points: dict[str, list[tuple[float, float, int]]], path: str | os
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path, dpi)
+
+
+def iou_vs_labelled(panels: dict[str, dict[str, dict[int, list[float]]]], path: str | os.PathLike,
+                    names: dict[str, str] | None = None, title: str | None = None, dpi: int = 120) -> Path:
+    """IoU against the number of labelled slices: one panel per data set, one line per method (drawn side by
+    side around each count).
+
+    ``panels``: ``{data set: {method: {n_labelled: [iou of each run, 0..1]}}}``. Each point is the mean over
+    the runs (drawn in %), its bar the sample standard deviation (none for a single run); a count with no
+    run is left out of that method's line. ``names`` maps a method to the name in the legend. Returns ``path``.
+    """
+    plt = _pyplot()
+    names = names or {}
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    methods = list(dict.fromkeys(m for series in panels.values() for m in series))
+    colours = plt.get_cmap("tab10").colors
+    for ax, (dataset, series) in zip(axes.flat, panels.items()):
+        for method, by_n in series.items():
+            pts = sorted((k, [v for v in vals if _is_number(v)]) for k, vals in by_n.items())
+            pts = [(k, vals) for k, vals in pts if vals]
+            if not pts:
+                continue
+            xs = [k for k, _ in pts]
+            means = [100 * sum(v) / len(v) for _, v in pts]
+            stds = [100 * (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                    for _, v in pts]
+            i = methods.index(method)
+            shift = 0.06 * (i - (len(methods) - 1) / 2)  # side by side, so the bars do not hide each other
+            ax.errorbar([x + shift for x in xs], means, yerr=stds, color=colours[i % len(colours)], marker="o", markersize=4,
+                        capsize=3, linewidth=1.2, label=names.get(method, method))
+        counts = sorted({k for by_n in series.values() for k in by_n})
+        ax.set_xticks(counts)
+        if counts:
+            ax.set_xlim(counts[0] - 1, counts[-1] + 1)
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("labelled slices")
+        ax.set_ylabel("IoU on the unlabelled slices (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), fontsize=7, loc="lower center",
+                   ncol=min(len(handles), 4), frameon=False, bbox_to_anchor=(0.5, 0.0))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    plt.close(fig)
+    return out

@@ -487,8 +487,8 @@ def _merged_reliability(runs: list[dict], method: str, output: str) -> dict | No
 def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     """``results.md`` with Table 1, the ECE, the decoders, the ablation and the alpha sweep, and the figures
     ``fig4-reliability-<data set>.png`` and ``fig5-ece-iou-<data set>.png``, from ``data["runs"]`` alone."""
-    from ..plots import ece_vs_iou, reliability_diagram
-    from .tables import baseline_table, prior_table, results_table
+    from ..plots import ece_vs_iou, iou_vs_labelled, reliability_diagram
+    from .tables import DISPLAY_NAMES, METHOD_ORDER, baseline_table, prior_table, results_table
 
     out = Path(out_dir)
     runs = data["runs"]
@@ -511,6 +511,17 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               results_table(main) if main else "_No runs._", ""]
     lines += ["## Against the best free baseline", "", baseline_table(main, BASELINES) if main else "_No runs._",
               ""]
+    panels: dict = {}
+    for r in sorted(main, key=lambda r: METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99):
+        panels.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["n_labelled"], []).append(
+            r.get("iou"))
+    if panels:
+        iou_vs_labelled(panels, out / "fig-iou-vs-labelled.png", names=DISPLAY_NAMES,
+                        title="IoU on the unlabelled slices against the number of labelled slices (mean ± std)")
+        lines += ["## IoU against the number of labelled slices", "",
+                  "Every method and baseline, per data set: the mean over seeds and its standard deviation "
+                  "(the headline IoU of the tables above).", "", "![fig-iou-vs-labelled.png](fig-iou-vs-labelled.png)",
+                  ""]
     lines += ["## What the painted slices add", "",
               "Every learned run is segmented twice from the same trained networks: the network alone, and with "
               "the painted slices kept as painted, the prior of their shape-based interpolation added to the "
