@@ -1,5 +1,7 @@
 """Slicer-side helpers of the MisMatch module, one job per file.
 
+- ``engine``: where the packaged engine is, and its ``mismatch/contract.py`` (exit codes, slice lists,
+  durations, model-card checks), the one file of the engine the module loads
 - ``jobfolder``: MRML nodes -> job-folder files (Slicer storage nodes) and results back into nodes
 - ``process``: the engine as a child process, events read as they arrive, cancel of the whole tree
 - ``state``: the panel's state machine (plain Python)

@@ -9,7 +9,6 @@ designated output) nodes on the input volume's exact grid.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import vtk
 
 import slicer
+
+from .engine import contract
 
 OUTPUT_ATTRIBUTE = "MisMatch.Output"  # node attribute on the nodes the module created for its results
 AXES = ("k", "j", "i")  # contract axis name -> numpy axis of a [K, J, I] array: k=0, j=1, i=2
@@ -180,22 +181,12 @@ def keep_slices(labels: np.ndarray, axis: str, slices) -> np.ndarray:
 
 
 def parse_slices(text: str, what: str = "held-out slices") -> list[int]:
-    """``"3, 7, 10-12"`` -> ``[3, 7, 10, 11, 12]``. ``what`` names the field in the error message."""
-    out: list[int] = []
-    for part in (text or "").replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise JobError(f"{what}: {part!r} is not a slice number or range; write e.g. 12, 20 or 10-12")
-        lo = int(match.group(1))
-        out.extend(range(lo, int(match.group(2) or lo) + 1))
-    return sorted(set(out))
+    """``"3, 7, 10-12"`` -> ``[3, 7, 10, 11, 12]`` as the engine reads slice lists (``mismatch.contract``);
+    ``what`` names the field in the error message."""
+    return contract.parse_slices(text, what, error=JobError)
 
 
-def format_slices(slices) -> str:
-    return ",".join(str(int(s)) for s in slices)
+format_slices = contract.format_slices
 
 
 def check_empty_slices(labels: np.ndarray, axis: str, empty, held_out, names: dict) -> list[int]:

@@ -17,7 +17,6 @@ own is filled only with ``SegmentRequest.confirm_overwrite`` (the panel asks fir
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import jobfolder, modelcard, plots
+from .engine import contract
 from .jobfolder import JobError
 from .process import EngineProcess, engine_command, engine_environment, engine_source_dir, find_python
 
@@ -130,13 +130,7 @@ def is_alive(node) -> bool:
     return node is not None and scene is not None and node.GetScene() is scene and bool(scene.IsNodePresent(node))
 
 
-def format_duration(seconds) -> str:
-    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+format_duration = contract.format_duration   # as the engine's progress lines show durations
 
 
 def describe_progress(event: dict) -> str:

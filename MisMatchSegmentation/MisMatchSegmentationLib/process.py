@@ -41,19 +41,9 @@ import time
 import weakref
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
-EXIT_CANCELLED = 130
+from .engine import contract, engine_source_dir
+
 STDERR_TAIL = 30
-
-
-def engine_source_dir() -> Path | None:
-    """The folder that holds the ``mismatch`` package: packaged next to the module, or the source tree."""
-    module_dir = Path(__file__).resolve().parent.parent  # MisMatchSegmentation/
-    for candidate in (module_dir / "MisMatchEngine",  # installed extension (see the module's CMakeLists.txt)
-                      module_dir.parent / "Trainer"):  # source checkout
-        if (candidate / "mismatch" / "__init__.py").is_file():
-            return candidate
-    return None
 
 
 def find_python(executable: str | None = None, which=shutil.which) -> str:
@@ -369,7 +359,7 @@ def finished_event(returncode: int, end: dict | None, cancel_requested: bool, st
     message = (end or {}).get("message") or ""
     if returncode == 0 and status in (None, "completed"):
         status = "completed"
-    elif cancel_requested or returncode == EXIT_CANCELLED or status == "cancelled":
+    elif cancel_requested or returncode == contract.EXIT_CANCELLED or status == "cancelled":
         status, message = "cancelled", message or "cancelled"
     else:
         status = "failed"

@@ -14,7 +14,7 @@ import types
 
 PACKAGE = "MisMatchSegmentationLib"
 # dependency order: a module comes after every library module it imports
-SUBMODULES = ("jobfolder", "modelcard", "plots", "process", "state", "devices", "install", "logic", "reloading")
+SUBMODULES = ("engine", "jobfolder", "modelcard", "plots", "process", "state", "devices", "install", "logic", "reloading")
 TESTING = ("MisMatchSegmentationTesting",)
 
 

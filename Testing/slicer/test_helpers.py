@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -93,7 +94,8 @@ def write_model(folder, **changes):
 
     card = {"format": "mismatch-model", "format_version": 1, "architecture": {"name": "mismatch", "width": 24,
             "in_channels": 1}, "classes": [{"value": 1, "name": "liver", "color": [1, 0, 0]}],
-            "channels": [{"name": "ct"}], "summary": {"steps": 300},
+            "channels": [{"name": "ct"}], "normalisation": {"method": "zscore"}, "slice_axis": "k",
+            "summary": {"steps": 300},
             "weights": {"file": "model.safetensors", "sha256": hashlib.sha256(b"weights").hexdigest()}}
     card.update(changes)
     (folder / "model.json").write_text(json.dumps(card))
@@ -105,16 +107,49 @@ def test_model_card_validation(tmp_path):
     card = modelcard.read_card(good)
     assert modelcard.describe(card) == "mismatch model (width 24) for liver, trained 300 steps"
     assert modelcard.read_card(good / "model.json")["classes"][0]["name"] == "liver"
-    cases = {"format": ("other", "not a MisMatch model card"), "format_version": (9, "newer than this extension"),
-             "classes": ([], "positive integer values"), "weights": ({"file": "../x"}, "must sit in the model folder")}
-    for key, (value, message) in cases.items():
+    cases = [("format", "other", "not a MisMatch model card"),
+             ("format_version", 9, "newer than this version reads .*update the MisMatch extension"),
+             ("format_version", "one", "format_version 'one' is not a whole number"),
+             ("classes", [], "positive integer values"), ("weights", {"file": "../x"}, "must sit in the model folder"),
+             ("weights", {"file": "model.safetensors"}, "checksum")]   # a card without the checksum
+    for n, (key, value, message) in enumerate(cases):
         with pytest.raises(modelcard.ModelCardError, match=message):
-            modelcard.read_card(write_model(tmp_path / key, **{key: value}))
+            modelcard.read_card(write_model(tmp_path / str(n), **{key: value}))
+    for key in ("normalisation", "slice_axis"):   # the engine refuses a card without them: so does the module
+        card = json.loads((write_model(tmp_path / key) / "model.json").read_text())
+        (tmp_path / key / "model.json").write_text(json.dumps({k: v for k, v in card.items() if k != key}))
+        with pytest.raises(modelcard.ModelCardError, match=f"lacks {key}"):
+            modelcard.read_card(tmp_path / key)
     with pytest.raises(modelcard.ModelCardError, match="no model.json"):
         modelcard.read_card(tmp_path)
     (good / "model.safetensors").unlink()
     with pytest.raises(modelcard.ModelCardError, match="missing"):
         modelcard.read_card(good)
+
+
+def test_the_module_reads_the_contract_file_of_the_engine_it_runs(tmp_path):
+    """One contract (exit codes, slice lists, durations, card checks): the module loads the engine's own file,
+    from the engine folder packaged with it, without importing the rest of the engine or torch."""
+    import shutil
+    import subprocess
+
+    from MisMatchSegmentationLib import engine
+
+    source = engine.engine_source_dir() / "mismatch" / "contract.py"
+    packaged = tmp_path / "MisMatchEngine" / "mismatch"
+    packaged.mkdir(parents=True)
+    shutil.copy(source, packaged)
+    loaded = engine.load_contract(tmp_path / "MisMatchEngine")
+    assert Path(loaded.__file__) == packaged / "contract.py" and loaded.EXIT_CANCELLED == 130
+    assert loaded.parse_slices("3, 7; 10-12") == [3, 7, 10, 11, 12] and loaded.format_duration(75) == "1:15"
+    assert Path(engine.contract.__file__).resolve() == source.resolve()
+    with pytest.raises(ImportError, match="reinstall the MisMatch extension"):
+        engine.load_contract(tmp_path / "nothing")
+    module_dir = Path(engine.__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from MisMatchSegmentationLib import jobfolder, modelcard; "
+            "assert 'torch' not in sys.modules and 'mismatch' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(module_dir)], capture_output=True, text=True)
+    assert done.returncode == 0 or "No module named 'slicer'" in done.stderr, done.stderr
 
 
 def test_copy_model_refuses_a_folder_with_other_files(tmp_path):

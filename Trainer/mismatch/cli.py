@@ -20,10 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
+from .contract import EXIT_CANCELLED, EXIT_FAILED, EXIT_USER_ERROR
 from .errors import Cancelled, UserError
-
-EXIT_USER_ERROR = 2
-EXIT_CANCELLED = 130
 
 
 # -- CPU threads ----------------------------------------------------------------------------------------
@@ -678,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             _final(args, "failed", message)
             traceback.print_exc()
             print(f"mismatch {args.command}: failed: {message}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         finally:
             if threads_before is not None:   # in-process callers get their thread count back
                 apply_threads(threads_before)

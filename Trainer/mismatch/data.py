@@ -8,12 +8,12 @@ the default), ``j`` or ``i``; they are numpy axes 0, 1, 2 of a ``[K, J, I]`` arr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from .contract import parse_slices
 from .errors import UserError
 
 AXES = {"k": 0, "j": 1, "i": 2}
@@ -29,24 +29,9 @@ def axis_index(axis: str) -> int:
 
 
 def parse_slice_list(text: str) -> list[int]:
-    """``"3,7,12"`` and ranges ``"10-14"`` (inclusive) -> sorted unique slice indices (0-based).
-
-    Spaces around items are allowed; an empty string gives ``[]``; anything else is a :class:`UserError`.
-    """
-    out: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
-        if not m:
-            raise UserError(f"slice list {text!r}: {part!r} is not a slice number; use numbers and ranges "
-                            "like 3,7,10-12 (0-based)")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UserError(f"slice list {text!r}: range {part} runs backwards; write it as {hi}-{lo}")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
+    """``"3,7,12"`` and ranges ``"10-14"`` (inclusive) -> sorted unique slice indices (0-based), as the module
+    reads them (:func:`mismatch.contract.parse_slices`); anything else is a :class:`UserError`."""
+    return parse_slices(text, f"slice list {text!r}", error=UserError)
 
 
 def labelled_slices(labels: np.ndarray, axis: str = "k", explicit: Sequence[int] | None = None) -> np.ndarray:

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import IO, Any
 
+from .contract import format_duration
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float):
@@ -30,15 +32,6 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):   # replaced or closed streams
         return False
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
 #: Seconds between two plain progress lines when stderr is not a terminal.

@@ -26,24 +26,12 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from . import __version__
+from .contract import CARD_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, check_weights, load_card, sha256_file
 from .errors import UserError
 from .io import replace_folder, resolve_folder, swap_names
 from .models import ArchitectureConfig, SegmentationNetwork
 
-CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT = "mismatch-model"
-FORMAT_VERSION = 1
-REQUIRED_CARD_KEYS = ("format", "format_version", "architecture", "classes", "channels", "normalisation",
-                      "slice_axis", "weights")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -112,11 +100,11 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
     folder = Path(model_dir)
     check_model_destination(folder)
     tensors = {f"snapshot{i}.{k}": v for i, sd in enumerate(snapshots) for k, v in sd.items()}
-    data = _tensor_bytes(tensors, metadata={"format": FORMAT})
+    data = _tensor_bytes(tensors, metadata={"format": MODEL_FORMAT})
     card = dict(card)
     card.update({
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
         "engine_version": __version__,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "snapshots": len(snapshots)},
     })
@@ -130,7 +118,8 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
 
 
 def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``model.json``; a :class:`UserError` says what is wrong with it."""
+    """Read and validate ``model.json`` (:func:`mismatch.contract.load_card`, then the network it describes);
+    a :class:`UserError` says what is wrong with it."""
     folder = Path(model_dir)
     if folder.is_file() and folder.name == CARD_NAME:
         folder = folder.parent
@@ -139,30 +128,19 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not card_path.is_file():
         raise UserError(f"{folder}: not a MisMatch model folder (no {CARD_NAME}); "
                         "give the folder that 'mismatch train --out' wrote")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{card_path}: the model card is not valid JSON ({exc}); the model folder is damaged") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise UserError(f"{card_path}: not a MisMatch model card (format is not {FORMAT!r})")
-    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise UserError(f"{card_path}: the model card lacks {', '.join(missing)}; the model folder is damaged")
-    if int(card["format_version"]) > FORMAT_VERSION:
-        raise UserError(f"{card_path}: model format version {card['format_version']} is newer than this engine "
-                        f"reads ({FORMAT_VERSION}); update the MisMatch engine (installed: {__version__})")
+    card = load_card(card_path, f"update the MisMatch engine (installed: {__version__})", error=UserError)
     try:
         arch = ArchitectureConfig.from_dict(card["architecture"])
         arch.decoders  # noqa: B018 - validates the name
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{card_path}: unknown architecture {card['architecture']!r}") from None
-    if not isinstance(card["channels"], list) or len(card["channels"]) != arch.in_channels:
-        n = len(card["channels"]) if isinstance(card["channels"], list) else "no list of"
+    if len(card["channels"]) != arch.in_channels:   # both are lists (checked by load_card)
+        n = len(card["channels"])
         raise UserError(f"{card_path}: the card lists {n} channel(s) but the network takes {arch.in_channels} "
                         "(architecture.in_channels); the model card is damaged or was edited: copy the model "
                         "folder again")
-    if not isinstance(card["classes"], list) or len(card["classes"]) + 1 != arch.num_classes:
-        n = len(card["classes"]) if isinstance(card["classes"], list) else "no list of"
+    if len(card["classes"]) + 1 != arch.num_classes:
+        n = len(card["classes"])
         raise UserError(f"{card_path}: the card lists {n} class(es) but the network has {arch.num_classes - 1} "
                         "(architecture.num_classes minus background); the model card is damaged or was "
                         "edited: copy the model folder again")
@@ -177,13 +155,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu"
         folder = folder.parent
     card = read_card(folder)
     folder = resolve_folder(folder, _model_complete)
-    weights = folder / card["weights"].get("file", WEIGHTS_NAME)
-    if not weights.is_file():
-        raise UserError(f"{weights}: the weights file is missing; copy the whole model folder")
-    digest = sha256_file(weights)
-    if digest != card["weights"].get("sha256"):
-        raise UserError(f"{weights}: the weights do not match the card's checksum (corrupted or replaced file); "
-                        "copy the model folder again")
+    weights = check_weights(folder, card, error=UserError)
     try:
         tensors = load_bytes(weights.read_bytes())
     except Exception as exc:  # safetensors raises several types for a damaged header
