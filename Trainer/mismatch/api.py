@@ -15,7 +15,7 @@ from .data import Normalisation, parse_slice_list
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
-from .inference import OUTPUTS, VolumeSegmentation, rank_uncertain_slices, segment_volume
+from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
 from .modelfile import load_model
 from .prior import PriorSettings, SlicePrior
 from .train import remap_labels
@@ -118,8 +118,11 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                   disagreement: str | None = None, report: str | None = None, truth: str | None = None,
                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device: str = "auto",
                   reporter: Reporter | None = None, labels: str | None = None,
-                  explicit_slices: Sequence[int] | None = None) -> dict:
+                  explicit_slices: Sequence[int] | None = None, ranking: str = DEFAULT_RANKING) -> dict:
     """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
+
+    ``ranking``: how the report orders the slices worth labelling next
+    (:data:`~mismatch.inference.RANKINGS`).
 
     ``labels``: the painted label map of this volume (what the model was trained from): see
     :func:`painted_prior`.
@@ -148,6 +151,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         raise UserError("--eval-slices needs --truth (the label map to evaluate against)")
     if explicit_slices and not labels:
         raise UserError("--labelled-slices / --empty-slices need --labels (the painted label map)")
+    if ranking not in RANKINGS:
+        raise UserError(f"--ranking {ranking}: choose one of {', '.join(RANKINGS)}")
     dev = resolve_device(device)
     card, networks = load_model(model_dir, device=dev)
     reporter.start("load", total=None)
@@ -195,7 +200,9 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         doc = {
             "slice_axis": card["slice_axis"],
             "model": str(model_dir),
-            "uncertain_slices": rank_uncertain_slices(seg.slice_scores, exclude=labelled, two_decoders=two),
+            "ranking": ranking,
+            "uncertain_slices": rank_uncertain_slices(seg.slice_scores, exclude=labelled, two_decoders=two,
+                                                      ranking=ranking),
             "evaluation": seg.evaluation,
         }
         write_text_atomic(report, json.dumps(doc, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""The ``mismatch`` command: train, segment, evaluate, demo.
+"""The ``mismatch`` command: train, segment, evaluate, demo, benchmark, simulate.
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing modified); 130 cancelled; 1 other failure.
 
@@ -290,7 +290,7 @@ def _preset_default(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .inference import CPU_BATCH_PIXELS
+    from .inference import CPU_BATCH_PIXELS, DEFAULT_RANKING, RANKINGS
     from .train import CHECKPOINT_SECONDS, PRESETS, TrainConfig
 
     d = TrainConfig()
@@ -365,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"... and after SECONDS of training since the last one (default {CHECKPOINT_SECONDS:g}; "
                         "0 = by steps only)")
     t.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
-    t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections)")
+    t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections); a "
+                   "warm-start round unless --no-warm-start")
+    t.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --init: train a quarter of the steps at half the learning rate, short warm-up, no "
+                        "alpha ramp-up (mismatch.train.WARM_START; fractions of the preset's or the given --steps "
+                        "and --lr); --no-warm-start: the full schedule (default: on)")
     t.add_argument("--seed", type=int, default=d.seed,
                    help=f"random seed of the weights, patches and augmentation ({_preset_default('seed')})")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
@@ -395,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --labels: slices that count as labelled even if all background")
     s.add_argument("--empty-slices", type=_slices, metavar="LIST",
                    help="with --labels: slices checked and found without the structure")
+    s.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING,
+                   help="how --report orders the slices worth labelling next: the decoders' disagreement (default), "
+                        "the confidence missing (expected-error), either weighted by the distance to the nearest "
+                        "labelled slice (-distance); docs/loop.md")
     s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
     s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
     s.add_argument("--batch-size", type=_positive_int, default=8,
@@ -472,7 +481,57 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: width 8, 60 steps, 1 data set")
     b.add_argument("--report-only", action="store_true", help="rebuild results.md and the figures from runs.json")
     _threads_option(b)
+    _simulate_parser(sub)
     return parser
+
+
+def _simulate_parser(sub) -> None:
+    """``mismatch simulate``: the annotate-and-retrain loop played by a simulated user (docs/loop.md)."""
+    from .benchmark.loop import BASE_POLICIES, POLICIES
+
+    v = sub.add_parser(
+        "simulate", help="the annotate-and-retrain loop with a simulated user, per slice-picking policy",
+        description="On volumes with full labels: start from K0 labelled slices, then in each round add the true "
+                    "labels of one slice chosen by a policy, retrain from the last model (warm start), segment "
+                    "with the painted slices and record IoU, ECE and seconds on every slice not labelled. Writes "
+                    "loop.json (every round; running again resumes), results.md and the figures into --out.")
+    v.add_argument("--out", default="simulate-output", metavar="DIR",
+                   help="folder for results.md, the figures and loop.json (default simulate-output)")
+    v.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help="the benchmark's data sets (mismatch benchmark --help; default: ctchest-lungs)")
+    v.add_argument("--methods", nargs="+", metavar="NAME", help="methods (default: mismatch unet-strong)")
+    v.add_argument("--start", nargs="+", type=_positive_int, metavar="K0",
+                   help="labelled slices of the first round (default 1 3)")
+    v.add_argument("--max-labelled", type=_positive_int, metavar="N",
+                   help="labelled slices of the last round (default 10)")
+    v.add_argument("--seeds", type=_positive_int, help="draws of the first slices and training seeds (default 5)")
+    v.add_argument("--policies", nargs="+", metavar="NAME", choices=POLICIES,
+                   help=f"how the next slice is picked: {', '.join(POLICIES)} (default: {' '.join(BASE_POLICIES)})")
+    v.add_argument("--preset", choices=sorted(_presets()), help="the first training's budget and recipe "
+                   "(default: default); the options below override it")
+    v.add_argument("--steps", type=_positive_int, help="steps of the first training (default: the preset's)")
+    v.add_argument("--width", type=_positive_int, help="channels of the first block (default: the preset's)")
+    v.add_argument("--batch-size", type=_positive_int, help="labelled slices per step (default: the preset's)")
+    v.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices (default: the preset's)")
+    v.add_argument("--lr", type=_positive_float, help="learning rate of the first training (default: the preset's)")
+    v.add_argument("--warm-steps-fraction", type=_positive_float, metavar="F",
+                   help="steps of a later round as a fraction of the first's (default: mismatch.train.WARM_START)")
+    v.add_argument("--warm-lr-fraction", type=_positive_float, metavar="F",
+                   help="learning rate of a later round as a fraction of the first's (default: WARM_START)")
+    v.add_argument("--scratch", action="store_true",
+                   help="also train from scratch on the slices of every later round, to compare with the warm start")
+    v.add_argument("--no-reference", action="store_true",
+                   help="leave out the reference (unet-strong trained on every slice)")
+    v.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
+    v.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    v.add_argument("--report-only", action="store_true", help="rebuild results.md and the figures from loop.json")
+    _threads_option(v)
+
+
+def _presets():
+    from .train import PRESETS
+
+    return PRESETS
 
 
 def _reporter(args, quiet: bool = False):
@@ -508,6 +567,10 @@ def _train(args, ctx) -> int:
         checkpoint_every=args.checkpoint_every)
     if config.patch_size < 0 or (0 < config.patch_size < 16):
         raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
+    if args.init and args.warm_start:
+        from .train import warm_start_config
+
+        config = warm_start_config(config)
     check_training_memory(config, len(args.images), str(ctx.device) if ctx.distributed else args.device)
     unlabelled = [case.split(",") for case in args.unlabelled]
     reporter = _reporter(args, quiet=not ctx.is_main)
@@ -572,7 +635,8 @@ def cmd_segment(args) -> int:
                             disagreement=args.disagreement, report=args.report, truth=args.truth,
                             eval_slices=args.eval_slices, batch_size=args.batch_size, device=args.device,
                             reporter=reporter, labels=args.labels,
-                            explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []))
+                            explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                            ranking=args.ranking)
     reporter.end("completed", f"segmentation written to {args.out}", **summary)
     if args.events != "-":
         print(f"segmentation written to {args.out} ({summary['seconds']:.1f} s)")
@@ -632,8 +696,29 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .benchmark.loop import LoopConfig, load_results, run_simulation, write_report
+
+    if args.report_only:
+        data = load_results(args.out)
+        if not data["rounds"]:
+            raise UserError(f"{args.out} holds no loop.json with rounds; run the simulation first")
+        print(f"wrote {write_report(data, args.out)}")
+        return 0
+    warm = {k: v for k, v in (("steps_fraction", args.warm_steps_fraction), ("lr_fraction", args.warm_lr_fraction))
+            if v is not None}
+    options = {"datasets": args.datasets, "methods": args.methods, "start": args.start,
+               "max_labelled": args.max_labelled, "seeds": args.seeds, "policies": args.policies,
+               "preset": args.preset, "steps": args.steps, "width": args.width, "batch_size": args.batch_size,
+               "patch_size": args.patch_size, "lr": args.lr, "data_dir": args.data_dir, "device": args.device}
+    config = LoopConfig(**{k: v for k, v in options.items() if v is not None}, warm=warm, scratch=args.scratch,
+                        reference=not args.no_reference)
+    run_simulation(config, args.out)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "benchmark": cmd_benchmark}
+            "benchmark": cmd_benchmark, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

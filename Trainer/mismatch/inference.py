@@ -272,6 +272,8 @@ class VolumeInference:
             if self.uncertain_bits is not None:
                 low = blocks["confidence"] < UNCERTAIN_CONFIDENCE
                 self.uncertain_bits[start:stop] = np.packbits(low.reshape(stop - start, -1), axis=1)
+            differ = (_top_label(per_decoder[0], binary)[0] != _top_label(per_decoder[1], binary)[0]
+                      if len(per_decoder) >= 2 else None)
             for i in range(stop - start):
                 s = start + i
                 self.scores.append({
@@ -279,6 +281,11 @@ class VolumeInference:
                     "disagreement": float(dis[i].mean()),
                     "uncertain_fraction": float((conf[i] < UNCERTAIN_CONFIDENCE).float().mean()),
                     "foreground_fraction": float((pred[i] > 0).float().mean()),
+                    # the decoders' labels differ (what the panel's hint quotes)
+                    "disagreeing_fraction": float(differ[i].float().mean()) if differ is not None else 0.0,
+                    # the expected fraction of wrong voxels under the prediction's own confidence (before
+                    # the connectivity pass; removed parts are in removed_fraction)
+                    "expected_error": float((1 - conf[i].float()).mean()),
                 })
             if self.eval_set:
                 rows = [i for i in range(stop - start) if start + i in self.eval_set]
@@ -339,10 +346,48 @@ class VolumeInference:
                                   evaluation=evaluation, seconds=self.seconds, removed=removed, binary=binary)
 
 
-def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_decoders: bool = True) -> list[dict]:
-    """Slices sorted most uncertain first (decoder disagreement, or the uncertain fraction for a U-Net),
-    leaving out ``exclude`` (e.g. the labelled slices)."""
-    skip = set(int(s) for s in exclude)
-    key = "disagreement" if two_decoders else "uncertain_fraction"
-    rows = [s for s in scores if s["slice"] not in skip and math.isfinite(s[key])]
-    return sorted(rows, key=lambda s: -s[key])
+#: how :func:`rank_uncertain_slices` can order the slices (``mismatch segment --ranking``):
+#:
+#: - ``disagreement``: the mean disagreement of the two decoders (the uncertain fraction for a one-decoder
+#:   network);
+#: - ``disagreement-distance``: the same, weighted by the slice's distance to the nearest labelled slice
+#:   (:func:`distance_weight`): a slice next to a painted one adds little that the painted one does not say;
+#: - ``expected-error``: the expected fraction of wrong voxels under the prediction's own confidence (the mean of
+#:   1 - confidence: the confidence mass missing, which lies along the predicted boundaries);
+#: - ``expected-error-distance``: the same, weighted by the distance.
+RANKINGS = ("disagreement", "disagreement-distance", "expected-error", "expected-error-distance")
+#: the ranking ``mismatch segment`` writes unless told otherwise (kept until ``mismatch simulate`` picks a winner)
+DEFAULT_RANKING = "disagreement"
+
+
+def distance_weight(distance: float | None, n_slices: int, n_labelled: int) -> float:
+    """``1 - exp(-d / r)`` for a slice ``d`` slices from the nearest labelled one, with ``r`` half the gap between
+    evenly spaced labelled slices (``n_slices / (2 (n_labelled + 1))``): 0 on a labelled slice, 0.63 at ``r``,
+    near 1 from twice that. 1 when no slice is labelled."""
+    if distance is None or n_labelled <= 0:
+        return 1.0
+    r = max(1.0, n_slices / (2.0 * (n_labelled + 1)))
+    return float(1.0 - math.exp(-float(distance) / r))
+
+
+def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_decoders: bool = True,
+                          ranking: str = DEFAULT_RANKING) -> list[dict]:
+    """Slices sorted most worth labelling first by ``ranking`` (:data:`RANKINGS`), leaving out ``exclude`` (the
+    labelled slices). Each row is the slice's scores plus ``distance`` (slices to the nearest excluded slice,
+    None when none is) and ``score`` (what it was ranked by)."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    skip = sorted(set(int(s) for s in exclude))
+    base = ("disagreement" if two_decoders else "uncertain_fraction") if ranking.startswith("disagreement") \
+        else "expected_error"
+    weighted = ranking.endswith("-distance")
+    n_slices = len(scores)
+    labelled = np.asarray(skip, dtype=np.int64)
+    rows = []
+    for row in scores:
+        if row["slice"] in skip or base not in row or not math.isfinite(row[base]):
+            continue
+        distance = int(np.min(np.abs(labelled - int(row["slice"])))) if len(labelled) else None
+        score = float(row[base]) * (distance_weight(distance, n_slices, len(labelled)) if weighted else 1.0)
+        rows.append({**row, "distance": distance, "score": score})
+    return sorted(rows, key=lambda r: -r["score"])

@@ -104,6 +104,25 @@ def preset_config(preset: str = "default", method: str = "mismatch", **overrides
     return TrainConfig(method=method, preset=preset, method_options=options, **values)
 
 
+#: A round that continues from a trained model (``mismatch train --init``, the panel's retrain after
+#: corrections): a quarter of the steps, half the peak learning rate after a short warm-up, and the
+#: consistency term at full weight from the first step (the decoders are trained already; ramping alpha up
+#: again would only weaken it). Fractions of the run's own steps and learning rate (the preset's, or the ones
+#: given). Measured against training from scratch by ``mismatch simulate --scratch`` (docs/loop.md).
+WARM_START: dict[str, float] = {"steps_fraction": 0.25, "lr_fraction": 0.5, "warmup": 0.1, "alpha_rampup": 0.0}
+
+
+def warm_start_config(config: TrainConfig, settings: dict | None = None) -> TrainConfig:
+    """``config`` as a warm-start round (:data:`WARM_START`, or ``settings`` on top of it): fewer steps, a lower
+    learning rate, a short warm-up, no alpha ramp-up. A new object; ``config`` is left as it is."""
+    from dataclasses import replace
+
+    w = {**WARM_START, **(settings or {})}
+    return replace(config, steps=max(1, math.ceil(w["steps_fraction"] * config.steps)),
+                   lr=float(w["lr_fraction"] * config.lr), warmup=float(w["warmup"]),
+                   alpha_rampup=float(w["alpha_rampup"]))
+
+
 def default_classes(values: Sequence[int]) -> list[dict]:
     return [{"value": int(v), "name": f"class_{int(v)}", "color": list(_PALETTE[i % len(_PALETTE)])}
             for i, v in enumerate(values)]

@@ -1,0 +1,225 @@
+"""The annotate-and-retrain loop: ``mismatch simulate`` (policies, resumable rounds, report), the warm-start
+settings of a round that continues from a model, and the slice rankings ``segment`` writes."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from mismatch.benchmark import loop
+from mismatch.benchmark.datasets import Case
+from mismatch.cli import main
+from mismatch.inference import RANKINGS, distance_weight, rank_uncertain_slices
+from mismatch.io import Geometry
+from mismatch.train import WARM_START, TrainConfig, warm_start_config
+
+TINY = dict(steps=3, width=4, batch_size=2, patch_size=0, lr=2e-3, device="cpu")
+
+
+def tiny_case(k: int = 12, name: str = "tiny") -> Case:
+    """A ``k``-slice volume of 20 x 20 with a bright blob on the middle slices (radius changing along k)."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:k, :20, :20]
+    radius = 6.0 - 0.9 * np.abs(zz - k / 2)
+    blob = ((yy - 10) ** 2 + (xx - 9) ** 2) < np.clip(radius, 0, None) ** 2
+    image = np.where(blob, 1.0, 0.0) + rng.normal(0, 0.2, blob.shape)
+    geometry = Geometry((20, 20, k), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return Case(name, image.astype(np.float32)[None], blob.astype(np.uint8), geometry, axis=0)
+
+
+# -- the policies -------------------------------------------------------------------------------------------
+
+def test_even_slices_are_the_centres_of_equal_parts_of_the_extent():
+    assert loop.even_slices(range(10, 20), 1, 30) == [14]     # the middle (lower of the two)
+    assert loop.even_slices(range(10, 20), 2, 30) == [12, 17]
+    assert loop.even_slices(range(0, 30), 3, 30) == [4, 14, 24]
+    assert loop.even_slices([5, 6], 4, 30) == [4, 5, 6, 7]      # a short extent widens
+    assert loop.even_slices([0, 1], 3, 2) == [0, 1]             # ... within the volume
+
+
+def test_largest_gap_and_random_slices():
+    assert loop.largest_gap_slice(range(0, 21), [10]) == 0      # the farthest, the lowest on a tie
+    assert loop.largest_gap_slice(range(0, 21), [0, 20]) == 10
+    assert loop.largest_gap_slice(range(3, 5), [3, 4]) is None
+    a = loop.random_slice(range(10), [2, 3], 30, seed=1, n=3)
+    assert a == loop.random_slice(range(10), [2, 3], 30, seed=1, n=3) and a in set(range(10)) - {2, 3}
+    assert loop.random_slice([1], [1], 3, seed=0, n=2) in (0, 2)   # the extent is used up: any free slice
+
+
+def test_next_labelled_follows_each_policy():
+    record = {"suggestions": {r: i + 20 for i, r in enumerate(RANKINGS)}}
+    assert loop.next_labelled("suggested", [3], record, range(30), 40, 0) == [3, 20]
+    assert loop.next_labelled("suggested-expected-error", [3], record, range(30), 40, 0) == [3, 22]
+    assert loop.next_labelled("even", [3], record, range(0, 30), 40, 0) == loop.even_slices(range(0, 30), 2, 40)
+    assert loop.next_labelled("largest-gap", [0, 29], record, range(0, 30), 40, 0) == [0, 14, 29]
+    assert loop.next_labelled("suggested", [3], {"suggestions": {r: None for r in RANKINGS}}, range(9), 9, 0) is None
+
+
+# -- the rankings -------------------------------------------------------------------------------------------
+
+def _scores(n=20):
+    return [{"slice": s, "disagreement": 0.1 if s in (1, 10) else 0.01, "uncertain_fraction": 0.0,
+             "expected_error": 0.05 * (s == 15), "foreground_fraction": 0.1, "disagreeing_fraction": 0.02}
+            for s in range(n)]
+
+
+def test_rankings_order_and_distance():
+    scores = _scores()
+    plain = rank_uncertain_slices(scores, exclude=[0])
+    assert [r["slice"] for r in plain[:2]] == [1, 10] and plain[0]["distance"] == 1
+    weighted = rank_uncertain_slices(scores, exclude=[0], ranking="disagreement-distance")
+    assert weighted[0]["slice"] == 10          # as uncertain as slice 1, and far from the painted slice 0
+    assert weighted[0]["score"] == pytest.approx(0.1 * distance_weight(10, 20, 1))
+    assert rank_uncertain_slices(scores, exclude=[0], ranking="expected-error")[0]["slice"] == 15
+    assert all(r["slice"] != 0 for r in weighted)
+    assert distance_weight(0, 20, 2) == 0 and distance_weight(None, 20, 0) == 1
+    assert 0.6 < distance_weight(20 / 6, 20, 2) < 0.65   # 1 - 1/e at half the even gap
+    with pytest.raises(ValueError, match="ranking"):
+        rank_uncertain_slices(scores, ranking="nonsense")
+
+
+def test_slice_scores_carry_what_the_rankings_and_the_hint_need():
+    from mismatch.inference import segment_volume
+    from mismatch.models import ArchitectureConfig, SegmentationNetwork
+
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()
+    seg = segment_volume([net], tiny_case(6).image, device="cpu", outputs=())
+    row = seg.slice_scores[0]
+    assert 0 <= row["disagreeing_fraction"] <= 1 and 0 <= row["expected_error"] <= 0.5
+
+
+# -- warm start ---------------------------------------------------------------------------------------------
+
+def test_warm_start_config_is_a_fraction_of_the_first_training():
+    first = TrainConfig(steps=200, lr=2e-3)
+    warm = warm_start_config(first)
+    assert warm.steps == math.ceil(WARM_START["steps_fraction"] * 200) and warm.steps <= 50
+    assert warm.lr == pytest.approx(WARM_START["lr_fraction"] * 2e-3)
+    assert warm.alpha_rampup == 0 and first.steps == 200   # a new object
+    assert warm_start_config(first, {"steps_fraction": 0.5}).steps == 100
+    assert warm_start_config(TrainConfig(steps=1)).steps == 1
+
+
+def _write(array, path):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def test_train_with_init_is_a_warm_start_unless_told_otherwise(tmp_path):
+    case = tiny_case(8)
+    image = _write(case.image[0], tmp_path / "image.nrrd")
+    sparse = np.zeros_like(case.label)
+    sparse[[3, 5]] = case.label[[3, 5]]
+    labels = _write(sparse, tmp_path / "labels.nrrd")
+    tiny = ["--width", "4", "--patch-size", "0", "--batch-size", "2", "--device", "cpu"]
+    assert main(["train", image, "--labels", labels, "--out", str(tmp_path / "m0"), "--steps", "8", *tiny]) == 0
+    assert main(["train", image, "--labels", labels, "--out", str(tmp_path / "m1"), "--steps", "8",
+                 "--init", str(tmp_path / "m0"), *tiny]) == 0
+    card = json.loads((tmp_path / "m1" / "model.json").read_text())
+    assert card["summary"]["steps"] == 2 and card["training"]["lr"] == pytest.approx(1e-3)
+    assert card["training"]["alpha_rampup"] == 0
+    assert main(["train", image, "--labels", labels, "--out", str(tmp_path / "m2"), "--steps", "8",
+                 "--init", str(tmp_path / "m0"), "--no-warm-start", *tiny]) == 0
+    assert json.loads((tmp_path / "m2" / "model.json").read_text())["summary"]["steps"] == 8
+
+
+# -- the simulation -----------------------------------------------------------------------------------------
+
+def _config(**kw):
+    base = dict(datasets=["tiny"], methods=["mismatch"], start=[1], max_labelled=3, seeds=1,
+                policies=["suggested", "even"], **TINY)
+    base.update(kw)
+    return loop.LoopConfig(**base)
+
+
+def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
+    cases = {"tiny": [tiny_case()]}
+    data = loop.run_simulation(_config(), tmp_path, cases=cases, log=lambda m: None)
+    rounds = data["rounds"]
+    assert len(data["references"]) == 1 and data["references"][0]["n_test"] == 12
+    for policy in ("suggested", "even"):
+        mine = sorted((r for r in rounds if r["policy"] == policy), key=lambda r: r["n_labelled"])
+        assert [r["n_labelled"] for r in mine] == [1, 2, 3]
+        assert [r["init"] for r in mine] == ["first", "warm", "warm"]
+        assert mine[1]["steps"] == 1 and mine[0]["steps"] == 3       # ceil(0.25 * 3)
+        for r in mine:
+            assert r["n_test"] == 12 - r["n_labelled"] and 0 <= r["iou"] <= 1 and r["ece_band"] is not None
+            assert set(r["suggestions"]) == set(RANKINGS)
+        for a, b in zip(mine, mine[1:]):
+            assert set(a["labelled_slices"]) < set(b["labelled_slices"]) or policy == "even"
+    suggested = sorted((r for r in rounds if r["policy"] == "suggested"), key=lambda r: r["n_labelled"])
+    assert suggested[1]["added"] == suggested[0]["suggestions"]["disagreement"]
+    even = sorted((r for r in rounds if r["policy"] == "even"), key=lambda r: r["n_labelled"])
+    assert even[2]["labelled_slices"] == loop.even_slices(loop.extent(cases["tiny"][0].label, 0), 3, 12)
+    report = (tmp_path / "results.md").read_text()
+    assert "| suggested |" in report and "slices needed" in report and "Seconds per round" in report
+    assert (tmp_path / "loop-tiny-mismatch-k1.png").stat().st_size > 1000
+    assert not list((tmp_path / loop.STATES_DIR).glob("*.pt"))   # every trajectory done: no model kept
+
+    # again: nothing to train
+    monkeypatch.setattr(loop, "train_and_segment", lambda *a, **k: pytest.fail("trained again"))
+    again = loop.run_simulation(_config(), tmp_path, cases=cases, log=lambda m: None)
+    assert len(again["rounds"]) == len(rounds)
+    with pytest.raises(Exception, match="other training settings"):
+        loop.run_simulation(_config(steps=4), tmp_path, cases=cases, log=lambda m: None)
+
+
+def test_an_interrupted_simulation_loses_at_most_the_round_in_progress(tmp_path, monkeypatch):
+    from mismatch.errors import Cancelled
+
+    cases = {"tiny": [tiny_case()]}
+    real = loop.train_and_segment
+    calls = []
+
+    def stop_on_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Cancelled("stopped by SIGINT")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_and_segment", stop_on_the_fourth)
+    config = _config(policies=["largest-gap", "random"], reference=False, scratch=True)
+    with pytest.raises(Cancelled):
+        loop.run_simulation(config, tmp_path, cases=cases, log=lambda m: None)
+    kept = json.loads((tmp_path / loop.RESULTS_FILE).read_text())["rounds"]
+    assert len(kept) == 3          # first, warm 2, scratch 2 of largest-gap; the fourth was in progress
+    monkeypatch.setattr(loop, "train_and_segment", real)
+    data = loop.run_simulation(config, tmp_path, cases=cases, log=lambda m: None)
+    keys = [(r["policy"], r["n_labelled"], r["init"]) for r in data["rounds"]]
+    assert len(keys) == len(set(keys))
+    assert sorted(k for k in keys if k[0] == "largest-gap") == [
+        ("largest-gap", 1, "first"), ("largest-gap", 2, "scratch"), ("largest-gap", 2, "warm"),
+        ("largest-gap", 3, "scratch"), ("largest-gap", 3, "warm")]
+    # random shares largest-gap's first round (same draw): copied, not trained again
+    first = [r for r in data["rounds"] if r["init"] == "first"]
+    assert {r["policy"] for r in first} == {"largest-gap", "random"}
+    assert [r.get("copied_from") for r in first if r["policy"] == "random"] == ["largest-gap"]
+    assert "Warm start against training from scratch" in (tmp_path / "results.md").read_text()
+    assert "| tiny | mismatch | 4 |" in (tmp_path / "results.md").read_text()
+
+
+def test_simulate_command(tmp_path, monkeypatch, capsys):
+    from mismatch.benchmark import datasets
+
+    monkeypatch.setitem(datasets.DATASETS, "tiny", lambda **kw: [tiny_case(8)])
+    out = tmp_path / "sim"
+    args = ["simulate", "--out", str(out), "--datasets", "tiny", "--methods", "unet-strong", "--start", "2",
+            "--max-labelled", "3", "--seeds", "1", "--policies", "suggested-expected-error-distance",
+            "--steps", "2", "--width", "4", "--patch-size", "0", "--batch-size", "2", "--device", "cpu",
+            "--no-reference"]
+    assert main(args) == 0
+    data = json.loads((out / "loop.json").read_text())
+    assert [r["n_labelled"] for r in data["rounds"]] == [2, 3] and not data["references"]
+    assert main(["simulate", "--out", str(out), "--report-only"]) == 0
+    assert main(["simulate", "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(args[:-1] + ["--policies", "nonsense"])
+    assert exit_.value.code == 2
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--datasets", "tiny", "--start", "5",
+                 "--max-labelled", "3"]) == 2
+    assert "--max-labelled 3 is below" in capsys.readouterr().err
