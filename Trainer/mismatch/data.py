@@ -444,14 +444,14 @@ def place_on_grid(mask_ijk: np.ndarray, ijk_to_lps: np.ndarray, geometry) -> np.
     return labels
 
 
-def load_ctchest(structure: str = "lungs"):
-    """The real chest CT ``CTChest4`` and a binary label of ``structure``, from the ``slicerio`` package.
+def ctchest_segments():
+    """The real chest CT ``CTChest4`` and every segment of its segmentation, from the ``slicerio`` package.
 
-    Returns ``(image float32 [1, K, J, I] in HU, labels uint8 [K, J, I] (0/1), Geometry)``; the grid is
-    128x128x34 voxels, 3.05 x 3.05 x 10 mm. ``structure``: ``"lungs"`` (right lung + left lung) or the name
-    of one segment of the file (case-insensitive, e.g. ``"ribs"``). Segments are found by name in
-    ``Segmentation.seg.nrrd`` and placed on the CT's grid from the segmentation's own ijkToLPS (a .seg.nrrd
-    may be cropped to the segments' extent, and may be layered 4D when segments overlap).
+    Returns ``(image float32 [1, K, J, I] in HU, {segment name: bool [K, J, I]}, Geometry)``; the grid is
+    128x128x34 voxels, 3.05 x 3.05 x 10 mm. The segments of ``Segmentation.seg.nrrd`` are placed on the CT's
+    grid from the segmentation's own ijkToLPS (a .seg.nrrd may be cropped to the segments' extent, and may
+    be layered 4D when segments overlap). The demo, the tests and the benchmark's ``ctchest-*`` data sets
+    all read CTChest4 here.
     """
     try:
         import slicerio
@@ -468,15 +468,26 @@ def load_ctchest(structure: str = "lungs"):
                         "reinstall it: pip install --force-reinstall slicerio")
     image, geometry = read_image([ct_path])
     seg = slicerio.read_segmentation(str(seg_path))
-    names = {s["name"].strip().lower(): s for s in seg["segments"]}
+    masks = {s["name"]: place_on_grid(_segment_mask(seg, s), seg["ijkToLPS"], geometry).astype(bool)
+             for s in seg["segments"]}
+    return image, masks, geometry
+
+
+def load_ctchest(structure: str = "lungs"):
+    """CTChest4 (:func:`ctchest_segments`) and a binary label of ``structure``.
+
+    Returns ``(image float32 [1, K, J, I] in HU, labels uint8 [K, J, I] (0/1), Geometry)``. ``structure``:
+    ``"lungs"`` (right lung + left lung) or the name of one segment of the file (case-insensitive, e.g.
+    ``"ribs"``).
+    """
+    image, masks, geometry = ctchest_segments()
+    names = {name.strip().lower(): name for name in masks}
     wanted = _STRUCTURES.get(structure.strip().lower(), (structure.strip().lower(),))
     missing = [w for w in wanted if w not in names]
     if missing:
         raise UserError(f"structure {structure!r} not found in the CTChest4 segmentation; choose one of "
-                        f"{', '.join(['lungs'] + [s['name'] for s in seg['segments']])}")
-    mask = None
+                        f"{', '.join(['lungs'] + list(masks))}")
+    labels = np.zeros(geometry.shape, dtype=np.uint8)
     for w in wanted:
-        m = _segment_mask(seg, names[w])
-        mask = m if mask is None else (mask | m)
-    labels = place_on_grid(mask, seg["ijkToLPS"], geometry)
+        labels[masks[names[w]]] = 1
     return image, labels, geometry

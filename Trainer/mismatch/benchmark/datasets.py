@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..data import ctchest_segments
 from ..errors import UserError
 from ..io import Geometry
 
@@ -123,52 +124,15 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(k, f, j, f, i, f).mean(axis=(1, 3, 5))
 
 
-def _slicerio_file(name: str) -> str:
-    try:
-        import slicerio
-    except ImportError as exc:
-        raise UserError("this data set needs slicerio: pip install slicerio") from exc
-    path = Path(slicerio.__file__).parent / "data" / name
-    if not path.exists():
-        raise UserError(f"slicerio has no data/{name}: pip install --upgrade slicerio")
-    return str(path)
-
-
-def _segments_on_grid(seg_path: str, reference: sitk.Image) -> tuple[dict[str, np.ndarray]]:
-    """Each segment of a .seg.nrrd as a boolean ``[K, J, I]`` array on ``reference``'s grid.
-
-    A .seg.nrrd may be cropped to the segments' extent: each layer is placed on the reference grid by
-    nearest-neighbour resampling through the physical (LPS) coordinates of both.
-    """
-    import slicerio
-
-    seg = slicerio.read_segmentation(seg_path)
-    voxels = np.asarray(seg["voxels"])  # [I, J, K] or [I, J, K, layers]
-    if voxels.ndim == 3:
-        voxels = voxels[..., None]
-    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
-    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    direction = ijk_to_lps[:3, :3] / spacing
-    out: dict[str, np.ndarray] = {}
-    for layer in range(voxels.shape[3]):
-        layer_img = sitk.GetImageFromArray(np.ascontiguousarray(voxels[..., layer].transpose(2, 1, 0)))
-        layer_img.SetSpacing(tuple(float(s) for s in spacing))
-        layer_img.SetOrigin(tuple(float(o) for o in ijk_to_lps[:3, 3]))
-        layer_img.SetDirection(tuple(float(d) for d in direction.ravel()))
-        on_grid = _array(sitk.Resample(layer_img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        for s in seg["segments"]:
-            if int(s.get("layer", 0)) == layer:
-                out[s["name"]] = on_grid == int(s["labelValue"])
-    return out
-
-
 def _ctchest_with_lungs() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    """CTChest4 (sitk image, HU) and its right / left lung masks ``[K, J, I]`` on the image grid."""
-    ct = sitk.ReadImage(_slicerio_file("CTChest4.nrrd"))
-    segments = _segments_on_grid(_slicerio_file("Segmentation.seg.nrrd"), ct)
+    """CTChest4 (sitk image, HU) and its right / left lung masks ``[K, J, I]`` on the image grid
+    (:func:`mismatch.data.ctchest_segments`, as the demo reads it)."""
+    image, segments, geometry = ctchest_segments()
     names = {n.lower(): n for n in segments}
     if "right lung" not in names or "left lung" not in names:
         raise UserError(f"CTChest4 segmentation has no right/left lung segments (found {sorted(segments)})")
+    ct = sitk.GetImageFromArray(image[0])
+    geometry.apply_to(ct)
     return ct, segments[names["right lung"]], segments[names["left lung"]]
 
 
