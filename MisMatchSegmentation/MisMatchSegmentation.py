@@ -518,9 +518,11 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             if found is None:
                 self.state.report(_("Every slice in the uncertainty ranking is labelled: segment again."))
             else:
-                self.state.report(_("Slice {slice} ({axis} axis): the decoders disagree most here among the "
-                                    "unlabelled slices. Correct it, then Train from the current model.")
-                                  .format(slice=found[0], axis=self.logic.report_axis))
+                hint = self.logic.next_hint or _("slice {slice}: the decoders disagree most here").format(
+                    slice=found[0])
+                self.state.report(_("Label next, {hint} ({axis} axis). Correct it, then Train from the current "
+                                    "model: a warm-start round, a quarter of the first training's steps.")
+                                  .format(hint=hint, axis=self.logic.report_axis))
 
     def onAddHeldOutSlice(self) -> None:
         self._addCurrentSlice("heldOutSlices", "held-out slices")

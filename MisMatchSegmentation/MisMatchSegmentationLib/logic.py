@@ -58,6 +58,9 @@ class TrainingRequest:
     width: int = 16
     device: str = "auto"
     init_model: Path | None = None    # continue from this model (fine-tune after corrections)
+    # with init_model: a warm-start round (the engine's WARM_START: a quarter of the steps at half the learning
+    # rate); False: the full schedule of steps and learning rate above
+    warm_start: bool = True
 
 
 @dataclass
@@ -158,6 +161,40 @@ def removed_slices(report: dict | None, threshold: float = 0.001, most: int = 3)
     return sorted(int(r["slice"]) for r in rows[:most])
 
 
+def _percent(fraction: float) -> str:
+    value = 100.0 * float(fraction)
+    return f"{value:.1f} %" if value >= 0.1 or value == 0 else "under 0.1 %"
+
+
+def next_slice_hint(row: dict, labelled=None) -> str:
+    """Why the engine suggests labelling the slice of ``row`` (a row of the report's ``uncertain_slices``):
+    how much of it the decoders disagree on (or the model is unsure of, or is expected to get wrong, after the
+    report's ranking) and how far it is from the nearest painted slice (``labelled``: the painted slices now;
+    without them, the distance the engine measured when it segmented). E.g. "slice 37: the decoders disagree on
+    4.1 % of it and it is 12 slices from any painted slice"."""
+    s = int(row["slice"])
+    reasons = []
+    if isinstance(row.get("disagreeing_fraction"), (int, float)) and row["disagreeing_fraction"] > 0:
+        reasons.append(f"the decoders disagree on {_percent(row['disagreeing_fraction'])} of it")
+    elif isinstance(row.get("uncertain_fraction"), (int, float)) and row["uncertain_fraction"] > 0:
+        reasons.append(f"the model is unsure of {_percent(row['uncertain_fraction'])} of it")
+    elif isinstance(row.get("disagreement"), (int, float)) and row["disagreement"] > 0:
+        reasons.append("the decoders disagree most here")
+    if isinstance(row.get("expected_error"), (int, float)) and row["expected_error"] > 0 and \
+            str(row.get("ranking", "")).startswith("expected-error"):
+        reasons.append(f"about {_percent(row['expected_error'])} of it is expected to be wrong")
+    distance = row.get("distance")
+    if labelled:
+        distance = min(abs(s - int(x)) for x in labelled)
+    if isinstance(distance, int) and distance > 0:
+        reasons.append("it is next to a painted slice" if distance == 1 else
+                       f"it is {distance} slices from any painted slice")
+    if not reasons:
+        return f"slice {s}: the most uncertain of the slices not painted"
+    return f"slice {s}: " + (" and ".join(reasons) if len(reasons) <= 2 else
+                             ", ".join(reasons[:-1]) + " and " + reasons[-1])
+
+
 def is_out_of_memory(finished: dict) -> bool:
     text = " ".join([finished.get("message") or ""] + list(finished.get("stderr") or [])[-5:]).lower()
     return "out of memory" in text
@@ -190,6 +227,7 @@ class MisMatchLogic:
         self.note: str = ""
         self.results: dict = {}
         self._visited: list[int] = []
+        self.next_hint: str = ""       # why the last slice of next_uncertain_slice was chosen
 
     # -- setup ------------------------------------------------------------------------------------------
     @staticmethod
@@ -262,6 +300,8 @@ class MisMatchLogic:
             arguments += ["--empty-slices", jobfolder.format_slices(files.empty)]
         if init is not None:
             arguments += ["--init", str(init)]
+            if not request.warm_start and engine_supports("--warm-start"):
+                arguments += ["--no-warm-start"]
         job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), files=files,
                   output=output)
         self.discard_interrupted()  # a new training starts over
@@ -601,8 +641,11 @@ class MisMatchLogic:
         if removed:
             where = ("slice " if len(removed) == 1 else "slices ") + ", ".join(map(str, removed))
             text += f"; the model also drew parts away from your structure on {where}: they were removed; check them"
-        if self.report.get("uncertain_slices"):
-            text += ". Press Next uncertain slice to check where the decoders disagree"
+        ranked = self.report.get("uncertain_slices")
+        if ranked:
+            first = dict(ranked[0], ranking=self.report.get("ranking", ""))
+            text += (f". Label next: {next_slice_hint(first)} (Next uncertain slice goes there and on down the "
+                     "ranking)")
         return text + "."
 
     # -- after segmenting -------------------------------------------------------------------------------
@@ -629,6 +672,8 @@ class MisMatchLogic:
             self._visited, fresh = [], ranked
         chosen = fresh[0]
         self._visited.append(chosen)
+        row = next(u for u in self.report["uncertain_slices"] if int(u["slice"]) == chosen)
+        self.next_hint = next_slice_hint(dict(row, ranking=self.report.get("ranking", "")), sorted(labelled))
         ras = jobfolder.local_to_world(volume, jobfolder.slice_centre_ras(volume, axis, chosen))
         if jump:
             jump_slice_views(ras)
