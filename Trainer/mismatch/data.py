@@ -70,60 +70,73 @@ def check_label_values(labels: np.ndarray, num_classes: int) -> None:
                         "use values 1..N for N classes (or give the classes with --classes)")
 
 
+def intensity_window(hu_window) -> tuple[float, float] | None:
+    """``(low, high)`` as floats, or None; a :class:`UserError` unless low < high."""
+    if hu_window is None:
+        return None
+    lo_hi = (float(hu_window[0]), float(hu_window[1]))
+    if not lo_hi[0] < lo_hi[1]:
+        raise UserError(f"intensity window {hu_window}: the low end must be below the high end")
+    return lo_hi
+
+
+def centre_channel(ch: np.ndarray) -> tuple[float, float]:
+    """Subtract its mean from the float32 array ``ch`` (one channel, slices along the first axis) in place
+    and return ``(mean, std)``; ``std`` is 0 for a constant channel (a spread below 1e-6 of the mean, or not
+    finite). The mean is accumulated in float64, the sum of squares slice by slice (float32 dot, summed in
+    float64): no float64 copy and no big temporary. :class:`Normalisation` and
+    :class:`mismatch.manifest.ManifestPool` both use it."""
+    n = ch.size
+    mean = float(np.add.reduce(ch.ravel(), dtype=np.float64)) / n
+    ch -= np.float32(mean)
+    sq = 0.0
+    for k in range(ch.shape[0]):
+        s = ch[k].ravel()
+        sq += float(np.dot(s, s))
+    std = (sq / n) ** 0.5
+    return mean, (std if std > 1e-6 * max(1.0, abs(mean)) and np.isfinite(std) else 0.0)
+
+
 @dataclass
 class Normalisation:
-    """Per-volume, per-channel intensity normalisation.
+    """Per-volume, per-channel z-score: subtract the channel's mean, divide by its standard deviation.
 
-    ``method``: ``"zscore"`` (subtract the channel's mean, divide by its standard deviation).
-    ``hu_window``: ``(low, high)`` in the image's units (HU for CT): clip to it before the z-score.
+    ``hu_window``: ``(low, high)`` in the image's units (HU for CT): clip to it before the z-score. The card
+    records it as ``{"method": "zscore", "hu_window": ...}``; z-score is the only method.
     """
 
-    method: str = "zscore"
     hu_window: tuple[float, float] | None = None
 
     def apply(self, image: np.ndarray) -> np.ndarray:
-        """``[C, K, J, I]`` -> a new float32 array of the same shape; a constant channel becomes zeros.
-
-        The mean is accumulated in float64, the sum of squares per slice; no float64 copy of the volume is made.
-        """
-        if self.method != "zscore":
-            raise UserError(f"normalisation {self.method!r} is not known; use zscore")
-        lo_hi = None
-        if self.hu_window is not None:
-            lo_hi = (float(self.hu_window[0]), float(self.hu_window[1]))
-            if not lo_hi[0] < lo_hi[1]:
-                raise UserError(f"intensity window {self.hu_window}: the low end must be below the high end")
+        """``[C, K, J, I]`` -> a new float32 array of the same shape; a constant channel becomes zeros."""
+        lo_hi = intensity_window(self.hu_window)
         out = np.empty(image.shape, dtype=np.float32)
         for c in range(image.shape[0]):
             ch = out[c]
             np.copyto(ch, image[c], casting="unsafe")
             if lo_hi is not None:
                 np.clip(ch, lo_hi[0], lo_hi[1], out=ch)
-            n = ch.size
-            if n == 0:
+            if ch.size == 0:
                 continue
-            mean = float(np.add.reduce(ch.ravel(), dtype=np.float64)) / n
-            ch -= np.float32(mean)
-            sq = 0.0
-            for k in range(ch.shape[0]):   # slice by slice (float32 dot), summed in float64: no big temporary
-                s = ch[k].ravel()
-                sq += float(np.dot(s, s))
-            std = (sq / n) ** 0.5
-            if std > 1e-6 * max(1.0, abs(mean)) and np.isfinite(std):
+            _, std = centre_channel(ch)
+            if std > 0:
                 ch *= np.float32(1.0 / std)
             else:
                 ch[...] = 0
         return out
 
     def to_dict(self) -> dict:
-        """JSON-serialisable: ``{"method": ..., "hu_window": [low, high] or None}``."""
-        return {"method": self.method, "hu_window": [float(v) for v in self.hu_window] if self.hu_window else None}
+        """JSON-serialisable: ``{"method": "zscore", "hu_window": [low, high] or None}``."""
+        return {"method": "zscore", "hu_window": [float(v) for v in self.hu_window] if self.hu_window else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalisation":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a :class:`UserError` for a method other than z-score."""
+        method = d.get("method", "zscore")
+        if method != "zscore":
+            raise UserError(f"normalisation {method!r} is not known; use zscore")
         w = d.get("hu_window")
-        return cls(method=d.get("method", "zscore"), hu_window=(float(w[0]), float(w[1])) if w else None)
+        return cls(hu_window=(float(w[0]), float(w[1])) if w else None)
 
 
 class _Stream:
@@ -348,10 +361,7 @@ class TwoStreamSampler:
             return np.stack(arrays).astype(dtype, copy=False)
         out = np.empty((len(arrays),) + arrays[0].shape[:-2] + (h, w), dtype=dtype)
         for b, a in enumerate(arrays):
-            ah, aw = a.shape[-2:]
-            out[b] = 0 if label else _channel_min(a)
-            oy, ox = (h - ah) // 2, (w - aw) // 2
-            out[b, ..., oy:oy + ah, ox:ox + aw] = a
+            pad_centred(a, (h, w), 0 if label else _channel_min(a), out=out[b])
         return out
 
     # -- resumption -----------------------------------------------------------------------------------
@@ -375,6 +385,22 @@ class TwoStreamSampler:
             stream.pos = int(state[name]["pos"])
 
 
+def pad_centred(a: np.ndarray, size: tuple[int, int], fill, out: np.ndarray | None = None) -> np.ndarray:
+    """``a [..., h, w]`` centred in ``[..., H, W]`` (``size``), the rest set to ``fill`` (a number, or an array
+    that broadcasts, e.g. per-channel minima ``[..., 1, 1]``); ``a`` itself when it has that size already.
+    ``out``: write into it instead of a new array."""
+    h, w = size
+    ah, aw = a.shape[-2:]
+    if out is None:
+        if (ah, aw) == (h, w):
+            return a
+        out = np.empty(a.shape[:-2] + (h, w), dtype=a.dtype)
+    out[...] = fill
+    oy, ox = (h - ah) // 2, (w - aw) // 2
+    out[..., oy:oy + ah, ox:ox + aw] = a
+    return out
+
+
 def common_size(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray | None):
     """Whole-slice batches (``[B, C, H, W]``, labels ``[B, H, W]``) padded, centred, to one common ``H, W``:
     labelled and unlabelled slices of different sizes (other volumes) go through the network together.
@@ -382,19 +408,9 @@ def common_size(xl: np.ndarray, yl: np.ndarray, xu: np.ndarray | None):
     as they are."""
     if xu is None or xl.shape[-2:] == xu.shape[-2:]:
         return xl, yl, xu
-    h, w = max(xl.shape[-2], xu.shape[-2]), max(xl.shape[-1], xu.shape[-1])
-
-    def pad(a: np.ndarray, fill) -> np.ndarray:
-        ah, aw = a.shape[-2:]
-        if (ah, aw) == (h, w):
-            return a
-        out = np.empty(a.shape[:-2] + (h, w), dtype=a.dtype)
-        out[...] = fill
-        oy, ox = (h - ah) // 2, (w - aw) // 2
-        out[..., oy:oy + ah, ox:ox + aw] = a
-        return out
-
-    return pad(xl, xl.min(axis=(-2, -1), keepdims=True)), pad(yl, 0), pad(xu, xu.min(axis=(-2, -1), keepdims=True))
+    size = max(xl.shape[-2], xu.shape[-2]), max(xl.shape[-1], xu.shape[-1])
+    return (pad_centred(xl, size, xl.min(axis=(-2, -1), keepdims=True)), pad_centred(yl, size, 0),
+            pad_centred(xu, size, xu.min(axis=(-2, -1), keepdims=True)))
 
 
 # -- demo data -----------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .data import axis_index
+from .data import axis_index, centre_channel, intensity_window
 from .errors import UserError
 from .io import SUPPORTED_EXTENSIONS, Geometry, _extension
 
@@ -423,9 +423,7 @@ class ManifestPool:
     def __init__(self, sources: list[VolumeSource], hu_window: tuple[float, float] | None = None,
                  cache: VolumeCache | None = None, warn: Callable[[str], None] | None = None):
         self.sources = sources
-        self.hu_window = (float(hu_window[0]), float(hu_window[1])) if hu_window else None
-        if self.hu_window and not self.hu_window[0] < self.hu_window[1]:
-            raise UserError(f"intensity window {hu_window}: the low end must be below the high end")
+        self.hu_window = intensity_window(hu_window or None)
         self.cache = cache or VolumeCache()
         self.warn = warn or (lambda message: None)
         self._stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -470,8 +468,8 @@ class ManifestPool:
 
     def stats(self, vid: int) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)`` per channel (float64 ``[C]``) of volume ``vid``, estimated once from up to
-        :data:`STAT_SLICES` K-slices; ``std`` 0 marks a constant channel. Same arithmetic as
-        :meth:`mismatch.data.Normalisation.apply` on the sampled slices."""
+        :data:`STAT_SLICES` K-slices; ``std`` 0 marks a constant channel. The arithmetic of
+        :meth:`mismatch.data.Normalisation.apply` (:func:`mismatch.data.centre_channel`) on the sampled slices."""
         if vid in self._stats:
             return self._stats[vid]
         src = self.sources[vid]
@@ -490,16 +488,7 @@ class ManifestPool:
                 ch[bad] = np.float32(finite.mean(dtype=np.float64)) if finite.size else 0
             if self.hu_window is not None:
                 np.clip(ch, self.hu_window[0], self.hu_window[1], out=ch)
-            n = ch.size
-            mean = float(np.add.reduce(ch.ravel(), dtype=np.float64)) / n
-            ch -= np.float32(mean)
-            sq = 0.0
-            for i in range(ch.shape[0]):
-                s = ch[i].ravel()
-                sq += float(np.dot(s, s))
-            std = (sq / n) ** 0.5
-            means[c] = mean
-            stds[c] = std if (std > 1e-6 * max(1.0, abs(mean)) and np.isfinite(std)) else 0.0
+            means[c], stds[c] = centre_channel(ch)
         self._stats[vid] = (means, stds)
         return self._stats[vid]
 
