@@ -65,22 +65,25 @@ def _to_torch(x) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def top_label(probs, binary: bool):
-    """Top-label prediction and confidence (module docstring).
+def top_label(probs, binary: bool, class_axis: int = 0):
+    """Top-label prediction and confidence (module docstring); inference, calibration and FixMatch's
+    pseudo-labels all take it from here.
 
     ``probs``: foreground probability of any shape ``[...]`` (``binary=True``) or class probabilities with
-    the class axis first ``[C, ...]`` (``binary=False``). Returns ``(pred, confidence)`` of shape
-    ``[...]``: ``pred`` integer (uint8 for binary, int64 class indices for multi-class), ``confidence``
-    float32. numpy in, numpy out; torch in, torch out (same device).
+    the class axis at ``class_axis`` (default first: ``[C, ...]``; ``binary=False``). Returns
+    ``(pred, confidence)``, the shape of ``probs`` without the class axis: ``pred`` integer (uint8 for
+    binary, int64 class indices for multi-class), ``confidence`` float32. numpy in, numpy out; torch in,
+    torch out (same device).
     """
     is_np = not torch.is_tensor(probs)
     p = _to_torch(probs).float()
     if binary:
         pred, conf = (p >= 0.5).to(torch.uint8), torch.maximum(p, 1 - p)
     else:
-        if p.ndim < 1 or p.shape[0] < 2:
-            raise ValueError(f"multi-class probabilities need a class axis first with >= 2 classes, got {tuple(p.shape)}")
-        conf, pred = p.max(dim=0)
+        if p.ndim < 1 or p.shape[class_axis] < 2:
+            raise ValueError(f"multi-class probabilities need a class axis ({class_axis}) with >= 2 classes, got "
+                             f"{tuple(p.shape)}")
+        conf, pred = p.max(dim=class_axis)
     return (pred.cpu().numpy(), conf.cpu().numpy()) if is_np else (pred, conf)
 
 
@@ -302,7 +305,7 @@ class CalibrationReport:
             truth_cls = t > 0
             pred_cls = pred.bool()
         else:
-            pred, conf = top_label(p.movedim(class_axis, 0), False)
+            pred, conf = top_label(p, False, class_axis)
             truth_cls, pred_cls = t.long(), pred
         if pred.shape != t.shape:
             raise ValueError(f"probabilities {tuple(p.shape)} do not match the truth {tuple(t.shape)}")

@@ -19,7 +19,7 @@ from typing import Callable, Collection, Mapping, Sequence
 import numpy as np
 import torch
 
-from .calibration import CalibrationReport
+from .calibration import CalibrationReport, top_label
 from .data import AXES
 from .device import autocast
 from .events import Reporter
@@ -93,11 +93,10 @@ def _return_freed_memory() -> None:
 
 
 def _top_label(probs: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if binary:
-        p = probs[:, 0]
-        return (p >= 0.5).to(torch.uint8), torch.maximum(p, 1 - p)
-    conf, pred = probs.max(dim=1)
-    return pred.to(torch.uint8 if probs.shape[1] < 256 else torch.int32), conf
+    """``probs [B, C, H, W]`` -> :func:`~mismatch.calibration.top_label` with the label map's dtype (uint8,
+    int32 for 256 classes or more)."""
+    pred, conf = top_label(probs[:, 0] if binary else probs, binary, class_axis=1)
+    return (pred if binary else pred.to(torch.uint8 if probs.shape[1] < 256 else torch.int32)), conf
 
 
 def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..calibration import top_label
 from ..losses import supervised_loss
 from .augment import gaussian_noise, rand_augment
 from .base import Method, TrainingBatch, combine_losses
@@ -20,11 +21,9 @@ def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
     predicted class, ``max(p, 1 - p)`` for binary and the maximum probability otherwise, is at least
     ``threshold``.
     """
-    if probs.shape[1] == 1:
-        p = probs[:, 0]
-        return (p >= 0.5).long(), torch.maximum(p, 1 - p) >= threshold
-    conf, labels = probs.max(1)
-    return labels, conf >= threshold
+    binary = probs.shape[1] == 1
+    labels, conf = top_label(probs[:, 0] if binary else probs, binary, class_axis=1)
+    return labels.long(), conf >= threshold
 
 
 def masked_pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
