@@ -556,6 +556,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, ctx) -> int:
+    from .data import check_patch_size
     from .train import StopRequest, preset_config, stop_on_signals, train_files
 
     config = preset_config(
@@ -565,8 +566,7 @@ def _train(args, ctx) -> int:
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
-    if config.patch_size < 0 or (0 < config.patch_size < 16):
-        raise UserError(f"--patch-size {args.patch_size}: use 0 (whole slices) or at least 16")
+    check_patch_size(config.patch_size)
     if args.init and args.warm_start:
         from .train import warm_start_config
 
@@ -675,6 +675,7 @@ def cmd_demo(args) -> int:
 
 def cmd_benchmark(args) -> int:
     from .benchmark.runner import BenchmarkConfig, load_runs, run_benchmark, write_report
+    from .data import check_patch_size
 
     if args.report_only:
         data = load_runs(args.out)
@@ -690,8 +691,7 @@ def cmd_benchmark(args) -> int:
         config = BenchmarkConfig.quick(**options)
     else:
         config = BenchmarkConfig(**{k: v for k, v in options.items() if v is not None})
-    if config.patch_size is not None and (config.patch_size < 0 or 0 < config.patch_size < 16):
-        raise UserError(f"--patch-size {config.patch_size}: use 0 (whole slices) or at least 16")
+    check_patch_size(config.patch_size)
     run_benchmark(config, args.out)
     return 0
 

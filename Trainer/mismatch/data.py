@@ -34,6 +34,12 @@ def parse_slice_list(text: str) -> list[int]:
     return parse_slices(text, f"slice list {text!r}", error=UserError)
 
 
+def check_patch_size(patch_size: int | None) -> None:
+    """A :class:`UserError` unless ``patch_size`` is None (the preset's), 0 (whole slices) or at least 16."""
+    if patch_size is not None and (patch_size < 0 or 0 < patch_size < 16):
+        raise UserError(f"--patch-size {patch_size}: use 0 (whole slices) or at least 16")
+
+
 def labelled_slices(labels: np.ndarray, axis: str = "k", explicit: Sequence[int] | None = None) -> np.ndarray:
     """Sorted unique ``int64`` indices of the labelled slices of ``labels [K, J, I]`` along ``axis``.
 
