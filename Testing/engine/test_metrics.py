@@ -133,6 +133,11 @@ def test_mann_whitney_known_values():
     assert u == 17
     pytest.importorskip("scipy")
     assert p == pytest.approx(0.1111111111111111)  # scipy: exact p for small samples without ties
+    # exact two-sided p without ties: separated 3 vs 3: 2 / C(6, 3); 5 vs 5: 2 / C(10, 5); one swap, 3 vs 3:
+    # U = 1, P(U <= 1) = 2 / 20, two-sided 0.2; the order of the samples does not matter
+    assert mann_whitney_u([1, 2, 3], [4, 5, 6])[1] == pytest.approx(0.1)
+    assert mann_whitney_u([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])[1] == pytest.approx(2 / 252)
+    assert mann_whitney_u([1, 2, 4], [3, 5, 6])[1] == pytest.approx(0.2) == mann_whitney_u([3, 5, 6], [1, 2, 4])[1]
     # hand-computed: a entirely below b -> U = 0; ties count 1/2: a=[1,2], b=[2,3] -> U = 0 + 0.5 = 0.5
     assert mann_whitney_u_normal([1, 2], [3, 4])[0] == 0
     assert mann_whitney_u_normal([1, 2], [2, 3])[0] == 0.5
