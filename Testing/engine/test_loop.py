@@ -3,7 +3,6 @@ settings of a round that continues from a model, and the slice rankings ``segmen
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -34,7 +34,6 @@ the figures are rebuilt from ``loop.json`` alone (``--report-only``).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
@@ -44,7 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import Cancelled, UserError
+from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
 
 RESULTS_FILE = "loop.json"
