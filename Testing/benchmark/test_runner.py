@@ -223,3 +223,13 @@ def test_a_cancel_stops_the_benchmark_and_keeps_the_finished_runs(tmp_path, monk
         run_benchmark(tiny_config(methods=["nearest-slice"], alpha_sweep=[], seeds=3), tmp_path, log=lambda m: None)
     saved = json.loads((tmp_path / "runs.json").read_text())
     assert len(calls) == 2 and len(saved["runs"]) == 1 and not saved.get("failed")
+
+
+def test_runs_made_with_other_method_options_or_prior_are_not_resumed(tmp_path):
+    settings = tiny_config().training_settings()
+    assert settings["method_options"] and settings["prior"]  # the default preset's, part of the budget
+    for changed in ({"method_options": {}}, {"prior": None}):
+        old = {"config": {"training": {**settings, **changed}}, "runs": []}
+        (tmp_path / "runs.json").write_text(json.dumps(old))
+        with pytest.raises(UserError, match="another --out folder"):
+            run_benchmark(tiny_config(), tmp_path, log=lambda m: None)

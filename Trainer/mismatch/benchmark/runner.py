@@ -88,8 +88,13 @@ class BenchmarkConfig:
 
         c = preset_config(self.preset, steps=self.steps, width=self.width, batch_size=self.batch_size,
                           patch_size=self.patch_size, lr=self.lr)
+        from ..train import PRESETS
+
+        # the preset's method options and painted-slice prior are part of the budget: a change of either
+        # must not resume into runs made with the old ones
         return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
-                "patch_size": c.patch_size, "lr": c.lr}
+                "patch_size": c.patch_size, "lr": c.lr, "method_options": PRESETS[self.preset]["method_options"],
+                "prior": c.prior}
 
     def train_config(self, method: str, **overrides) -> "TrainConfig":
         """The training settings of ``method`` at this budget."""
