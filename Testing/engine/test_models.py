@@ -137,18 +137,24 @@ def test_residual_conv_is_one_convolution_with_the_skip_in_its_centre_tap(c_in, 
     block = _ResidualConv(c_in, c_out).eval()
     x = torch.randn(2, c_in, 9, 11)
     with torch.no_grad():
-        separate = block.post(block.conv(x) + block.skip(x))
-    torch.testing.assert_close(block(x), separate, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x), block.reference_forward(x), rtol=1e-5, atol=1e-5)
 
 
-def test_nasb_single_pass_equals_the_two_branches_computed_apart():
+@pytest.mark.parametrize("cls,side", [(NegativeAttentionShiftingBlock, None), (PositiveAttentionShiftingBlock, "paper"),
+                                      (PositiveAttentionShiftingBlock, "factorised")])
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_forward_equals_the_plain_reference_forward(cls, side, train):
+    """The fused fast path (the NASB's single pass; the in-place sigmoid and addcmul of every shifting block)
+    gives the numbers of the plain forward that reads like the paper's figure, and the same gradients."""
     torch.manual_seed(0)
-    block = NegativeAttentionShiftingBlock(c_coarse=16, c_skip=8, c_out=8, side_ratio=1.0).eval()
+    kwargs = {"side": side} if side else {}
+    block = cls(c_coarse=16, c_skip=8, c_out=8, side_ratio=1.0, **kwargs).train(train)
     coarse, skip = torch.randn(2, 16, 6, 7), torch.randn(2, 8, 12, 14)
-    with torch.no_grad():
-        merged = block.merge(coarse, skip)
-        main = block.main(merged)
-        first = block.side[0]
-        side = block.side[1](first.post(first.conv(merged) + first.skip(merged)))
-        expected = main * torch.sigmoid(side) + main
-    torch.testing.assert_close(block(coarse, skip), expected, rtol=1e-5, atol=1e-5)
+    fast = block(coarse, skip)
+    fast_grads = torch.autograd.grad(fast.square().sum(), list(block.parameters()))
+    plain = block.reference_forward(coarse, skip)
+    plain_grads = torch.autograd.grad(plain.square().sum(), list(block.parameters()))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in plain_grads)   # a bias before a normalisation has ~0 gradient
+    for f, p in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5 * scale)

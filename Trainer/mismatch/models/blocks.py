@@ -98,6 +98,19 @@ class _ShiftingBlock(DecoderBlock):
         main = self.main(merged)
         return torch.addcmul(main, main, self.attention(merged))  # main * mask + main, one pass
 
+    def reference_forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The block as the paper's Fig. 6 draws it, one operation at a time: the main branch, the side
+        branch's sigmoid mask, ``main * mask + main``. :meth:`forward` computes the same numbers with fewer
+        passes over memory (tested equal); this one is for reading against the paper."""
+        merged = self.merge(coarse, skip)
+        main = self.main(merged)
+        mask = torch.sigmoid(self.side_reference(merged))
+        return main * mask + main
+
+    def side_reference(self, merged: torch.Tensor) -> torch.Tensor:
+        """The side branch's mask logits, computed plainly."""
+        return self.side(merged)
+
 
 #: the narrowest side branch: below 8 channels, channels-last normalisation on the CPU takes a slow path
 #: (about 7 x slower for 4 channels than for 8 at 512 x 512)
@@ -178,6 +191,10 @@ class _ResidualConv(nn.Module):
         weight, bias = self.fused_weight()  # conv(x) + skip(x) in one pass over x
         return self.post(F.conv2d(x, weight, bias, padding=1))
 
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``post(conv(x) + skip(x))`` as drawn; :meth:`forward` is the same with the skip folded in."""
+        return self.post(self.conv(x) + self.skip(x))
+
 
 class NegativeAttentionShiftingBlock(_ShiftingBlock):
     """NASB (paper Sec. 2.2, Fig. 6): the eroding decoder stage of f_d2.
@@ -197,12 +214,18 @@ class NegativeAttentionShiftingBlock(_ShiftingBlock):
         s = _side_width(c_out, side_ratio, min_side)
         self.side = nn.Sequential(_ResidualConv(self.c_in, s), _ResidualConv(s, c_out))
 
+    def side_reference(self, merged: torch.Tensor) -> torch.Tensor:
+        h = merged
+        for layer in self.side:   # two residual convolutions, each with its skip as a separate term
+            h = layer.reference_forward(h)
+        return h
+
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """As :meth:`_ShiftingBlock.forward`, with the main branch's first convolution and the side
         branch's first convolution (both 3x3, stride 1, on the same merged input; the side's skip folded
         into its centre tap) computed as one convolution with their weights stacked, which reads the
         full-resolution input once instead of three times. The result is the same as running the two
-        branches separately."""
+        branches separately (:meth:`reference_forward`, tested equal)."""
         merged = self.merge(coarse, skip)
         conv_main, first = self.main.body[0], self.side[0]
         c_main = conv_main.out_channels
