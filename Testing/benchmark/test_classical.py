@@ -1,5 +1,9 @@
 """Slicer's Fill between slices and Grow from seeds (slicer-core), always through the child process."""
 
+import signal
+import subprocess
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -57,7 +61,13 @@ def test_grow_from_seeds_bright_sphere_and_two_classes():
 
 
 def test_child_crash_after_writing_counts_as_success_and_failure_before_raises(monkeypatch):
-    monkeypatch.setenv("MISMATCH_TEST_CRASH_AFTER_WRITE", "1")
+    run = subprocess.run
+
+    def crashed_at_exit(*args, **kwargs):   # the child runs, then reports the crash at exit (SIGSEGV)
+        done = run(*args, **kwargs)
+        return subprocess.CompletedProcess(done.args, -signal.SIGSEGV, done.stdout, done.stderr)
+
+    monkeypatch.setattr(classical, "subprocess", SimpleNamespace(run=crashed_at_exit))
     out = run_in_subprocess("fill_between_slices", labels=SPHERE.astype(np.uint8), labelled_slices=SLICES)
     assert out.shape == SPHERE.shape and out.any()
     with pytest.raises(RuntimeError, match="labels must be"):  # fails in the child before writing

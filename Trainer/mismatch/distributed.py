@@ -98,9 +98,6 @@ class Context:
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
-    def describe(self) -> str:
-        return f"{self.world_size} processes ({self.backend})" if self.distributed else "1 process"
-
     # -- set-up ---------------------------------------------------------------------------------------
     def check_batch(self, size: int, option: str) -> None:
         """A global batch size must split evenly over the processes."""

@@ -518,7 +518,3 @@ class ManifestPool:
         if self.sources[vid].mode != "whole":   # a whole volume is held already; its slices are cheap
             self.cache.put_slice(vid, key, out)
         return out
-
-    def __len__(self) -> int:
-        return len(self.sources)
-

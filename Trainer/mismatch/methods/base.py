@@ -58,7 +58,3 @@ class Method:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
         """Restore :meth:`state_dict` after ``model`` (the student) has been restored."""
-
-    def settings(self) -> dict:
-        """The method's settings, for the model card."""
-        return {"method": self.name, "architecture": self.architecture, **self.options}
