@@ -2,8 +2,9 @@
 
 Pure Python (no Qt, no Slicer): two reader threads put what the child writes on a queue; the panel drains
 the queue from a timer (``poll``), so the GUI thread never blocks. The child runs in its own process group
-(POSIX: a new session; Windows: a new process group) so that *cancel* reaches the whole tree, e.g. data
-loader workers, and nothing is left behind when the engine itself ends.
+(POSIX: a new session; Windows: a new process group) so that *cancel* reaches the whole tree (behind
+``PythonSlicer``, the launcher and the interpreter it starts), and nothing is left behind when the engine
+itself ends.
 
 Every run ends with exactly one ``finished`` event::
 

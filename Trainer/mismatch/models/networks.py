@@ -16,7 +16,7 @@ wrapper sees every parameter used in its forward.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
