@@ -158,6 +158,29 @@ def test_sampler_shards_are_the_one_process_batch():
         ranks[0].labelled_batch(3)
 
 
+def test_the_batch_plan_is_the_same_on_every_rank_and_reads_no_image():
+    """A plan depends on slice shapes, labels and the seed only: ranks, and samplers over other image values,
+    draw the same slices and crop origins; materialising a share reads only that share's slices."""
+    image, labels, extra = _arrays()
+    for patch in (16, 0):
+        samplers = [TwoStreamSampler([image, extra], labels, [2, 6], patch_size=patch, seed=4, shard=(r, 2))
+                    for r in range(2)]
+        samplers.append(TwoStreamSampler([np.zeros_like(image), np.ones_like(extra)], labels, [2, 6],
+                                         patch_size=patch, seed=4))
+        for _ in range(4):
+            plans = [(s.plan_labelled(4), s.plan_unlabelled(6)) for s in samplers]
+            assert all(p == plans[0] for p in plans)
+            assert [len(p.crops) for p in plans[0]] == [4, 6]
+            assert all(c.h <= (patch or c.h) and c.w <= (patch or c.w) for p in plans[0] for c in p.crops)
+        x = samplers[1].materialise(plans[0][1])
+        assert x.shape[0] == 3 and x.shape[-2:] == plans[0][1].size
+        for b, c in enumerate(plans[0][1].crops[3:]):   # rank 1's share: the second half of the plan
+            slice_ = [image, extra][c.volume][:, c.slice]
+            crop = slice_[:, c.y0:c.y0 + c.h, c.x0:c.x0 + c.w]
+            if crop.shape[-2:] == x.shape[-2:]:
+                np.testing.assert_array_equal(x[b], crop)
+
+
 def test_a_plain_run_never_starts_torch_distributed(monkeypatch):
     for value in (None, "1"):
         if value is None:

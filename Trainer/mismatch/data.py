@@ -171,6 +171,39 @@ def _channel_min(img: np.ndarray) -> np.ndarray:
     return img.min(axis=(-2, -1), keepdims=True)
 
 
+@dataclass(frozen=True)
+class Crop:
+    """One slice of a batch plan: slice ``slice`` of volume ``volume`` (along the sampler's axis), cut at
+    ``(y0, x0)`` to ``h x w`` (the whole slice: origin 0 and the slice's size)."""
+
+    volume: int
+    slice: int
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    def cut(self, arr: np.ndarray) -> np.ndarray:
+        """``arr [..., H, W]`` cut to this crop (a view). A slice side shorter than the patch is taken whole,
+        never padded. (Padding a 21-pixel side to 128 filled the patch with a constant that the network never
+        sees at inference, where its instance normalisation then met other statistics: it learned the padded
+        patches and failed on the real slices.)"""
+        return arr[..., self.y0:self.y0 + self.h, self.x0:self.x0 + self.w]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One step's global batch of one stream: its :class:`Crop` s in order, the same on every process."""
+
+    crops: list
+    labelled: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(h, w)`` every share of the batch is padded to: the largest crop's sides."""
+        return max(c.h for c in self.crops), max(c.w for c in self.crops)
+
+
 class TwoStreamSampler:
     """Labelled and unlabelled slices drawn as two streams (the paper's streaming setting).
 
@@ -187,10 +220,11 @@ class TwoStreamSampler:
     ``numpy.random.Generator(seed)``; :meth:`state_dict` / :meth:`load_state_dict` resume exactly.
     Slices are taken as views; a batch copies only its crops.
 
-    ``shard``: ``(rank, world_size)`` for data-parallel training (:mod:`mismatch.distributed`). Every rank
-    draws the same global batch plan (which slices, which crop positions: the same random numbers as one
-    process, decided from slice shapes and labels only) and returns only the ``rank``-th of ``world_size``
-    equal parts of it, reading only those slices; whole-slice batches are padded to the global batch's size.
+    A batch is made in two steps: :meth:`plan_labelled` / :meth:`plan_unlabelled` draw the global batch's
+    :class:`BatchPlan` (which slices, which crop origins: all the randomness, from slice shapes and labels
+    only), and :meth:`materialise` reads and crops this process's share of it. ``shard``: ``(rank,
+    world_size)`` for data-parallel training (:mod:`mismatch.distributed`): every rank draws the same plan
+    and materialises the ``rank``-th of ``world_size`` equal parts of it, padded to the global batch's size.
     So the ranks' batches together are exactly the batch one process would draw, and the sampler's state is
     the same on every rank. Batch sizes are then global and must be multiples of ``world_size``.
     ``volumes`` may also hold lazily read volumes (:class:`mismatch.manifest.LazyVolume`) after volume 0.
@@ -257,14 +291,6 @@ class TwoStreamSampler:
             return int(self.rng.integers(0, n - p + 1))
         return int(np.clip(centre - p // 2, 0, n - p))
 
-    def _cut(self, arr: np.ndarray, y0: int, x0: int) -> np.ndarray:
-        """Crop ``[..., H, W]`` to ``min(P, H) x min(P, W)`` at ``(y0, x0)``: a side shorter than the patch is
-        taken whole, never padded. (Padding a 21-pixel side to 128 filled the patch with a constant that the
-        network never sees at inference, where its instance normalisation then met other statistics: it
-        learned the padded patches and failed on the real slices.)"""
-        p = self.patch
-        return arr[..., y0:y0 + p, x0:x0 + p]
-
     def _foreground(self, s: int) -> np.ndarray:
         """Flat (row-major ``H*W``) indices of the non-zero label voxels of labelled slice ``s``."""
         fg = self._fg_cache.get(s)
@@ -276,9 +302,56 @@ class TwoStreamSampler:
                 self._fg_bytes += fg.nbytes
         return fg
 
-    # -- batches --------------------------------------------------------------------------------------
-    def _mine(self, n: int) -> range:
-        """Positions of the global batch of ``n`` that this rank materialises (all of them without a shard)."""
+    # -- the batch plan: the same on every process -------------------------------------------------------
+    def plan_labelled(self, batch_size: int) -> "BatchPlan":
+        """The next labelled batch of ``batch_size`` as a :class:`BatchPlan`: which slices and where to crop
+        them. Draws the sampler's random numbers (decided from slice shapes and labels only, no image is read),
+        so every process that draws it gets the same plan."""
+        if not self.labelled_items:
+            raise UserError("no labelled slice to train on; paint the structure on at least one slice "
+                            "(or list the slices that are labelled)")
+        crops = []
+        for idx in self._lab.take(batch_size):
+            v, s = self.labelled_items[idx]
+            h, w = self._slice_shape(v)
+            y0 = x0 = 0
+            if self.patch:
+                cy = cx = None
+                if self.rng.random() < self.fg_fraction:
+                    fg = self._foreground(s)
+                    if len(fg):
+                        cy, cx = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
+                y0, x0 = self._start(h, cy), self._start(w, cx)
+            crops.append(self._crop(v, s, h, w, y0, x0))
+        return BatchPlan(crops, labelled=True)
+
+    def plan_unlabelled(self, batch_size: int) -> "BatchPlan":
+        """The next unlabelled batch of ``batch_size`` as a :class:`BatchPlan` (see :meth:`plan_labelled`)."""
+        if not self.unlabelled_items:
+            raise UserError("every slice is labelled, so there is nothing for the semi-supervised term; "
+                            "train supervised with --method unet, or add unlabelled cases with --unlabelled")
+        crops = []
+        for idx in self._unl.take(batch_size):
+            v, s = self.unlabelled_items[idx]
+            h, w = self._slice_shape(v)
+            y0, x0 = (self._start(h, None), self._start(w, None)) if self.patch else (0, 0)
+            crops.append(self._crop(v, s, h, w, y0, x0))
+        return BatchPlan(crops, labelled=False)
+
+    def _slice_shape(self, v: int) -> tuple[int, int]:
+        """``(H, W)`` of a slice of volume ``v`` along the slice axis, from its shape (nothing is read)."""
+        kji = self.volumes[v].shape[1:]
+        return tuple(int(n) for a, n in enumerate(kji) if a != self.ax)
+
+    def _crop(self, v: int, s: int, h: int, w: int, y0: int, x0: int) -> "Crop":
+        if not self.patch:
+            return Crop(v, s, 0, 0, h, w)
+        return Crop(v, s, y0, x0, min(self.patch, h), min(self.patch, w))
+
+    # -- materialising a plan: this process's share -----------------------------------------------------
+    def share(self, n: int) -> range:
+        """Positions of a global batch of ``n`` that this process materialises: all of them for one process,
+        the ``rank``-th of ``world_size`` equal parts with a ``shard``."""
         if self.shard is None:
             return range(n)
         rank, world = self.shard
@@ -288,81 +361,33 @@ class TwoStreamSampler:
         k = n // world
         return range(rank * k, (rank + 1) * k)
 
-    def _slice_shape(self, v: int) -> tuple[int, int]:
-        """``(H, W)`` of a slice of volume ``v`` along the slice axis, from its shape (nothing is read)."""
-        kji = self.volumes[v].shape[1:]
-        return tuple(int(n) for a, n in enumerate(kji) if a != self.ax)
-
-    def _global_size(self, sizes: list) -> tuple[int, int] | None:
-        """With a shard: the padded size of the global batch (every rank pads alike)."""
-        if self.shard is None or not sizes:
-            return None
-        p = self.patch
-        return (max(h for h, _ in sizes) if not p else max(min(p, h) for h, _ in sizes),
-                max(w for _, w in sizes) if not p else max(min(p, w) for _, w in sizes))
+    def materialise(self, plan: "BatchPlan") -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+        """This process's share of ``plan`` (:meth:`share`), read and cropped, padded to the global batch's
+        size: ``(x, y)`` for a labelled plan, ``x`` for an unlabelled one. Reads only those slices."""
+        crops = [plan.crops[b] for b in self.share(len(plan.crops))]
+        xs = [c.cut(take_slice(self.volumes[c.volume], self.axis, c.slice)) for c in crops]
+        x = self._stack(xs, label=False, size=plan.size)
+        if not plan.labelled:
+            return x
+        ys = [c.cut(take_slice(self.labels, self.axis, c.slice)) for c in crops]
+        return x, self._stack(ys, label=True, size=plan.size)
 
     def labelled_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """``x float32 [B, C, h, w]``, ``y int64 [B, h, w]`` with ``h = min(P, H)``, ``w = min(P, W)``
-        (whole-slice mode: ``H, W``)."""
-        if not self.labelled_items:
-            raise UserError("no labelled slice to train on; paint the structure on at least one slice "
-                            "(or list the slices that are labelled)")
-        xs, ys, sizes = [], [], []
-        take = self._lab.take(batch_size)
-        mine = self._mine(len(take))
-        for b, idx in enumerate(take):
-            v, s = self.labelled_items[idx]
-            img = take_slice(self.volumes[v], self.axis, s)
-            lab = take_slice(self.labels, self.axis, s)
-            sizes.append(lab.shape)
-            if self.patch:
-                h, w = lab.shape
-                cy = cx = None
-                if self.rng.random() < self.fg_fraction:
-                    fg = self._foreground(s)
-                    if len(fg):
-                        cy, cx = divmod(int(fg[int(self.rng.integers(len(fg)))]), w)
-                y0, x0 = self._start(h, cy), self._start(w, cx)
-                if b not in mine:
-                    continue
-                img = self._cut(img, y0, x0)
-                lab = self._cut(lab, y0, x0)
-            elif b not in mine:
-                continue
-            xs.append(img)
-            ys.append(lab)
-        size = self._global_size(sizes)
-        return self._stack(xs, label=False, size=size), self._stack(ys, label=True, size=size)
+        (whole-slice mode: ``H, W``): this process's share of the next labelled plan."""
+        return self.materialise(self.plan_labelled(batch_size))
 
     def unlabelled_batch(self, batch_size: int) -> np.ndarray:
         """``x float32 [B, C, h, w]`` as :meth:`labelled_batch`."""
-        if not self.unlabelled_items:
-            raise UserError("every slice is labelled, so there is nothing for the semi-supervised term; "
-                            "train supervised with --method unet, or add unlabelled cases with --unlabelled")
-        xs, sizes = [], []
-        take = self._unl.take(batch_size)
-        mine = self._mine(len(take))
-        for b, idx in enumerate(take):
-            v, s = self.unlabelled_items[idx]
-            h, w = self._slice_shape(v)
-            sizes.append((h, w))
-            if self.patch:
-                y0, x0 = self._start(h, None), self._start(w, None)
-            if b not in mine:
-                continue   # drawn like every rank draws it, read only by its own rank
-            img = take_slice(self.volumes[v], self.axis, s)
-            if self.patch:
-                img = self._cut(img, y0, x0)
-            xs.append(img)
-        return self._stack(xs, label=False, size=self._global_size(sizes))
+        return self.materialise(self.plan_unlabelled(batch_size))
 
-    def _stack(self, arrays: list[np.ndarray], label: bool, size: tuple[int, int] | None = None) -> np.ndarray:
-        """One batch; slices (or crops) of different sizes, from volumes of different shapes, are padded
-        (centred: images with each slice's per-channel minimum, labels with 0) to the largest. Slices of one
+    @staticmethod
+    def _stack(arrays: list[np.ndarray], label: bool, size: tuple[int, int]) -> np.ndarray:
+        """One batch of ``size``; slices (or crops) of different sizes, from volumes of different shapes, are
+        padded (centred: images with each slice's per-channel minimum, labels with 0) to it. Slices of one
         volume are never padded here: the network pads to its multiple of 8 itself, as at inference."""
         dtype = np.int64 if label else np.float32
-        h = max(a.shape[-2] for a in arrays) if size is None else size[0]
-        w = max(a.shape[-1] for a in arrays) if size is None else size[1]
+        h, w = size
         if all(a.shape[-2:] == (h, w) for a in arrays):
             return np.stack(arrays).astype(dtype, copy=False)
         out = np.empty((len(arrays),) + arrays[0].shape[:-2] + (h, w), dtype=dtype)

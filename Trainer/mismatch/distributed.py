@@ -13,8 +13,8 @@ How one model is trained on ``W`` processes so that it is the same training as o
 - Devices: NCCL between GPUs, each process on ``cuda:LOCAL_RANK``; gloo between CPU processes.
 - Batch sizes are global (``--batch-size 16`` on 4 processes: 4 labelled slices per process); they must
   be multiples of ``W``. Every process builds the same :class:`~mismatch.data.TwoStreamSampler` with the same
-  seed and draws the same global batch plan; process ``r`` reads and crops only the ``r``-th share
-  (``TwoStreamSampler(shard=(r, W))``). So the shares together are exactly the batch one process draws,
+  seed and draws the same global :class:`~mismatch.data.BatchPlan`; process ``r`` reads and crops only the
+  ``r``-th share of it (``TwoStreamSampler(shard=(r, W))``, :meth:`~mismatch.data.TwoStreamSampler.materialise`). So the shares together are exactly the batch one process draws,
   both streams keep their proportions on every process, and the sampler state is the same everywhere.
 - The loss: per-sample terms (consistency MSE, cross-entropy, means over equal shares) average across
   processes exactly; the soft Dice, whose sums run over the whole batch, has its sums all-reduced
