@@ -171,7 +171,7 @@ def test_a_patch_larger_than_the_slice_trains_on_unpadded_slices(case, capsys, m
 
 def _checkpoint_left(case, monkeypatch) -> Path:
     """A run whose checkpoint (step 2 of 3) is left behind: the model write never happens."""
-    import mismatch.train
+    import mismatch.api
 
     class Killed(BaseException):
         pass
@@ -180,7 +180,7 @@ def _checkpoint_left(case, monkeypatch) -> Path:
         raise Killed
 
     out = case["dir"] / "model"
-    monkeypatch.setattr(mismatch.train, "save_model", killed)
+    monkeypatch.setattr(mismatch.api, "save_model", killed)
     with pytest.raises(Killed):
         main(["train", case["image"], "--labels", case["labels"], "--out", str(out), *TINY,
               "--checkpoint-every", "1"])

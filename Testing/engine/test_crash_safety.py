@@ -109,11 +109,11 @@ def test_a_kill_after_any_rename_of_a_checkpoint_resumes_to_the_uninterrupted_re
 
 @pytest.mark.parametrize("seconds,expected", [(None, []), (3600.0, []), (1e-9, [1, 2, 3, 4, 5])])
 def test_checkpoints_by_time_as_well_as_by_steps(arrays, tmp_path, monkeypatch, seconds, expected):
-    import mismatch.train
+    import mismatch.modelfile
 
     written = []
-    real = mismatch.train.save_checkpoint
-    monkeypatch.setattr(mismatch.train, "save_checkpoint",
+    real = mismatch.modelfile.save_checkpoint
+    monkeypatch.setattr(mismatch.modelfile, "save_checkpoint",
                         lambda folder, tensors, state: (written.append(state["step"]), real(folder, tensors, state)))
     vol, labels = arrays
     config = TrainConfig(**{**CONFIG, "checkpoint_every": 1000})   # never by steps in a 6-step run

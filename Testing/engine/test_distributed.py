@@ -33,6 +33,7 @@ from mismatch.errors import UserError
 from mismatch.methods import TrainingBatch, make_method
 from mismatch.modelfile import load_checkpoint, load_model
 from mismatch.models import ArchitectureConfig, SegmentationNetwork
+from mismatch.train import StopRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,8 @@ def _gradients(patch: int, num_classes: int) -> tuple[dict[str, torch.Tensor], f
     xl, yl = sampler.labelled_batch(4)
     xu = sampler.unlabelled_batch(4)
     xl, yl, xu = common_size(xl, yl, xu)
-    batch = TrainingBatch(torch.from_numpy(xl), torch.from_numpy(yl), torch.from_numpy(xu), step=0, total_steps=3)
+    batch = TrainingBatch(torch.from_numpy(xl), torch.from_numpy(yl), torch.from_numpy(xu), step=0, total_steps=3,
+                          batch_sum=ctx.batch_sum)
     loss, _ = method.loss(model, batch)
     loss.backward()
     mean_loss, _ = ctx.mean_losses(float(loss.detach()), {})
@@ -190,7 +192,10 @@ def test_a_plain_run_never_starts_torch_distributed(monkeypatch):
         ctx = distributed.init_from_env("cpu")
         assert not ctx.distributed and ctx.is_main and ctx.shard is None
         assert not torch.distributed.is_initialized()
-        assert ctx.agree_stop({"stop": "SIGTERM"}) and not ctx.agree_stop({})
+        asked = StopRequest()
+        asked.request("SIGTERM")
+        assert ctx.agree_stop(asked) and not ctx.agree_stop(StopRequest())
+        assert ctx.batch_sum is None
         assert ctx.mean_losses(0.5, {"dice": 0.2}) == (0.5, {"dice": 0.2})
         ctx.check_batch(3, "--batch-size")
         ctx.close()
@@ -208,7 +213,8 @@ def test_batch_and_device_rules():
 
 
 def test_an_uneven_batch_is_refused_before_anything_is_written(case, monkeypatch):
-    from mismatch.train import TrainConfig, train_files
+    from mismatch.api import train_files
+    from mismatch.train import TrainConfig
 
     monkeypatch.setattr(distributed, "_CURRENT", distributed.Context(rank=0, world_size=2))
     for sizes, option in (((3, 0), "--batch-size 3"), ((4, 3), "--unlabelled-batch-size 3")):

@@ -161,7 +161,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
     assert not list((tmp_path / loop.STATES_DIR).glob("*.pt"))   # every trajectory done: no model kept
 
     # again: nothing to train
-    monkeypatch.setattr(loop, "train_and_segment", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "train_round", lambda *a, **k: pytest.fail("trained again"))
     again = loop.run_simulation(_config(), tmp_path, cases=cases, log=lambda m: None)
     assert len(again["rounds"]) == len(rounds)
     with pytest.raises(Exception, match="other training settings"):
@@ -172,7 +172,7 @@ def test_an_interrupted_simulation_loses_at_most_the_round_in_progress(tmp_path,
     from mismatch.errors import Cancelled
 
     cases = {"tiny": [tiny_case()]}
-    real = loop.train_and_segment
+    real = loop.train_round
     calls = []
 
     def stop_on_the_fourth(*args, **kwargs):
@@ -181,13 +181,13 @@ def test_an_interrupted_simulation_loses_at_most_the_round_in_progress(tmp_path,
             raise Cancelled("stopped by SIGINT")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_and_segment", stop_on_the_fourth)
+    monkeypatch.setattr(loop, "train_round", stop_on_the_fourth)
     config = _config(policies=["largest-gap", "random"], reference=False, scratch=True)
     with pytest.raises(Cancelled):
         loop.run_simulation(config, tmp_path, cases=cases, log=lambda m: None)
     kept = json.loads((tmp_path / loop.RESULTS_FILE).read_text())["rounds"]
     assert len(kept) == 3          # first, warm 2, scratch 2 of largest-gap; the fourth was in progress
-    monkeypatch.setattr(loop, "train_and_segment", real)
+    monkeypatch.setattr(loop, "train_round", real)
     data = loop.run_simulation(config, tmp_path, cases=cases, log=lambda m: None)
     keys = [(r["policy"], r["n_labelled"], r["init"]) for r in data["rounds"]]
     assert len(keys) == len(set(keys))

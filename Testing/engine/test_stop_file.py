@@ -20,10 +20,13 @@ def _case(tmp_path):
 
 def test_stop_request_sees_the_file_appear(tmp_path):
     flag = StopRequest(tmp_path / "STOP")
-    assert not flag.get("stop")
+    assert not flag and flag.reason is None
     (tmp_path / "STOP").write_text("")
-    assert "STOP" in flag.get("stop") and flag["stop"]
-    assert not StopRequest().get("stop")
+    assert flag and "STOP" in flag.reason
+    assert not StopRequest()
+    asked = StopRequest()
+    asked.request("SIGTERM")
+    assert asked and asked.reason == "SIGTERM"
 
 
 def test_train_stops_at_the_stop_file_with_a_checkpoint_and_resumes(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Files in, files out: what ``mismatch segment`` and ``mismatch evaluate`` do, callable from Python."""
+"""Files in, files out: what ``mismatch train``, ``mismatch segment`` and ``mismatch evaluate`` do, callable from
+Python."""
 
 from __future__ import annotations
 
@@ -11,14 +12,45 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
-from .data import Normalisation, parse_slice_list
+from .data import Normalisation
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
 from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
-from .modelfile import load_model
-from .prior import PriorSettings, SlicePrior
-from .train import remap_labels
+from .modelfile import load_model, save_model
+from .pipeline import build_card, painted_slice_prior
+from .prior import SlicePrior
+from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
+
+
+# -- classes ------------------------------------------------------------------------------------------------
+
+# A palette for classes that come without a colour (Slicer's segment colours, roughly).
+_PALETTE = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.43, 0.72, 0.82),
+            (0.86, 0.96, 0.49), (0.56, 0.31, 0.64), (0.98, 0.36, 0.36), (0.25, 0.6, 0.9)]
+
+
+def default_classes(values: Sequence[int]) -> list[dict]:
+    """Classes for label values that come without names or colours: ``class_<value>``, palette colours."""
+    return [{"value": int(v), "name": f"class_{int(v)}", "color": list(_PALETTE[i % len(_PALETTE)])}
+            for i, v in enumerate(values)]
+
+
+def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
+    """Label values -> class indices 1..N in the order of ``classes`` (0 stays background).
+
+    A value that is not a listed class is a :class:`UserError`.
+    """
+    present = np.unique(labels)
+    known = {int(c["value"]) for c in classes}
+    unknown = [int(v) for v in present if v != 0 and int(v) not in known]
+    if unknown:
+        raise UserError(f"label value(s) {unknown} are not among the {len(classes)} class(es) "
+                        f"{sorted(known)}; add them to the classes file or remove them from the label map")
+    lut = np.zeros(int(max(present.max(), max(known))) + 1, dtype=np.uint8 if len(classes) < 255 else np.int32)
+    for i, c in enumerate(classes, start=1):
+        lut[int(c["value"])] = i
+    return lut[labels]
 
 
 def class_values_lut(classes: list[dict]) -> np.ndarray:
@@ -34,16 +66,14 @@ def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
     slices (any painted voxel, or listed in ``explicit_slices``) along the model's slice axis, with the
     card's prior settings. ``None`` when no slice is labelled. A card without prior settings (``--preset
     paper``) keeps the painted slices as painted and leaves the others to the network."""
-    from .data import axis_index, labelled_slices
+    from .data import labelled_slices
 
     mapped = remap_labels(painted, card["classes"])
-    axis = card["slice_axis"]
-    labelled = labelled_slices(mapped, axis, explicit_slices)
+    labelled = labelled_slices(mapped, card["slice_axis"], explicit_slices)
     if len(labelled) == 0:
         return None
-    settings = card.get("prior")
-    prior_settings = PriorSettings.from_dict(settings) if settings else PriorSettings(weight=0.0)
-    return SlicePrior(mapped, labelled, axis_index(axis), spacing_kji, len(card["classes"]) + 1, prior_settings)
+    return painted_slice_prior(mapped, labelled, card["slice_axis"], spacing_kji, len(card["classes"]) + 1,
+                               card.get("prior"))
 
 
 def _check_channels(card: dict, image: np.ndarray) -> None:
@@ -113,6 +143,167 @@ class _SpilledVolume:
     def close(self) -> None:
         self.file.close()
 
+
+# -- train -------------------------------------------------------------------------------------------------
+
+def load_classes_file(path: str | os.PathLike) -> list[dict]:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: classes file not found") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a valid JSON classes file ({exc})") from None
+    if not isinstance(data, list) or not data or not all(isinstance(c, dict) and "value" in c for c in data):
+        raise UserError(f"{path}: expected a JSON list like "
+                        '[{"value": 1, "name": "liver", "color": [0.8, 0.3, 0.2]}]')
+    values = [int(c["value"]) for c in data]
+    if len(set(values)) != len(values) or min(values) < 1:
+        raise UserError(f"{path}: class values must be distinct integers >= 1 (0 is background)")
+    out = default_classes(values)
+    for c, given in zip(out, data):
+        c["name"] = str(given.get("name", c["name"]))
+        if "color" in given:
+            c["color"] = [float(x) for x in given["color"]][:3]
+    return out
+
+
+def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
+                unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
+                classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
+                resume: bool = False, reporter: Reporter | None = None, stop: StopRequest | None = None,
+                unlabelled_manifest: str | None = None, cache_volumes: int = 8,
+                cache_bytes: int | None = None, checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> dict:
+    """Train from files and write the model folder; returns the card (:func:`~mismatch.pipeline.build_card`).
+    See ``mismatch train --help``.
+
+    ``out_dir`` must be new, empty or a model folder: it is replaced as a whole, and only once the new
+    model is complete (:func:`~mismatch.modelfile.save_model`); checkpoints go to ``out_dir/checkpoint``.
+
+    ``unlabelled_manifest``: a CSV / JSON list of further unlabelled volumes, read lazily a slice at a time
+    with at most ``cache_volumes`` volumes (and ``cache_bytes``) held (:mod:`mismatch.manifest`). Under
+    torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
+    """
+    from . import distributed
+    from .data import check_label_values, labelled_slices
+    from .device import describe
+    from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
+    from .methods import METHODS, make_method
+    from .modelfile import CHECKPOINT_DIR, _model_complete, check_checkpoint, check_model_destination
+    from .train import build_method, fit
+
+    reporter = reporter or Reporter(progress_bar=False)
+    build_method(config)  # a wrong method option stops here, before anything is read
+    ctx = distributed.current()
+    dev = resolve_device(device)
+    inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
+    inputs += [unlabelled_manifest] if unlabelled_manifest else []
+    check_outputs_not_inputs([out_dir], inputs)
+    out = Path(out_dir)
+
+    def check_output() -> None:   # rank 0 writes the folder and checks it
+        check_model_destination(out)                   # nothing but a model's files would be replaced
+        check_writable(out, "--out", folder=True)      # before any work, not after training
+        finish_interrupted_swap(out, _model_complete)  # a run killed while it replaced the model folder
+        if resume:   # a missing, damaged or torn checkpoint is found before the inputs are read
+            check_checkpoint(out / CHECKPOINT_DIR)
+
+    if resume:   # every process gets rank 0's answer (resuming needs the checkpoint from rank 0 anyway)
+        ctx.share_from_main(check_output)
+    elif ctx.is_main:   # a failure here ends rank 0; torchrun then stops the others
+        check_output()
+    reporter.start("load", total=None)
+    image, geometry = read_image(images)
+    labels = read_labels(labels_path, geometry)
+    extra = []
+    for case in unlabelled:
+        vol, _ = read_image(case)
+        if vol.shape[0] != image.shape[0]:
+            raise UserError(f"unlabelled case {', '.join(case)} has {vol.shape[0]} channel(s) but the labelled "
+                            f"case has {image.shape[0]}; give the same channels, comma-separated")
+        extra.append(vol)
+    pool = None
+    if unlabelled_manifest:
+        from .manifest import ManifestPool
+
+        pool = ManifestPool.open(unlabelled_manifest, channels=image.shape[0], axis=config.axis,
+                                 hu_window=config.hu_window, cache_volumes=cache_volumes, cache_bytes=cache_bytes,
+                                 warn=lambda message: reporter.log(message, level="warning"),
+                                 check_not=[out_dir])
+
+    init_state, init_card = None, None
+    if init_model:
+        init_card, nets = load_model(init_model)
+        if nets[0].config.in_channels != image.shape[0]:
+            raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
+                            f"but {image.shape[0]} image(s) were given")
+        init_state = nets[-1].state_dict()
+        config.width = nets[0].config.width
+        wanted = make_method(config.method).architecture if config.method in METHODS else None
+        if wanted != nets[0].config.name:
+            raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
+                            f"{config.method} trains a {wanted}; use the model's method to continue from it")
+
+    if classes_path:
+        classes = load_classes_file(classes_path)
+    elif init_card is not None:
+        classes = init_card["classes"]
+    else:
+        classes = default_classes([int(v) for v in np.unique(labels) if v != 0])
+    if not classes:
+        raise UserError(f"{labels_path}: the label map is empty (all zero); paint the structure on a few "
+                        "slices first, or list all-background labelled slices with --labelled-slices")
+    mapped = remap_labels(labels, classes)
+    num_classes = len(classes) + 1
+    check_label_values(mapped, num_classes)
+    if init_card is not None and len(init_card["classes"]) != len(classes):
+        raise UserError(f"--init {init_model}: the model has {len(init_card['classes'])} class(es), the labels "
+                        f"{len(classes)}; fine-tune with the same segments")
+
+    labelled = labelled_slices(labels, config.axis, explicit_slices)
+    if len(labelled) == 0:
+        raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
+                        "least one slice, or list labelled slices with --labelled-slices")
+    n_slices = labels.shape[{"k": 0, "j": 1, "i": 2}[config.axis]]
+    if len(labelled) == n_slices and not extra and pool is None and config.method in METHODS and \
+            make_method(config.method).uses_unlabelled:
+        raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
+                        "term; supervised training is what you want: --method unet (or add unlabelled volumes "
+                        "with --unlabelled)")
+    norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
+    volumes = [norm.apply(image)] + [norm.apply(v) for v in extra] + (pool.volumes if pool else [])
+    del image
+
+    n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
+    reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
+                 f"unlabelled; training {config.method} on {describe(dev)}"
+                 + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"
+                    if ctx.distributed else ""))
+    ctx.check_batch(config.batch_size, "--batch-size")   # before anything is written
+    if config.method in METHODS and make_method(config.method).uses_unlabelled:
+        ctx.check_batch(config.unlabelled_batch_size or config.batch_size, "--unlabelled-batch-size")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
+                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
+                 checkpoint_seconds=checkpoint_seconds)
+    card = build_card(result, config, classes=classes, normalisation=norm, channels=[Path(p).name for p in images],
+                      labelled=labelled, device=dev, geometry=geometry,
+                      training={"init_model": init_model, "images": [Path(p).name for p in images],
+                                "labels": Path(labels_path).name,
+                                "unlabelled_cases": len(extra) + (len(pool.volumes) if pool else 0),
+                                "unlabelled_manifest": Path(unlabelled_manifest).name if unlabelled_manifest
+                                else None})
+    if pool is not None:
+        reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
+    if ctx.is_main:
+        # one unit: the folder (with its checkpoint) is replaced only by the complete new model
+        save_model(out, result.snapshots, card)
+    return card
+
+
+# -- segment and evaluate ----------------------------------------------------------------------------------
 
 def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence: str | None = None,
                   disagreement: str | None = None, report: str | None = None, truth: str | None = None,

@@ -556,8 +556,9 @@ def cmd_train(args) -> int:
 
 
 def _train(args, ctx) -> int:
+    from .api import train_files
     from .data import check_patch_size
-    from .train import StopRequest, preset_config, stop_on_signals, train_files
+    from .train import StopRequest, preset_config, stop_on_signals
 
     config = preset_config(
         args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,

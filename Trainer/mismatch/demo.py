@@ -19,10 +19,11 @@ import numpy as np
 from .data import Normalisation, load_ctchest
 from .device import describe, resolve_device
 from .events import Reporter
-from .inference import rank_uncertain_slices, segment_volume
+from .inference import rank_uncertain_slices
 from .modelfile import save_model
-from .prior import PriorSettings, SlicePrior, nearest_slice, shape_interpolation
-from .train import fit, preset_config
+from .pipeline import train_and_segment
+from .prior import nearest_slice, shape_interpolation
+from .train import preset_config
 
 LUNG_CLASS = {"value": 1, "name": "lungs", "color": [0.77, 0.47, 0.42]}
 HU_WINDOW = (-1000.0, 400.0)
@@ -77,27 +78,16 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
         say(f"{name} (free, at once): IoU {_fmt(ev['iou'])}  Dice {_fmt(ev['dice'])}")
     curves = {}
     for method, config in configs.items():
-        reporter = Reporter(progress_bar=None if not quiet else False, quiet=quiet)
         say(f"training {method} ...")
-        t0 = time.monotonic()
-        fitted = fit([volume], sparse, np.asarray(labelled), 2, config, reporter=reporter, device=dev)
-        train_s = time.monotonic() - t0
-        nets = fitted.networks()
-        # the product: segment with the painted slices guiding it; the strong U-Net: the network alone
-        prior = SlicePrior(sparse, labelled, 0, geometry.spacing[::-1], 2, PriorSettings.from_dict(config.prior)) \
-            if method == "mismatch" and config.prior else None
-        seg = segment_volume(nets, volume, axis="k", batch_size=8, device=dev, truth=truth,
-                             eval_slices=test_slices, reporter=Reporter(progress_bar=False), prior=prior)
         classes = [LUNG_CLASS]
-        save_model(out / f"model-{method}", fitted.snapshots, {
-            "architecture": fitted.architecture.to_dict(), "classes": classes,
-            "channels": [{"name": "CTChest4.nrrd"}], "normalisation": norm.to_dict(), "slice_axis": "k",
-            "training": {**config.to_dict(), "device": str(dev), "demo": True},
-            "geometry": geometry.to_dict(), "prior": config.prior,
-            "summary": {"steps": fitted.steps_done, "seconds": round(fitted.seconds, 1),
-                        "labelled_slices": labelled, "parameters": fitted.parameters,
-                        "final_losses": {k: v for k, v in fitted.history[-1].items() if k not in ("step", "lr")}},
-        })
+        # the product: segment with the painted slices guiding it; the strong U-Net: the network alone
+        run = train_and_segment(volume, sparse, labelled, classes, config, normalisation=norm,
+                                spacing_kji=geometry.spacing[::-1], geometry=geometry, channels=["CTChest4.nrrd"],
+                                device=dev, reporter=Reporter(progress_bar=None if not quiet else False, quiet=quiet),
+                                use_prior=method == "mismatch" and bool(config.prior), truth=truth,
+                                eval_slices=test_slices, training={"demo": True})
+        fitted, nets, seg, prior, train_s = run.fitted, run.networks, run.segmentation, run.prior, run.train_seconds
+        save_model(out / f"model-{method}", fitted.snapshots, run.card)
         write_volume(seg.labels, geometry, out / f"{method}-segmentation.nrrd")
         write_volume(seg.confidence, geometry, out / f"{method}-confidence.nrrd")
         if method == "mismatch":

@@ -18,7 +18,8 @@ How one model is trained on ``W`` processes so that it is the same training as o
   both streams keep their proportions on every process, and the sampler state is the same everywhere.
 - The loss: per-sample terms (consistency MSE, cross-entropy, means over equal shares) average across
   processes exactly; the soft Dice, whose sums run over the whole batch, has its sums all-reduced
-  differentiably (:data:`mismatch.losses.batch_sum`) so each process computes the global batch's Dice.
+  differentiably (:attr:`Context.batch_sum`, which the loop hands to the methods in every
+  :class:`~mismatch.methods.TrainingBatch`) so each process computes the global batch's Dice.
   With DDP's gradient averaging the gradient is then that of the one-process loss. The network normalises
   per sample (GroupNorm), so no batch statistics need syncing. Methods with random augmentation draw it
   per process (process 0 from the run's torch generator, others from one seeded by seed, rank and step), so
@@ -78,7 +79,8 @@ class Context:
     local_rank: int = 0
     backend: str | None = None
     device: torch.device | None = None
-    loss_group: Any = None
+    #: a differentiable sum over the processes for the losses' batch sums (None for one process)
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def distributed(self) -> bool:
@@ -144,13 +146,14 @@ class Context:
         return value
 
     # -- every step -----------------------------------------------------------------------------------
-    def agree_stop(self, stop: dict) -> bool:
-        """Whether to stop now, the same answer on every process: any process's flag stops them all.
+    def agree_stop(self, stop) -> bool:
+        """Whether to stop now, the same answer on every process: any process's
+        :class:`~mismatch.train.StopRequest` stops them all.
 
-        One process: the flag itself. The signal's name is put in ``stop["stop"]`` where it was not set."""
+        One process: the request itself. Where another process asked, this one's request gets the reason."""
         if not self.distributed:
-            return bool(stop.get("stop"))
-        name = stop.get("stop")
+            return bool(stop.reason)
+        name = stop.reason
         code = 0
         if name:
             code = int(getattr(signal.Signals, str(name), signal.SIGTERM)) if str(name).startswith("SIG") else 1
@@ -159,9 +162,9 @@ class Context:
         code = int(flag.item())
         if code and not name:
             try:
-                stop["stop"] = f"{signal.Signals(code).name} (sent to another process)"
+                stop.request(f"{signal.Signals(code).name} (sent to another process)")
             except ValueError:
-                stop["stop"] = "a stop request on another process"
+                stop.request("a stop request on another process")
         return bool(code)
 
     def mean_losses(self, loss: float, terms: dict) -> tuple[float, dict]:
@@ -241,7 +244,8 @@ def init_from_env(device: str = "auto") -> Context:
     """Join the process group torchrun set up (``WORLD_SIZE > 1``), or stay one process.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR`` / ``MASTER_PORT``);
-    picks NCCL for CUDA and gloo for the CPU; makes the Dice sums global (:data:`mismatch.losses.batch_sum`).
+    picks NCCL for CUDA and gloo for the CPU; gives the context the sum that makes the Dice sums global
+    (:attr:`Context.batch_sum`, over a process group of the loss's own).
     Returns the :class:`Context`, also available from :func:`current`.
     """
     global _CURRENT
@@ -261,10 +265,7 @@ def init_from_env(device: str = "auto") -> Context:
     # the loss's own group: its collectives never interleave with DDP's gradient buckets
     loss_group = dist.new_group(backend=backend)
     _CURRENT = Context(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev,
-                       loss_group=loss_group)
-    from . import losses
-
-    losses.batch_sum = _make_batch_sum(loss_group)
+                       batch_sum=_make_batch_sum(loss_group))
     return _CURRENT
 
 
@@ -298,9 +299,6 @@ def _make_batch_sum(group):
 def close() -> None:
     """Destroy the process group and forget the context (safe to call when none was started)."""
     global _CURRENT
-    from . import losses
-
-    losses.batch_sum = None
     if _CURRENT.distributed and dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

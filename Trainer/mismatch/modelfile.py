@@ -279,3 +279,63 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for pid, values in rest.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights on the CPU (a snapshot, or a checkpoint's weights)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+#: A model folder's checkpoint subfolder (``mismatch train --resume`` reads it)
+CHECKPOINT_DIR = "checkpoint"
+
+
+class TrainingCheckpoint:
+    """A training run's whole state in ``folder``, for ``--resume``: the network, the method's own tensors
+    (e.g. an EMA teacher), the optimiser, the sampler, the torch generator, the kept snapshots, the loss
+    history and the batch sizes (halved after running out of memory). :meth:`save` writes it as one unit
+    (:func:`save_checkpoint`), :meth:`load` reads and checks it (:func:`load_checkpoint`), :meth:`restore`
+    puts it back into a run. ``run``: a :class:`mismatch.train.TrainingRun`."""
+
+    #: settings a run must share with the checkpoint it resumes
+    SAME_SETTINGS = ("method", "width", "patch_size", "axis", "seed")
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def save(self, run, config: dict) -> None:
+        tensors, optimizer_rest = optimizer_to_tensors(run.optimizer)
+        tensors.update({f"model.{k}": v for k, v in state_to_cpu(run.net).items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({f"method.{k}": v for k, v in run.method.state_dict().items()})
+        for i, snapshot in enumerate(run.snapshots):
+            tensors.update({f"snapshot{i}.{k}": v for k, v in snapshot.items()})
+        save_checkpoint(self.folder, tensors, {
+            "step": run.step, "config": config, "optimizer": optimizer_rest, "sampler": run.sampler.state_dict(),
+            "history": run.history, "snapshots": len(run.snapshots), "batch_sizes": [run.batch_l, run.batch_u],
+            "engine_version": __version__,
+        })
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_checkpoint(self.folder)
+
+    def restore(self, run, config: dict, loaded: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        """Put ``loaded`` (what :meth:`load` returned, possibly on another process) back into ``run``, whose
+        settings ``config`` must match the checkpoint's (:data:`SAME_SETTINGS`)."""
+        tensors, state = loaded
+        for key in self.SAME_SETTINGS:
+            if state["config"].get(key) != config.get(key):
+                raise UserError(f"--resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
+                                f"not {config.get(key)!r}; use the same settings or start afresh")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        run.net.load_state_dict(part("model."))
+        run.method.load_state_dict(part("method."), run.net)
+        optimizer_from_tensors(run.optimizer, tensors, state["optimizer"])
+        run.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        run.step, run.history = state["step"], state["history"]
+        run.batch_l, run.batch_u = state.get("batch_sizes", [run.batch_l, run.batch_u])
+        run.snapshots = [part(f"snapshot{i}.") for i in range(state["snapshots"])]

@@ -1,8 +1,10 @@
 """The training loop shared by every method.
 
-Read top to bottom: :class:`TrainConfig` (every setting in one place), :func:`fit` (arrays in, networks
-out: build, optimise, checkpoint, snapshot) and :func:`train_files` (files in, model folder out, with all
-the input checks of the command line).
+Read top to bottom: :class:`TrainConfig` (every setting in one place, and its presets), :class:`StopRequest`
+(how training is asked to stop) and :func:`fit`: arrays in, networks out. ``fit`` builds a
+:class:`TrainingRun` (network, method, optimiser, sampler), restores it from a checkpoint when resuming, and
+steps it (:func:`_one_step`), keeping snapshots and writing checkpoints
+(:class:`~mismatch.modelfile.TrainingCheckpoint`). Files in, model folder out: :func:`mismatch.api.train_files`.
 """
 
 from __future__ import annotations
@@ -14,33 +16,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, distributed
-from .data import Normalisation, TwoStreamSampler, check_label_values, common_size, labelled_slices
-from .device import autocast, describe, resolve_device
+from . import distributed
+from .data import TwoStreamSampler, common_size
+from .device import autocast, describe
 from .errors import Cancelled, UserError
 from .events import Reporter
-from .methods import METHODS, make_method
-from .modelfile import (
-    load_checkpoint,
-    load_model,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    save_checkpoint,
-    save_model,
-)
+from .methods import METHODS, Method, TrainingBatch, make_method
+from .modelfile import TrainingCheckpoint, state_to_cpu
 from .models import ArchitectureConfig, SegmentationNetwork, count_parameters
 from .prior import PriorSettings
-
-CHECKPOINT_DIR = "checkpoint"
-
-# A palette for classes that come without a colour (Slicer's segment colours, roughly).
-_PALETTE = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.43, 0.72, 0.82),
-            (0.86, 0.96, 0.49), (0.56, 0.31, 0.64), (0.98, 0.36, 0.36), (0.25, 0.6, 0.9)]
 
 
 @dataclass
@@ -123,49 +112,36 @@ def warm_start_config(config: TrainConfig, settings: dict | None = None) -> Trai
                    alpha_rampup=float(w["alpha_rampup"]))
 
 
-def default_classes(values: Sequence[int]) -> list[dict]:
-    return [{"value": int(v), "name": f"class_{int(v)}", "color": list(_PALETTE[i % len(_PALETTE)])}
-            for i, v in enumerate(values)]
-
-
-def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
-    """Label values -> class indices 1..N in the order of ``classes`` (0 stays background).
-
-    A value that is not a listed class is a :class:`UserError`.
-    """
-    present = np.unique(labels)
-    known = {int(c["value"]) for c in classes}
-    unknown = [int(v) for v in present if v != 0 and int(v) not in known]
-    if unknown:
-        raise UserError(f"label value(s) {unknown} are not among the {len(classes)} class(es) "
-                        f"{sorted(known)}; add them to the classes file or remove them from the label map")
-    lut = np.zeros(int(max(present.max(), max(known))) + 1, dtype=np.uint8 if len(classes) < 255 else np.int32)
-    for i, c in enumerate(classes, start=1):
-        lut[int(c["value"])] = i
-    return lut[labels]
-
-
-class StopRequest(dict):
-    """Why training should stop, if it should (``self["stop"]``): set by a signal (:func:`stop_on_signals`) or,
-    with ``path``, by a file appearing there (``mismatch train --stop-file``: how a parent that cannot signal
-    the engine, such as Slicer behind its PythonSlicer launcher, asks it to stop). Checked once a step."""
+class StopRequest:
+    """Why training should stop, if it should: :attr:`reason` (None: go on). Asked for by a signal
+    (:func:`stop_on_signals`), by another process (:meth:`mismatch.distributed.Context.agree_stop`) or, with
+    ``path``, by a file appearing there (``mismatch train --stop-file``: how a parent that cannot signal the
+    engine, such as Slicer behind its PythonSlicer launcher, asks it to stop). The loop checks it once a step."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        super().__init__()
         self.path = Path(path) if path else None
+        self._reason: str | None = None
 
-    def get(self, key, default=None):
-        if key == "stop" and self.path is not None and not super().get("stop") and self.path.exists():
-            self["stop"] = f"the stop file {self.path}"
-        return super().get(key, default)
+    @property
+    def reason(self) -> str | None:
+        if self._reason is None and self.path is not None and self.path.exists():
+            self._reason = f"the stop file {self.path}"
+        return self._reason
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to stop, for ``reason`` (said in the final event)."""
+        self._reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
 
 
 @contextmanager
-def stop_on_signals(flag: dict):
+def stop_on_signals(stop: StopRequest):
     """SIGINT / SIGTERM (and SIGBREAK on Windows, what a console Ctrl+Break or a parent's
-    ``CTRL_BREAK_EVENT`` sends) set ``flag["stop"]``; the loop finishes its step, checkpoints and stops."""
+    ``CTRL_BREAK_EVENT`` sends) request ``stop``; the loop finishes its step, checkpoints and stops."""
     def handler(signum, _frame):
-        flag["stop"] = signal.Signals(signum).name
+        stop.request(signal.Signals(signum).name)
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
@@ -174,7 +150,7 @@ def stop_on_signals(flag: dict):
         except ValueError:  # not the main thread
             pass
     try:
-        yield flag
+        yield stop
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -196,10 +172,6 @@ def snapshot_steps(config: TrainConfig) -> list[int]:
         return [config.steps]
     interval = max(1, int(config.snapshot_span * config.steps / k))
     return sorted({max(1, config.steps - i * interval) for i in range(k)})
-
-
-def _state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -243,10 +215,28 @@ def build_method(config: TrainConfig):
 CHECKPOINT_SECONDS = 60.0
 
 
+@dataclass
+class TrainingRun:
+    """What a training run changes step by step, and what its checkpoint holds
+    (:class:`~mismatch.modelfile.TrainingCheckpoint`)."""
+
+    net: SegmentationNetwork          # the bare network
+    model: torch.nn.Module            # what is trained: the network, or its DDP wrapper on several processes
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: TwoStreamSampler
+    batch_l: int                      # labelled slices per step (global)
+    batch_u: int                      # unlabelled slices per step (global)
+    step: int = 0                     # steps done
+    history: list[dict] = field(default_factory=list)
+    snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
 def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
         config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,
         init_state: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = False, stop: dict | None = None,
+        resume: bool = False, stop: StopRequest | None = None,
         checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> FitResult:
     """Train a network on normalised volumes.
 
@@ -254,141 +244,122 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     ``[K, J, I]`` of volume 0 (0 = background); ``labelled``: its labelled slice indices along
     ``config.axis``. Returns the kept snapshots' weights (CPU). With ``checkpoint_dir``, the full training
     state is written there every ``checkpoint_every`` steps, after every ``checkpoint_seconds`` of training
-    (None or 0: by steps only), and when ``stop["stop"]`` is set (then :class:`Cancelled` is raised);
-    ``resume`` continues from it. A checkpoint is written as one unit (:func:`~mismatch.modelfile.save_checkpoint`).
+    (None or 0: by steps only), and when ``stop`` is requested (then :class:`Cancelled` is raised);
+    ``resume`` continues from it (:class:`~mismatch.modelfile.TrainingCheckpoint`).
     """
     reporter = reporter or Reporter(progress_bar=False)
     device = device or torch.device("cpu")
-    stop = stop if stop is not None else {}
+    stop = stop if stop is not None else StopRequest()
+    ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
+    run, arch = _new_run(volumes, labels, labelled, num_classes, config, device, init_state, ctx)
+    checkpoint = TrainingCheckpoint(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if checkpoint is None:
+            raise UserError("--resume needs the output folder of the interrupted run")
+        checkpoint.restore(run, config.to_dict(), ctx.share_from_main(checkpoint.load))
+        reporter.log(f"resuming at step {run.step} of {config.steps}")
+    ctx.check_batch(run.batch_l, "--batch-size")
+    if run.method.uses_unlabelled:
+        ctx.check_batch(run.batch_u, "--unlabelled-batch-size")
+
+    def save_checkpoint() -> None:   # rank 0 writes it
+        if checkpoint is not None and ctx.is_main:
+            checkpoint.save(run, config.to_dict())
+
+    run.model = ctx.wrap(run.net)
+    ctx.seed_augmentation(config.seed, run.step)
+    reporter.start("train", total=config.steps, device=describe(device), method=config.method,
+                   parameters=count_parameters(run.model), labelled_slices=[int(i) for i in labelled],
+                   unlabelled_slices=run.sampler.num_unlabelled)
+    first_step, keep_at, log_every = run.step, set(snapshot_steps(config)), max(1, config.steps // 100)
+    t0 = last_checkpoint = time.monotonic()
+    run.model.train()
+    while run.step < config.steps:
+        if ctx.agree_stop(stop):   # every process stops at the same step
+            save_checkpoint()
+            ctx.barrier()
+            raise Cancelled(f"stopped by {stop.reason} at step {run.step} of {config.steps}; "
+                            "run again with --resume to continue")
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(run.step, config)
+        try:
+            loss, terms = _one_step(run, config, device, ctx.batch_sum)
+        except torch.OutOfMemoryError:
+            _halve_batches(run, ctx, device, reporter)   # or a UserError when they cannot be halved
+            continue
+        loss, terms = ctx.mean_losses(loss, terms)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss} at step {run.step + 1}; try a lower --lr")
+        run.method.after_step(run.net, run.step)
+        run.step += 1
+        run.history.append({"step": run.step, "loss": loss, **terms, "lr": run.optimizer.param_groups[0]["lr"]})
+        if run.step in keep_at:
+            run.snapshots.append(state_to_cpu(run.net))
+        if run.step % log_every == 0 or run.step == config.steps:
+            reporter.progress("train", run.step, config.steps, loss=loss, terms=terms, first_step=first_step)
+        if checkpoint is not None and run.step < config.steps:
+            due = bool(config.checkpoint_every) and run.step % config.checkpoint_every == 0
+            due = due or bool(checkpoint_seconds) and time.monotonic() - last_checkpoint >= checkpoint_seconds
+            if due:
+                save_checkpoint()
+                last_checkpoint = time.monotonic()
+    if not run.snapshots:
+        run.snapshots.append(state_to_cpu(run.net))
+    return FitResult(snapshots=run.snapshots[-max(1, config.snapshots):], architecture=arch, history=run.history,
+                     steps_done=run.step, seconds=time.monotonic() - t0, batch_size=run.batch_l,
+                     parameters=count_parameters(run.model))
+
+
+def _new_run(volumes, labels, labelled, num_classes: int, config: TrainConfig, device: torch.device,
+             init_state: dict[str, torch.Tensor] | None, ctx: distributed.Context
+             ) -> tuple[TrainingRun, ArchitectureConfig]:
+    """A run at step 0: the network (seeded by ``config.seed``, or ``init_state``), the method, the optimiser
+    and the sampler (this process's shard of it)."""
     method = build_method(config)
     arch = ArchitectureConfig(name=method.architecture, in_channels=volumes[0].shape[0],
                               num_classes=num_classes, width=config.width, pasb_side=config.pasb_side)
-    ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
     torch.manual_seed(config.seed)
-    model = SegmentationNetwork(arch)
+    net = SegmentationNetwork(arch)
     if init_state is not None:
-        model.load_state_dict(init_state)
-    model.to(device)
+        net.load_state_dict(init_state)
+    net.to(device)
     if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    net = model   # the bare network (model becomes its DDP wrapper on several processes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     sampler = TwoStreamSampler(volumes, labels, labelled, axis=config.axis,
                                patch_size=config.patch_size or None, seed=config.seed,
                                foreground_fraction=config.foreground_fraction, shard=ctx.shard)
-    batch_l = config.batch_size
-    batch_u = config.unlabelled_batch_size or config.batch_size
     if method.uses_unlabelled and sampler.num_unlabelled == 0:
         sampler.unlabelled_batch(1)  # raises the UserError that says every slice is labelled
-
-    start_step, history, snapshots = 0, [], []
-    keep_at = set(snapshot_steps(config))
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if resume:
-        if ckpt is None:
-            raise UserError("--resume needs the output folder of the interrupted run")
-        tensors, state = ctx.share_from_main(lambda: load_checkpoint(ckpt))
-        for key in ("method", "width", "patch_size", "axis", "seed"):
-            if state["config"].get(key) != config.to_dict().get(key):
-                raise UserError(f"--resume: the checkpoint was made with {key}={state['config'].get(key)!r}, "
-                                f"not {config.to_dict().get(key)!r}; use the same settings or start afresh")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method.")}, model)
-        optimizer_from_tensors(optimizer, tensors, state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        start_step, history = state["step"], state["history"]
-        batch_l, batch_u = state.get("batch_sizes", [batch_l, batch_u])
-        for i in range(state["snapshots"]):
-            prefix = f"snapshot{i}."
-            snapshots.append({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        reporter.log(f"resuming at step {start_step} of {config.steps}")
-
-    ctx.check_batch(batch_l, "--batch-size")
-    if method.uses_unlabelled:
-        ctx.check_batch(batch_u, "--unlabelled-batch-size")
-
-    def write_checkpoint(step: int) -> None:
-        if ckpt is None or not ctx.is_main:
-            return
-        tensors, opt_rest = optimizer_to_tensors(optimizer)
-        tensors.update({f"model.{k}": v for k, v in _state_to_cpu(net).items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors.update({f"method.{k}": v for k, v in method.state_dict().items()})
-        for i, snap in enumerate(snapshots):
-            tensors.update({f"snapshot{i}.{k}": v for k, v in snap.items()})
-        save_checkpoint(ckpt, tensors, {
-            "step": step, "config": config.to_dict(), "optimizer": opt_rest, "sampler": sampler.state_dict(),
-            "history": history, "snapshots": len(snapshots), "batch_sizes": [batch_l, batch_u],
-            "engine_version": __version__,
-        })
-
-    model = ctx.wrap(model)
-    ctx.seed_augmentation(config.seed, start_step)
-    reporter.start("train", total=config.steps, device=describe(device), method=config.method,
-                   parameters=count_parameters(model), labelled_slices=[int(i) for i in labelled],
-                   unlabelled_slices=sampler.num_unlabelled)
-    t0 = time.monotonic()
-    last_checkpoint = t0
-    model.train()
-    step = start_step
-    log_every = max(1, config.steps // 100)
-    while step < config.steps:
-        if ctx.agree_stop(stop):   # every process stops at the same step
-            write_checkpoint(step)
-            ctx.barrier()
-            raise Cancelled(f"stopped by {stop['stop']} at step {step} of {config.steps}; "
-                            "run again with --resume to continue")
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        try:
-            loss, terms = _one_step(model, method, sampler, optimizer, scaler, device, config, step,
-                                    batch_l, batch_u)
-        except torch.OutOfMemoryError:
-            if ctx.distributed:   # the processes cannot agree on halving mid-step: stop with advice
-                raise UserError(f"the GPU ran out of memory on {describe(device)}; use a smaller --batch-size "
-                                "(it is split over the processes), --patch-size or --width") from None
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if batch_l == 1 and batch_u == 1:
-                raise UserError(f"the GPU ran out of memory even with one slice per batch on {describe(device)}; "
-                                "use a smaller --patch-size or --width, or --device cpu") from None
-            batch_l, batch_u = max(1, batch_l // 2), max(1, batch_u // 2)
-            reporter.log(f"GPU out of memory: retrying with batch sizes {batch_l} labelled + {batch_u} "
-                         "unlabelled", level="warning")
-            continue
-        loss, terms = ctx.mean_losses(loss, terms)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
-        method.after_step(net, step)
-        step += 1
-        record = {"step": step, "loss": loss, **terms, "lr": optimizer.param_groups[0]["lr"]}
-        history.append(record)
-        if step in keep_at:
-            snapshots.append(_state_to_cpu(net))
-        if step % log_every == 0 or step == config.steps:
-            reporter.progress("train", step, config.steps, loss=loss, terms=terms, first_step=start_step)
-        if ckpt is not None and step < config.steps:
-            now = time.monotonic()
-            due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-            due = due or bool(checkpoint_seconds) and now - last_checkpoint >= checkpoint_seconds
-            if due:
-                write_checkpoint(step)
-                last_checkpoint = time.monotonic()
-    if not snapshots:
-        snapshots.append(_state_to_cpu(net))
-    return FitResult(snapshots=snapshots[-max(1, config.snapshots):], architecture=arch, history=history,
-                     steps_done=step, seconds=time.monotonic() - t0, batch_size=batch_l,
-                     parameters=count_parameters(model))
+    run = TrainingRun(net=net, model=net, method=method, optimizer=optimizer, scaler=scaler, sampler=sampler,
+                      batch_l=config.batch_size, batch_u=config.unlabelled_batch_size or config.batch_size)
+    return run, arch
 
 
-def _one_step(model, method, sampler, optimizer, scaler, device, config, step, batch_l, batch_u):
-    from .methods import TrainingBatch
+def _halve_batches(run: TrainingRun, ctx: distributed.Context, device: torch.device, reporter: Reporter) -> None:
+    """After running out of GPU memory in a step: the same step again with half the batches (the engine's one
+    out-of-memory policy), or a :class:`UserError` with advice when that cannot help or the processes could
+    not agree on it."""
+    if ctx.distributed:   # the processes cannot agree on halving mid-step: stop with advice
+        raise UserError(f"the GPU ran out of memory on {describe(device)}; use a smaller --batch-size "
+                        "(it is split over the processes), --patch-size or --width") from None
+    run.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if run.batch_l == 1 and run.batch_u == 1:
+        raise UserError(f"the GPU ran out of memory even with one slice per batch on {describe(device)}; "
+                        "use a smaller --patch-size or --width, or --device cpu") from None
+    run.batch_l, run.batch_u = max(1, run.batch_l // 2), max(1, run.batch_u // 2)
+    reporter.log(f"GPU out of memory: retrying with batch sizes {run.batch_l} labelled + {run.batch_u} "
+                 "unlabelled", level="warning")
 
-    xl, yl = sampler.labelled_batch(batch_l)
-    xu = sampler.unlabelled_batch(batch_u) if method.uses_unlabelled else None
+
+def _one_step(run: TrainingRun, config: TrainConfig, device: torch.device, batch_sum=None) -> tuple[float, dict]:
+    """One optimiser step on the next batch; the loss and its terms on this process. ``batch_sum``: the sum
+    over processes for the losses' batch sums (:attr:`mismatch.distributed.Context.batch_sum`)."""
+    xl, yl = run.sampler.labelled_batch(run.batch_l)
+    xu = run.sampler.unlabelled_batch(run.batch_u) if run.method.uses_unlabelled else None
     xl, yl, xu = common_size(xl, yl, xu)   # whole slices of volumes of different sizes
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
@@ -396,176 +367,12 @@ def _one_step(model, method, sampler, optimizer, scaler, device, config, step, b
         return torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
 
     batch = TrainingBatch(labelled_x=to(xl), labelled_y=torch.from_numpy(yl).to(device),
-                          unlabelled_x=None if xu is None else to(xu), step=step, total_steps=config.steps)
-    optimizer.zero_grad(set_to_none=True)
+                          unlabelled_x=None if xu is None else to(xu), step=run.step, total_steps=config.steps,
+                          batch_sum=batch_sum)
+    run.optimizer.zero_grad(set_to_none=True)
     with autocast(device, config.amp):
-        loss, terms = method.loss(model, batch)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+        loss, terms = run.method.loss(run.model, batch)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     return float(loss.detach()), terms
-
-
-# -- files in, model folder out -----------------------------------------------------------------------
-
-def load_classes_file(path: str | os.PathLike) -> list[dict]:
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: classes file not found") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a valid JSON classes file ({exc})") from None
-    if not isinstance(data, list) or not data or not all(isinstance(c, dict) and "value" in c for c in data):
-        raise UserError(f"{path}: expected a JSON list like "
-                        '[{"value": 1, "name": "liver", "color": [0.8, 0.3, 0.2]}]')
-    values = [int(c["value"]) for c in data]
-    if len(set(values)) != len(values) or min(values) < 1:
-        raise UserError(f"{path}: class values must be distinct integers >= 1 (0 is background)")
-    out = default_classes(values)
-    for c, given in zip(out, data):
-        c["name"] = str(given.get("name", c["name"]))
-        if "color" in given:
-            c["color"] = [float(x) for x in given["color"]][:3]
-    return out
-
-
-def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
-                unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
-                classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
-                resume: bool = False, reporter: Reporter | None = None, stop: dict | None = None,
-                unlabelled_manifest: str | None = None, cache_volumes: int = 8,
-                cache_bytes: int | None = None, checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> dict:
-    """Train from files and write the model folder; returns the card. See ``mismatch train --help``.
-
-    ``out_dir`` must be new, empty or a model folder: it is replaced as a whole, and only once the new
-    model is complete (:func:`~mismatch.modelfile.save_model`); checkpoints go to ``out_dir/checkpoint``.
-
-    ``unlabelled_manifest``: a CSV / JSON list of further unlabelled volumes, read lazily a slice at a time
-    with at most ``cache_volumes`` volumes (and ``cache_bytes``) held (:mod:`mismatch.manifest`). Under
-    torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
-    """
-    from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
-    from .modelfile import _model_complete, check_checkpoint, check_model_destination
-
-    reporter = reporter or Reporter(progress_bar=False)
-    build_method(config)  # a wrong method option stops here, before anything is read
-    ctx = distributed.current()
-    dev = resolve_device(device)
-    inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
-    inputs += [unlabelled_manifest] if unlabelled_manifest else []
-    check_outputs_not_inputs([out_dir], inputs)
-    out = Path(out_dir)
-
-    def check_output() -> None:   # rank 0 writes the folder and checks it
-        check_model_destination(out)                   # nothing but a model's files would be replaced
-        check_writable(out, "--out", folder=True)      # before any work, not after training
-        finish_interrupted_swap(out, _model_complete)  # a run killed while it replaced the model folder
-        if resume:   # a missing, damaged or torn checkpoint is found before the inputs are read
-            check_checkpoint(out / CHECKPOINT_DIR)
-
-    if resume:   # every process gets rank 0's answer (resuming needs the checkpoint from rank 0 anyway)
-        ctx.share_from_main(check_output)
-    elif ctx.is_main:   # a failure here ends rank 0; torchrun then stops the others
-        check_output()
-    reporter.start("load", total=None)
-    image, geometry = read_image(images)
-    labels = read_labels(labels_path, geometry)
-    extra = []
-    for case in unlabelled:
-        vol, _ = read_image(case)
-        if vol.shape[0] != image.shape[0]:
-            raise UserError(f"unlabelled case {', '.join(case)} has {vol.shape[0]} channel(s) but the labelled "
-                            f"case has {image.shape[0]}; give the same channels, comma-separated")
-        extra.append(vol)
-    pool = None
-    if unlabelled_manifest:
-        from .manifest import ManifestPool
-
-        pool = ManifestPool.open(unlabelled_manifest, channels=image.shape[0], axis=config.axis,
-                                 hu_window=config.hu_window, cache_volumes=cache_volumes, cache_bytes=cache_bytes,
-                                 warn=lambda message: reporter.log(message, level="warning"),
-                                 check_not=[out_dir])
-
-    init_state, init_card = None, None
-    if init_model:
-        init_card, nets = load_model(init_model)
-        if nets[0].config.in_channels != image.shape[0]:
-            raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
-                            f"but {image.shape[0]} image(s) were given")
-        init_state = nets[-1].state_dict()
-        config.width = nets[0].config.width
-        wanted = make_method(config.method).architecture if config.method in METHODS else None
-        if wanted != nets[0].config.name:
-            raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
-                            f"{config.method} trains a {wanted}; use the model's method to continue from it")
-
-    if classes_path:
-        classes = load_classes_file(classes_path)
-    elif init_card is not None:
-        classes = init_card["classes"]
-    else:
-        classes = default_classes([int(v) for v in np.unique(labels) if v != 0])
-    if not classes:
-        raise UserError(f"{labels_path}: the label map is empty (all zero); paint the structure on a few "
-                        "slices first, or list all-background labelled slices with --labelled-slices")
-    mapped = remap_labels(labels, classes)
-    num_classes = len(classes) + 1
-    check_label_values(mapped, num_classes)
-    if init_card is not None and len(init_card["classes"]) != len(classes):
-        raise UserError(f"--init {init_model}: the model has {len(init_card['classes'])} class(es), the labels "
-                        f"{len(classes)}; fine-tune with the same segments")
-
-    labelled = labelled_slices(labels, config.axis, explicit_slices)
-    if len(labelled) == 0:
-        raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
-                        "least one slice, or list labelled slices with --labelled-slices")
-    n_slices = labels.shape[{"k": 0, "j": 1, "i": 2}[config.axis]]
-    if len(labelled) == n_slices and not extra and pool is None and config.method in METHODS and \
-            make_method(config.method).uses_unlabelled:
-        raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
-                        "term; supervised training is what you want: --method unet (or add unlabelled volumes "
-                        "with --unlabelled)")
-    norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
-    volumes = [norm.apply(image)] + [norm.apply(v) for v in extra] + (pool.volumes if pool else [])
-    del image
-
-    n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
-    reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
-                 f"unlabelled; training {config.method} on {describe(dev)}"
-                 + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"
-                    if ctx.distributed else ""))
-    ctx.check_batch(config.batch_size, "--batch-size")   # before anything is written
-    if config.method in METHODS and make_method(config.method).uses_unlabelled:
-        ctx.check_batch(config.unlabelled_batch_size or config.batch_size, "--unlabelled-batch-size")
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
-                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
-                 checkpoint_seconds=checkpoint_seconds)
-    last = result.history[-1] if result.history else {}
-    card = {
-        "architecture": result.architecture.to_dict(),
-        "classes": classes,
-        "channels": [{"name": Path(p).name} for p in images],
-        "normalisation": norm.to_dict(),
-        "slice_axis": config.axis,
-        "training": {**config.to_dict(), "device": str(dev), "init_model": init_model,
-                     "images": [Path(p).name for p in images], "labels": Path(labels_path).name,
-                     "unlabelled_cases": len(extra) + (len(pool.volumes) if pool else 0),
-                     "unlabelled_manifest": Path(unlabelled_manifest).name if unlabelled_manifest else None,
-                     "processes": ctx.world_size},
-        "summary": {"steps": result.steps_done, "seconds": round(result.seconds, 1),
-                    "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr")},
-                    "labelled_slices": [int(i) for i in labelled], "parameters": result.parameters,
-                    "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 5)} for h in result.history]},
-        "geometry": geometry.to_dict(),
-        "prior": config.prior,
-    }
-    if pool is not None:
-        reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
-    if ctx.is_main:
-        # one unit: the folder (with its checkpoint) is replaced only by the complete new model
-        save_model(out, result.snapshots, card)
-    return card

@@ -106,6 +106,7 @@ class LoopConfig:
 
 def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None:
     """:class:`UserError` for settings that cannot run, before any work."""
+    from ..data import check_patch_size
     from ..methods import METHODS
     from .datasets import DATASETS
 
@@ -122,8 +123,7 @@ def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None
         raise UserError("--start: give labelled-slice counts of at least 1")
     if config.max_labelled < max(config.start):
         raise UserError(f"--max-labelled {config.max_labelled} is below --start {max(config.start)}")
-    if config.patch_size is not None and (config.patch_size < 0 or 0 < config.patch_size < 16):
-        raise UserError(f"--patch-size {config.patch_size}: use 0 (whole slices) or at least 16")
+    check_patch_size(config.patch_size)
 
 
 # -- the policies ---------------------------------------------------------------------------------------------
@@ -218,47 +218,37 @@ def _sparse(label: np.ndarray, labelled: Sequence[int], axis: int) -> np.ndarray
     return sparse
 
 
-def train_and_segment(case, volume: np.ndarray, labelled: Sequence[int], train_config, device,
-                      init_state: dict | None = None, use_prior: bool = True) -> tuple[dict, dict]:
-    """Train on ``labelled`` slices of ``case`` (from ``init_state`` when given), segment the whole volume as the
-    product does (with the painted slices' prior when ``use_prior``) and evaluate every other slice.
-    Returns ``(metrics, final weights)``."""
+def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config, device,
+                init_state: dict | None = None, use_prior: bool = True) -> tuple[dict, dict]:
+    """One round: train on ``labelled`` slices of ``case`` (from ``init_state`` when given) and segment the whole
+    volume as the product does (:func:`mismatch.pipeline.train_and_segment`, with the painted slices' prior when
+    ``use_prior``); evaluate every other slice. Returns ``(metrics, final weights)``."""
     import torch
 
-    from ..events import Reporter
-    from ..inference import segment_volume
-    from ..prior import PriorSettings, SlicePrior
-    from ..train import fit
+    from ..data import Normalisation
+    from ..pipeline import train_and_segment
+    from .runner import case_classes
 
     lab = np.asarray(sorted(int(s) for s in labelled), dtype=np.int64)
     n_slices = int(case.label.shape[case.axis])
     test = [s for s in range(n_slices) if s not in set(lab.tolist())] or list(range(n_slices))
     sparse = _sparse(case.label, lab, case.axis)
-    num_classes = len(case.classes) + 1
-    t0 = time.monotonic()
-    fitted = fit([volume], sparse, lab, num_classes, train_config, reporter=Reporter(progress_bar=False, quiet=True),
-                 device=device, init_state=init_state)
-    train_seconds = time.monotonic() - t0
-    nets = fitted.networks()
-    prior = None
-    if use_prior:
-        settings = PriorSettings.from_dict(train_config.prior) if train_config.prior else PriorSettings(weight=0.0)
-        prior = SlicePrior(sparse, lab, case.axis, case.spacing, num_classes, settings)
-    t1 = time.monotonic()
-    seg = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=device, truth=case.label,
-                         eval_slices=test, prior=prior, outputs=())
-    segment_seconds = time.monotonic() - t1
+    run = train_and_segment(volume, sparse, lab, case_classes(case), train_config,
+                            normalisation=Normalisation(hu_window=case.window), spacing_kji=case.spacing,
+                            geometry=case.geometry, device=device, init_state=init_state, use_prior=use_prior,
+                            truth=case.label, eval_slices=test, outputs=())
+    seg = run.segmentation
     mean = seg.evaluation["mean"]
-    two = len(nets[0].decoders) > 1
+    two = len(run.networks[0].decoders) > 1
     metrics = {
         "iou": mean["iou"], "dice": mean["dice"], "ece_all": mean["calibration"]["all"]["ece"],
-        "ece_band": mean["calibration"]["band"]["ece"], "n_test": len(test), "steps": fitted.steps_done,
-        "train_seconds": round(train_seconds, 3), "segment_seconds": round(segment_seconds, 3),
-        "seconds": round(train_seconds + segment_seconds, 3),
+        "ece_band": mean["calibration"]["band"]["ece"], "n_test": len(test), "steps": run.fitted.steps_done,
+        "train_seconds": round(run.train_seconds, 3), "segment_seconds": round(run.segment_seconds, 3),
+        "seconds": round(run.train_seconds + run.segment_seconds, 3),
         "suggestions": suggestions(seg.slice_scores, lab.tolist(), two) if use_prior else None,
     }
-    state = {k: v.detach().to("cpu") for k, v in fitted.snapshots[-1].items()}
-    del nets, fitted
+    state = {k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()}
+    del run
     if getattr(device, "type", "") == "cuda":
         torch.cuda.empty_cache()
     return metrics, state
@@ -334,7 +324,7 @@ def run_reference(case, volume, config: LoopConfig, device) -> dict:
     every slice."""
     n_slices = int(case.label.shape[case.axis])
     cfg = config.train_config(REFERENCE_METHOD, seed=0, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
-    metrics, _ = train_and_segment(case, volume, list(range(n_slices)), cfg, device, use_prior=False)
+    metrics, _ = train_round(case, volume, list(range(n_slices)), cfg, device, use_prior=False)
     metrics["n_test"] = n_slices
     return metrics
 
@@ -448,7 +438,7 @@ def _run_trajectory(spec: dict, case, volume, candidates, config: LoopConfig, da
         else:
             labelled = even_slices(candidates, spec["k0"], n_slices) if start == "even" else sorted(draw())
             cfg = config.train_config(spec["method"], seed=seed, axis=axis, checkpoint_every=10 ** 9)
-            metrics, state = train_and_segment(case, volume, labelled, cfg, device)
+            metrics, state = train_round(case, volume, labelled, cfg, device)
             _save_state(_state_path(out, shared_name), state)
             metrics["shared_name"] = shared_name
         metrics.setdefault("shared_name", shared_name)
@@ -466,7 +456,7 @@ def _run_trajectory(spec: dict, case, volume, candidates, config: LoopConfig, da
         added = sorted(set(labelled) - set(last["labelled_slices"]))
         n = len(labelled)
         cfg = config.warm_config(spec["method"], seed=seed * 1000 + n, axis=axis, checkpoint_every=10 ** 9)
-        metrics, new_state = train_and_segment(case, volume, labelled, cfg, device, init_state=state)
+        metrics, new_state = train_round(case, volume, labelled, cfg, device, init_state=state)
         rounds.append(record(metrics, labelled, added[0] if len(added) == 1 else added, "warm", new_state,
                              round_name(n)))
         old = _state_path(out, round_name(last["n_labelled"]))
@@ -488,7 +478,7 @@ def _scratch_missing(spec, key, rounds, case, volume, config, data, out, device,
             continue
         cfg = config.train_config(spec["method"], seed=spec["seed"] * 1000 + r["n_labelled"], axis=axis,
                                   checkpoint_every=10 ** 9)
-        metrics, _ = train_and_segment(case, volume, r["labelled_slices"], cfg, device)
+        metrics, _ = train_round(case, volume, r["labelled_slices"], cfg, device)
         data["rounds"].append({**spec, "n_labelled": r["n_labelled"], "labelled_slices": r["labelled_slices"],
                                "added": r["added"], "init": "scratch", **metrics})
         _save(out, data)

@@ -202,18 +202,27 @@ def _per_slice_iou(pred: np.ndarray, truth: np.ndarray, slices: Sequence[int], a
     return out
 
 
+def case_classes(case) -> list[dict]:
+    """The classes of a benchmark case as a model card lists them (value and name; palette colours)."""
+    from ..api import default_classes
+
+    classes = default_classes(list(case.classes))
+    for c in classes:
+        c["name"] = case.classes[c["value"]]
+    return classes
+
+
 def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[dict]:
     """Train (or run) one method on one labelled-slice draw of every case of the data set; one result per case."""
     import torch
 
     from ..data import Normalisation
     from ..device import resolve_device
-    from ..events import Reporter
     from ..inference import segment_volume
     from ..metrics import evaluate_arrays
     from ..models import count_parameters
-    from ..prior import PriorSettings, SlicePrior
-    from ..train import fit
+    from ..pipeline import painted_slice_prior, train_and_segment
+    from ..prior import PriorSettings
     from .classical import run_in_subprocess
     from .datasets import draw_split
 
@@ -248,22 +257,25 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
             results.append(result)
             continue
         dev = resolve_device(device)
-        num_classes = len(case.classes) + 1
-        volume = Normalisation(hu_window=case.window).apply(case.image)
+        norm = Normalisation(hu_window=case.window)
+        volume = norm.apply(case.image)
         train_config = config.train_config(
             spec["method"], seed=spec["seed"], axis=AXIS_NAMES[case.axis],
             alpha=spec["alpha"] if spec.get("alpha") is not None else config.alpha, checkpoint_every=10 ** 9)
-        fitted = fit([volume], sparse, labelled, num_classes, train_config,
-                     reporter=Reporter(progress_bar=False, quiet=True), device=dev)
-        train_seconds = time.monotonic() - t0
-        nets = fitted.networks()
-        prior = SlicePrior(sparse, labelled, case.axis, case.spacing, num_classes,
-                           PriorSettings.from_dict(train_config.prior or PriorSettings().to_dict()))
         use_prior = spec["method"] in config.prior_methods and train_config.prior is not None
-        seg = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
-                             truth=case.label, eval_slices=test.tolist(), prior=prior if use_prior else None)
+        prepared = time.monotonic() - t0
+        run = train_and_segment(volume, sparse, labelled, case_classes(case), train_config, normalisation=norm,
+                                spacing_kji=case.spacing, geometry=case.geometry, device=dev, use_prior=use_prior,
+                                truth=case.label, eval_slices=test.tolist())
+        fitted, nets, seg = run.fitted, run.networks, run.segmentation
+        train_seconds = prepared + run.train_seconds
+        # the other variant, for the ablation: the network alone, or with the prior (the default preset's
+        # settings where the budget's preset has none)
+        other_prior = None if use_prior else painted_slice_prior(
+            sparse, labelled, train_config.axis, case.spacing, len(case.classes) + 1,
+            train_config.prior or PriorSettings().to_dict())
         other = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
-                               truth=case.label, eval_slices=test.tolist(), prior=None if use_prior else prior)
+                               truth=case.label, eval_slices=test.tolist(), prior=other_prior)
         result["prior"] = use_prior
         result["other"] = {"prior": not use_prior, "iou": other.evaluation["mean"]["iou"],
                            "ece_band": other.evaluation["mean"]["calibration"]["band"]["ece"]}
@@ -284,7 +296,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
             final_losses={k: v for k, v in fitted.history[-1].items() if k not in ("step", "lr")}
             if fitted.history else {})
         results.append(result)
-        del nets, fitted
+        del nets, fitted, run
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return results

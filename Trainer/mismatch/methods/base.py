@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,13 +12,18 @@ from torch import nn
 @dataclass
 class TrainingBatch:
     """One step's data. ``labelled_x [B, C, H, W]``, ``labelled_y [B, H, W]`` (long),
-    ``unlabelled_x [B_u, C, H, W]`` or None for supervised methods; ``step`` counts from 0."""
+    ``unlabelled_x [B_u, C, H, W]`` or None for supervised methods; ``step`` counts from 0.
+
+    ``batch_sum``: with several processes training one model, a differentiable sum over the processes
+    (:attr:`mismatch.distributed.Context.batch_sum`) that the soft Dice applies to its sums so that they cover
+    the global batch (:func:`mismatch.losses.soft_dice_loss`); None for one process."""
 
     labelled_x: torch.Tensor
     labelled_y: torch.Tensor
     unlabelled_x: torch.Tensor | None
     step: int
     total_steps: int
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def combine_losses(supervised: torch.Tensor, *extra: tuple[str, torch.Tensor, float]

@@ -62,7 +62,7 @@ class CCTMethod(Method):
 
         def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
             main = net.decode(net.decoders[0], features, size)
-            terms = {"supervised": supervised_loss(main[:n_l], batch.labelled_y)}
+            terms = {"supervised": supervised_loss(main[:n_l], batch.labelled_y, batch_sum=batch.batch_sum)}
             if batch.unlabelled_x is not None and len(net.aux_decoders):
                 target = net.probabilities(main[n_l:].float()).detach()
                 unlabelled = [f[n_l:] for f in features]

@@ -81,7 +81,7 @@ class FixMatchMethod(Method):
                 labels, mask = pseudo_labels(weak, self.threshold)
             x = torch.cat([x, self.strong(xu)])
         outputs = model(x)
-        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y) for o in outputs]).mean()}
+        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y, batch_sum=batch.batch_sum) for o in outputs]).mean()}
         if xu is not None:
             terms["unlabelled"] = torch.stack(
                 [masked_pseudo_label_loss(o[n_l:], labels, mask) for o in outputs]).mean()

@@ -68,7 +68,7 @@ class MeanTeacherMethod(Method):
         if batch.unlabelled_x is not None:
             x = torch.cat([x, batch.unlabelled_x])
         outputs = model(gaussian_noise(x, self.noise_std))
-        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y) for o in outputs]).mean()}
+        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y, batch_sum=batch.batch_sum) for o in outputs]).mean()}
         if batch.unlabelled_x is not None:
             with torch.no_grad():
                 target = mean_probabilities(teacher, teacher(gaussian_noise(batch.unlabelled_x, self.noise_std)))

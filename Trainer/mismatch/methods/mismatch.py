@@ -45,7 +45,7 @@ class MisMatchMethod(Method):
         if batch.unlabelled_x is not None:
             x = torch.cat([x, batch.unlabelled_x])
         outputs = model(x)
-        sup = torch.stack([supervised_loss(o[:n_l], y, self.cross_entropy) for o in outputs]).mean()
+        sup = torch.stack([supervised_loss(o[:n_l], y, self.cross_entropy, batch.batch_sum) for o in outputs]).mean()
         terms = {"dice": float(sup.detach())}
         loss = sup
         alpha = alpha_schedule(batch.step, batch.total_steps, self.alpha, self.alpha_rampup)

@@ -44,7 +44,7 @@ class MTAMethod(Method):
         def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
             labelled = [f[:n_l] for f in features]
             seg = [net.decode(d, labelled, size) for d in net.decoders]
-            terms = {"supervised": torch.stack([supervised_loss(o, batch.labelled_y) for o in seg]).mean()}
+            terms = {"supervised": torch.stack([supervised_loss(o, batch.labelled_y, batch_sum=batch.batch_sum) for o in seg]).mean()}
             if net.reconstruction is not None:
                 recon = net.decode(net.reconstruction, features, size).float()
                 terms["reconstruction"] = torch.mean((recon - clean) ** 2)

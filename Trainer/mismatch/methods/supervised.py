@@ -63,5 +63,5 @@ class SupervisedMethod(Method):
         elif self.augment == "anatomy":
             x, y = anatomy_preserving(x, y)
         outputs = model(x)
-        sup = torch.stack([supervised_loss(o, y, self.cross_entropy) for o in outputs]).mean()
+        sup = torch.stack([supervised_loss(o, y, self.cross_entropy, batch.batch_sum) for o in outputs]).mean()
         return sup, {"dice": float(sup.detach())}
