@@ -5,12 +5,13 @@
 - ``jobfolder``: MRML nodes -> job-folder files (Slicer storage nodes) and results back into nodes
 - ``process``: the engine as a child process, events read as they arrive, cancel of the whole tree
 - ``state``: the panel's state machine (plain Python)
-- ``logic``: training and segmentation jobs, out-of-memory retry, model files, next uncertain slice
+- ``logic``: training and segmentation jobs, model files, next uncertain slice
 - ``plots``: loss curve and reliability diagrams as table, plot series and plot chart nodes
 - ``devices``: CPU, CUDA GPUs with free memory, Apple MPS, and why no GPU is usable
 - ``install``: dependencies installed on first use
 - ``modelcard``: checking a model folder before it is used or imported
 - ``reloading``: the module's Reload reloads this package too
+- ``widget``: the panel (the module's Qt widget)
 
-Nothing here imports Qt, so all of it runs outside the application with ``slicer-core``.
+Nothing here but ``widget`` imports Qt, so all the rest runs outside the application with ``slicer-core``.
 """

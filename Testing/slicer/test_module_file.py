@@ -1,6 +1,7 @@
 """The module file as Slicer loads it: the supported versions (an older Slicer gets one message), Reload that
-reloads the library, and the hooks for scene close and application exit. The widget needs the application, so
-its wiring is read with ast; what it calls is tested on its own elsewhere (test_safety, test_process)."""
+reloads the library, and the hooks for scene close and application exit. The widget
+(``MisMatchSegmentationLib/widget.py``) needs the application, so its wiring is read with ast; what it calls is
+tested on its own elsewhere (test_safety, test_process)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import MODULE_DIR
 
 SOURCE = MODULE_DIR / "MisMatchSegmentation.py"
+WIDGET = MODULE_DIR / "MisMatchSegmentationLib" / "widget.py"
 
 
 def gate_namespace() -> dict:
@@ -90,23 +92,29 @@ def test_reload_reloads_every_library_module_in_dependency_order():
                 used = [node.module] if node.module else [a.name for a in node.names]
                 for dependency in used:
                     assert position[dependency] < position[name], f"{name} imports {dependency}: reload it first"
-    # a reload re-executes the modules (run apart: reloading here would swap classes under other tests)
+    assert reloading.SUBMODULES[-1] == "widget"   # the panel imports the rest
+    # a reload re-executes the loaded modules (run apart: reloading here would swap classes under other tests);
+    # every module but the widget (it needs the application) is loaded here
     script = (f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+              "import importlib\n"
               "import MisMatchSegmentationLib.logic as logic, MisMatchSegmentationLib.process as process\n"
+              "from MisMatchSegmentationLib import reloading\n"
+              "for name in reloading.SUBMODULES[:-1]:\n"
+              "    importlib.import_module('MisMatchSegmentationLib.' + name)\n"
               "old_process = process.EngineProcess\n"
               "logic.METHODS = None\n"
-              "from MisMatchSegmentationLib import reloading\n"
               "reloaded = reloading.reload_library()\n"
               "assert sys.modules['MisMatchSegmentationLib.logic'].METHODS['MisMatch'] == 'mismatch'\n"
               "assert sys.modules['MisMatchSegmentationLib.logic'].EngineProcess is not old_process\n"
+              "assert 'MisMatchSegmentationLib.widget' not in sys.modules\n"
               "print(len(reloaded))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) == 1 + len(reloading.SUBMODULES)
+    assert int(out.stdout.split()[-1]) == len(reloading.SUBMODULES)   # the package and all but the widget
 
 
 def widget_method(name: str) -> ast.FunctionDef:
-    for node in ast.parse(SOURCE.read_text()).body:
+    for node in ast.parse(WIDGET.read_text()).body:
         if isinstance(node, ast.ClassDef) and node.name == "MisMatchSegmentationWidget":
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == name:
@@ -131,6 +139,20 @@ def test_the_widget_reloads_its_library_and_ends_jobs_on_reload_scene_close_and_
     # a job that ends after the scene closed finds no parameter node: nothing is read from it
     done = ast.unparse(widget_method("_jobDone"))
     assert done.index("if self._parameterNode is None") < done.index("self._parameterNode.currentModelPath")
+
+
+def test_the_module_file_is_the_face_slicer_expects_and_imports_its_widget():
+    tree = ast.parse(SOURCE.read_text())
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert classes == ["MisMatchSegmentation", "MisMatchSegmentationParameterNode", "MisMatchSegmentationLogic",
+                       "MisMatchSegmentationTest"]
+    imported = [a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+                and n.module == "MisMatchSegmentationLib.widget" for a in n.names]
+    assert imported == ["MisMatchSegmentationWidget"]
+    assert "MisMatchSegmentationLogic()" in ast.unparse(ast.parse(WIDGET.read_text()))
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MisMatchSegmentationLogic")
+    methods = [f.name for f in logic.body if isinstance(f, ast.FunctionDef)]
+    assert all(m == m.lower() for m in methods if m not in ("__init__", "getParameterNode")), methods
 
 
 def test_install_failures_open_an_error_dialog_with_details():
