@@ -4,7 +4,8 @@
 tests and scripts call ``wait()``. Events handed out by ``poll()`` are the engine's (docs/contract.md:
 ``start``, ``progress``, ``log``, ``end``) plus the logic's own:
 
-- ``{"event": "status", "message": ...}``: something the user should read now (e.g. the out-of-memory retry);
+- ``{"event": "status", "message": ...}``: something the user should read now (e.g. that the engine ran out of GPU
+  memory and goes on with smaller batches: the engine's out-of-memory policy, the one there is);
 - ``{"event": "output", "lines": [...]}``: what the engine wrote on stdout and stderr since the last poll, every
   line (also in the job's log file, ``log_path``), for the panel's log pane and the Python console;
 - ``{"event": "done", "job": "train"|"segment", "status": "completed"|"cancelled"|"failed", "message": ...}``:
@@ -90,13 +91,16 @@ class Job:
     arguments: list
     process: EngineProcess | None = None
     batch_size: int = 0
-    retried: bool = False
-    files: object = None
     output: Path | None = None
     started: float = field(default_factory=time.monotonic)
     resume: bool = False     # continue from the checkpoint in ``output`` (--resume)
     discarded: bool = False  # the scene was closed: the results are thrown away when the engine has stopped
     log: Path | None = None
+    memory_warning: str = ""  # the engine ran out of GPU memory and halved its batches (its log warning)
+    # what a segmentation reads back when it ends: the model's card, the held-out slices it evaluates, notes
+    card: dict | None = None
+    evaluated: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def checkpoint_step(output: Path | None) -> int | None:
@@ -195,8 +199,10 @@ def next_slice_hint(row: dict, labelled=None) -> str:
                              ", ".join(reasons[:-1]) + " and " + reasons[-1])
 
 
-def is_out_of_memory(finished: dict) -> bool:
-    text = " ".join([finished.get("message") or ""] + list(finished.get("stderr") or [])[-5:]).lower()
+def is_out_of_memory(event: dict) -> bool:
+    """Whether an engine event (a log line, or the finished job with its last stderr lines) is about running out of
+    GPU memory."""
+    text = " ".join([event.get("message") or ""] + list(event.get("stderr") or [])[-5:]).lower()
     return "out of memory" in text
 
 
@@ -302,8 +308,7 @@ class MisMatchLogic:
             arguments += ["--init", str(init)]
             if not request.warm_start and engine_supports("--warm-start"):
                 arguments += ["--no-warm-start"]
-        job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), files=files,
-                  output=output)
+        job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), output=output)
         self.discard_interrupted()  # a new training starts over
         self.loss_curve.reset()
         self.note = ""
@@ -349,7 +354,7 @@ class MisMatchLogic:
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = Job("segment", folder, request, arguments, files={"card": card, "evaluated": evaluated, "notes": notes})
+        job = Job("segment", folder, request, arguments, card=card, evaluated=evaluated, notes=notes)
         self._start(job)
         return job
 
@@ -456,7 +461,7 @@ class MisMatchLogic:
             self.discard_interrupted()
             raise JobError("there is no interrupted training to resume: press Train")
         self.interrupted = None
-        job.resume, job.retried = True, True  # the batch size is the checkpoint's: no out-of-memory retry
+        job.resume = True  # the batch sizes are the checkpoint's
         self.note = ""
         self._start(job)
         return job
@@ -489,6 +494,13 @@ class MisMatchLogic:
             elif kind == "finished":
                 out.extend(self._finish(job, event))
                 continue
+            elif kind == "log" and job.kind == "train" and is_out_of_memory(event):
+                # the engine halves its batches and goes on (its one out-of-memory policy): say so
+                job.memory_warning = str(event.get("message") or "")
+                self.note = "(smaller batches after a GPU out-of-memory) "
+                out.append(event)
+                out.append({"event": "status", "message": job.memory_warning[:1].upper() + job.memory_warning[1:] + "."})
+                continue
             out.append(event)
         if loss_changed:
             self.loss_curve.update_nodes()
@@ -508,16 +520,6 @@ class MisMatchLogic:
 
     def _finish(self, job: Job, finished: dict) -> list[dict]:
         status, message = finished["status"], finished.get("message") or ""
-        if (status == "failed" and job.kind == "train" and not job.retried and job.batch_size > 1
-                and is_out_of_memory(finished)):
-            old, job.batch_size, job.retried = job.batch_size, max(1, job.batch_size // 2), True
-            self.note = f"(retry with batch size {job.batch_size}) "
-            text = (f"GPU out of memory with batch size {old}: retrying once with batch size {job.batch_size}.")
-            self.status = text
-            self.loss_curve.reset()
-            self._start(job)
-            self.status = text
-            return [{"event": "status", "message": text}]
         self.job = None
         self.fraction = 1.0 if status == "completed" else self.fraction
         late = [line for _, line in job.process.take_output()] if hasattr(job.process, "take_output") else []
@@ -553,10 +555,8 @@ class MisMatchLogic:
 
     def _failure_text(self, job: Job, finished: dict) -> str:
         message = finished.get("message") or "the engine stopped without a message"
-        if is_out_of_memory(finished):
-            advice = ("GPU out of memory even with batch size "
-                      f"{job.batch_size}: lower the patch size or the width, or train on the CPU")
-            return f"{advice} ({message})"
+        if is_out_of_memory(finished):   # the engine halved its batches down to one slice first
+            return f"GPU out of memory: lower the patch size or the width, or train on the CPU ({message})"
         if finished.get("returncode") == 2:
             return f"{message} (fix the input and try again)"
         errors = [line for line in finished.get("stderr") or [] if line.strip()]
@@ -586,8 +586,8 @@ class MisMatchLogic:
         text = f"Trained {card.get('summary', {}).get('steps', '?')} steps in {format_duration(elapsed)}"
         if losses.get("loss") is not None:
             text += f" (final loss {losses['loss']:.4f})"
-        if job.retried:
-            text += f" with batch size {job.batch_size} after a GPU out-of-memory"
+        if job.memory_warning:
+            text += f" after a GPU out-of-memory ({job.memory_warning})"
         return text + ". Press Segment."
 
     def _segment_done(self, job: Job, finished: dict) -> str:
@@ -602,7 +602,7 @@ class MisMatchLogic:
             if getattr(request, key) is not None and not is_alive(getattr(request, key)):
                 setattr(request, key, None)
         check_outputs(request)
-        card = job.files["card"]
+        card = job.card
         name = reference.GetName()
         seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, card["classes"],
                                             request.output_segmentation, name=f"{name} MisMatch segmentation")
@@ -628,14 +628,14 @@ class MisMatchLogic:
         if elapsed is not None:
             text += f" in {format_duration(elapsed)}"
         if evaluation:
-            chart = plots.reliability_diagram(evaluation, job.files["evaluated"])
+            chart = plots.reliability_diagram(evaluation, job.evaluated)
             self.results["reliability"] = chart
             ece = plots.ece_of(evaluation)
             if ece is not None:
-                text += f"; ECE on held-out slices {jobfolder.format_slices(job.files['evaluated'])}: {ece:.3f}"
+                text += f"; ECE on held-out slices {jobfolder.format_slices(job.evaluated)}: {ece:.3f}"
         elif request.held_out:
             text += "; the held-out slices hold none of the model's classes, so there is no reliability diagram"
-        for note in job.files.get("notes") or []:
+        for note in job.notes:
             text += f"; {note}"
         removed = removed_slices(self.report)
         if removed:

@@ -3,7 +3,9 @@
 Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
 
 - ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK);
-- ``oom``: train fails like a CUDA out-of-memory while ``--batch-size`` is above 2, then behaves like ok;
+- ``oom``: train runs out of GPU memory while ``--batch-size`` is above 2 and, like the engine, halves its batches
+  (a warning ``log`` event) and goes on like ok;
+- ``oom-fail``: train runs out of GPU memory even with one slice per batch: the engine's one-line error, exit 2;
 - ``slow``: emits progress for ever, starts a grandchild (its pid in ``$STANDIN_LOG/grandchild.pid``); on SIGTERM
   or SIGINT (or when the ``--stop-file`` appears), like the engine, finishes its step (0.3 s), writes
   ``--out``/checkpoint/state.json, ends with a ``cancelled`` event and exit 130;
@@ -73,12 +75,14 @@ def images_of(args: list[str]) -> list[str]:
 
 def train(args: list[str], mode: str) -> int:
     batch = int(option(args, "--batch-size", "4"))
+    if mode == "oom-fail":
+        emit("start", phase="train", total=3, device="cuda:0")
+        return user_error("the GPU ran out of memory even with one slice per batch on cuda:0; use a smaller "
+                          "--patch-size or --width, or --device cpu")
     if mode == "oom" and batch > 2:
         emit("start", phase="train", total=3, device="cuda:0")
-        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
-        emit("end", status="failed", message="OutOfMemoryError: CUDA out of memory (out of memory: use a smaller "
-                                             "--batch-size, --patch-size or --width)", elapsed=0.1)
-        return 1
+        emit("log", level="warning", message=f"GPU out of memory: retrying with batch sizes {batch // 2} labelled "
+                                             f"+ {batch // 2} unlabelled")
     steps = int(option(args, "--steps", "3"))
     emit("start", phase="load", total=None)
     emit("start", phase="train", total=steps, device="cpu")

@@ -1,7 +1,7 @@
 """The module's logic on real MRML nodes (slicer-core) with a stand-in engine child process.
 
 The stand-in (``standin_engine.py``) speaks the contract in milliseconds, so these tests check the module's
-side: the job folder it writes, the command line, the nodes it fills, the retry on out-of-memory, cancel
+side: the job folder it writes, the command line, the nodes it fills, the engine's out-of-memory warning, cancel
 and failures. ``test_real_engine.py`` runs the same path with the real engine.
 """
 
@@ -65,27 +65,28 @@ def test_training_writes_the_job_and_gets_a_model(ct_chest, logic_for, standin_l
         slicer.util.arrayFromSegmentBinaryLabelmap(labels, labels.GetSegmentation().GetNthSegmentID(0), volume), before)
 
 
-def test_out_of_memory_retries_once_with_half_the_batch(ct_chest, logic_for, standin_log):
+def test_out_of_memory_is_the_engines_to_handle_and_the_panel_says_so(ct_chest, logic_for, standin_log):
     volume, labels = ct_chest
     logic = logic_for("oom")
     logic.start_training(train_request(volume, labels, batch_size=4))
     events = logic.wait(timeout=60)
     status = [e for e in events if e["event"] == "status"]
-    assert len(status) == 1
-    assert status[0]["message"] == "GPU out of memory with batch size 4: retrying once with batch size 2."
-    assert events[-1]["status"] == "completed" and "with batch size 2 after a GPU out-of-memory" in events[-1]["message"]
+    assert [s["message"] for s in status] == ["GPU out of memory: retrying with batch sizes 2 labelled + 2 unlabelled."]
+    assert events[-1]["status"] == "completed"
+    assert "after a GPU out-of-memory (GPU out of memory: retrying with batch sizes 2" in events[-1]["message"]
     batches = [c["args"][c["args"].index("--batch-size") + 1] for c in calls(standin_log)]
-    assert batches == ["4", "2"]
+    assert batches == ["4"]   # one engine run: the logic does not retry on its own
 
 
-def test_out_of_memory_twice_fails_with_advice(ct_chest, logic_for, standin_log):
+def test_out_of_memory_with_one_slice_per_batch_fails_with_advice(ct_chest, logic_for, standin_log):
     volume, labels = ct_chest
-    logic = logic_for("oom")
-    logic.start_training(train_request(volume, labels, batch_size=8))  # 8 -> 4: still out of memory
+    logic = logic_for("oom-fail")
+    logic.start_training(train_request(volume, labels, batch_size=8))
     done = logic.wait(timeout=60)[-1]
     assert done["status"] == "failed"
-    assert done["message"].startswith("GPU out of memory even with batch size 4: lower the patch size")
-    assert logic.current_model is None and not logic.running
+    assert done["message"].startswith("GPU out of memory: lower the patch size or the width, or train on the CPU")
+    assert "even with one slice per batch" in done["message"]
+    assert len(calls(standin_log)) == 1 and logic.current_model is None and not logic.running
 
 
 def test_a_crashed_engine_leaves_the_logic_usable(ct_chest, logic_for, standin_log, tmp_path):
