@@ -96,7 +96,7 @@ class MisMatchSegmentationParameterNode:
     modelSource: Annotated[str, Choice(["New model", "Current model"])] = "New model"
     method: Annotated[str, Choice(["MisMatch", "U-Net"])] = "MisMatch"
     # training defaults: the engine's (mismatch.train.TrainConfig; Testing/slicer/test_defaults.py checks them)
-    steps: Annotated[int, WithinRange(10, 100000)] = 200
+    steps: Annotated[int, WithinRange(10, 100000)] = 180
     learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = 2e-3
     alpha: Annotated[float, WithinRange(0.0, 1.0)] = 0.002
     batchSize: Annotated[int, WithinRange(1, 64)] = 4

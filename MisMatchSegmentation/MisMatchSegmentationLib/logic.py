@@ -30,7 +30,7 @@ from .engine import contract
 from .jobfolder import JobError
 from .process import EngineProcess, engine_command, engine_environment, engine_source_dir, find_python
 
-METHODS = {"MisMatch": "mismatch", "U-Net": "unet"}
+METHODS = {"MisMatch": "mismatch", "U-Net": "unet-strong"}  # the strong supervised U-Net (Dice + CE, augmentation)
 OUTPUT_ATTRIBUTE = jobfolder.OUTPUT_ATTRIBUTE
 KEEP_MODELS = 3          # models kept in the working folder besides the current one
 KEEP_LOGS = 20           # job logs kept in the working folder
@@ -51,7 +51,7 @@ class TrainingRequest:
     empty_slices: list = field(default_factory=list)  # slices checked and found without the structure
     method: str = "MisMatch"          # MisMatch or U-Net (or an engine method name)
     # the engine's defaults (mismatch.train.TrainConfig; Testing/slicer/test_defaults.py checks they agree)
-    steps: int = 200
+    steps: int = 180
     learning_rate: float = 2e-3
     alpha: float = 0.002
     batch_size: int = 4
