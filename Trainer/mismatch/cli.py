@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=_positive_int, help="draws of the labelled slices per count (default 3)")
     b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
     b.add_argument("--alpha-sweep", nargs="*", type=_non_negative_float, metavar="ALPHA",
-                   help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; none: off)")
+                   help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; the flag with no value: no sweep)")
     b.add_argument("--preset", choices=sorted(PRESETS), help="the training budget and recipe of every learned "
                    "method (default: default, what a user gets; paper: the paper's recipe); the options below "
                    "override it")
