@@ -245,32 +245,28 @@ def test_morphological_block_is_a_plain_block_then_a_3x3_max_or_min(operation):
 
 # -- under a DistributedDataParallel wrapper -----------------------------------------------------------
 
-class _AttributeForwardingDDP(torch.nn.parallel.DistributedDataParallel):
-    """DDP answering the network's own attributes, as the engine's multi-process wrapper does."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
 def test_every_semi_supervised_method_runs_whole_inside_the_networks_forward(tmp_path):
     """Under the multi-process engine a method gets the network wrapped in DistributedDataParallel, which
     only follows what happens inside its forward: every layer with parameters must run inside a forward
     call of the network (``forward(x, heads=...)`` for the training-only heads), the wrapper's attributes
-    must reach the network's, and the teacher must copy the bare network."""
+    must reach the network's, and the teacher must copy the bare network. The wrapper is the engine's own
+    (:class:`mismatch.distributed.DataParallelNetwork`, what ``Context.wrap`` gives on several processes)."""
+    import copy
+
     import torch.distributed as dist
+
+    from mismatch.distributed import DataParallelNetwork
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         for name in BASELINES + ["mismatch"]:
             method = make_method(name)
             net = _net(method)
+            wrapped = DataParallelNetwork(net)
+            assert wrapped.config is net.config and wrapped.decoder_names == net.decoder_names
+            assert type(copy.deepcopy(wrapped)) is SegmentationNetwork   # a copy is never trained through DDP
             if name == "mt":
-                method._teacher_for(net)  # before the hooks, so that the teacher does not carry them
+                method._teacher_for(wrapped)  # before the hooks, so that the teacher does not carry them
             inside, outside = [False], []
             net.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
             net.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
@@ -278,7 +274,6 @@ def test_every_semi_supervised_method_runs_whole_inside_the_networks_forward(tmp
                 if any(True for _ in layer.parameters(recurse=False)):
                     layer.register_forward_pre_hook(
                         lambda m, a, n=layer_name: None if inside[0] else outside.append(n))
-            wrapped = _AttributeForwardingDDP(net)
             opt = torch.optim.SGD(net.parameters(), lr=1e-3)
             for step in range(2):
                 opt.zero_grad(set_to_none=True)
