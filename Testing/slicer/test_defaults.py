@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 
+from conftest import import_engine
 from test_ui import parameter_fields, prop, ui_widgets
 
 from MisMatchSegmentationLib.logic import METHODS, TrainingRequest
@@ -24,10 +25,9 @@ FIELDS = {"steps": ("steps", "steps"), "learningRate": ("learning_rate", "lr"), 
 
 @pytest.fixture(scope="module")
 def engine_defaults():
-    try:
-        from mismatch.train import TrainConfig
-    except ImportError as exc:  # the engine needs torch
-        pytest.skip(f"the engine is not importable here (import mismatch.train failed: {exc})")
+    import_engine()   # skips without torch; a broken engine fails
+    from mismatch.train import TrainConfig
+
     return TrainConfig()
 
 
