@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,39 @@ def standin_log(tmp_path, monkeypatch):
     log.mkdir()
     monkeypatch.setenv("STANDIN_LOG", str(log))
     return log
+
+
+# -- waiting for another process ----------------------------------------------------------------------------
+#: how long a test waits for what takes a fraction of a second on an idle machine: generous, so that a busy
+#: machine makes a test slower, never failed; a test that fails waits this long once
+PATIENCE = 60.0
+
+
+def wait_until(condition, timeout: float = PATIENCE, what="the condition", interval: float = 0.02) -> None:
+    """Call ``condition()`` until it is true; an AssertionError naming ``what`` (a string, or a function that
+    says what was seen) after ``timeout`` seconds. Tests wait for a state this way, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not reached in {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def poll_until(source, predicate, timeout: float = PATIENCE) -> list[dict]:
+    """The events of ``source.poll()`` (an ``EngineProcess`` or the logic) gathered until ``predicate(events)``."""
+    events: list[dict] = []
+
+    def reached() -> bool:
+        events.extend(source.poll())
+        return predicate(events)
+
+    wait_until(reached, timeout, lambda: f"the events wanted (so far: {events[-5:]})")
+    return events
+
+
+def progressed(events: list[dict]) -> bool:
+    """A ``poll_until`` predicate: a progress event has arrived."""
+    return any(e.get("event") == "progress" for e in events)
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import standin_command
+from conftest import poll_until, progressed, standin_command
 
 from MisMatchSegmentationLib import jobfolder, plots
 from MisMatchSegmentationLib.logic import (MisMatchLogic, SegmentRequest, TrainingRequest, describe_progress,
@@ -106,11 +106,7 @@ def test_cancel_through_the_logic(ct_chest, logic_for, standin_log):
     volume, labels = ct_chest
     logic = logic_for("slow")
     logic.start_training(train_request(volume, labels))
-    for _ in range(400):
-        if any(e["event"] == "progress" for e in logic.poll()):
-            break
-        import time
-        time.sleep(0.01)
+    poll_until(logic, progressed)
     assert logic.status.startswith("Training: step")
     logic.cancel()
     done = logic.wait(timeout=30)[-1]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import standin_command
+from conftest import poll_until, progressed, standin_command, wait_until
 
 from MisMatchSegmentationLib import process
 from MisMatchSegmentationLib.process import EngineProcess
@@ -30,16 +29,6 @@ def alive(pid: int) -> bool:
         return True
 
 
-def poll_until(proc: EngineProcess, predicate, timeout: float = 20.0) -> list[dict]:
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += proc.poll()
-        if predicate(events):
-            return events
-        time.sleep(0.01)
-    raise AssertionError(f"condition not reached in {timeout} s; events so far: {events[-5:]}")
-
-
 def test_events_arrive_while_the_child_is_still_running(standin_log):
     proc = EngineProcess(standin_command("gate") + ["train"]).start()
     first = poll_until(proc, lambda ev: any(e["event"] == "start" for e in ev))
@@ -57,7 +46,7 @@ def test_events_arrive_while_the_child_is_still_running(standin_log):
 @posix_only
 def test_cancel_ends_the_child_and_its_children(standin_log):
     proc = EngineProcess(standin_command("slow") + ["train"]).start()
-    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    poll_until(proc, progressed)
     grandchild = int((standin_log / "grandchild.pid").read_text())
     assert alive(grandchild)
     proc.cancel()
@@ -65,24 +54,18 @@ def test_cancel_ends_the_child_and_its_children(standin_log):
     finished = events[-1]
     assert finished["status"] == "cancelled" and finished["returncode"] == 130
     assert "checkpoint" in finished["message"]
-    deadline = time.monotonic() + 5
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(grandchild), "the engine's own child survived the cancel"
+    wait_until(lambda: not alive(grandchild), what="the engine's own child gone after the cancel")
 
 
 @posix_only
 def test_a_child_that_ignores_the_request_is_killed_with_its_tree(standin_log):
     proc = EngineProcess(standin_command("stubborn") + ["train"], kill_grace=0.5).start()
-    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    poll_until(proc, progressed)
     grandchild = int((standin_log / "grandchild.pid").read_text())
-    started = time.monotonic()
     proc.cancel()
     finished = proc.wait(timeout=20)[-1]
-    assert time.monotonic() - started < 10
     assert finished["status"] == "cancelled" and finished["returncode"] == -signal.SIGKILL
-    time.sleep(0.2)
-    assert not alive(grandchild)
+    wait_until(lambda: not alive(grandchild), what="the engine's own child killed with it")
 
 
 @posix_only
@@ -176,24 +159,21 @@ def test_cancel_behind_a_launcher_reaches_the_engine_and_keeps_its_checkpoint(st
 
     out = tmp_path / "model"
     launcher = fake_pythonslicer(tmp_path)
-    proc = EngineProcess([launcher, "-u", str(STANDIN), "slow", "train", "--out", str(out)], kill_grace=15).start()
+    # a grace long enough for a busy machine: the engine's own exit status and checkpoint show it was reached
+    proc = EngineProcess([launcher, "-u", str(STANDIN), "slow", "train", "--out", str(out)], kill_grace=60).start()
     assert proc.launcher
-    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    poll_until(proc, progressed)
     engine = int((standin_log / "engine.pid").read_text())
     grandchild = int((standin_log / "grandchild.pid").read_text())
     assert engine != proc.pid and proc.interpreter_pids() == [engine]
-    started = time.monotonic()
     proc.cancel()
-    events = proc.wait(timeout=30)
+    events = proc.wait(timeout=90)
     finished = events[-1]
-    assert time.monotonic() - started < 10, "the engine was not reached: it was killed after the grace period"
-    assert finished["status"] == "cancelled" and finished["returncode"] == 130  # the engine's own exit status
+    # killed after the grace period, the launcher would have ended with -SIGKILL and no checkpoint
+    assert finished["status"] == "cancelled" and finished["returncode"] == 130, "the engine was not reached"
     assert "checkpoint written" in finished["message"] and "SIGTERM" in finished["message"]
     assert (out / "checkpoint" / "state.json").is_file(), "the engine was killed before writing its checkpoint"
-    deadline = time.monotonic() + 5
-    while (alive(engine) or alive(grandchild)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(engine) and not alive(grandchild)
+    wait_until(lambda: not alive(engine) and not alive(grandchild), what="the engine and its child gone")
 
 
 @posix_only
@@ -202,12 +182,12 @@ def test_the_stop_file_stops_an_engine_that_signals_cannot_reach(standin_log, tm
 
     out, stop = tmp_path / "model", tmp_path / "STOP"
     proc = EngineProcess([fake_pythonslicer(tmp_path), "-u", str(STANDIN), "deaf", "train", "--out", str(out),
-                          "--stop-file", str(stop)], kill_grace=20, stop_file=stop).start()
-    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
-    started = time.monotonic()
+                          "--stop-file", str(stop)], kill_grace=60, stop_file=stop).start()
+    poll_until(proc, progressed)
     proc.cancel()
-    finished = proc.wait(timeout=40)[-1]
-    assert stop.is_file() and time.monotonic() - started < 10
+    finished = proc.wait(timeout=90)[-1]
+    # the engine's own end event and exit status: it stopped; killed after the grace period, it would have neither
+    assert stop.is_file() and finished["returncode"] == 130
     assert finished["status"] == "cancelled" and "stop file" in finished["message"]
     assert (out / "checkpoint" / "state.json").is_file()
 
@@ -217,13 +197,12 @@ def test_a_launcher_that_ignores_everything_is_killed_with_its_tree(standin_log,
     from conftest import STANDIN
 
     proc = EngineProcess([fake_pythonslicer(tmp_path), "-u", str(STANDIN), "stubborn", "train"], kill_grace=0.5).start()
-    poll_until(proc, lambda ev: any(e["event"] == "progress" for e in ev))
+    poll_until(proc, progressed)
     engine = int((standin_log / "engine.pid").read_text())
     proc.cancel()
     finished = proc.wait(timeout=30)[-1]
     assert finished["status"] == "cancelled"
-    time.sleep(0.2)
-    assert not alive(engine)
+    wait_until(lambda: not alive(engine), what="the engine behind the launcher killed")
 
 
 @posix_only
@@ -256,13 +235,13 @@ def test_the_engine_tree_ends_when_the_python_that_started_it_exits(standin_log,
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     engine, grandchild = int(out.stdout.split()[0]), int((standin_log / "grandchild.pid").read_text())
-    deadline = time.monotonic() + 5
-    while (alive(engine) or alive(grandchild)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    survivors = [p for p in (engine, grandchild) if alive(p)]
-    for pid in survivors:
-        os.kill(pid, signal.SIGKILL)
-    assert not survivors, "the engine's tree survived the exit of the Python that started it"
+    try:
+        wait_until(lambda: not alive(engine) and not alive(grandchild),
+                   what="the engine's tree gone after the exit of the Python that started it")
+    finally:
+        for pid in (engine, grandchild):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_mismatch_python_starts_from_slicers_startup_environment(tmp_path, monkeypatch):

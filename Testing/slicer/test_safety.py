@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import standin_command
+from conftest import poll_until, progressed, standin_command, wait_until
 
 from MisMatchSegmentationLib import jobfolder
 from MisMatchSegmentationLib.logic import (MisMatchLogic, OverwriteNeedsConfirmation, SegmentRequest,
@@ -28,16 +27,6 @@ def calls(log) -> list[dict]:
 def train_request(volume, labels, **kw) -> TrainingRequest:
     ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(labels.GetSegmentation().GetNumberOfSegments())]
     return TrainingRequest(volumes=[volume], segmentation=labels, segment_ids=ids, steps=5, device="cpu", **kw)
-
-
-def until_progress(logic: MisMatchLogic, timeout: float = 30.0) -> list[dict]:
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += logic.poll()
-        if any(e["event"] == "progress" for e in events):
-            return events
-        time.sleep(0.01)
-    raise AssertionError("no progress event")
 
 
 @pytest.fixture
@@ -129,16 +118,18 @@ def test_scene_closed_while_training_cancels_and_forgets_the_scene(ct_chest, tmp
     logic.report = {"slice_axis": "k", "uncertain_slices": [{"slice": 3}]}
     logic._visited = [3]
     job = logic.start_training(train_request(volume, labels))
-    until_progress(logic)
+    poll_until(logic, progressed)
     logic.abandon()  # what the widget does at StartCloseEvent
     slicer.mrmlScene.Clear(0)
     assert not logic.running and logic.busy
     assert logic.report is None and logic._visited == [] and logic.results == {}
-    deadline = time.monotonic() + 30
-    while logic.busy and time.monotonic() < deadline:
+
+    def job_over() -> bool:
         assert logic.poll() == []  # nothing of the closed scene's job reaches the panel
-        time.sleep(0.02)
-    assert not logic.busy and not job.folder.exists() and not job.output.exists()
+        return not logic.busy
+
+    wait_until(job_over, what="the closed scene's job ended")
+    assert not job.folder.exists() and not job.output.exists()
     assert logic.interrupted is None and logic.current_model is None
 
 
@@ -179,7 +170,7 @@ def test_cancel_behind_the_launcher_keeps_the_checkpoint_and_resume_continues(ct
     logic = MisMatchLogic(work_dir=tmp_path / "work", command=standin_command("slow", launcher=True))
     job = logic.start_training(train_request(volume, labels))
     job.process.launcher = True  # the stand-in launcher is not named PythonSlicer here
-    until_progress(logic)
+    poll_until(logic, progressed)
     logic.cancel()
     done = logic.wait(timeout=30)[-1]
     assert done["status"] == "cancelled" and done["message"].startswith("Cancelled at step ")
@@ -200,7 +191,7 @@ def test_a_new_training_discards_the_interrupted_one(ct_chest, tmp_path, standin
     volume, labels = ct_chest
     logic = MisMatchLogic(work_dir=tmp_path / "work", command=standin_command("slow"))
     job = logic.start_training(train_request(volume, labels))
-    until_progress(logic)
+    poll_until(logic, progressed)
     logic.cancel()
     logic.wait(timeout=30)
     assert logic.interrupted is job
@@ -217,12 +208,12 @@ def test_the_stop_file_is_passed_when_the_engine_watches_it(ct_chest, tmp_path, 
     volume, labels = ct_chest
     logic = MisMatchLogic(work_dir=tmp_path / "work", command=standin_command("deaf"), stop_file=True)
     job = logic.start_training(train_request(volume, labels))
-    job.process.kill_grace = 30
-    until_progress(logic)
-    started = time.monotonic()
+    job.process.kill_grace = 60
+    poll_until(logic, progressed)
     logic.cancel()
-    done = logic.wait(timeout=40)[-1]
-    assert time.monotonic() - started < 10 and done["status"] == "cancelled"
+    done = logic.wait(timeout=90)[-1]
+    # the engine saw the stop file and wrote its checkpoint; killed after the grace period, it would have none
+    assert done["status"] == "cancelled" and "checkpoint is kept" in done["message"], done["message"]
     args = calls(standin_log)[-1]["args"]
     assert args[args.index("--stop-file") + 1] == str(job.folder / "STOP")
     # without engine support nothing is passed
