@@ -1,4 +1,5 @@
-"""Inference time per slice and training speed of the U-Net and MisMatch networks.
+"""Inference time per slice and training speed of the U-Net and MisMatch networks, and the time the sampler
+takes to draw one step's batches from a 512 x 512 x 600 volume.
 
     python benchmarks/bench_speed.py [--device cpu|cuda] [--sizes 256 512] [--width 24] [--out FILE.json]
 
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
 
+from mismatch.data import TwoStreamSampler  # noqa: E402
 from mismatch.device import resolve_device, tune_cpu_allocator  # noqa: E402
 from mismatch.methods import TrainingBatch, make_method  # noqa: E402
 from mismatch.models import build_model, count_parameters  # noqa: E402
@@ -85,6 +87,27 @@ def time_training(name, size, width, device, steps, batch):
     return 1.0 / statistics.median(times)
 
 
+def time_sampler(patch, batch, repeats=20):
+    """Median ms to draw one step's batches (``batch`` labelled + ``batch`` unlabelled ``patch``-pixel patches)
+    from a 512 x 512 x 600 volume labelled on every 50th slice (a read-only broadcast view: no memory used;
+    Testing/engine/test_data.py checks that the sampler copies none of it)."""
+    import numpy as np
+
+    plane = np.random.default_rng(0).standard_normal((1, 1, 512, 512)).astype(np.float32)
+    mask = np.zeros((1, 512, 512), np.uint8)
+    mask[0, 200:230, 300:320] = 1
+    sampler = TwoStreamSampler([np.broadcast_to(plane, (1, 600, 512, 512))], np.broadcast_to(mask, (600, 512, 512)),
+                               list(range(0, 600, 50)), patch_size=patch, seed=0)
+    times = []
+    for i in range(repeats + 2):
+        t = time.perf_counter()
+        sampler.labelled_batch(batch)
+        sampler.unlabelled_batch(batch)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -132,6 +155,11 @@ def main(argv=None):
         rows.append({"kind": "training", "method": name, "steps_per_second": round(sps, 3),
                      "patch": args.train_size, "batch": args.train_batch})
         print(f"| {name} | {sps:.2f} |")
+    ms = time_sampler(args.train_size, args.train_batch)
+    rows.append({"kind": "sampler", "ms_per_step": round(ms, 2), "patch": args.train_size, "batch": args.train_batch,
+                 "volume": "512x512x600"})
+    print(f"\n| sampler: one step's batches from a 512x512x600 volume | ms |\n|---|---|\n| "
+          f"{args.train_batch} + {args.train_batch} patches of {args.train_size}x{args.train_size} | {ms:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": str(device), "machine": machine, "allocator_tuned": tuned,
                                               "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
