@@ -166,9 +166,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(case):
             "--width", "4", "--patch-size", "0", "--batch-size", "1", "--device", "cpu", "--events", str(events)]
     proc = _run(argv)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if events.exists() and any(json.loads(l).get("event") == "progress" for l in events.read_text().splitlines()):
-            break
+    while not (events.exists() and any(json.loads(l).get("event") == "progress" for l in events.read_text().splitlines())):
+        assert proc.poll() is None and time.monotonic() < deadline, "the training never reported a step"
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
