@@ -291,7 +291,7 @@ def test_sampler_input_errors():
 def test_sampler_reads_a_large_volume_without_copies():
     """A 512 x 512 x 600 volume (630 MB as a read-only broadcast view, so no memory is used): the sampler and
     its batches allocate about the batches themselves (4 + 4 patches of 176 x 176: 1 MB), never a copy of
-    the volume or of its labelled slices. What that is in milliseconds: benchmarks/bench_speed.py."""
+    the volume or of its labelled slices. What that is in milliseconds: measurements/bench_speed.py."""
     import tracemalloc
 
     plane = np.random.default_rng(0).standard_normal((1, 1, 512, 512)).astype(np.float32)

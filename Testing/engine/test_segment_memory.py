@@ -203,9 +203,9 @@ def test_segment_files_holds_a_few_bytes_a_voxel(case, labels, limit):
 
 
 def test_bench_memory_measures_a_child(tmp_path):
-    """A smoke run of benchmarks/bench_memory.py on a tiny volume."""
+    """A smoke run of measurements/bench_memory.py on a tiny volume."""
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--size", "24", "20",
+    done = subprocess.run([sys.executable, str(ROOT / "measurements" / "bench_memory.py"), "--size", "24", "20",
                            "6", "--labels", "--width", "4", "--threads", "1", "--dir", str(tmp_path),
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -108,8 +108,8 @@ def test_in_process_callers_get_their_thread_count_back(tmp_path, capsys):
 
 @pytest.mark.parametrize("setting,policy", [("before", "(OpenMP default)"), ("after", "PASSIVE")])
 def test_the_thread_benchmark_worker_runs(tmp_path, setting, policy):
-    """A smoke run of benchmarks/bench_threads.py's per-run worker (one tiny step; nothing is measured)."""
-    script = Path(TRAINER).parent / "benchmarks" / "bench_threads.py"
+    """A smoke run of measurements/bench_threads.py's per-run worker (one tiny step; nothing is measured)."""
+    script = Path(TRAINER).parent / "measurements" / "bench_threads.py"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
     out = tmp_path / "r.json"
     done = subprocess.run([sys.executable, str(script), "--worker", str(out), "--setting", setting, "--steps", "1",

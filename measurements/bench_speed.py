@@ -1,7 +1,7 @@
 """Inference time per slice and training speed of the U-Net and MisMatch networks, and the time the sampler
 takes to draw one step's batches from a 512 x 512 x 600 volume.
 
-    python benchmarks/bench_speed.py [--device cpu|cuda] [--sizes 256 512] [--width 24] [--out FILE.json]
+    python measurements/bench_speed.py [--device cpu|cuda] [--sizes 256 512] [--width 24] [--out FILE.json]
 
 Prints a Markdown table of measured figures (median of several timed runs after warm-up). Not a test:
 timings depend on the machine; the figures recorded in docs/benchmarks.md name the machine they came from.

@@ -1,6 +1,6 @@
 """Peak memory (RSS) of ``mismatch segment`` on a synthetic volume of a given size (issue 10, item 7).
 
-    python benchmarks/bench_memory.py [--size I J K] [--outputs all|labels] [--labels] [--width 16]
+    python measurements/bench_memory.py [--size I J K] [--outputs all|labels] [--labels] [--width 16]
                                       [--batch-size 8] [--threads N] [--dir DIR] [--keep] [--json FILE]
 
 Writes into a temporary folder (``--dir``: where; it needs about 16 bytes a voxel of free disk with every
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             "seconds": round(seconds, 1), "machine": f"{platform.machine()} {platform.system()}, "
             f"{os.cpu_count()} logical CPUs, Python {platform.python_version()}",
             "command": " ".join(["python"] + [shlex.quote(c) for c in cmd[1:]]).replace(str(work), "$WORK"),
-            "benchmark_command": "python benchmarks/bench_memory.py " + " ".join(
+            "benchmark_command": "python measurements/bench_memory.py " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         }
         print(f"peak RSS of mismatch segment: {peak / 1e9:.3f} GB ({peak / 2**30:.3f} GiB, "

@@ -1,6 +1,6 @@
 """Training throughput on 1, 2, ... processes (torchrun + DistributedDataParallel): steps/s and samples/s.
 
-    python benchmarks/bench_scaling.py [--device cpu|cuda] [--procs 1 2] [--steps 30] [--warmup 5]
+    python measurements/bench_scaling.py [--device cpu|cuda] [--procs 1 2] [--steps 30] [--warmup 5]
                                        [--width 8] [--patch-size 64] [--batch-size 4] [--mode strong|weak]
                                        [--threads N ...] [--out FILE.json]
 

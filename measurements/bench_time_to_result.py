@@ -2,7 +2,7 @@
 painted labels, on a real MRI slab the size the product is for (60 x 217 x 181 voxels: 60 axial slices of
 nilearn's MNI152 T1 template at 1 mm, grey matter = GM probability > 0.5, 3 labelled slices).
 
-    python benchmarks/bench_time_to_result.py [--slices 60] [--labelled 3] [--device cpu] [--out FILE.json]
+    python measurements/bench_time_to_result.py [--slices 60] [--labelled 3] [--device cpu] [--out FILE.json]
 
 Runs the two commands as a user would (separate processes, files in a temporary folder) and prints the wall
 time of each, the training steps actually run, and the IoU on every unlabelled slice. Needs nilearn (the

@@ -1,6 +1,6 @@
 """One change to the default recipe, measured against the default itself on the same draws.
 
-    python benchmarks/ablate_default.py --variant no-augment '{"augment": false}' \
+    python measurements/ablate_default.py --variant no-augment '{"augment": false}' \
         [--method mismatch] [--datasets mni152-gm synthetic-vessels-lung ctchest-lungs] [--labelled 3]
         [--seeds 100 101] [--out ablation.json]
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if diffs:
         print(f"\n{name} minus default: mean {100 * sum(diffs) / len(diffs):+.1f} points over {len(diffs)} pairs, "
               f"ahead on {sum(d > 0 for d in diffs)}; two-sided sign test p = {sign_test_p(diffs):.3f}")
-    print(f"\ncommand: python benchmarks/ablate_default.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"\ncommand: python measurements/ablate_default.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training step time on an idle and on a loaded CPU, with the engine's thread settings before and after
 issue 10 (a fair share of a busy CPU).
 
-    python benchmarks/bench_threads.py [--steps 20] [--warmup 3] [--load N] [--timeout 900] [--out FILE.json]
+    python measurements/bench_threads.py [--steps 20] [--warmup 3] [--load N] [--timeout 900] [--out FILE.json]
                                        [--settings before after] [--conditions idle loaded]
 
 ``before``: what the engine did until issue 10 -- torch's own defaults (as many threads as torch picks,
@@ -164,7 +164,7 @@ def main() -> None:
     import torch
 
     results = [run_one(args, setting, condition) for condition in args.conditions for setting in args.settings]
-    command = " ".join(["python", "benchmarks/bench_threads.py", *sys.argv[1:]])
+    command = " ".join(["python", "measurements/bench_threads.py", *sys.argv[1:]])
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
               f"{physical_cores()} physical cores; torch {torch.__version__}; Python {platform.python_version()}")
     print(f"{header}\n\n{table(results)}\n\ncommand: {command}")
