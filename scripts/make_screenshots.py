@@ -5,7 +5,7 @@ What it does, as the Slicer module would (the same ``mismatch`` command lines, f
 
 1. takes the demo volume, the chest CT ``CTChest4`` shipped in the ``slicerio`` package, and keeps the lung
    labels of 3 slices (everything else unlabelled);
-2. ``mismatch train`` on them (small settings: ``--steps``, default 120, on the CPU);
+2. ``mismatch train`` on them (``--steps``, default 180 as the default preset, on the CPU);
 3. ``mismatch segment --labels`` (the painted slices guide the segmentation, as the panel's Segment does), with
    the confidence and disagreement volumes and a report evaluated against the full lung labels of every slice
    that was not painted;
@@ -216,7 +216,7 @@ def render_reliability(work: Path, info: dict, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    parser.add_argument("--steps", type=int, default=180, help="training steps (default 180, the default preset's)")
     parser.add_argument("--width", type=int, default=None, help="network width (default: the engine's)")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "screenshots", help="engine files")
     parser.add_argument("--out", type=Path, default=ROOT / "Resources" / "Screenshots", help="where the PNGs go")
