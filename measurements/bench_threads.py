@@ -40,17 +40,12 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MKL_
 
 
 def synthetic(seed: int = 0):
-    import numpy as np
+    """bench_scaling's synthetic volume, its first channel only (the same image: the second channel is
+    drawn after it)."""
+    from bench_scaling import synthetic as two_channels   # this folder is on sys.path when run as a script
 
-    rng = np.random.default_rng(seed)
-    k, j, i = 32, 160, 160
-    yy, xx = np.mgrid[:j, :i]
-    disc = ((yy - 80) ** 2 + (xx - 70) ** 2) < 40 ** 2
-    image = (np.where(disc, 1.0, -1.0)[None] + rng.normal(0, 0.5, (k, j, i))).astype(np.float32)[None]
-    labels = np.zeros((k, j, i), np.uint8)
-    labelled = [4, 12, 20, 28]
-    labels[labelled] = disc
-    return [image], labels, np.asarray(labelled)
+    volumes, labels, labelled = two_channels(seed)
+    return volumes[:1], labels, labelled
 
 
 def worker(args) -> None:
