@@ -24,10 +24,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
-    """Lay out, write ``fig`` as a PNG at ``path`` (parents created), close it; returns the path."""
+def _save(fig, path: str | os.PathLike, dpi: int, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out (within ``rect`` of the figure, when given), write ``fig`` as a PNG at ``path`` (parents
+    created), close it; returns the path."""
     plt = _pyplot()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi, format="png")
@@ -226,9 +227,4 @@ def iou_vs_labelled(panels: dict[str, dict[str, dict[int, list[float]]]], path: 
                    ncol=min(len(handles), 4), frameon=False, bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, format="png")
-    plt.close(fig)
-    return out
+    return _save(fig, path, dpi, rect=(0, 0.06 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
