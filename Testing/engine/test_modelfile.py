@@ -58,6 +58,7 @@ def test_card_that_does_not_match_the_weights_is_refused(saved):
     (lambda c: c.update(format="something-else"), "not a MisMatch model"),
     (lambda c: c.update(format_version=99), "newer"),
     (lambda c: c["architecture"].update(name="resnet"), "unknown architecture"),
+    (lambda c: c["architecture"].update(side_ratio=[1.0, 0.25, 0.125]), "side_ratio is .* train the model again"),
 ])
 def test_invalid_cards_are_refused_with_a_clear_message(saved, edit, match):
     folder, _ = saved

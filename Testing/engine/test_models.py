@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mismatch.models.networks import ArchitectureConfig
+from mismatch.models.networks import CARD_LAYOUT, ArchitectureConfig, UnsupportedArchitecture
 from mismatch.models import (
     ConvBlock,
     DecoderBlock,
@@ -101,11 +101,12 @@ def test_pasb_side_branch_sees_far_and_nasb_side_branch_stays_local():
     assert _mask_receptive_radius(nasb) == 2
 
 
-def test_compact_pasb_reading_is_a_named_option():
-    block = PositiveAttentionShiftingBlock(16, 8, 16, side="compact")
-    assert block(torch.randn(1, 16, 4, 4), torch.randn(1, 8, 8, 8)).shape == (1, 16, 8, 8)
-    with pytest.raises(ValueError):
-        PositiveAttentionShiftingBlock(16, 8, 16, side="other")
+def test_pasb_side_branches_are_factorised_and_paper_only():
+    for side in ("factorised", "paper"):
+        block = PositiveAttentionShiftingBlock(16, 8, 16, side=side)
+        assert block(torch.randn(1, 16, 4, 4), torch.randn(1, 8, 8, 8)).shape == (1, 16, 8, 8)
+    with pytest.raises(ValueError, match="factorised"):
+        PositiveAttentionShiftingBlock(16, 8, 16, side="compact")
 
 
 def test_factorised_pasb_side_is_one_atrous_convolution_of_low_rank():
@@ -121,12 +122,26 @@ def test_factorised_pasb_side_is_one_atrous_convolution_of_low_rank():
     assert ArchitectureConfig().pasb_side == "factorised"
 
 
-def test_cards_written_before_the_layout_fields_rebuild_their_own_layout():
-    old = {"name": "mismatch", "in_channels": 1, "num_classes": 2, "width": 8, "pasb_side": "paper",
-           "dilation": 5}
-    config = ArchitectureConfig.from_dict(old)
-    assert config.side_ratio == (1.0, 0.25, 0.125) and config.bottleneck_ratio == 1.0
-    assert config.min_side_width == 4 and config.bottom_channels == 64
+def test_cards_record_the_one_layout_and_other_layouts_are_refused_clearly():
+    card = build_model("mismatch", width=8).config.to_dict()
+    assert {k: card[k] for k in CARD_LAYOUT} == CARD_LAYOUT   # every card says what it was built with
+    assert ArchitectureConfig.from_dict(card) == ArchitectureConfig(width=8)
+    assert ArchitectureConfig.from_dict({**card, "side_ratio": [0.25, 0.25, 0.125], "min_side_width": 8.0}) \
+        == ArchitectureConfig(width=8)
+    assert build_model("mismatch", width=8).encoder.bottleneck.body[0].out_channels == 80   # 1.25 x 8 w
+    # the first engine's cards: another side ratio, no bottleneck_ratio or min_side_width recorded
+    early = {"name": "mismatch", "in_channels": 1, "num_classes": 2, "width": 8, "pasb_side": "paper",
+             "side_ratio": [1.0, 0.25, 0.125], "dilation": 5}
+    with pytest.raises(UnsupportedArchitecture, match="side_ratio is .*train the model again"):
+        ArchitectureConfig.from_dict(early)
+    with pytest.raises(UnsupportedArchitecture, match="does not record bottleneck_ratio"):
+        ArchitectureConfig.from_dict({**early, "side_ratio": [0.25, 0.25, 0.125]})
+    with pytest.raises(UnsupportedArchitecture, match="dilation is 3"):
+        ArchitectureConfig.from_dict({**card, "dilation": 3})
+    with pytest.raises(UnsupportedArchitecture, match="'compact' is not one this engine builds"):
+        ArchitectureConfig.from_dict({**card, "pasb_side": "compact"})
+    # a network without a PASB does not use the side branch's setting
+    assert ArchitectureConfig.from_dict({**card, "name": "unet", "pasb_side": "compact"}).name == "unet"
 
 
 @pytest.mark.parametrize("c_in,c_out", [(8, 8), (8, 5)])

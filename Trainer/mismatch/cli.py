@@ -334,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", type=_method_option,
                    help="a setting of the chosen method, e.g. ema_decay=0.999 (mt), threshold=0.9 (fixmatch), "
                         "consistency_weight=0.3 (mt, cct); repeat for several; see docs/methods.md")
-    t.add_argument("--pasb-side", choices=["factorised", "paper", "compact"], default=d.pasb_side,
-                   help="PASB side branch: factorised (default; the first atrous conv as 1x1 then atrous 3x3), "
-                        "paper (full-rank atrous convs) or compact (the authors' public code)")
+    t.add_argument("--pasb-side", choices=["factorised", "paper"], default=d.pasb_side,
+                   help="PASB side branch: factorised (default; the first atrous conv as 1x1 then atrous 3x3) "
+                        "or paper (full-rank atrous convs, slower on a CPU)")
     t.add_argument("--snapshots", type=_positive_int, default=d.snapshots,
                    help="keep the last K snapshots and average them at inference (paper: 10)")
     t.add_argument("--labelled-slices", type=_slices, metavar="LIST",

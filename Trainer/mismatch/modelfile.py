@@ -29,7 +29,7 @@ from . import __version__
 from .contract import CARD_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, check_weights, load_card, sha256_file
 from .errors import UserError
 from .io import replace_folder, resolve_folder, swap_names
-from .models import ArchitectureConfig, SegmentationNetwork
+from .models import ArchitectureConfig, SegmentationNetwork, UnsupportedArchitecture
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -132,6 +132,8 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         arch = ArchitectureConfig.from_dict(card["architecture"])
         arch.decoders  # noqa: B018 - validates the name
+    except UnsupportedArchitecture as exc:
+        raise UserError(f"{card_path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{card_path}: unknown architecture {card['architecture']!r}") from None
     if len(card["channels"]) != arch.in_channels:   # both are lists (checked by load_card)

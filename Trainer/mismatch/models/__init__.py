@@ -12,6 +12,7 @@ from .networks import (
     Decoder,
     Encoder,
     SegmentationNetwork,
+    UnsupportedArchitecture,
     build_model,
     count_parameters,
 )
@@ -19,5 +20,5 @@ from .networks import (
 __all__ = [
     "ARCHITECTURES", "ArchitectureConfig", "ConvBlock", "Decoder", "DecoderBlock", "Encoder",
     "NegativeAttentionShiftingBlock", "PositiveAttentionShiftingBlock", "SegmentationNetwork",
-    "build_model", "count_parameters",
+    "UnsupportedArchitecture", "build_model", "count_parameters",
 ]

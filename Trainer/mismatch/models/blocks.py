@@ -115,19 +115,24 @@ class _ShiftingBlock(DecoderBlock):
 #: the narrowest side branch: below 8 channels, channels-last normalisation on the CPU takes a slow path
 #: (about 7 x slower for 4 channels than for 8 at 512 x 512)
 MIN_SIDE_WIDTH = 8
+#: the PASB side branch's atrous convolutions (the paper's dilation)
+DILATION = 5
+#: the PASB side branches: ``factorised`` (what the engine trains) and ``paper`` (full-rank, as drawn; slower
+#: on a CPU, docs/benchmarks.md)
+PASB_SIDES = ("factorised", "paper")
 
 
-def _side_width(c_out: int, side_ratio: float, minimum: int = MIN_SIDE_WIDTH) -> int:
-    return max(minimum, int(round(c_out * side_ratio)))
+def _side_width(c_out: int, side_ratio: float) -> int:
+    return max(MIN_SIDE_WIDTH, int(round(c_out * side_ratio)))
 
 
 class PositiveAttentionShiftingBlock(_ShiftingBlock):
     """PASB (paper Sec. 2.1, Fig. 6): the dilating decoder stage of f_d1.
 
-    Side branch (``side="paper"``, default): two consecutive atrous 3x3 convolutions with dilation 5,
-    each followed by ReLU and instance normalisation, then a sigmoid. The large receptive field of the
-    atrous convolutions spreads foreground evidence outwards, so the mask enlarges the foreground
-    features (Sec. 2: "Atrous convolution can enlarge foreground features").
+    Side branch (``side="paper"``, the block's default): two consecutive atrous 3x3 convolutions with
+    dilation 5, each followed by ReLU and instance normalisation, then a sigmoid. The large receptive
+    field of the atrous convolutions spreads foreground evidence outwards, so the mask enlarges the
+    foreground features (Sec. 2: "Atrous convolution can enlarge foreground features").
     ``side="factorised"`` (the default of :class:`~mismatch.models.networks.ArchitectureConfig`) is the
     same branch with the first atrous convolution's weight factorised as a 1x1 projection to the hidden
     width followed by an atrous 3x3 convolution at that width: still one atrous 3x3 convolution from the
@@ -135,33 +140,24 @@ class PositiveAttentionShiftingBlock(_ShiftingBlock):
     channels), but it reads the wide full-resolution input once with a cheap 1x1 instead of with a
     dilated 3x3 of few output channels, which the CPU convolution kernels run inefficiently (10 ms
     against 2.5 + 2 ms at 512 x 512 on 2 cores).
-    ``side="compact"`` is the reading of the authors' public code: 1x1 reduction to C/8, one atrous
-    3x3 convolution, normalisation, ReLU, 1x1 expansion, sigmoid.
 
-    ``side_ratio`` sets the width of the paper side branch's hidden layer relative to ``C_out``.
+    ``side_ratio`` sets the width of the side branch's hidden layer relative to ``C_out`` (at least
+    :data:`MIN_SIDE_WIDTH`).
     ``forward(coarse [B, C_coarse, H/2, W/2], skip [B, C_skip, H, W]) -> [B, C_out, H, W]``.
     """
 
-    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side: str = "paper",
-                 side_ratio: float = 0.5, dilation: int = 5, min_side: int = MIN_SIDE_WIDTH):
+    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side: str = "paper", side_ratio: float = 0.5):
         super().__init__(c_coarse, c_skip, c_out)
-        if side in ("paper", "factorised"):
-            s = _side_width(c_out, side_ratio, min_side)
-            first = conv3x3(self.c_in, s, dilation=dilation)
-            if side == "factorised":  # the same atrous convolution, its weight of rank s over the inputs
-                first = nn.Sequential(nn.Conv2d(self.c_in, s, 1, bias=False), conv3x3(s, s, dilation=dilation))
-            self.side = nn.Sequential(
-                first, nn.ReLU(inplace=True), norm(s),
-                conv3x3(s, c_out, dilation=dilation), nn.ReLU(inplace=True), norm(c_out),
-            )
-        elif side == "compact":
-            s = max(2, c_out // 8)
-            self.side = nn.Sequential(
-                nn.Conv2d(self.c_in, s, 1), conv3x3(s, s, dilation=dilation), norm(s),
-                nn.ReLU(inplace=True), nn.Conv2d(s, c_out, 1),
-            )
-        else:
-            raise ValueError(f"unknown PASB side branch {side!r}: use 'factorised', 'paper' or 'compact'")
+        if side not in PASB_SIDES:
+            raise ValueError(f"unknown PASB side branch {side!r}: use {' or '.join(map(repr, PASB_SIDES))}")
+        s = _side_width(c_out, side_ratio)
+        first = conv3x3(self.c_in, s, dilation=DILATION)  # built for both: a seed gives the same weights
+        if side == "factorised":  # the same atrous convolution, its weight of rank s over the inputs
+            first = nn.Sequential(nn.Conv2d(self.c_in, s, 1, bias=False), conv3x3(s, s, dilation=DILATION))
+        self.side = nn.Sequential(
+            first, nn.ReLU(inplace=True), norm(s),
+            conv3x3(s, c_out, dilation=DILATION), nn.ReLU(inplace=True), norm(c_out),
+        )
 
 
 class _ResidualConv(nn.Module):
@@ -204,14 +200,13 @@ class NegativeAttentionShiftingBlock(_ShiftingBlock):
     small and centred ("skip-connections can shrink foreground features"), so the mask concentrates on
     the core of the foreground. The sigmoid is applied (the public 2D code omits it; a bug there).
 
-    ``side_ratio`` sets the hidden width relative to ``C_out``.
+    ``side_ratio`` sets the hidden width relative to ``C_out`` (at least :data:`MIN_SIDE_WIDTH`).
     ``forward(coarse [B, C_coarse, H/2, W/2], skip [B, C_skip, H, W]) -> [B, C_out, H, W]``.
     """
 
-    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side_ratio: float = 0.5,
-                 min_side: int = MIN_SIDE_WIDTH):
+    def __init__(self, c_coarse: int, c_skip: int, c_out: int, side_ratio: float = 0.5):
         super().__init__(c_coarse, c_skip, c_out)
-        s = _side_width(c_out, side_ratio, min_side)
+        s = _side_width(c_out, side_ratio)
         self.side = nn.Sequential(_ResidualConv(self.c_in, s), _ResidualConv(s, c_out))
 
     def side_reference(self, merged: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UserError
 from .blocks import (
+    DILATION,
+    MIN_SIDE_WIDTH,
+    PASB_SIDES,
     ConvBlock,
     DecoderBlock,
     NegativeAttentionShiftingBlock,
@@ -58,25 +62,54 @@ AUXILIARY_HEADS: dict[str, tuple[str, ...]] = {
 
 DOWNSAMPLING = 8  # three stride-2 encoder blocks
 
+#: the attention side branches' widths in the decoder stages (coarse to fine), as fractions of the stage's
+#: width, and the bottleneck's width as a multiple of ``8 * width``. The layout docs/benchmarks.md measured:
+#: side branches at least :data:`~mismatch.models.blocks.MIN_SIDE_WIDTH` wide, the coarsest a quarter of its
+#: stage's width, and the parameters that frees in a 1.25 x bottleneck, where they cost least; both networks
+#: stay within 10 % of the paper's parameter counts.
+SIDE_RATIOS = (0.25, 0.25, 0.125)
+BOTTLENECK_RATIO = 1.25
+
+#: that layout as every model card records it (under the names of the settings it once had), and as a card
+#: read back must state it
+CARD_LAYOUT: dict[str, Any] = {"side_ratio": SIDE_RATIOS, "dilation": DILATION,
+                               "bottleneck_ratio": BOTTLENECK_RATIO, "min_side_width": MIN_SIDE_WIDTH}
+#: what a card that does not record them was built with: the first engine's layout
+_FIRST_LAYOUT: dict[str, Any] = {"side_ratio": (1.0, 0.25, 0.125), "dilation": DILATION, "bottleneck_ratio": 1.0,
+                                 "min_side_width": 4}
+
+
+class UnsupportedArchitecture(UserError, ValueError):
+    """A network this engine does not build (a model card of an earlier layout, an unknown PASB side)."""
+
+
+def _layout_value(key: str, value: Any) -> Any:
+    """A card's layout entry in the form of :data:`CARD_LAYOUT` (the side ratios as a tuple of 3 floats)."""
+    if key == "side_ratio":
+        return tuple(float(r) for r in (value if isinstance(value, (list, tuple)) else (value,) * 3))
+    return float(value)
+
+
+def bottom_channels(width: int) -> int:
+    """Channels of the bottleneck block: ``8 * width * BOTTLENECK_RATIO``."""
+    return max(1, int(round(8 * width * BOTTLENECK_RATIO)))
+
 
 @dataclass
 class ArchitectureConfig:
-    """Everything needed to rebuild a network; stored in the model card."""
+    """Everything needed to rebuild a network; stored in the model card (with :data:`CARD_LAYOUT`)."""
 
     name: str = "mismatch"
     in_channels: int = 1
     num_classes: int = 2  # including background
     width: int = 24
-    pasb_side: str = "factorised"
-    side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125)
-    dilation: int = 5
-    bottleneck_ratio: float = 1.25
-    min_side_width: int = 8
+    pasb_side: str = "factorised"  # one of PASB_SIDES; only networks with a positive decoder use it
 
     def __post_init__(self):
-        if isinstance(self.side_ratio, (int, float)):
-            self.side_ratio = (float(self.side_ratio),) * 3
-        self.side_ratio = tuple(float(r) for r in self.side_ratio)
+        if "positive" in ARCHITECTURES.get(self.name, ()) and self.pasb_side not in PASB_SIDES:
+            raise UnsupportedArchitecture(
+                f"PASB side branch {self.pasb_side!r} is not one this engine builds "
+                f"({' or '.join(map(repr, PASB_SIDES))}); a model trained with it must be trained again")
 
     @property
     def binary(self) -> bool:
@@ -101,25 +134,32 @@ class ArchitectureConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.update(CARD_LAYOUT)
         d["output"] = self.output
         d["decoders"] = list(self.decoders)
         if self.auxiliary:  # absent for the other architectures, so their cards are unchanged
             d["auxiliary_heads"] = list(self.auxiliary)
         return d
 
-    @property
-    def bottom_channels(self) -> int:
-        """Channels of the bottleneck block: ``8 * width * bottleneck_ratio``."""
-        return max(1, int(round(8 * self.width * self.bottleneck_ratio)))
-
     @classmethod
     def from_dict(cls, d: dict) -> "ArchitectureConfig":
-        keys = {f for f in cls.__dataclass_fields__}
-        d = dict(d)
-        # cards written before these fields existed describe the layout of that time
-        d.setdefault("bottleneck_ratio", 1.0)
-        d.setdefault("side_ratio", (1.0, 0.25, 0.125))
-        d.setdefault("min_side_width", 4)
+        """The configuration a model card's ``architecture`` describes; :class:`UnsupportedArchitecture` for
+        a layout other than :data:`CARD_LAYOUT` (a key a card does not record stands for the first
+        engine's layout, :data:`_FIRST_LAYOUT`)."""
+        for key, layout in CARD_LAYOUT.items():
+            stored = d.get(key, _FIRST_LAYOUT[key])
+            try:
+                same = _layout_value(key, stored) == _layout_value(key, layout)
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                if key in d:
+                    raise UnsupportedArchitecture(f"the card's {key} is {stored!r}; this engine builds {key} "
+                                                  f"{layout!r} only: train the model again")
+                raise UnsupportedArchitecture(f"the card does not record {key}: it was written by an early engine "
+                                              f"({key} {stored!r}), whose networks this engine no longer builds: "
+                                              "train the model again")
+        keys = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
@@ -127,19 +167,19 @@ class Encoder(nn.Module):
     """f_e: a full-resolution stem, three stride-2 blocks and a bottleneck block.
 
     ``[B, C_in, H, W] -> [s0 [B, w, H, W], s1 [B, 2w, H/2, W/2], s2 [B, 4w, H/4, W/4],
-    bottom [B, b, H/8, W/8]]`` (the first three are the skip connections; ``b = bottom_channels``,
-    default ``8w``). Parameters are cheapest at the bottleneck (each weight is applied at 1/64 of the
-    pixels), which is where the default configuration puts its extra width.
+    bottom [B, b, H/8, W/8]]`` (the first three are the skip connections; ``b`` is
+    :func:`bottom_channels`, ``1.25 * 8w``). Parameters are cheapest at the bottleneck (each weight is
+    applied at 1/64 of the pixels), which is where the layout puts its extra width.
     """
 
-    def __init__(self, in_channels: int, width: int, bottom_channels: int | None = None):
+    def __init__(self, in_channels: int, width: int):
         super().__init__()
         w = width
         self.stem = ConvBlock(in_channels, w)
         self.down1 = ConvBlock(w, 2 * w, stride=2)
         self.down2 = ConvBlock(2 * w, 4 * w, stride=2)
         self.down3 = ConvBlock(4 * w, 8 * w, stride=2)
-        self.bottleneck = ConvBlock(8 * w, bottom_channels or 8 * w)
+        self.bottleneck = ConvBlock(8 * w, bottom_channels(w))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s0 = self.stem(x)
@@ -157,23 +197,19 @@ class Decoder(nn.Module):
     (``dilate`` / ``erode``, the Morph baseline).
     """
 
-    def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "factorised",
-                 side_ratio: tuple[float, float, float] = (0.25, 0.25, 0.125), dilation: int = 5,
-                 bottom_channels: int | None = None, min_side: int = 8):
+    def __init__(self, kind: str, width: int, out_channels: int, pasb_side: str = "factorised"):
         super().__init__()
         w = width
-        stages = [(bottom_channels or 8 * w, 4 * w, 4 * w), (4 * w, 2 * w, 2 * w), (2 * w, w, w)]  # (coarse, skip, out)
+        stages = [(bottom_channels(w), 4 * w, 4 * w), (4 * w, 2 * w, 2 * w), (2 * w, w, w)]  # (coarse, skip, out)
         blocks = []
-        for (c_coarse, c_skip, c_out), ratio in zip(stages, side_ratio):
+        for (c_coarse, c_skip, c_out), ratio in zip(stages, SIDE_RATIOS):
             if kind == "plain":
                 blocks.append(DecoderBlock(c_coarse, c_skip, c_out))
             elif kind == "positive":
-                blocks.append(PositiveAttentionShiftingBlock(
-                    c_coarse, c_skip, c_out, side=pasb_side, side_ratio=ratio, dilation=dilation,
-                    min_side=min_side))
+                blocks.append(PositiveAttentionShiftingBlock(c_coarse, c_skip, c_out, side=pasb_side,
+                                                             side_ratio=ratio))
             elif kind == "negative":
-                blocks.append(NegativeAttentionShiftingBlock(c_coarse, c_skip, c_out, side_ratio=ratio,
-                                                             min_side=min_side))
+                blocks.append(NegativeAttentionShiftingBlock(c_coarse, c_skip, c_out, side_ratio=ratio))
             elif kind in ("dilate", "erode"):
                 blocks.append(MorphologicalDecoderBlock(c_coarse, c_skip, c_out, operation=kind))
             else:
@@ -203,18 +239,13 @@ class SegmentationNetwork(nn.Module):
     def __init__(self, config: ArchitectureConfig):
         super().__init__()
         self.config = config
-        bottom = config.bottom_channels
-        self.encoder = Encoder(config.in_channels, config.width, bottom)
+        self.encoder = Encoder(config.in_channels, config.width)
         self.decoders = nn.ModuleList(
-            Decoder(kind, config.width, config.out_channels, config.pasb_side, config.side_ratio,
-                    config.dilation, bottom_channels=bottom, min_side=config.min_side_width)
-            for kind in config.decoders
-        )
+            Decoder(kind, config.width, config.out_channels, config.pasb_side) for kind in config.decoders)
         aux = config.auxiliary
         self.aux_decoders = nn.ModuleList(
-            Decoder("plain", config.width, config.out_channels, bottom_channels=bottom)
-            for kind in aux if kind in PERTURBATIONS)
-        self.reconstruction = (Decoder("plain", config.width, config.in_channels, bottom_channels=bottom)
+            Decoder("plain", config.width, config.out_channels) for kind in aux if kind in PERTURBATIONS)
+        self.reconstruction = (Decoder("plain", config.width, config.in_channels)
                                if "reconstruction" in aux else None)
 
     @property
