@@ -462,16 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
     b.add_argument("--alpha-sweep", nargs="*", type=_non_negative_float, metavar="ALPHA",
                    help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; the flag with no value: no sweep)")
-    b.add_argument("--preset", choices=sorted(PRESETS), help="the training budget and recipe of every learned "
-                   "method (default: default, what a user gets; paper: the paper's recipe); the options below "
-                   "override it")
-    b.add_argument("--steps", type=_positive_int, help="training steps per run (default: the preset's; --quick: 60)")
-    b.add_argument("--width", type=_positive_int, help="channels of the first block (default: the preset's; "
-                   "--quick: 8)")
-    b.add_argument("--batch-size", type=_positive_int,
-                   help="labelled slices per step (default: the preset's; --quick: 2)")
-    b.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices")
-    b.add_argument("--lr", type=_positive_float, help="learning rate (default: the preset's; --quick: 2e-3)")
+    _budget_arguments(b, "every learned method", quick=True)
     b.add_argument("--n-test", type=_positive_int, help="test slices per draw (default: every unlabelled "
                    "slice)")
     b.add_argument("--data-dir", help="folder with data that is not installed as a package (see docs)")
@@ -507,13 +498,7 @@ def _simulate_parser(sub) -> None:
     v.add_argument("--seeds", type=_positive_int, help="draws of the first slices and training seeds (default 5)")
     v.add_argument("--policies", nargs="+", metavar="NAME", choices=POLICIES,
                    help=f"how the next slice is picked: {', '.join(POLICIES)} (default: {' '.join(BASE_POLICIES)})")
-    v.add_argument("--preset", choices=sorted(_presets()), help="the first training's budget and recipe "
-                   "(default: default); the options below override it")
-    v.add_argument("--steps", type=_positive_int, help="steps of the first training (default: the preset's)")
-    v.add_argument("--width", type=_positive_int, help="channels of the first block (default: the preset's)")
-    v.add_argument("--batch-size", type=_positive_int, help="labelled slices per step (default: the preset's)")
-    v.add_argument("--patch-size", type=int, help="square training patches, 0 = whole slices (default: the preset's)")
-    v.add_argument("--lr", type=_positive_float, help="learning rate of the first training (default: the preset's)")
+    _budget_arguments(v, "the first training of a trajectory")
     v.add_argument("--warm-steps-fraction", type=_positive_float, metavar="F",
                    help="steps of a later round as a fraction of the first's (default: mismatch.train.WARM_START)")
     v.add_argument("--warm-lr-fraction", type=_positive_float, metavar="F",
@@ -528,10 +513,33 @@ def _simulate_parser(sub) -> None:
     _threads_option(v)
 
 
-def _presets():
+def _budget_arguments(p: argparse.ArgumentParser, trained: str, quick: bool = False) -> None:
+    """The flags of a training budget (:class:`~mismatch.benchmark.runner.Budget`) for ``benchmark`` and
+    ``simulate``: a preset and overrides of it (``trained`` says what trains at it; ``quick``: the command has
+    ``--quick``, whose values the help gives)."""
+    from .benchmark.runner import QUICK_BUDGET
     from .train import PRESETS
 
-    return PRESETS
+    def default(name: str) -> str:
+        return "(default: the preset's" + (f"; --quick: {QUICK_BUDGET[name]:g})" if quick else ")")
+
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"the training budget and recipe of {trained} "
+                   "(default: default, what a user gets; paper: the paper's recipe); the options below override it")
+    p.add_argument("--steps", type=_positive_int, help=f"training steps {default('steps')}")
+    p.add_argument("--width", type=_positive_int, help=f"channels of the first block {default('width')}")
+    p.add_argument("--batch-size", type=_positive_int, help=f"labelled slices per step {default('batch_size')}")
+    p.add_argument("--patch-size", type=int, help=f"square training patches, 0 = whole slices {default('patch_size')}")
+    p.add_argument("--lr", type=_positive_float, help=f"learning rate {default('lr')}")
+
+
+def _budget_values(args) -> dict:
+    """The budget flags' values by :class:`~mismatch.benchmark.runner.Budget` field (None where not given: the
+    preset's)."""
+    from dataclasses import fields
+
+    from .benchmark.runner import Budget
+
+    return {f.name: getattr(args, f.name) for f in fields(Budget)}
 
 
 def _reporter(args, quiet: bool = False):
@@ -685,9 +693,8 @@ def cmd_benchmark(args) -> int:
         print(f"wrote {write_report(data, args.out)}")
         return 0
     options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
-               "steps": args.steps, "width": args.width, "batch_size": args.batch_size,
-               "patch_size": args.patch_size, "lr": args.lr, "n_test": args.n_test, "data_dir": args.data_dir,
-               "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(","), "preset": args.preset}
+               **_budget_values(args), "n_test": args.n_test, "data_dir": args.data_dir,
+               "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
     if args.quick:
         config = BenchmarkConfig.quick(**options)
     else:
@@ -710,8 +717,7 @@ def cmd_simulate(args) -> int:
             if v is not None}
     options = {"datasets": args.datasets, "methods": args.methods, "start": args.start,
                "max_labelled": args.max_labelled, "seeds": args.seeds, "policies": args.policies,
-               "preset": args.preset, "steps": args.steps, "width": args.width, "batch_size": args.batch_size,
-               "patch_size": args.patch_size, "lr": args.lr, "data_dir": args.data_dir, "device": args.device}
+               **_budget_values(args), "data_dir": args.data_dir, "device": args.device}
     config = LoopConfig(**{k: v for k, v in options.items() if v is not None}, warm=warm, scratch=args.scratch,
                         reference=not args.no_reference)
     run_simulation(config, args.out)

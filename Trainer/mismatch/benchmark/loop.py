@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
+from .runner import Budget
 
 RESULTS_FILE = "loop.json"
 STATES_DIR = "states"
@@ -58,8 +59,9 @@ TARGET = 0.95
 
 
 @dataclass
-class LoopConfig:
-    """Everything a simulation depends on; stored in ``loop.json``."""
+class LoopConfig(Budget):
+    """Everything a simulation depends on (the :class:`~mismatch.benchmark.runner.Budget` is a first
+    training's); stored in ``loop.json``."""
 
     datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
     methods: list[str] = field(default_factory=lambda: ["mismatch", "unet-strong"])
@@ -67,13 +69,6 @@ class LoopConfig:
     max_labelled: int = 10
     seeds: int = 5
     policies: list[str] = field(default_factory=lambda: list(BASE_POLICIES))
-    # the budget of a first training: a preset (mismatch.train.PRESETS) and overrides (None: the preset's)
-    preset: str = "default"
-    steps: int | None = None
-    width: int | None = None
-    batch_size: int | None = None
-    patch_size: int | None = None
-    lr: float | None = None
     # a later round: mismatch.train.WARM_START with these on top (e.g. {"steps_fraction": 0.5})
     warm: dict = field(default_factory=dict)
     scratch: bool = False
@@ -81,12 +76,6 @@ class LoopConfig:
     dataset_options: dict[str, dict] = field(default_factory=dict)
     data_dir: str | None = None
     device: str = "auto"
-
-    def train_config(self, method: str, **overrides):
-        from ..train import preset_config
-
-        return preset_config(self.preset, method, steps=self.steps, width=self.width, batch_size=self.batch_size,
-                             patch_size=self.patch_size, lr=self.lr, **overrides)
 
     def warm_config(self, method: str, **overrides):
         from ..train import warm_start_config
@@ -97,11 +86,9 @@ class LoopConfig:
         """What makes two simulations' rounds comparable (checked when ``loop.json`` is resumed)."""
         from ..train import WARM_START
 
-        c = self.train_config("mismatch")
         w = self.warm_config("mismatch")
-        return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
-                "patch_size": c.patch_size, "lr": c.lr, "warm": {**WARM_START, **self.warm},
-                "warm_steps": w.steps, "warm_lr": w.lr}
+        return {**self.budget_settings(), "warm": {**WARM_START, **self.warm}, "warm_steps": w.steps,
+                "warm_lr": w.lr}
 
 
 def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None:

@@ -47,25 +47,47 @@ ABLATION = ["mm-a", "mm-b", "mm-c", "mismatch"]
 ALPHAS = [0.0, 0.0005, 0.001, 0.002, 0.004]
 AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
 RUNS_FILE = "runs.json"
+#: the budget of ``mismatch benchmark --quick`` (:meth:`BenchmarkConfig.quick`)
+QUICK_BUDGET = {"steps": 60, "width": 8, "batch_size": 2, "patch_size": 96, "lr": 2e-3}
 
 
 @dataclass
-class BenchmarkConfig:
-    """Everything a benchmark run depends on; stored in ``runs.json``."""
+class Budget:
+    """The training budget of every learned run: a training preset (:data:`mismatch.train.PRESETS`; ``default``
+    is what a user gets) and overrides of it (None: the preset's value). The benchmark's and the simulation's
+    settings (:class:`BenchmarkConfig`, :class:`~mismatch.benchmark.loop.LoopConfig`) extend it."""
 
-    datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
-    labelled: list[int] = field(default_factory=lambda: [3, 5, 10])
-    seeds: int = 3
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
-    # the budget: a training preset (mismatch.train.PRESETS; "default" is what a user gets) and overrides of
-    # it (None: the preset's value)
     preset: str = "default"
     steps: int | None = None
     width: int | None = None
     batch_size: int | None = None
     patch_size: int | None = None
     lr: float | None = None
+
+    def train_config(self, method: str, **overrides) -> "TrainConfig":
+        """The training settings of ``method`` at this budget."""
+        from ..train import preset_config
+
+        return preset_config(self.preset, method, steps=self.steps, width=self.width, batch_size=self.batch_size,
+                             patch_size=self.patch_size, lr=self.lr, **overrides)
+
+    def budget_settings(self) -> dict:
+        """The budget as MisMatch trains at it (the preset's value where no override is given): the part of
+        the settings that a resumed ``runs.json`` or ``loop.json`` must share."""
+        c = self.train_config("mismatch")
+        return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
+                "patch_size": c.patch_size, "lr": c.lr}
+
+
+@dataclass
+class BenchmarkConfig(Budget):
+    """Everything a benchmark run depends on (the :class:`Budget` and what is compared); stored in ``runs.json``."""
+
+    datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
+    labelled: list[int] = field(default_factory=lambda: [3, 5, 10])
+    seeds: int = 3
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
     alpha: float = 0.002
     # methods whose headline result uses what the painted slices imply (the product's segment --labels);
     # every learned run also records the other variant (network alone / with the prior) for the ablation
@@ -78,30 +100,18 @@ class BenchmarkConfig:
     @classmethod
     def quick(cls, **overrides) -> "BenchmarkConfig":
         """Minutes on a 2-core CPU: small width, few steps, whole slices of one real data set."""
-        base = dict(datasets=["ctchest-lungs"], labelled=[3], seeds=2, steps=60, width=8, batch_size=2,
-                    patch_size=96, lr=2e-3, alpha_sweep=[0.0, 0.002])
+        base = dict(datasets=["ctchest-lungs"], labelled=[3], seeds=2, alpha_sweep=[0.0, 0.002], **QUICK_BUDGET)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     def training_settings(self) -> dict:
-        from ..train import preset_config
-
-        c = preset_config(self.preset, steps=self.steps, width=self.width, batch_size=self.batch_size,
-                          patch_size=self.patch_size, lr=self.lr)
+        """What makes two benchmarks' runs comparable (checked when ``runs.json`` is resumed): the budget, and
+        the preset's method options and painted-slice prior (a change of either must not resume into runs
+        made with the old ones)."""
         from ..train import PRESETS
 
-        # the preset's method options and painted-slice prior are part of the budget: a change of either
-        # must not resume into runs made with the old ones
-        return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
-                "patch_size": c.patch_size, "lr": c.lr, "method_options": PRESETS[self.preset]["method_options"],
-                "prior": c.prior}
-
-    def train_config(self, method: str, **overrides) -> "TrainConfig":
-        """The training settings of ``method`` at this budget."""
-        from ..train import preset_config
-
-        return preset_config(self.preset, method, steps=self.steps, width=self.width, batch_size=self.batch_size,
-                             patch_size=self.patch_size, lr=self.lr, **overrides)
+        return {**self.budget_settings(), "method_options": PRESETS[self.preset]["method_options"],
+                "prior": self.train_config("mismatch").prior}
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
