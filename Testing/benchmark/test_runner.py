@@ -70,6 +70,7 @@ def test_benchmark_end_to_end_then_resume(tmp_path, capsys):
     (tmp_path / "results.md").unlink()
     assert main(["benchmark", "--out", str(tmp_path), "--report-only"]) == 0
     assert (tmp_path / "results.md").exists()
+    assert main(["benchmark", "--out", str(tmp_path / "none"), "--report-only"]) == 2   # no runs.json yet
     # other settings in the same folder would mix budgets: refused
     with pytest.raises(UserError, match="other training settings"):
         run_benchmark(tiny_config(methods=methods, steps=3), tmp_path, log=lambda m: None)

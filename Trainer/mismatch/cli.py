@@ -682,16 +682,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _report_only(out: str, load, write, entries: str, file: str, command: str) -> int:
+    """``--report-only``: rebuild the report in ``out`` from its results file (``file``, read by ``load``) alone;
+    a :class:`UserError` when the file holds no ``entries`` yet."""
+    data = load(out)
+    if not data[entries]:
+        raise UserError(f"{out} holds no {file} with {entries}; run the {command} first")
+    print(f"wrote {write(data, out)}")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
-    from .benchmark.runner import BenchmarkConfig, load_runs, run_benchmark, write_report
+    from .benchmark.runner import RUNS_FILE, BenchmarkConfig, load_runs, run_benchmark, write_report
     from .data import check_patch_size
 
     if args.report_only:
-        data = load_runs(args.out)
-        if not data["runs"]:
-            raise UserError(f"{args.out} holds no runs.json with runs; run the benchmark first")
-        print(f"wrote {write_report(data, args.out)}")
-        return 0
+        return _report_only(args.out, load_runs, write_report, "runs", RUNS_FILE, "benchmark")
     options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
                **_budget_values(args), "n_test": args.n_test, "data_dir": args.data_dir,
                "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
@@ -705,14 +711,10 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .benchmark.loop import LoopConfig, load_results, run_simulation, write_report
+    from .benchmark.loop import RESULTS_FILE, LoopConfig, load_results, run_simulation, write_report
 
     if args.report_only:
-        data = load_results(args.out)
-        if not data["rounds"]:
-            raise UserError(f"{args.out} holds no loop.json with rounds; run the simulation first")
-        print(f"wrote {write_report(data, args.out)}")
-        return 0
+        return _report_only(args.out, load_results, write_report, "rounds", RESULTS_FILE, "simulation")
     warm = {k: v for k, v in (("steps_fraction", args.warm_steps_fraction), ("lr_fraction", args.warm_lr_fraction))
             if v is not None}
     options = {"datasets": args.datasets, "methods": args.methods, "start": args.start,
