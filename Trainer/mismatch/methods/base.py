@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..losses import supervised_loss
+
 
 @dataclass
 class TrainingBatch:
@@ -24,6 +26,25 @@ class TrainingBatch:
     step: int
     total_steps: int
     batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def n_labelled(self) -> int:
+        return self.labelled_x.shape[0]
+
+    def inputs(self, labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """One input batch for the network: the labelled slices (or ``labelled``, a transformed copy of them)
+        then the unlabelled ones, if any; its first :attr:`n_labelled` rows are the labelled."""
+        x = self.labelled_x if labelled is None else labelled
+        return x if self.unlabelled_x is None else torch.cat([x, self.unlabelled_x])
+
+    def supervised(self, outputs: list[torch.Tensor], target: torch.Tensor | None = None,
+                   cross_entropy: bool = False) -> torch.Tensor:
+        """The supervised loss (:func:`mismatch.losses.supervised_loss`) of each decoder's logits, averaged over
+        the decoders: the first :attr:`n_labelled` rows of each of ``outputs`` against ``target`` (default the
+        labelled masks)."""
+        target = self.labelled_y if target is None else target
+        n_l = self.n_labelled
+        return torch.stack([supervised_loss(o[:n_l], target, cross_entropy, self.batch_sum) for o in outputs]).mean()
 
 
 def combine_losses(supervised: torch.Tensor, *extra: tuple[str, torch.Tensor, float]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import alpha_schedule, supervised_loss
+from ..losses import alpha_schedule
 from ..models.heads import feature_cutout, feature_dropout, feature_noise, vat_perturbation
 from .base import Method, TrainingBatch, combine_losses
 
@@ -55,14 +55,12 @@ class CCTMethod(Method):
 
     def loss_terms(self, model: nn.Module, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """``supervised`` and ``consistency`` (unweighted, mean over the auxiliary decoders) tensors."""
-        n_l = batch.labelled_x.shape[0]
-        x = batch.labelled_x
-        if batch.unlabelled_x is not None:
-            x = torch.cat([x, batch.unlabelled_x])
+        n_l = batch.n_labelled
+        x = batch.inputs()
 
         def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
             main = net.decode(net.decoders[0], features, size)
-            terms = {"supervised": supervised_loss(main[:n_l], batch.labelled_y, batch_sum=batch.batch_sum)}
+            terms = {"supervised": batch.supervised([main])}
             if batch.unlabelled_x is not None and len(net.aux_decoders):
                 target = net.probabilities(main[n_l:].float()).detach()
                 unlabelled = [f[n_l:] for f in features]

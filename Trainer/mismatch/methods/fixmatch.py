@@ -7,7 +7,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..calibration import top_label
-from ..losses import supervised_loss
 from .augment import gaussian_noise, rand_augment
 from .base import Method, TrainingBatch, combine_losses
 from .mean_teacher import mean_probabilities
@@ -72,7 +71,7 @@ class FixMatchMethod(Method):
 
     def loss_terms(self, model: nn.Module, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """``supervised``, ``unlabelled`` (unweighted) and ``mask_fraction`` tensors."""
-        n_l = batch.labelled_x.shape[0]
+        n_l = batch.n_labelled
         x = gaussian_noise(batch.labelled_x, self.noise_std)
         xu = batch.unlabelled_x
         if xu is not None:
@@ -81,7 +80,7 @@ class FixMatchMethod(Method):
                 labels, mask = pseudo_labels(weak, self.threshold)
             x = torch.cat([x, self.strong(xu)])
         outputs = model(x)
-        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y, batch_sum=batch.batch_sum) for o in outputs]).mean()}
+        terms = {"supervised": batch.supervised(outputs)}
         if xu is not None:
             terms["unlabelled"] = torch.stack(
                 [masked_pseudo_label_loss(o[n_l:], labels, mask) for o in outputs]).mean()

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ..losses import alpha_schedule, supervised_loss
+from ..losses import alpha_schedule
 from .augment import gaussian_noise
 from .base import Method, TrainingBatch, combine_losses
 
@@ -63,12 +63,9 @@ class MeanTeacherMethod(Method):
     def loss_terms(self, model: nn.Module, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """``supervised`` and ``consistency`` (unweighted) tensors."""
         teacher = self._teacher_for(model)
-        n_l = batch.labelled_x.shape[0]
-        x = batch.labelled_x
-        if batch.unlabelled_x is not None:
-            x = torch.cat([x, batch.unlabelled_x])
-        outputs = model(gaussian_noise(x, self.noise_std))
-        terms = {"supervised": torch.stack([supervised_loss(o[:n_l], batch.labelled_y, batch_sum=batch.batch_sum) for o in outputs]).mean()}
+        n_l = batch.n_labelled
+        outputs = model(gaussian_noise(batch.inputs(), self.noise_std))
+        terms = {"supervised": batch.supervised(outputs)}
         if batch.unlabelled_x is not None:
             with torch.no_grad():
                 target = mean_probabilities(teacher, teacher(gaussian_noise(batch.unlabelled_x, self.noise_std)))

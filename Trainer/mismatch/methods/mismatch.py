@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import STOP_GRADIENT_MODES, alpha_schedule, consistency_loss, supervised_loss
+from ..losses import STOP_GRADIENT_MODES, alpha_schedule, consistency_loss
 from .augment import anatomy_preserving
 from .base import Method, TrainingBatch
 
@@ -38,14 +38,12 @@ class MisMatchMethod(Method):
         self.augment = bool(augment)
 
     def loss(self, model: nn.Module, batch: TrainingBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        n_l = batch.labelled_x.shape[0]
+        n_l = batch.n_labelled
         x, y = batch.labelled_x, batch.labelled_y
         if self.augment:
             x, y = anatomy_preserving(x, y)
-        if batch.unlabelled_x is not None:
-            x = torch.cat([x, batch.unlabelled_x])
-        outputs = model(x)
-        sup = torch.stack([supervised_loss(o[:n_l], y, self.cross_entropy, batch.batch_sum) for o in outputs]).mean()
+        outputs = model(batch.inputs(x))
+        sup = batch.supervised(outputs, y, self.cross_entropy)
         terms = {"dice": float(sup.detach())}
         loss = sup
         alpha = alpha_schedule(batch.step, batch.total_steps, self.alpha, self.alpha_rampup)

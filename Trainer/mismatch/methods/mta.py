@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import supervised_loss
 from .augment import gaussian_noise
 from .base import Method, TrainingBatch, combine_losses
 
@@ -35,16 +34,14 @@ class MTAMethod(Method):
 
     def loss_terms(self, model: nn.Module, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """``supervised`` and ``reconstruction`` (unweighted) tensors."""
-        n_l = batch.labelled_x.shape[0]
-        x = batch.labelled_x
-        if batch.unlabelled_x is not None:
-            x = torch.cat([x, batch.unlabelled_x])
+        n_l = batch.n_labelled
+        x = batch.inputs()
         clean = x.float()
 
         def heads(net: nn.Module, features: list[torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
             labelled = [f[:n_l] for f in features]
             seg = [net.decode(d, labelled, size) for d in net.decoders]
-            terms = {"supervised": torch.stack([supervised_loss(o, batch.labelled_y, batch_sum=batch.batch_sum) for o in seg]).mean()}
+            terms = {"supervised": batch.supervised(seg)}
             if net.reconstruction is not None:
                 recon = net.decode(net.reconstruction, features, size).float()
                 terms["reconstruction"] = torch.mean((recon - clean) ** 2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import supervised_loss
 from .augment import anatomy_preserving
 from .base import Method, TrainingBatch
 
@@ -63,5 +62,5 @@ class SupervisedMethod(Method):
         elif self.augment == "anatomy":
             x, y = anatomy_preserving(x, y)
         outputs = model(x)
-        sup = torch.stack([supervised_loss(o, y, self.cross_entropy, batch.batch_sum) for o in outputs]).mean()
+        sup = batch.supervised(outputs, y, self.cross_entropy)
         return sup, {"dice": float(sup.detach())}
