@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
-from .runner import Budget
+from .runner import Budget, check_same_settings
 
 RESULTS_FILE = "loop.json"
 STATES_DIR = "states"
@@ -330,9 +330,7 @@ def run_simulation(config: LoopConfig, out_dir: str | os.PathLike, *, log: Calla
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_results(out)
-    if data.get("config") and data["config"].get("settings") != config.settings():
-        raise UserError(f"{out / RESULTS_FILE} holds rounds made with other training settings "
-                        f"({data['config'].get('settings')}); use another --out folder or the same settings")
+    check_same_settings(out / RESULTS_FILE, data.get("config"), "settings", config.settings(), "rounds")
     data["config"] = {"settings": config.settings(), "simulation": asdict(config), "machine": machine_description()}
     _save(out, data)
     device = resolve_device(config.device)

@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,6 +77,15 @@ class Budget:
         c = self.train_config("mismatch")
         return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
                 "patch_size": c.patch_size, "lr": c.lr}
+
+
+def check_same_settings(path: Path, recorded: dict | None, key: str, settings: dict, made: str) -> None:
+    """:class:`UserError` when the results file ``path``, whose stored configuration is ``recorded``, holds
+    ``made`` (runs, rounds) made with other training settings (``recorded[key]``) than ``settings``: resuming
+    would mix budgets."""
+    if recorded and recorded.get(key) != settings:
+        raise UserError(f"{path} holds {made} made with other training settings ({recorded.get(key)}); use "
+                        "another --out folder or the same settings")
 
 
 @dataclass
@@ -377,9 +386,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_runs(out)
-    if data.get("config") and data["config"].get("training") != config.training_settings():
-        raise UserError(f"{out / RUNS_FILE} holds runs made with other training settings "
-                        f"({data['config'].get('training')}); use another --out folder or the same settings")
+    check_same_settings(out / RUNS_FILE, data.get("config"), "training", config.training_settings(), "runs")
     if data["runs"] and (data.get("config") or {}).get("split_version", 1) != SPLIT_VERSION:
         raise UserError(f"{out / RUNS_FILE} holds runs tested on other slices (before the test slices were every "
                         "unlabelled slice); use another --out folder (--report-only still rebuilds its report)")
