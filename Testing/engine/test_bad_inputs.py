@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from mismatch.cli import main
-from test_cli import TINY, _digest
+from test_cli import TINY
 from test_cli import _write as _write_oblique
 
 TRAINER = str(Path(__file__).resolve().parents[2] / "Trainer")

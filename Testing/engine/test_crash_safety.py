@@ -9,7 +9,6 @@ weights of one checkpoint beside the state of another, and ``--resume`` went on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal

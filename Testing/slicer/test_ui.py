@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
