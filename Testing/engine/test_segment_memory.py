@@ -118,7 +118,7 @@ def test_a_cpu_batch_holds_at_most_so_many_pixels_with_the_same_result():
     assert few.steps == [2, 4, 6] and many.steps == [6]
     for name in OUTPUTS:
         assert np.array_equal(getattr(small, name), getattr(whole, name))
-    assert CPU_BATCH_PIXELS // (512 * 512) == 2
+    assert CPU_BATCH_PIXELS // (512 * 512) == 1
 
 
 # -- mismatch segment: files in, files out ----------------------------------------------------------------

@@ -407,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
     s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
     s.add_argument("--batch-size", type=_positive_int, default=8,
-                   help=f"slices per batch (default 8; on the CPU at most {CPU_BATCH_PIXELS:,} pixels a batch, "
-                        f"{CPU_BATCH_PIXELS // (512 * 512)} slices of 512 x 512, to bound the memory)")
+                   help=f"slices per batch (default 8; on the CPU at most {CPU_BATCH_PIXELS:,} pixels a batch "
+                        f"({CPU_BATCH_PIXELS // (256 * 256)} slices of 256 x 256), the fastest there and a bound "
+                        "on the memory)")
     _common_device(s)
 
     e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth",

@@ -33,10 +33,12 @@ UNCERTAIN_CONFIDENCE = 0.8
 #: the volumes :func:`segment_volume` can keep (``outputs``) or hand over batch by batch (``stream``)
 OUTPUTS = ("labels", "confidence", "disagreement")
 
-#: on the CPU, at most this many pixels in one batch of slices (2 slices of 512 x 512): the network's
-#: feature maps take about 200 bytes a pixel (MisMatch, width 16), so 8 slices of 512 x 512 held 1.5 GB,
-#: and 2 slices at a time are no slower (measured: faster) on a CPU; the results are the same
-CPU_BATCH_PIXELS = 2 * 512 * 512
+#: on the CPU, at most this many pixels in one batch of slices (1 slice of 512 x 512, 4 of 256 x 256): the
+#: network's feature maps take about 200 bytes a pixel (MisMatch, width 16), so 8 slices of 512 x 512 held
+#: 1.5 GB; and a batch of about this many pixels is the fastest on a 2-core CPU (MisMatch, width 16, ms per
+#: slice: 256 x 256 at batch 1/2/4/8 about 76/64/60/62-74, 512 x 512 at batch 1/2 about the same, batch 4
+#: slower; measurements/bench_segment.py). Instance normalisation is per slice: the results are the same
+CPU_BATCH_PIXELS = 512 * 512
 
 
 @dataclass
@@ -242,8 +244,8 @@ class VolumeInference:
         vol_v = np.moveaxis(volume, 1 + self.ax, 0)  # [S, C, H, W]
         truth_v = np.moveaxis(self.truth, self.ax, 0) if self.truth is not None else None
         fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        for net in self.networks:
-            net.to(device).eval()
+        for net in self.networks:   # weights in the input's layout: otherwise reordered at every convolution
+            net.to(device, memory_format=fmt).eval()
 
         t0 = time.monotonic()
         self.reporter.start("segment", total=n_slices)
