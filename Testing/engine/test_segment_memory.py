@@ -76,6 +76,11 @@ def test_only_the_outputs_asked_for_are_volumes_and_the_rest_can_be_streamed():
     assert np.array_equal(only_labels.labels, full.labels) and only_labels.confidence is None
     with pytest.raises(ValueError, match="unknown output"):
         segment_volume([net], volume, outputs=("probabilities",))
+    # without a report nothing of the per-slice scores is computed; the volumes and the evaluation are the same
+    unscored = segment_volume([net], volume, truth=truth, eval_slices=[1, 3, 5], scores=False)
+    assert unscored.slice_scores == [] and unscored.evaluation == full.evaluation
+    for name in OUTPUTS:
+        assert np.array_equal(getattr(unscored, name), getattr(full, name)), name
 
 
 @pytest.mark.parametrize("axis,num_classes,with_truth", [(0, 2, False), (0, 2, True), (1, 3, False),
@@ -100,6 +105,10 @@ def test_the_painted_slices_path_gives_the_same_result_with_streamed_outputs(axi
     assert lean.evaluation == full.evaluation
     assert np.array_equal(lean.unsure_where_removed(streams["confidence"].volume(axis)), full.confidence)
     assert np.array_equal(streams["disagreement"].volume(axis), full.disagreement)
+    unscored = segment_volume([net], volume, axis=name, prior=_prior(shape, axis, num_classes), truth=truth,
+                              scores=False)
+    assert unscored.slice_scores == [] and np.array_equal(unscored.labels, full.labels)
+    assert np.array_equal(unscored.confidence, full.confidence) and unscored.evaluation == full.evaluation
 
 
 def test_a_cpu_batch_holds_at_most_so_many_pixels_with_the_same_result():

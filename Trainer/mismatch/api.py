@@ -368,7 +368,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                 streamed[name] = _SpilledVolume(path, geometry.shape, axis_index(card["slice_axis"]))
         seg = segment_volume(networks, volume, axis=card["slice_axis"], batch_size=batch_size, device=dev,
                              truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior,
-                             outputs=("labels",), stream=streamed)
+                             outputs=("labels",), stream=streamed, scores=bool(report))
         del mapped, prior
         lut = class_values_lut(card["classes"])
         write_volume(lut[seg.labels], geometry, out)
@@ -384,7 +384,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     finally:
         for spilled in streamed.values():
             spilled.close()
-    summary = {"seconds": round(seg.seconds, 2), "slices": len(seg.slice_scores)}
+    summary = {"seconds": round(seg.seconds, 2), "slices": geometry.shape[axis_index(card["slice_axis"])]}
     if report:
         labelled = list(card.get("summary", {}).get("labelled_slices", [])) + painted
         two = len(card["architecture"].get("decoders", [])) >= 2

@@ -137,7 +137,7 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray |
                    reporter: Reporter | None = None, n_bins: int = 15,
                    prior: SlicePrior | None = None, outputs: Collection[str] = OUTPUTS,
                    stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
-                   max_batch_pixels: int | None = None) -> VolumeSegmentation:
+                   max_batch_pixels: int | None = None, scores: bool = True) -> VolumeSegmentation:
     """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis``. A one-element list holding
     the volume hands it over: the list is emptied after the networks have run, so that the volume's memory
     is freed before the connectivity pass of ``prior`` (when the list held the last reference).
@@ -157,6 +157,8 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray |
     float32; class indices for ``labels``) as computed, before the connectivity pass of a ``prior``: see
     :attr:`VolumeSegmentation.removed`. ``max_batch_pixels``: at most this many pixels in a batch (default
     :data:`CPU_BATCH_PIXELS` on the CPU, no limit elsewhere; ``batch_size`` is the most slices either way).
+    ``scores=False``: no per-slice scores (``slice_scores`` empty; what only the ranking needs is not
+    computed).
 
     Memory beyond the outputs kept: a batch of slices; the label map when a prior with ``connected`` is
     given (its connectivity pass needs it), and the confidence too when that is combined with an
@@ -165,7 +167,7 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray |
     array = volume[0] if isinstance(volume, list) else volume
     run = VolumeInference(networks, array.shape, axis=axis, batch_size=batch_size, device=device, amp=amp,
                           truth=truth, eval_slices=eval_slices, reporter=reporter, n_bins=n_bins, prior=prior,
-                          outputs=outputs, stream=stream, max_batch_pixels=max_batch_pixels)
+                          outputs=outputs, stream=stream, max_batch_pixels=max_batch_pixels, scores=scores)
     run.segment(array)
     del array
     if isinstance(volume, list):
@@ -185,7 +187,7 @@ class VolumeInference:
                  reporter: Reporter | None = None, n_bins: int = 15, prior: SlicePrior | None = None,
                  outputs: Collection[str] = OUTPUTS,
                  stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
-                 max_batch_pixels: int | None = None):
+                 max_batch_pixels: int | None = None, scores: bool = True):
         unknown = sorted(set(outputs).union(stream or {}) - set(OUTPUTS))
         if unknown:
             raise ValueError(f"unknown output(s) {unknown}; choose from {', '.join(OUTPUTS)}")
@@ -208,6 +210,7 @@ class VolumeInference:
         self.outputs = tuple(outputs)
         self.stream = dict(stream or {})
         self.connected = prior is not None and prior.settings.connected
+        self.want_scores = bool(scores)
         self.eval_set = set(int(s) for s in (eval_slices if eval_slices is not None else
                                              (range(self.n_slices) if truth is not None else [])))
         # what is kept for the whole volume: what was asked for, and what the connectivity pass needs
@@ -222,7 +225,7 @@ class VolumeInference:
         self.disagreement = np.zeros(self.shape, dtype=np.float32) if "disagreement" in keep else None
         # one bit a voxel (confidence below UNCERTAIN_CONFIDENCE) for the scores after the pass
         self.uncertain_bits = (np.zeros((self.n_slices, (plane + 7) // 8), dtype=np.uint8)
-                               if self.connected and self.confidence is None else None)
+                               if self.connected and self.confidence is None and self.want_scores else None)
         self.names = ["mean"] + self.networks[0].decoder_names
         self.calib = {n: CalibrationReport(n_bins=n_bins) for n in self.names} if self.eval_set else {}
         self.overlap = ({n: OverlapCounter(range(1, self.config.num_classes)) for n in self.names}
@@ -262,9 +265,19 @@ class VolumeInference:
             if prior is not None:
                 mean = _fuse(mean, prior, range(start, stop), binary)
             pred, conf = _top_label(mean, binary)
-            dis = _disagreement(per_decoder, binary)
-            blocks = {"labels": pred.cpu().numpy(), "confidence": conf.float().cpu().numpy(),
-                      "disagreement": dis.float().cpu().numpy()}
+            # only what is kept, streamed or scored is computed and copied out
+            needed = {name for name, view in (("labels", lab_v), ("confidence", conf_v), ("disagreement", dis_v))
+                      if view is not None} | set(self.stream)
+            if self.uncertain_bits is not None:
+                needed.add("confidence")
+            dis = _disagreement(per_decoder, binary) if self.want_scores or "disagreement" in needed else None
+            blocks = {}
+            if "labels" in needed:
+                blocks["labels"] = pred.cpu().numpy()
+            if "confidence" in needed:
+                blocks["confidence"] = conf.float().cpu().numpy()
+            if "disagreement" in needed:
+                blocks["disagreement"] = dis.float().cpu().numpy()
             for view, name in ((lab_v, "labels"), (conf_v, "confidence"), (dis_v, "disagreement")):
                 if view is not None:
                     view[start:stop] = blocks[name]
@@ -274,8 +287,8 @@ class VolumeInference:
                 low = blocks["confidence"] < UNCERTAIN_CONFIDENCE
                 self.uncertain_bits[start:stop] = np.packbits(low.reshape(stop - start, -1), axis=1)
             differ = (_top_label(per_decoder[0], binary)[0] != _top_label(per_decoder[1], binary)[0]
-                      if len(per_decoder) >= 2 else None)
-            for i in range(stop - start):
+                      if len(per_decoder) >= 2 and self.want_scores else None)
+            for i in range(stop - start if self.want_scores else 0):
                 s = start + i
                 self.scores.append({
                     "slice": s,
