@@ -169,8 +169,9 @@ def main(argv=None) -> int:
         }
         print(f"# mismatch segment end to end: {args.size} x {args.size} slices, width {args.width}, "
               f"lengths {short} and {long_}, median of {args.repeats}; {result['machine']}")
+        batches = " / ".join(f"batch {b}" for b in sorted(net))
         print("\n| network | outputs | end to end, ms / slice | start-up, s | network alone, ms / slice "
-              f"(batch 1 / batch {batch}) |\n|---|---|---|---|---|")
+              f"({batches}) |\n|---|---|---|---|---|")
         for r in rows:
             alone = " / ".join(f"{net[b][r['method']]:.1f}" for b in sorted(net))
             outputs = "label map" if r["mode"] == "bare" else "panel (--labels, confidence, disagreement, report)"
