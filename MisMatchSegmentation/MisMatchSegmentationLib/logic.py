@@ -191,8 +191,11 @@ def next_slice_hint(row: dict, labelled=None) -> str:
     if labelled:
         distance = min(abs(s - int(x)) for x in labelled)
     if isinstance(distance, int) and distance > 0:
-        reasons.append("it is next to a painted slice" if distance == 1 else
-                       f"it is {distance} slices from any painted slice")
+        where = "it is next to a painted slice" if distance == 1 else f"it is {distance} slices from any painted slice"
+        if row.get("ranking") == "gap":   # ranked by the gap: that is the reason, the rest a detail
+            reasons.insert(0, f"{where}, the widest unpainted stretch of the structure")
+        else:
+            reasons.append(where)
     if not reasons:
         return f"slice {s}: the most uncertain of the slices not painted"
     return f"slice {s}: " + (" and ".join(reasons) if len(reasons) <= 2 else

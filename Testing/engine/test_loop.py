@@ -80,6 +80,23 @@ def test_rankings_order_and_distance():
         rank_uncertain_slices(scores, ranking="nonsense")
 
 
+def test_the_gap_ranking_fills_the_widest_stretch_of_the_predicted_structure():
+    scores = _scores(30)
+    for row in scores:   # the structure predicted on slices 4 to 20, a speck on 25
+        row["foreground_fraction"] = 0.2 if 4 <= row["slice"] <= 20 else (0.001 if row["slice"] == 25 else 0.0)
+    ranked = rank_uncertain_slices(scores, exclude=[6, 10], ranking="gap")
+    assert ranked[0]["slice"] == 20 and ranked[0]["distance"] == 10      # the far end of the predicted extent
+    assert {r["slice"] for r in ranked} == set(range(4, 21)) - {6, 10}   # not the speck, not outside
+    assert ranked[0]["score"] == pytest.approx(10 + 0.01)
+    ties = rank_uncertain_slices(scores, exclude=[4, 20], ranking="gap")
+    assert ties[0]["slice"] == 12 and ties[0]["distance"] == 8   # the middle of the gap between 4 and 20
+    scores[16]["disagreement"] = 0.2   # slices 8 and 16 are both 4 from a painted slice: the disagreement decides
+    ties = rank_uncertain_slices(scores, exclude=[4, 12, 20], ranking="gap")
+    assert [(r["slice"], r["distance"]) for r in ties[:2]] == [(16, 4), (8, 4)]
+    nothing = [dict(r, foreground_fraction=0.0) for r in scores]   # no structure predicted: every slice
+    assert len(rank_uncertain_slices(nothing, exclude=[6], ranking="gap")) == 29
+
+
 def test_slice_scores_carry_what_the_rankings_and_the_hint_need():
     from mismatch.inference import segment_volume
     from mismatch.models import ArchitectureConfig, SegmentationNetwork

@@ -368,8 +368,16 @@ class VolumeInference:
 #:   (:func:`distance_weight`): a slice next to a painted one adds little that the painted one does not say;
 #: - ``expected-error``: the expected fraction of wrong voxels under the prediction's own confidence (the mean of
 #:   1 - confidence: the confidence mass missing, which lies along the predicted boundaries);
-#: - ``expected-error-distance``: the same, weighted by the distance.
-RANKINGS = ("disagreement", "disagreement-distance", "expected-error", "expected-error-distance")
+#: - ``expected-error-distance``: the same, weighted by the distance;
+#: - ``gap``: coverage first: among the slices where the structure is predicted (a cross-section at least
+#:   :data:`GAP_EXTENT_FRACTION` of the largest), the one farthest from any labelled slice, the decoders'
+#:   disagreement breaking ties; every slice when none is predicted. ``mismatch simulate`` found evenly spaced
+#:   slices and the largest gap ahead of the disagreement (docs/loop.md); this is the largest gap as the
+#:   engine can see it, from the prediction instead of the true extent.
+RANKINGS = ("disagreement", "disagreement-distance", "expected-error", "expected-error-distance", "gap")
+#: ``gap``: a slice counts as holding the structure when its predicted foreground is at least this fraction of
+#: the largest slice's (the extent over which the benchmark draws labelled slices uses the same share)
+GAP_EXTENT_FRACTION = 0.1
 #: the ranking ``mismatch segment`` writes unless told otherwise (kept until ``mismatch simulate`` picks a winner)
 DEFAULT_RANKING = "disagreement"
 
@@ -392,16 +400,29 @@ def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_d
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
     skip = sorted(set(int(s) for s in exclude))
-    base = ("disagreement" if two_decoders else "uncertain_fraction") if ranking.startswith("disagreement") \
-        else "expected_error"
+    base = "expected_error" if ranking.startswith("expected-error") else \
+        ("disagreement" if two_decoders else "uncertain_fraction")
     weighted = ranking.endswith("-distance")
     n_slices = len(scores)
     labelled = np.asarray(skip, dtype=np.int64)
+    extent = None
+    if ranking == "gap":
+        largest = max((float(r.get("foreground_fraction", 0.0)) for r in scores), default=0.0)
+        if largest > 0:
+            extent = {int(r["slice"]) for r in scores
+                      if float(r.get("foreground_fraction", 0.0)) >= GAP_EXTENT_FRACTION * largest}
+            if not extent - set(skip):
+                extent = None
     rows = []
     for row in scores:
         if row["slice"] in skip or base not in row or not math.isfinite(row[base]):
             continue
+        if extent is not None and int(row["slice"]) not in extent:
+            continue
         distance = int(np.min(np.abs(labelled - int(row["slice"])))) if len(labelled) else None
-        score = float(row[base]) * (distance_weight(distance, n_slices, len(labelled)) if weighted else 1.0)
+        if ranking == "gap":   # the distance in slices first; the disagreement (below 1) orders equal ones
+            score = float(distance or 0) + min(float(row[base]), 0.999)
+        else:
+            score = float(row[base]) * (distance_weight(distance, n_slices, len(labelled)) if weighted else 1.0)
         rows.append({**row, "distance": distance, "score": score})
     return sorted(rows, key=lambda r: -r["score"])
