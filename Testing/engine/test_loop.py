@@ -67,7 +67,7 @@ def _scores(n=20):
 
 def test_rankings_order_and_distance():
     scores = _scores()
-    plain = rank_uncertain_slices(scores, exclude=[0])
+    plain = rank_uncertain_slices(scores, exclude=[0], ranking="disagreement")
     assert [r["slice"] for r in plain[:2]] == [1, 10] and plain[0]["distance"] == 1
     weighted = rank_uncertain_slices(scores, exclude=[0], ranking="disagreement-distance")
     assert weighted[0]["slice"] == 10          # as uncertain as slice 1, and far from the painted slice 0

@@ -401,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--empty-slices", type=_slices, metavar="LIST",
                    help="with --labels: slices checked and found without the structure")
     s.add_argument("--ranking", choices=RANKINGS, default=DEFAULT_RANKING,
-                   help="how --report orders the slices worth labelling next: the decoders' disagreement (default), "
-                        "the confidence missing (expected-error), either weighted by the distance to the nearest "
-                        "labelled slice (-distance); docs/loop.md")
+                   help="how --report orders the slices worth labelling next: gap (default: the slice of the "
+                        "predicted structure farthest from any labelled slice), the decoders' disagreement, the "
+                        "confidence missing (expected-error), either of these weighted by the distance to the "
+                        "nearest labelled slice (-distance); docs/loop.md")
     s.add_argument("--truth", metavar="LABELS", help="evaluate against this label map (for --report)")
     s.add_argument("--eval-slices", type=_slices, metavar="LIST", help="slices to evaluate (default: all)")
     s.add_argument("--batch-size", type=_positive_int, default=8,
