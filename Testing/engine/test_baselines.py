@@ -3,6 +3,7 @@ backbone and training loop: their losses, gradients, heads, and that every regis
 segments through the command line. Width 4, 32x32 slices, CPU."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -245,7 +246,30 @@ def test_morphological_block_is_a_plain_block_then_a_3x3_max_or_min(operation):
 
 # -- under a DistributedDataParallel wrapper -----------------------------------------------------------
 
-def test_every_semi_supervised_method_runs_whole_inside_the_networks_forward(tmp_path):
+def test_every_semi_supervised_method_runs_whole_inside_the_networks_forward():
+    """The check below, in a child pytest process with a deadline: a gloo process group in the suite's long-lived
+    process once hung in native code (a full CI run stopped here for 15 minutes; alone it takes 3 s and never
+    did), so the child gets 180 s and one more try, and the suite never hangs on it."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+           f"{__file__}::test_ddp_wrapped_methods_in_a_child_process"]
+    env = {**os.environ, "MISMATCH_DDP_CHILD": "1"}
+    for attempt in range(2):
+        try:
+            done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=180)
+        except subprocess.TimeoutExpired:
+            continue
+        assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
+        return
+    pytest.fail("the gloo process group hung twice (180 s each)")
+
+
+@pytest.mark.skipif(os.environ.get("MISMATCH_DDP_CHILD") != "1", reason="run by the test above, in a child process")
+def test_ddp_wrapped_methods_in_a_child_process(tmp_path):
     """Under the multi-process engine a method gets the network wrapped in DistributedDataParallel, which
     only follows what happens inside its forward: every layer with parameters must run inside a forward
     call of the network (``forward(x, heads=...)`` for the training-only heads), the wrapper's attributes
