@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from mismatch.benchmark import loop
 from mismatch.benchmark.datasets import Case
 from mismatch.cli import main
-from mismatch.inference import RANKINGS, distance_weight, rank_uncertain_slices
+from mismatch.inference import DEFAULT_RANKING, RANKINGS, distance_weight, rank_uncertain_slices
 from mismatch.io import Geometry
 from mismatch.train import WARM_START, TrainConfig, warm_start_config
 
@@ -50,7 +50,8 @@ def test_largest_gap_and_random_slices():
 
 def test_next_labelled_follows_each_policy():
     record = {"suggestions": {r: i + 20 for i, r in enumerate(RANKINGS)}}
-    assert loop.next_labelled("suggested", [3], record, range(30), 40, 0) == [3, 20]
+    default = 20 + RANKINGS.index(DEFAULT_RANKING)
+    assert loop.next_labelled("suggested", [3], record, range(30), 40, 0) == [3, default]
     assert loop.next_labelled("suggested-expected-error", [3], record, range(30), 40, 0) == [3, 22]
     assert loop.next_labelled("even", [3], record, range(0, 30), 40, 0) == loop.even_slices(range(0, 30), 2, 40)
     assert loop.next_labelled("largest-gap", [0, 29], record, range(0, 30), 40, 0) == [0, 14, 29]
@@ -169,7 +170,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
         for a, b in zip(mine, mine[1:]):
             assert set(a["labelled_slices"]) < set(b["labelled_slices"]) or policy == "even"
     suggested = sorted((r for r in rounds if r["policy"] == "suggested"), key=lambda r: r["n_labelled"])
-    assert suggested[1]["added"] == suggested[0]["suggestions"]["disagreement"]
+    assert suggested[1]["added"] == suggested[0]["suggestions"][DEFAULT_RANKING]
     even = sorted((r for r in rounds if r["policy"] == "even"), key=lambda r: r["n_labelled"])
     assert even[2]["labelled_slices"] == loop.even_slices(loop.extent(cases["tiny"][0].label, 0), 3, 12)
     report = (tmp_path / "results.md").read_text()
