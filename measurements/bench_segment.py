@@ -94,9 +94,10 @@ def network_only(methods, size: int, width: int, batch: int, repeats: int) -> di
 
 
 def command_batch(size: int) -> int:
-    from mismatch.inference import CPU_BATCH_PIXELS
+    """The batch ``mismatch segment`` runs on the CPU (its default --batch-size, 8, capped as the engine caps it)."""
+    from mismatch.inference import CPU_BATCH_PIXELS, batch_slices
 
-    return max(1, min(8, CPU_BATCH_PIXELS // (size * size)))
+    return batch_slices(8, size * size, CPU_BATCH_PIXELS)
 
 
 def main(argv=None) -> int:

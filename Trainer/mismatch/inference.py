@@ -41,6 +41,13 @@ OUTPUTS = ("labels", "confidence", "disagreement")
 CPU_BATCH_PIXELS = 512 * 512
 
 
+def batch_slices(batch_size: int, plane: int, max_batch_pixels: int | None) -> int:
+    """Slices per batch: ``batch_size``, fewer when ``plane``-pixel slices would exceed ``max_batch_pixels``
+    (none: no limit), at least 1."""
+    batch = max(1, int(batch_size))
+    return max(1, min(batch, int(max_batch_pixels) // max(1, plane))) if max_batch_pixels else batch
+
+
 @dataclass
 class VolumeSegmentation:
     """Outputs on the input grid, ``[K, J, I]``: ``labels`` (class indices, 0 = background), ``confidence``
@@ -204,9 +211,7 @@ class VolumeInference:
         plane = math.prod(n for a, n in enumerate(self.shape) if a != self.ax)
         if max_batch_pixels is None and self.device.type == "cpu":
             max_batch_pixels = CPU_BATCH_PIXELS
-        self.batch_size = max(1, int(batch_size))
-        if max_batch_pixels:
-            self.batch_size = max(1, min(self.batch_size, int(max_batch_pixels) // max(1, plane)))
+        self.batch_size = batch_slices(batch_size, plane, max_batch_pixels)
         self.outputs = tuple(outputs)
         self.stream = dict(stream or {})
         self.connected = prior is not None and prior.settings.connected
@@ -250,6 +255,12 @@ class VolumeInference:
         for net in self.networks:   # weights in the input's layout: otherwise reordered at every convolution
             net.to(device, memory_format=fmt).eval()
 
+        # only what is kept, streamed or scored is computed and copied out
+        needed = {name for name, view in (("labels", lab_v), ("confidence", conf_v), ("disagreement", dis_v))
+                  if view is not None} | set(self.stream)
+        if self.uncertain_bits is not None:
+            needed.add("confidence")
+
         t0 = time.monotonic()
         self.reporter.start("segment", total=n_slices)
         for start in range(0, n_slices, self.batch_size):
@@ -265,11 +276,6 @@ class VolumeInference:
             if prior is not None:
                 mean = _fuse(mean, prior, range(start, stop), binary)
             pred, conf = _top_label(mean, binary)
-            # only what is kept, streamed or scored is computed and copied out
-            needed = {name for name, view in (("labels", lab_v), ("confidence", conf_v), ("disagreement", dis_v))
-                      if view is not None} | set(self.stream)
-            if self.uncertain_bits is not None:
-                needed.add("confidence")
             dis = _disagreement(per_decoder, binary) if self.want_scores or "disagreement" in needed else None
             blocks = {}
             if "labels" in needed:
