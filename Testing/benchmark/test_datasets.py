@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from mismatch.benchmark import datasets
-from mismatch.benchmark.datasets import DATA_DIR_ENV, DATASETS, PYRADIOMICS_DOWNLOAD, draw_split, load_dataset
+from mismatch.benchmark.datasets import (DATA_DIR_ENV, DATASETS, PYRADIOMICS_DOWNLOAD, draw_split, even_slices, extent,
+                                         load_dataset)
 from mismatch.errors import UserError
 
 REPO_SDIST = Path(__file__).resolve().parents[2] / ".data" / "pyradiomics-3.0.1.tar.gz"
@@ -234,3 +235,19 @@ def test_draw_split_other_axis_gap_relaxed_and_errors():
         draw_split(label, axis=1, n_labelled=40, seed=0)
     with pytest.raises(UserError):
         draw_split(np.zeros((4, 4, 4)), axis=0, n_labelled=1, seed=0)
+
+
+def test_even_placement_spaces_the_slices_over_the_extent_for_every_seed():
+    label = _label()  # foreground on slices 3..24 of 30, 4..24 with enough of it
+    lab, unl, test = draw_split(label, axis=0, n_labelled=3, seed=0, placement="even")
+    assert lab.tolist() == even_slices(extent(label, 0), 3, 30)
+    gaps = np.diff(np.concatenate([[extent(label, 0)[0] - 1], lab, [extent(label, 0)[-1] + 1]]))
+    # the centres of equal parts: equal steps between them, half a step to each end of the extent
+    assert abs(gaps[1] - gaps[2]) <= 1 and abs(2 * gaps[0] - gaps[1]) <= 2 and abs(2 * gaps[-1] - gaps[1]) <= 2
+    for seed in range(1, 5):             # the same slices whatever the seed
+        assert draw_split(label, axis=0, n_labelled=3, seed=seed, placement="even")[0].tolist() == lab.tolist()
+    assert not set(lab) & set(test) and set(lab) | set(unl) == set(range(30))
+    # the random placement is unchanged by the option's existence
+    assert np.array_equal(draw_split(label, 0, 3, seed=4)[0], draw_split(label, 0, 3, seed=4, placement="random")[0])
+    with pytest.raises(UserError, match="placement"):
+        draw_split(label, axis=0, n_labelled=3, seed=0, placement="clustered")

@@ -234,3 +234,16 @@ def test_runs_made_with_other_method_options_or_prior_are_not_resumed(tmp_path):
         (tmp_path / "runs.json").write_text(json.dumps(old))
         with pytest.raises(UserError, match="another --out folder"):
             run_benchmark(tiny_config(), tmp_path, log=lambda m: None)
+
+
+def test_even_placement_uses_the_same_slices_for_every_seed_and_is_not_mixed_with_random(tmp_path):
+    config = tiny_config(methods=["nearest-slice", "unet"], alpha_sweep=[], seeds=2, placement="even")
+    data = run_benchmark(config, tmp_path, log=lambda m: None)
+    assert len({tuple(r["labelled_slices"]) for r in data["runs"]}) == 1
+    assert {r["placement"] for r in data["runs"]} == {"even"}
+    unet = [r for r in data["runs"] if r["method"] == "unet"]
+    assert {r["seed"] for r in unet} == {0, 1}
+    assert "evenly spaced over the structure's extent" in (tmp_path / "results.md").read_text()
+    with pytest.raises(UserError, match="--placement even"):
+        run_benchmark(tiny_config(methods=["nearest-slice"], alpha_sweep=[], seeds=2), tmp_path, log=lambda m: None)
+    assert main(["benchmark", "--out", str(tmp_path), "--report-only"]) == 0

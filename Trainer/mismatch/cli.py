@@ -460,7 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")
-    b.add_argument("--seeds", type=_positive_int, help="draws of the labelled slices per count (default 3)")
+    b.add_argument("--seeds", type=_positive_int, help="runs per labelled-slice count (default 3)")
+    b.add_argument("--placement", choices=["random", "even"],
+                   help="where the labelled slices go: 'random' (default) draws other slices for each seed; "
+                        "'even' spaces them evenly over the structure's extent, as the README advises users, the "
+                        "same slices for every seed (the seed then varies the training alone)")
     b.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: all)")
     b.add_argument("--alpha-sweep", nargs="*", type=_non_negative_float, metavar="ALPHA",
                    help="MisMatch consistency weights to sweep (default 0 0.0005 0.001 0.002 0.004; the flag with no value: no sweep)")
@@ -701,6 +705,7 @@ def cmd_benchmark(args) -> int:
     if args.report_only:
         return _report_only(args.out, load_runs, write_report, "runs", RUNS_FILE, "benchmark")
     options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
+               "placement": args.placement,
                **_budget_values(args), "n_test": args.n_test, "data_dir": args.data_dir,
                "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
     if args.quick:

@@ -378,14 +378,52 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
     return DATASETS[name](**options)
 
 
+#: how the labelled slices of a benchmark draw are placed (``--placement``)
+PLACEMENTS = ("random", "even")
+
+
+def extent(label: np.ndarray, axis: int, min_fraction: float = 0.1) -> np.ndarray:
+    """The slices where the structure is: cross-section at least ``min_fraction`` of the largest (the
+    candidates :func:`draw_split` places labelled slices on)."""
+    counts = (np.asarray(label) != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
+    if counts.max() == 0:
+        raise UserError("the label map is empty: nothing to draw labelled slices from")
+    return np.flatnonzero(counts >= max(1.0, min_fraction * counts.max()))
+
+
+def even_slices(candidates: Sequence[int], n: int, n_slices: int) -> list[int]:
+    """``n`` slices evenly spaced over ``[min(candidates), max(candidates)]``: the centres of ``n`` equal parts
+    (one part: the middle slice). Where the extent holds fewer than ``n`` slices it is widened on both sides
+    (within the volume)."""
+    lo, hi = int(min(candidates)), int(max(candidates))
+    while hi - lo + 1 < n and (lo > 0 or hi < n_slices - 1):
+        lo, hi = max(0, lo - 1), min(n_slices - 1, hi + 1)
+    if hi - lo + 1 <= n:
+        return list(range(lo, hi + 1))[:n]
+    length = hi - lo + 1
+    chosen: list[int] = []
+    for i in range(n):
+        target = lo + (i + 0.5) * length / n - 0.5
+        free = [s for s in range(lo, hi + 1) if s not in chosen]
+        chosen.append(min(free, key=lambda s: (abs(s - target), s)))
+    return sorted(chosen)
+
+
 def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test: int | None = None,
-               min_fraction: float = 0.1, min_gap: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               min_fraction: float = 0.1, min_gap: int = 2,
+               placement: str = "random") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw labelled, unlabelled and test slices of one case, deterministically from ``seed``.
 
-    Labelled slices are drawn among the slices with "enough" foreground (at least ``min_fraction`` of the
-    largest per-slice foreground count), at least ``min_gap`` slices apart when possible (``min_gap=2``
-    leaves one slice between labelled slices, as Slicer's Fill between slices asks its users; the gap is
-    relaxed, closest-first, only if the candidates cannot hold ``n_labelled`` slices otherwise).
+    Labelled slices are placed on the slices with "enough" foreground (at least ``min_fraction`` of the
+    largest per-slice foreground count, :func:`extent`):
+
+    - ``placement="random"``: drawn at random there, at least ``min_gap`` slices apart when possible
+      (``min_gap=2`` leaves one slice between labelled slices, as Slicer's Fill between slices asks its
+      users; the gap is relaxed, closest-first, only if the candidates cannot hold ``n_labelled`` slices
+      otherwise); each seed draws other slices.
+    - ``placement="even"``: evenly spaced over the extent (:func:`even_slices`), what the product advises a
+      user to paint first; the same slices for every seed (the seed then varies the training alone).
+
     Unlabelled = every slice not labelled (the Slicer use case: the rest of the same volume). Test = every
     unlabelled slice, with or without foreground (a prediction on a slice without the structure is a false
     positive and must count), or ``n_test`` of them drawn at random.
@@ -397,22 +435,22 @@ def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test:
         seed: random seed (``numpy.random.default_rng``).
         n_test: number of test slices, drawn at random among the unlabelled ones (None = every unlabelled
             slice).
+        placement: ``"random"`` or ``"even"`` (:data:`PLACEMENTS`).
 
     Returns:
         ``(labelled_idx, unlabelled_idx, test_idx)``: sorted int64 arrays of slice indices along ``axis``;
         labelled and test are disjoint, test is unlabelled (or a subset of it with ``n_test``).
     """
+    if placement not in PLACEMENTS:
+        raise UserError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     label = np.asarray(label)
-    counts = (label != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
-    if counts.max() == 0:
-        raise UserError("the label map is empty: nothing to draw labelled slices from")
-    candidates = np.flatnonzero(counts >= max(1.0, min_fraction * counts.max()))
+    candidates = extent(label, axis, min_fraction)
     if n_labelled < 1 or n_labelled > len(candidates):
         raise UserError(f"cannot draw {n_labelled} labelled slices: only {len(candidates)} slices have enough "
                         "foreground")
     rng = np.random.default_rng(seed)
+    chosen: list[int] = even_slices(candidates, n_labelled, label.shape[axis]) if placement == "even" else []
     order = rng.permutation(candidates)
-    chosen: list[int] = []
     for gap in range(max(min_gap, 1), 0, -1):
         for s in order:
             if len(chosen) == n_labelled:

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
+from .datasets import even_slices, extent  # noqa: F401  (the policies' shared slice choices)
 from .runner import Budget, check_same_settings
 
 RESULTS_FILE = "loop.json"
@@ -114,33 +115,6 @@ def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None
 
 
 # -- the policies ---------------------------------------------------------------------------------------------
-
-def extent(label: np.ndarray, axis: int, min_fraction: float = 0.1) -> np.ndarray:
-    """The slices where the structure is (cross-section at least ``min_fraction`` of the largest), as
-    :func:`~mismatch.benchmark.datasets.draw_split` draws labelled slices from them."""
-    counts = (np.asarray(label) != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
-    if counts.max() == 0:
-        raise UserError("the label map is empty")
-    return np.flatnonzero(counts >= max(1.0, min_fraction * counts.max()))
-
-
-def even_slices(candidates: Sequence[int], n: int, n_slices: int) -> list[int]:
-    """``n`` slices evenly spaced over ``[min(candidates), max(candidates)]``: the centres of ``n`` equal parts
-    (one part: the middle slice). Where the extent holds fewer than ``n`` slices it is widened on both sides
-    (within the volume)."""
-    lo, hi = int(min(candidates)), int(max(candidates))
-    while hi - lo + 1 < n and (lo > 0 or hi < n_slices - 1):
-        lo, hi = max(0, lo - 1), min(n_slices - 1, hi + 1)
-    if hi - lo + 1 <= n:
-        return list(range(lo, hi + 1))[:n]
-    length = hi - lo + 1
-    chosen: list[int] = []
-    for i in range(n):
-        target = lo + (i + 0.5) * length / n - 0.5
-        free = [s for s in range(lo, hi + 1) if s not in chosen]
-        chosen.append(min(free, key=lambda s: (abs(s - target), s)))
-    return sorted(chosen)
-
 
 def largest_gap_slice(candidates: Sequence[int], labelled: Sequence[int]) -> int | None:
     """The slice of the extent ``[min(candidates), max(candidates)]`` farthest from any labelled slice (the

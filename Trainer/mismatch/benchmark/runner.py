@@ -95,6 +95,10 @@ class BenchmarkConfig(Budget):
     datasets: list[str] = field(default_factory=lambda: ["ctchest-lungs"])
     labelled: list[int] = field(default_factory=lambda: [3, 5, 10])
     seeds: int = 3
+    # where the labelled slices go (datasets.PLACEMENTS): "random" draws other slices for each seed;
+    # "even" spaces them evenly over the structure's extent, the same for every seed (the seed varies the
+    # training alone, so the spread over seeds is the run-to-run spread a user sees on the same slices)
+    placement: str = "random"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     alpha_sweep: list[float] = field(default_factory=lambda: list(ALPHAS))
     alpha: float = 0.002
@@ -248,7 +252,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
     results = []
     for case in _cases(spec["dataset"], config):
         labelled, unlabelled, test = draw_split(case.label, case.axis, spec["n_labelled"], spec["seed"],
-                                                n_test=config.n_test)
+                                                n_test=config.n_test, placement=config.placement)
         sparse = np.zeros_like(case.label)
         index = [slice(None)] * 3
         index[case.axis] = labelled
@@ -256,7 +260,8 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         n_slices = int(case.label.shape[case.axis])
         result = {**spec, "case": case.name, "synthetic": case.synthetic, "labelled_slices": labelled.tolist(),
                   "test_slices": test.tolist(), "n_test": int(len(test)), "n_slices": n_slices,
-                  "split_version": SPLIT_VERSION, "settings": config.training_settings()}
+                  "split_version": SPLIT_VERSION, "placement": config.placement,
+                  "settings": config.training_settings()}
         t0 = time.monotonic()
         if spec["method"] in CLASSICAL or spec["method"] in FREE:
             if spec["method"] in FREE:
@@ -390,6 +395,10 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     if data["runs"] and (data.get("config") or {}).get("split_version", 1) != SPLIT_VERSION:
         raise UserError(f"{out / RUNS_FILE} holds runs tested on other slices (before the test slices were every "
                         "unlabelled slice); use another --out folder (--report-only still rebuilds its report)")
+    placed = run_placement(data)
+    if data["runs"] and placed != config.placement:
+        raise UserError(f"{out / RUNS_FILE} holds runs with the labelled slices placed {placed!r}, not "
+                        f"{config.placement!r}; use another --out folder or --placement {placed}")
     have_slicer = slicer_filters_available()
     if not have_slicer and any(m in CLASSICAL for m in config.methods):
         log("slicer-core is not installed (pip install slicer-core, Python 3.11): the Slicer effects' rows are "
@@ -442,6 +451,12 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     write_report(data, out)
     log(f"wrote {out / 'results.md'} and the figures; every run is in {out / RUNS_FILE}")
     return data
+
+
+def run_placement(data: dict) -> str:
+    """How the labelled slices of the runs in ``data`` (runs.json) were placed; "random" for runs made before
+    the placement was recorded."""
+    return ((data.get("config") or {}).get("benchmark") or {}).get("placement", "random")
 
 
 def _describe(spec: dict) -> str:
@@ -540,7 +555,15 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     tested = ("every slice that is not labelled, with or without the structure (false positives on slices "
               "without it count)" if versions == {SPLIT_VERSION} else
               "the slices not labelled; in runs made before split version 2 only those with foreground")
+    placed = ("evenly spaced over the structure's extent (the slices where its cross-section is at least a "
+              "tenth of the largest), the same slices for every seed: the seed varies the training alone, so the "
+              "standard deviation over seeds is the run-to-run spread on the same painted slices"
+              if run_placement(data) == "even" else
+              "drawn at random for each seed among the slices where the structure's cross-section is at least a "
+              "tenth of the largest, at least two slices apart where possible: the standard deviation over seeds "
+              "mixes the choice of slices with the training's randomness")
     lines += ["## Table 1: foreground IoU on the test slices", "",
+              f"Labelled slices: {placed}.", "",
               f"Test slices: {tested}; the IoU is pooled over the voxels of all test slices of a run.", "",
               results_table(main) if main else "_No runs._", ""]
     lines += ["## Against the best free baseline", "", baseline_table(main, BASELINES) if main else "_No runs._",
