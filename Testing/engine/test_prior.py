@@ -55,7 +55,7 @@ def test_prior_is_sure_near_painted_slices_and_far_from_the_shape_and_shrinks_be
     sparse[8] = disc((40, 40), (20, 20), 6)
     sparse[12] = disc((40, 40), (20, 20), 6)
     prior = SlicePrior(sparse, [8, 12], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=2,
-                       settings=PriorSettings(tau_mm=2.0, default_rate=0.5))
+                       settings=PriorSettings(tau_mm=2.0, default_rate=0.5, end_penalty=0.0))
     mid = prior.log_odds(10)[0]
     assert mid.shape == (40, 40)
     assert mid[20, 20] > 1 and mid[0, 0] < -5           # inside: foreground; far corner: background
@@ -63,6 +63,30 @@ def test_prior_is_sure_near_painted_slices_and_far_from_the_shape_and_shrinks_be
     assert (beyond_far > 0).sum() < (beyond_near > 0).sum() <= (mid > 0).sum()   # the structure ends
     assert prior.is_labelled(8) and not prior.is_labelled(10)
     assert prior.rate < 0.1    # the same disc on both slices: the outline does not move
+
+
+def test_prior_ends_the_structure_past_a_quarter_gap_beyond_the_outermost_painted_slice():
+    sparse = np.zeros((40, 40, 40), np.uint8)
+    for s in (10, 18, 26):                        # painted every 8 slices
+        sparse[s] = disc((40, 40), (20, 20), 8)
+    settings = PriorSettings()
+    with_end = SlicePrior(sparse, [10, 18, 26], 0, (1.0, 1.0, 1.0), 2, settings)
+    without = SlicePrior(sparse, [10, 18, 26], 0, (1.0, 1.0, 1.0), 2, PriorSettings(end_penalty=0.0))
+    assert with_end.gap_mm == 8.0
+    for s in (11, 14, 22, 25, 27, 28):            # between the painted slices, and within a quarter gap beyond
+        assert np.array_equal(with_end.log_odds(s), without.log_odds(s))
+    # beyond: the weighted log-odds fall by end_penalty per gap past the reach, everywhere in the slice
+    for s, gaps in ((34, 8 / 8 - 0.25), (2, 8 / 8 - 0.25), (38, 12 / 8 - 0.25)):
+        drop = (without.log_odds(s) - with_end.log_odds(s)) * settings.weight
+        assert np.allclose(drop, settings.end_penalty * gaps, atol=1e-4)
+    # one painted slice has no gap: no end; settings recorded before the end existed segment without it
+    single = SlicePrior(sparse, [18], 0, (1.0, 1.0, 1.0), 2, settings)
+    assert single.gap_mm is None
+    assert np.array_equal(single.log_odds(38), SlicePrior(sparse, [18], 0, (1.0, 1.0, 1.0), 2,
+                                                          PriorSettings(end_penalty=0.0)).log_odds(38))
+    old = {k: v for k, v in settings.to_dict().items() if not k.startswith("end_")}
+    assert PriorSettings.from_dict(old).end_penalty == 0.0
+    assert PriorSettings.from_dict(settings.to_dict()) == settings
 
 
 def test_boundary_rate_measures_how_fast_the_outline_moves():

@@ -149,6 +149,13 @@ class PriorSettings:
     (it has to end somewhere). ``weight`` scales the prior's log-odds before they are added to the
     network's. ``connected``: keep only the parts of each class connected in 3D to its painted voxels
     (:func:`keep_connected`). ``default_rate`` is used when a single slice is painted.
+
+    Where the structure ends: painted slices spread over a structure, as the README advises, leave about
+    half a gap (the mean distance between painted slices) beyond the outermost ones. Beyond
+    ``end_reach`` gaps past the outermost painted slice, every class's log-odds (after ``weight``) fall by
+    ``end_penalty`` per gap further out: near the painted range a confident network still keeps the
+    structure's tail, far beyond it (bowel gas below painted lungs, tissue past a tumour's end) it has to
+    be very sure. Needs two painted slices (a gap); ``end_penalty`` 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -157,18 +164,25 @@ class PriorSettings:
     weight: float = 0.25
     default_rate: float = 0.5
     connected: bool = True
+    end_reach: float = 0.25
+    end_penalty: float = 4.0
 
-    _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate")
+    _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
+        """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure was part of the
+        prior (no ``end_penalty``: a model card or benchmark of an earlier version) segment as they did
+        then: without it."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         if "connected" in d:
             values["connected"] = bool(d["connected"])
+        if d and "end_penalty" not in d:
+            values["end_penalty"] = 0.0
         return cls(**values)
 
 
@@ -213,6 +227,8 @@ class SlicePrior:
         self.below, self.above, self.dist = _neighbours(self.src.shape[0], self.lab)
         measured = boundary_rate(self.sdfs, self.dz, max(self.sp2))
         self.rate = self.settings.default_rate if measured is None else measured
+        # the mean distance (mm) between painted slices; None with one painted slice
+        self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
 
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
@@ -240,7 +256,12 @@ class SlicePrior:
         if lo < 0 or hi < 0:   # beyond the outermost labelled slice
             sdf = sdf + st.shrink_rate * self.rate * d_mm
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
-        return (-sdf / tau).astype(np.float32)
+        lo_odds = -sdf / tau
+        if (lo < 0 or hi < 0) and self.gap_mm and st.end_penalty > 0 and st.weight > 0:
+            beyond = d_mm / self.gap_mm - st.end_reach    # gaps past where the structure may still go on
+            if beyond > 0:
+                lo_odds = lo_odds - st.end_penalty * beyond / st.weight
+        return lo_odds.astype(np.float32)
 
 
 def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
