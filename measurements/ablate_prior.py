@@ -13,6 +13,11 @@ unlabelled slice). The seeds default to 100 and 101 so that choices made with th
 the benchmark's draws (seeds 0 to 4). Prints a Markdown table with the paired differences and a two-sided
 sign test per variant, and writes every run to ``--out`` (finished data set and seed pairs are kept: running
 again resumes; a new variant trains them again). One torch job at a time on a small CPU.
+
+``--gfs-beta B ...`` (a probe, not a product setting; needs slicer-core): Slicer's *Grow from seeds*, seeded
+with the same painted slices as the benchmark seeds it, as a third expert beside the network and the prior:
+``B`` log-odds for the structure where it grows the structure, ``-B`` where it grows background (variants
+``gfs-B``), and Grow from seeds alone (``grow-from-seeds``) for comparison.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ablate_default import sign_test_p  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True,
+    ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                     help="a name and the prior settings (JSON) that the variant sets on top of the default")
     ap.add_argument("--datasets", nargs="+", default=["ctchest-lungs", "pyradiomics-brain1", "pyradiomics-breast1",
                                                       "mni152-gm", "synthetic-vessels-lung"])
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--out", default="prior-ablation.json")
     ap.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer only to try the script)")
+    ap.add_argument("--gfs-beta", type=float, nargs="*", default=[], metavar="B",
+                    help="probe: Grow from seeds as a third expert with these log-odds (needs slicer-core)")
     args = ap.parse_args(argv)
 
     from mismatch.cli import configure_threads
@@ -53,9 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     from mismatch.benchmark.runner import AXIS_NAMES, BenchmarkConfig, _cases, case_classes
     from mismatch.data import Normalisation
     from mismatch.inference import segment_volume
+    from mismatch.metrics import evaluate_arrays
     from mismatch.pipeline import painted_slice_prior, train_and_segment
+    from mismatch.prior import PriorSettings, SlicePrior
 
-    variants = {"default": {}, **{name: json.loads(options) for name, options in args.variant}}
+    class GrowFromSeedsExpert(SlicePrior):
+        """The default prior plus Grow from seeds' label map as a vote of +-beta log-odds (after the weight)."""
+
+        def __init__(self, *a, grown=None, beta=0.0, **kw):
+            super().__init__(*a, **kw)
+            self.grown, self.beta = grown, beta
+
+        def log_odds(self, s):
+            lo = super().log_odds(s)
+            grown = np.take(self.grown, int(s), axis=self.axis)
+            votes = np.stack([np.where(grown == c, 1.0, -1.0) for c in range(1, self.n_fg + 1)]).astype(np.float32)
+            return lo + (self.beta / self.settings.weight) * votes
+
+    variants = {"default": {}, **{name: json.loads(options) for name, options in (args.variant or [])}}
+    probes = [f"gfs-{b:g}" for b in args.gfs_beta] + (["grow-from-seeds"] if args.gfs_beta else [])
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
     config = BenchmarkConfig(datasets=args.datasets, methods=["mismatch"], placement=args.placement,
@@ -65,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             have = {r["variant"] for r in done if r["dataset"] == dataset and r["seed"] == seed
                     and r["placement"] == args.placement and r["n_labelled"] == args.labelled}
-            if set(variants) <= have:
+            if set(variants) | set(probes) <= have:
                 continue
             done = [r for r in done if not (r["dataset"] == dataset and r["seed"] == seed and
                                              r["placement"] == args.placement and r["n_labelled"] == args.labelled)]
@@ -95,10 +118,30 @@ def main(argv: list[str] | None = None) -> int:
                                  "variant": variant, "prior": {**default_prior, **options}, "iou": iou,
                                  "train_seconds": round(train_s, 1)})
                     print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
+                if args.gfs_beta:
+                    from mismatch.benchmark.classical import run_in_subprocess
+
+                    grown = run_in_subprocess("slicer-grow-from-seeds", image=case.image[0], labels=sparse,
+                                              labelled_slices=labelled.tolist(), axis=case.axis,
+                                              spacing=list(case.spacing))
+                    scores = {"grow-from-seeds": evaluate_arrays(grown, case.label, slices=test.tolist(),
+                                                                 axis=case.axis, classes=list(case.classes))["iou"]}
+                    for beta in args.gfs_beta:
+                        prior = GrowFromSeedsExpert(sparse, labelled, case.axis, case.spacing, len(case.classes) + 1,
+                                                    PriorSettings.from_dict(default_prior), grown=grown, beta=beta)
+                        seg = segment_volume(run.networks, volume, axis=axis, truth=case.label,
+                                             eval_slices=test.tolist(), prior=prior, outputs=("labels",))
+                        scores[f"gfs-{beta:g}"] = seg.evaluation["mean"]["iou"]
+                    for variant, iou in scores.items():
+                        done.append({"dataset": dataset, "case": case.name, "seed": seed,
+                                     "placement": args.placement, "n_labelled": args.labelled,
+                                     "labelled_slices": labelled.tolist(), "variant": variant, "iou": float(iou),
+                                     "train_seconds": round(train_s, 1)})
+                        print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
             out.write_text(json.dumps(done, indent=1))
     runs = [r for r in done if r["placement"] == args.placement and r["n_labelled"] == args.labelled
             and r["dataset"] in args.datasets and r["seed"] in args.seeds]
-    names = [v for v in variants if v != "default"]
+    names = [v for v in list(variants) + probes if v != "default"]
     print(f"\n{args.labelled} labelled slices, placement {args.placement}\n")
     print("| data set | seed | labelled slices | default IoU % | " + " | ".join(f"{n} (points)" for n in names)
           + " |\n|---|---:|---|---:|" + "---:|" * len(names))
@@ -110,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 (r["dataset"], r["case"], r["seed"])}
         cells = []
         for n in names:
+            if n not in same:
+                cells.append("–")
+                continue
             d = same[n] - r["iou"]
             diffs[n].append(d)
             cells.append(f"{100 * d:+.1f}")
