@@ -188,7 +188,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if seg is None:
             return _("Choose the segmentation that holds your labels")
         if seg.GetSegmentation().GetNumberOfSegments() == 0:
-            return _("Paint the structure on a few slices with the Segment Editor first")
+            return _("Paint the structure with the Segment Editor first, on a few slices spread evenly over it")
         return ""
 
     def _outputsReason(self) -> str:
