@@ -115,6 +115,16 @@ def test_quick_mode_from_the_command_line(tmp_path, monkeypatch):
     assert "| MisMatch |" in (tmp_path / "results.md").read_text()
 
 
+def test_placement_from_the_command_line(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(runner, "run_benchmark", lambda config, out_dir, **kw: seen.setdefault("config", config))
+    assert main(["benchmark", "--quick", "--out", str(tmp_path), "--placement", "even"]) == 0
+    assert seen["config"].placement == "even"
+    seen.clear()
+    assert main(["benchmark", "--out", str(tmp_path)]) == 0
+    assert seen["config"].placement == "random"           # the default keeps the earlier draws
+
+
 def test_bad_patch_size_is_one_clear_error(tmp_path, capsys):
     assert main(["benchmark", "--quick", "--out", str(tmp_path), "--patch-size", "8"]) == 2
     assert "--patch-size 8" in capsys.readouterr().err
