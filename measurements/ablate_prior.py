@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from mismatch.benchmark.datasets import draw_split
-    from mismatch.benchmark.runner import AXIS_NAMES, BenchmarkConfig, _cases, case_classes
+    from mismatch.benchmark.classical import labelled_slices_only, run_in_subprocess
+    from mismatch.benchmark.runner import AXIS_NAMES, BenchmarkConfig, _cases
     from mismatch.data import Normalisation
+    from mismatch.events import Reporter
     from mismatch.inference import segment_volume
     from mismatch.metrics import evaluate_arrays
-    from mismatch.pipeline import painted_slice_prior, train_and_segment
+    from mismatch.pipeline import painted_slice_prior
     from mismatch.prior import PriorSettings, SlicePrior
+    from mismatch.train import fit
 
     class GrowFromSeedsExpert(SlicePrior):
         """The default prior plus Grow from seeds' label map as a vote of +-beta log-odds (after the weight)."""
@@ -86,58 +89,52 @@ def main(argv: list[str] | None = None) -> int:
     default_prior = config.train_config("mismatch").prior
     for dataset in args.datasets:
         for seed in args.seeds:
-            have = {r["variant"] for r in done if r["dataset"] == dataset and r["seed"] == seed
-                    and r["placement"] == args.placement and r["n_labelled"] == args.labelled}
-            if set(variants) | set(probes) <= have:
+            def same_draw(r, dataset=dataset, seed=seed):
+                return (r["dataset"], r["seed"], r["placement"], r["n_labelled"]) == \
+                    (dataset, seed, args.placement, args.labelled)
+
+            if set(variants) | set(probes) <= {r["variant"] for r in done if same_draw(r)}:
                 continue
-            done = [r for r in done if not (r["dataset"] == dataset and r["seed"] == seed and
-                                             r["placement"] == args.placement and r["n_labelled"] == args.labelled)]
+            done = [r for r in done if not same_draw(r)]
             for case in _cases(dataset, config):
                 labelled, _, test = draw_split(case.label, case.axis, args.labelled, seed, placement=args.placement)
-                sparse = np.zeros_like(case.label)
-                index = [slice(None)] * 3
-                index[case.axis] = labelled
-                sparse[tuple(index)] = case.label[tuple(index)]
+                sparse = labelled_slices_only(case.label, labelled, case.axis)
                 norm = Normalisation(hu_window=case.window)
                 volume = norm.apply(case.image)
                 axis = AXIS_NAMES[case.axis]
                 t0 = time.monotonic()
-                run = train_and_segment(volume, sparse, labelled, case_classes(case),
-                                        config.train_config("mismatch", seed=seed, axis=axis,
-                                                            checkpoint_every=10 ** 9),
-                                        normalisation=norm, spacing_kji=case.spacing, use_prior=False)
+                networks = fit([volume], sparse, labelled, len(case.classes) + 1,
+                               config.train_config("mismatch", seed=seed, axis=axis, checkpoint_every=10 ** 9),
+                               reporter=Reporter(progress_bar=False, quiet=True)).networks()
                 train_s = time.monotonic() - t0
-                for variant, options in variants.items():
-                    prior = painted_slice_prior(sparse, labelled, axis, case.spacing, len(case.classes) + 1,
-                                                {**default_prior, **options})
-                    seg = segment_volume(run.networks, volume, axis=axis, truth=case.label,
-                                         eval_slices=test.tolist(), prior=prior, outputs=("labels",))
-                    iou = float(seg.evaluation["mean"]["iou"])
-                    done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
-                                 "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
-                                 "variant": variant, "prior": {**default_prior, **options}, "iou": iou,
-                                 "train_seconds": round(train_s, 1)})
-                    print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
-                if args.gfs_beta:
-                    from mismatch.benchmark.classical import run_in_subprocess
 
+                def score(prior) -> float:
+                    seg = segment_volume(networks, volume, axis=axis, truth=case.label, eval_slices=test.tolist(),
+                                         prior=prior, outputs=("labels",))
+                    return float(seg.evaluation["mean"]["iou"])
+
+                scores = {}   # variant -> (IoU, the prior settings or None)
+                for variant, options in variants.items():
+                    settings = {**default_prior, **options}
+                    scores[variant] = (score(painted_slice_prior(sparse, labelled, axis, case.spacing,
+                                                                 len(case.classes) + 1, settings)), settings)
+                if args.gfs_beta:
                     grown = run_in_subprocess("slicer-grow-from-seeds", image=case.image[0], labels=sparse,
                                               labelled_slices=labelled.tolist(), axis=case.axis,
                                               spacing=list(case.spacing))
-                    scores = {"grow-from-seeds": evaluate_arrays(grown, case.label, slices=test.tolist(),
-                                                                 axis=case.axis, classes=list(case.classes))["iou"]}
+                    scores["grow-from-seeds"] = (evaluate_arrays(grown, case.label, slices=test.tolist(),
+                                                                 axis=case.axis, classes=list(case.classes))["iou"],
+                                                 None)
                     for beta in args.gfs_beta:
-                        prior = GrowFromSeedsExpert(sparse, labelled, case.axis, case.spacing, len(case.classes) + 1,
-                                                    PriorSettings.from_dict(default_prior), grown=grown, beta=beta)
-                        seg = segment_volume(run.networks, volume, axis=axis, truth=case.label,
-                                             eval_slices=test.tolist(), prior=prior, outputs=("labels",))
-                        scores[f"gfs-{beta:g}"] = seg.evaluation["mean"]["iou"]
-                    for variant, iou in scores.items():
-                        done.append({"dataset": dataset, "case": case.name, "seed": seed,
-                                     "placement": args.placement, "n_labelled": args.labelled,
-                                     "labelled_slices": labelled.tolist(), "variant": variant, "iou": float(iou),
-                                     "train_seconds": round(train_s, 1)})
-                        print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
+                        scores[f"gfs-{beta:g}"] = (score(GrowFromSeedsExpert(
+                            sparse, labelled, case.axis, case.spacing, len(case.classes) + 1,
+                            PriorSettings.from_dict(default_prior), grown=grown, beta=beta)), default_prior)
+                for variant, (iou, settings) in scores.items():
+                    done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
+                                 "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
+                                 "variant": variant, "prior": settings, "iou": float(iou),
+                                 "train_seconds": round(train_s, 1)})
+                    print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
             out.write_text(json.dumps(done, indent=1))
     runs = [r for r in done if r["placement"] == args.placement and r["n_labelled"] == args.labelled
             and r["dataset"] in args.datasets and r["seed"] in args.seeds]
