@@ -253,11 +253,12 @@ class SlicePrior:
         lo, hi = int(self.below[s]), int(self.above[s])
         sdf = self.interpolated_sdf(s)
         d_mm = float(self.dist[s]) * self.dz
-        if lo < 0 or hi < 0:   # beyond the outermost labelled slice
+        outside = lo < 0 or hi < 0   # beyond the outermost labelled slice
+        if outside:
             sdf = sdf + st.shrink_rate * self.rate * d_mm
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
         lo_odds = -sdf / tau
-        if (lo < 0 or hi < 0) and self.gap_mm and st.end_penalty > 0 and st.weight > 0:
+        if outside and self.gap_mm and st.end_penalty > 0 and st.weight > 0:
             beyond = d_mm / self.gap_mm - st.end_reach    # gaps past where the structure may still go on
             if beyond > 0:
                 lo_odds = lo_odds - st.end_penalty * beyond / st.weight

@@ -449,16 +449,19 @@ def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test:
         raise UserError(f"cannot draw {n_labelled} labelled slices: only {len(candidates)} slices have enough "
                         "foreground")
     rng = np.random.default_rng(seed)
-    chosen: list[int] = even_slices(candidates, n_labelled, label.shape[axis]) if placement == "even" else []
-    order = rng.permutation(candidates)
-    for gap in range(max(min_gap, 1), 0, -1):
-        for s in order:
+    order = rng.permutation(candidates)   # drawn for both placements: n_test's draw comes after it
+    if placement == "even":
+        chosen = even_slices(candidates, n_labelled, label.shape[axis])
+    else:
+        chosen = []
+        for gap in range(max(min_gap, 1), 0, -1):
+            for s in order:
+                if len(chosen) == n_labelled:
+                    break
+                if s not in chosen and all(abs(int(s) - c) >= gap for c in chosen):
+                    chosen.append(int(s))
             if len(chosen) == n_labelled:
                 break
-            if s not in chosen and all(abs(int(s) - c) >= gap for c in chosen):
-                chosen.append(int(s))
-        if len(chosen) == n_labelled:
-            break
     labelled = np.sort(np.asarray(chosen, dtype=np.int64))
     all_slices = np.arange(label.shape[axis], dtype=np.int64)
     unlabelled = np.setdiff1d(all_slices, labelled)

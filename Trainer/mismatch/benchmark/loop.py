@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
-from .datasets import even_slices, extent  # noqa: F401  (the policies' shared slice choices)
+from .datasets import even_slices, extent
 from .runner import Budget, check_same_settings
 
 RESULTS_FILE = "loop.json"
