@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--out", default="prior-ablation.json")
     ap.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer only to try the script)")
+    ap.add_argument("--cache", help="a folder that keeps the trained networks, so that trying other variants on "
+                                    "the same draws does not train them again")
     ap.add_argument("--gfs-beta", type=float, nargs="*", default=[], metavar="B",
                     help="probe: Grow from seeds as a third expert with these log-odds (needs slicer-core)")
     args = ap.parse_args(argv)
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_threads(None)
     import numpy as np
+    import torch
 
     from mismatch.benchmark.datasets import draw_split
     from mismatch.benchmark.classical import labelled_slices_only, run_in_subprocess
@@ -103,10 +106,18 @@ def main(argv: list[str] | None = None) -> int:
                 volume = norm.apply(case.image)
                 axis = AXIS_NAMES[case.axis]
                 t0 = time.monotonic()
-                networks = fit([volume], sparse, labelled, len(case.classes) + 1,
-                               config.train_config("mismatch", seed=seed, axis=axis, checkpoint_every=10 ** 9),
-                               reporter=Reporter(progress_bar=False, quiet=True)).networks()
-                train_s = time.monotonic() - t0
+                cached = Path(args.cache) / f"{case.name}-{args.placement}-{args.labelled}-{seed}.pt" \
+                    if args.cache else None
+                if cached is not None and cached.exists():
+                    networks, train_s = torch.load(cached, weights_only=False)
+                else:
+                    networks = fit([volume], sparse, labelled, len(case.classes) + 1,
+                                   config.train_config("mismatch", seed=seed, axis=axis, checkpoint_every=10 ** 9),
+                                   reporter=Reporter(progress_bar=False, quiet=True)).networks()
+                    train_s = time.monotonic() - t0
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save((networks, train_s), cached)
 
                 def score(prior) -> float:
                     seg = segment_volume(networks, volume, axis=axis, truth=case.label, eval_slices=test.tolist(),
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, options in variants.items():
                     settings = {**default_prior, **options}
                     scores[variant] = (score(painted_slice_prior(sparse, labelled, axis, case.spacing,
-                                                                 len(case.classes) + 1, settings)), settings)
+                                                                 len(case.classes) + 1, settings, volume)), settings)
                 if args.gfs_beta:
                     grown = run_in_subprocess("slicer-grow-from-seeds", image=case.image[0], labels=sparse,
                                               labelled_slices=labelled.tolist(), axis=case.axis,

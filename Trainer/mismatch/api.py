@@ -61,11 +61,13 @@ def class_values_lut(classes: list[dict]) -> np.ndarray:
 
 
 def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
-                  explicit_slices: Sequence[int] | None = None) -> SlicePrior | None:
+                  explicit_slices: Sequence[int] | None = None, volume: np.ndarray | None = None
+                  ) -> SlicePrior | None:
     """The prior of a painted label map (label values, ``[K, J, I]``) for the model of ``card``: its labelled
     slices (any painted voxel, or listed in ``explicit_slices``) along the model's slice axis, with the
     card's prior settings. ``None`` when no slice is labelled. A card without prior settings (``--preset
-    paper``) keeps the painted slices as painted and leaves the others to the network."""
+    paper``) keeps the painted slices as painted and leaves the others to the network. ``volume``: the
+    normalised ``[C, K, J, I]`` image, whose edges the prior follows where the card's settings say so."""
     from .data import labelled_slices
 
     mapped = remap_labels(painted, card["classes"])
@@ -73,7 +75,7 @@ def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
     if len(labelled) == 0:
         return None
     return painted_slice_prior(mapped, labelled, card["slice_axis"], spacing_kji, len(card["classes"]) + 1,
-                               card.get("prior"))
+                               card.get("prior"), volume)
 
 
 def _check_channels(card: dict, image: np.ndarray) -> None:
@@ -349,16 +351,18 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     truth_arr = read_labels(truth, geometry) if truth else None
-    prior = None
-    if labels:
-        prior = painted_prior(card, read_labels(labels, geometry), geometry.spacing[::-1], explicit_slices)
-        if prior is None:
-            raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
-                            "leave --labels out")
-    painted = [int(s) for s in prior.lab] if prior is not None else []
+    painted_map = read_labels(labels, geometry) if labels else None
     _check_channels(card, image)
     volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass
     del image
+    prior = None
+    if labels:
+        prior = painted_prior(card, painted_map, geometry.spacing[::-1], explicit_slices, volume=volume[0])
+        if prior is None:
+            raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
+                            "leave --labels out")
+    del painted_map
+    painted = [int(s) for s in prior.lab] if prior is not None else []
     mapped = remap_labels(truth_arr, card["classes"]) if truth_arr is not None else None
     del truth_arr
     streamed = {}

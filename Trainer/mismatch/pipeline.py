@@ -47,12 +47,14 @@ def build_card(fitted: FitResult, config: TrainConfig, *, classes: list[dict], n
 
 
 def painted_slice_prior(labels: np.ndarray, labelled: Sequence[int], axis: str, spacing_kji: Sequence[float],
-                        num_classes: int, settings: dict | None) -> SlicePrior:
+                        num_classes: int, settings: dict | None, volume: np.ndarray | None = None) -> SlicePrior:
     """What the painted slices ``labelled`` of ``labels`` (class indices ``[K, J, I]``) imply, with the prior
     ``settings`` of a card or a :class:`~mismatch.train.TrainConfig` (None: the painted slices are kept as
-    painted and the others are left to the network)."""
+    painted and the others are left to the network). ``volume``: the normalised ``[C, K, J, I]`` volume,
+    whose first channel's edges the prior follows (``grow_beta``)."""
     prior_settings = PriorSettings.from_dict(settings) if settings else PriorSettings(weight=0.0)
-    return SlicePrior(labels, labelled, axis_index(axis), spacing_kji, num_classes, prior_settings)
+    image = None if volume is None else np.asarray(volume)[0]
+    return SlicePrior(labels, labelled, axis_index(axis), spacing_kji, num_classes, prior_settings, image=image)
 
 
 @dataclass
@@ -93,7 +95,7 @@ def train_and_segment(volume: np.ndarray, labels: np.ndarray, labelled: Sequence
     networks = fitted.networks()
     card = build_card(fitted, config, classes=classes, normalisation=normalisation, channels=channels,
                       labelled=labelled, device=device, geometry=geometry, training=training)
-    prior = painted_slice_prior(labels, labelled, config.axis, spacing_kji, num_classes, config.prior) \
+    prior = painted_slice_prior(labels, labelled, config.axis, spacing_kji, num_classes, config.prior, volume) \
         if use_prior else None
     t1 = time.monotonic()
     seg = segment_volume(networks, volume, axis=config.axis, batch_size=8, device=device, truth=truth,

@@ -156,6 +156,16 @@ class PriorSettings:
     ``end_penalty`` per gap further out: near the painted range a confident network still keeps the
     structure's tail, far beyond it (bowel gas below painted lungs, tissue past a tumour's end) it has to
     be very sure. Needs two painted slices (a gap); ``end_penalty`` 0 turns it off.
+
+    What the image's edges say (:mod:`mismatch.grow`): the painted voxels, structure and background, grown
+    through the image as Slicer's Grow from seeds grows them. Each voxel's margin (how much closer, in path
+    cost, the painted voxels of a class are than any other's) becomes a vote of ``grow_beta *
+    tanh(margin / grow_scale)`` log-odds for that class (after ``weight``): a full vote where a clear edge
+    separates the class from the rest, almost none where growing wins by little (a leak through a faint
+    edge, where the network decides). It grows in the painted structure's bounding box grown by 20 %
+    in-plane, and along the slice axis over the painted range and ``grow_reach`` gaps beyond it: there it
+    also says where the structure ends (air below painted lungs that no edge-free path joins to them).
+    Needs the image; ``grow_beta`` 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -166,23 +176,29 @@ class PriorSettings:
     connected: bool = True
     end_reach: float = 0.25
     end_penalty: float = 4.0
+    grow_beta: float = 8.0
+    grow_scale: float = 0.1
+    grow_reach: float = 1.0
 
-    _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty")
+    _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
+               "grow_beta", "grow_scale", "grow_reach")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
-        """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure was part of the
-        prior (no ``end_penalty``: a model card or benchmark of an earlier version) segment as they did
-        then: without it."""
+        """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure or the image's
+        edges were part of the prior (no ``end_penalty`` / ``grow_beta``: a model card or benchmark of an
+        earlier version) segment as they did then: without them."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         if "connected" in d:
             values["connected"] = bool(d["connected"])
         if d and "end_penalty" not in d:
             values["end_penalty"] = 0.0
+        if d and "grow_beta" not in d:
+            values["grow_beta"] = 0.0
         return cls(**values)
 
 
@@ -210,10 +226,13 @@ class SlicePrior:
 
     ``log_odds(s)`` is ``float32 [N, H, W]`` (one map per foreground class, against background) for slice
     ``s``; on a labelled slice it is ``+-inf`` (the painted labels are kept as painted).
+
+    ``image``: float ``[K, J, I]`` (the normalised volume's first channel), for the image's edges
+    (``settings.grow_beta``); without it the prior has no edge vote. The growing runs here, once.
     """
 
     def __init__(self, sparse: np.ndarray, labelled: Sequence[int], axis: int, spacing: Sequence[float],
-                 num_classes: int, settings: PriorSettings | None = None):
+                 num_classes: int, settings: PriorSettings | None = None, image: np.ndarray | None = None):
         self.lab = _check(sparse, labelled, axis)
         self.axis = int(axis)
         self.sparse = np.asarray(sparse)
@@ -229,6 +248,12 @@ class SlicePrior:
         self.rate = self.settings.default_rate if measured is None else measured
         # the mean distance (mm) between painted slices; None with one painted slice
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
+        self.edges = None   # (box, margins [N, *box]) of the image's edges
+        if image is not None and self.settings.grow_beta > 0 and self.settings.weight > 0 and self.n_fg > 0:
+            from .grow import grown_box
+
+            beyond = int(np.ceil(self.settings.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
+            self.edges = grown_box(image, self.sparse, self.lab, self.axis, num_classes, beyond=beyond)
 
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
@@ -262,6 +287,14 @@ class SlicePrior:
             beyond = d_mm / self.gap_mm - st.end_reach    # gaps past where the structure may still go on
             if beyond > 0:
                 lo_odds = lo_odds - st.end_penalty * beyond / st.weight
+        if self.edges is not None:
+            box, margins = self.edges
+            along = box[self.axis]
+            if along.start <= s < along.stop:
+                inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
+                m = np.take(margins, s - along.start, axis=self.axis + 1)
+                lo_odds = np.array(lo_odds, dtype=np.float32, copy=True)
+                lo_odds[(slice(None),) + inplane] += (st.grow_beta / st.weight) * np.tanh(m / st.grow_scale)
         return lo_odds.astype(np.float32)
 
 

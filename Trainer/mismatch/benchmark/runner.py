@@ -297,7 +297,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
         # settings where the budget's preset has none)
         other_prior = None if use_prior else painted_slice_prior(
             sparse, labelled, train_config.axis, case.spacing, len(case.classes) + 1,
-            train_config.prior or PriorSettings().to_dict())
+            train_config.prior or PriorSettings().to_dict(), volume)
         other = segment_volume(nets, volume, axis=AXIS_NAMES[case.axis], batch_size=8, device=dev,
                                truth=case.label, eval_slices=test.tolist(), prior=other_prior)
         result["prior"] = use_prior

@@ -1,0 +1,103 @@
+"""The painted slices grown through the image (Grow from seeds in the engine) and its vote in the prior."""
+
+import numpy as np
+import pytest
+
+from mismatch.grow import grow_from_painted, grow_margins
+from mismatch.prior import PriorSettings, SlicePrior, shape_interpolation
+
+
+def tilted_tube(n=24, size=48, radius=4.0, contrast=1.0, noise=0.05, seed=0):
+    """A bright tube that moves 1 voxel per slice across the image: interpolating between painted slices
+    misses it, following its edges finds it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        label[k] = (yy - size / 2) ** 2 + (xx - 8 - k * 32 / n) ** 2 <= radius ** 2
+    image = contrast * label + noise * rng.standard_normal(label.shape)
+    return image.astype(np.float32), label
+
+
+def dice(a, b):
+    return 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+def test_growing_follows_a_moving_structure_between_painted_slices():
+    image, label = tilted_tube()
+    labelled = [4, 12, 20]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    grown = grow_from_painted(image, sparse, labelled, axis=0)
+    between = slice(5, 20)
+    assert dice(grown[between] > 0, label[between] > 0) > 0.9
+    assert dice(shape_interpolation(sparse, labelled)[between] > 0, label[between] > 0) < 0.8
+    for s in labelled:                                         # the painted slices stay as painted
+        assert np.array_equal(grown[s], sparse[s])
+
+
+def test_growing_runs_in_the_grown_box_of_the_painted_voxels_and_along_any_axis():
+    image, label = tilted_tube()
+    labelled = [10, 12]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    grown = grow_from_painted(image, sparse, labelled, axis=0)
+    assert not grown[:7].any() and not grown[16:].any()       # box: painted range +- 3 slices
+    moved = grow_from_painted(np.moveaxis(image, 0, 2), np.moveaxis(sparse, 0, 2), labelled, axis=2)
+    assert np.array_equal(np.moveaxis(moved, 2, 0), grown)
+
+
+def test_margins_are_large_behind_a_clear_edge_and_small_behind_a_faint_one():
+    clear_img, label = tilted_tube(contrast=1.0)
+    faint_img, _ = tilted_tube(contrast=0.1, noise=0.05)
+    labelled = [4, 12, 20]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    clear = grow_margins(clear_img, sparse, labelled, axis=0)[0]
+    faint = grow_margins(faint_img, sparse, labelled, axis=0)[0]
+    inside = label.astype(bool)
+    inside[labelled] = False
+    assert np.median(clear[inside]) > 0.3
+    assert np.median(np.abs(faint[inside])) < 0.5 * np.median(clear[inside])
+
+
+def test_two_classes_grow_apart_and_a_big_box_is_grown_on_a_coarser_grid():
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((10, size, size), np.uint8)
+    label[:, (yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = 1
+    label[:, (yy - 44) ** 2 + (xx - 44) ** 2 <= 64] = 2
+    image = (label > 0).astype(np.float32) + 0.5 * (label == 2)
+    sparse = np.where(np.isin(np.arange(10), [2, 7])[:, None, None], label, 0)
+    fine = grow_from_painted(image, sparse, [2, 7], axis=0, num_classes=3)
+    assert np.array_equal(fine[3:7], label[3:7])
+    coarse = grow_from_painted(image, sparse, [2, 7], axis=0, num_classes=3, max_voxels=5000)
+    assert coarse.shape == label.shape
+    assert dice(coarse[3:7] == 1, label[3:7] == 1) > 0.85 and dice(coarse[3:7] == 2, label[3:7] == 2) > 0.85
+
+
+def test_nothing_painted_grows_nothing_and_shapes_must_match():
+    image = np.zeros((6, 8, 8), np.float32)
+    assert not grow_from_painted(image, np.zeros((6, 8, 8), np.uint8), [1, 4], axis=0).any()
+    with pytest.raises(ValueError, match="differ"):
+        grow_from_painted(image, np.zeros((6, 8, 9), np.uint8), [1], axis=0)
+
+
+def test_the_prior_votes_with_the_grown_structure_only_when_asked_and_given_the_image():
+    image, label = tilted_tube()
+    labelled = [4, 12, 20]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    settings = PriorSettings(grow_beta=4.0)
+    voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings, image=image)
+    blind = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings)
+    off = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0), image=image)
+    s = 8                                                      # the tube has moved off the painted shapes
+    vote = (voting.log_odds(s) - blind.log_odds(s))[0] * settings.weight
+    assert np.array_equal(off.log_odds(s), blind.log_odds(s))
+    assert vote[label[s] > 0].min() > 3.0                      # +beta where the tube is
+    assert vote[(label[s] == 0) & (label[4] > 0)].max() < -3.0  # -beta where it was on the painted slice
+    assert (voting.log_odds(s)[0][label[s] > 0] > 0).all()     # the prior alone now finds the tube
+
+
+def test_settings_recorded_before_the_image_vote_keep_segmenting_without_it():
+    old = PriorSettings(grow_beta=4.0).to_dict()
+    del old["grow_beta"], old["grow_scale"]
+    assert PriorSettings.from_dict(old).grow_beta == 0.0
+    assert PriorSettings.from_dict(PriorSettings(grow_beta=3.0).to_dict()).grow_beta == 3.0
