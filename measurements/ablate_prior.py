@@ -2,7 +2,7 @@
 
     python measurements/ablate_prior.py --variant no-end '{"end_penalty": 0}' [--variant NAME JSON ...] \
         [--datasets ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 mni152-gm synthetic-vessels-lung]
-        [--labelled 3] [--placement random] [--seeds 100 101] [--out prior-ablation.json]
+        [--labelled 3] [--placement random] [--seeds 100 101] [--out prior-ablation.json] [--cache DIR]
 
 The prior acts when a volume is segmented, not when it is trained, so each variant is scored on the same
 networks: for each data set and seed, MisMatch is trained once at the default preset on a labelled-slice
@@ -12,7 +12,8 @@ volume is segmented with the default prior and with each variant's settings on t
 unlabelled slice). The seeds default to 100 and 101 so that choices made with this script are not tuned on
 the benchmark's draws (seeds 0 to 4). Prints a Markdown table with the paired differences and a two-sided
 sign test per variant, and writes every run to ``--out`` (finished data set and seed pairs are kept: running
-again resumes; a new variant trains them again). One torch job at a time on a small CPU.
+again resumes; a new variant trains them again, unless ``--cache`` keeps the trained networks: then only the
+segmentations run again). One torch job at a time on a small CPU.
 
 ``--gfs-beta B ...`` (a probe, not a product setting; needs slicer-core): Slicer's *Grow from seeds*, seeded
 with the same painted slices as the benchmark seeds it, as a third expert beside the network and the prior:
