@@ -246,17 +246,14 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
     from ..models import count_parameters
     from ..pipeline import painted_slice_prior, train_and_segment
     from ..prior import PriorSettings
-    from .classical import run_in_subprocess
+    from .classical import labelled_slices_only, run_in_subprocess
     from .datasets import draw_split
 
     results = []
     for case in _cases(spec["dataset"], config):
         labelled, unlabelled, test = draw_split(case.label, case.axis, spec["n_labelled"], spec["seed"],
                                                 n_test=config.n_test, placement=config.placement)
-        sparse = np.zeros_like(case.label)
-        index = [slice(None)] * 3
-        index[case.axis] = labelled
-        sparse[tuple(index)] = case.label[tuple(index)]
+        sparse = labelled_slices_only(case.label, labelled, case.axis)
         n_slices = int(case.label.shape[case.axis])
         result = {**spec, "case": case.name, "synthetic": case.synthetic, "labelled_slices": labelled.tolist(),
                   "test_slices": test.tolist(), "n_test": int(len(test)), "n_slices": n_slices,
