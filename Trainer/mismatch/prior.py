@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .grow import grown_box
+
 __all__ = ["nearest_slice", "shape_interpolation", "SlicePrior", "keep_connected", "signed_distance"]
 
 
@@ -250,8 +252,6 @@ class SlicePrior:
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
         self.edges = None   # (box, margins [N, *box]) of the image's edges
         if image is not None and self.settings.grow_beta > 0 and self.settings.weight > 0 and self.n_fg > 0:
-            from .grow import grown_box
-
             beyond = int(np.ceil(self.settings.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
             self.edges = grown_box(image, self.sparse, self.lab, self.axis, num_classes, beyond=beyond)
 
