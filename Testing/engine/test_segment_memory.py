@@ -203,7 +203,11 @@ def test_segment_files_holds_a_few_bytes_a_voxel(case, labels, limit):
     With the painted labels, the prior also grows them through the image (mismatch.grow) before the
     inference: its graph takes about 330 bytes a voxel of the grown box, and the box is at most
     ``MAX_VOXELS`` (a bigger one is grown on a coarser grid), a fixed budget beside the per-voxel one."""
-    from mismatch.grow import MAX_VOXELS, grown_box
+    from mismatch.api import painted_prior
+    from mismatch.data import Normalisation
+    from mismatch.grow import MAX_VOXELS
+    from mismatch.io import read_image, read_labels
+    from mismatch.modelfile import load_model
 
     _segment(case, "warm", labels)   # imports and caches first
     gc.collect()
@@ -215,9 +219,11 @@ def test_segment_files_holds_a_few_bytes_a_voxel(case, labels, limit):
         tracemalloc.stop()
     grow_budget = 0
     if labels:
-        image, _ = read_volume(case["image"])
-        painted, _ = read_volume(case["labels"])
-        box, _ = grown_box(image.astype(np.float32), painted, [10, 24, 38], axis=0, num_classes=2, beyond=14)
+        card, _ = load_model(case["model"])          # the box the command grew, from the same prior
+        image, geometry = read_image([case["image"]])
+        volume = Normalisation.from_dict(card["normalisation"]).apply(image)
+        box, _ = painted_prior(card, read_labels(case["labels"], geometry), geometry.spacing[::-1],
+                               volume=volume).edges
         grow_budget = 400 * min(int(np.prod([b.stop - b.start for b in box])), MAX_VOXELS)
     per_voxel = (peak - grow_budget) / case["voxels"]
     assert per_voxel < limit, f"{per_voxel:.1f} bytes a voxel beyond the growing's {grow_budget / 1e6:.0f} MB"

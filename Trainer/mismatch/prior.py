@@ -293,7 +293,6 @@ class SlicePrior:
             if along.start <= s < along.stop:
                 inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
                 m = np.take(margins, s - along.start, axis=self.axis + 1)
-                lo_odds = np.array(lo_odds, dtype=np.float32, copy=True)
                 lo_odds[(slice(None),) + inplane] += (st.grow_beta / st.weight) * np.tanh(m / st.grow_scale)
         return lo_odds.astype(np.float32)
 
