@@ -2,7 +2,7 @@
 
     python measurements/bench_segment.py [--lengths 4 28] [--size 512] [--full 300] [--width 16]
                                          [--methods mismatch unet] [--repeats 3] [--train-steps 30]
-                                         [--threads N] [--dir DIR] [--out FILE.json]
+                                         [--threads N] [--device cpu|cuda] [--dir DIR] [--out FILE.json]
 
 Writes synthetic CTs of ``size x size x L`` voxels for each length ``L`` (int16 NRRD, a body with two
 lungs and noise, the volume ``measurements/bench_memory.py`` writes) with the left lung painted on five
@@ -11,7 +11,7 @@ steps at the default preset and ``--width``: a real model, so that the label map
 and the files written are those of a real run; its accuracy is not the point), then runs, in a child
 process each time, as a user does:
 
-* ``bare``: ``mismatch segment CT --model M --out seg.nrrd --device cpu``
+* ``bare``: ``mismatch segment CT --model M --out seg.nrrd --device cpu`` (or ``--device cuda``)
 * ``panel``: the same with ``--labels painted.nrrd --confidence --disagreement --report``, what the Slicer
   panel asks for.
 
@@ -69,35 +69,39 @@ def _run(cmd: list[str], env: dict) -> float:
     return seconds
 
 
-def segment_command(work: Path, length: int, model: Path, mode: str) -> list[str]:
+def segment_command(work: Path, length: int, model: Path, mode: str, device: str = "cpu") -> list[str]:
     out = work / f"out-{model.name}-{length}"
     cmd = [sys.executable, "-m", "mismatch", "segment", str(work / f"ct{length}.nrrd"), "--model", str(model),
-           "--out", str(out / "seg.nrrd"), "--device", "cpu"]
+           "--out", str(out / "seg.nrrd"), "--device", device]
     if mode == "panel":
         cmd += ["--labels", str(work / f"painted{length}.nrrd"), "--confidence", str(out / "confidence.nrrd"),
                 "--disagreement", str(out / "disagreement.nrrd"), "--report", str(out / "report.json")]
     return cmd
 
 
-def network_only(methods, size: int, width: int, batch: int, repeats: int) -> dict:
+def network_only(methods, size: int, width: int, batch: int, repeats: int, device: str = "cpu") -> dict:
+    """The networks alone, as the command runs them: float32 on the CPU, float16 autocast on CUDA."""
     import torch
 
     from bench_speed import time_inference
     from mismatch.device import tune_cpu_allocator
 
-    tune_cpu_allocator()
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
     result = {}
     for b in sorted({1, batch}):
-        times = time_inference(methods, size, width, torch.device("cpu"), torch.float32, repeats, batch=b)
+        times = time_inference(methods, size, width, dev, dtype, repeats, batch=b)
         result[b] = {m: round(times[m][0], 1) for m in methods}
     return result
 
 
-def command_batch(size: int) -> int:
-    """The batch ``mismatch segment`` runs on the CPU (its default --batch-size, 8, capped as the engine caps it)."""
+def command_batch(size: int, device: str = "cpu") -> int:
+    """The batch ``mismatch segment`` runs (its default --batch-size, 8, capped on the CPU as the engine caps it)."""
     from mismatch.inference import CPU_BATCH_PIXELS, batch_slices
 
-    return batch_slices(8, size * size, CPU_BATCH_PIXELS)
+    return batch_slices(8, size * size, CPU_BATCH_PIXELS if device == "cpu" else None)
 
 
 def main(argv=None) -> int:
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds of runs (default 3); the median is kept")
     p.add_argument("--train-steps", type=int, default=30, help="training steps of each model (default 30)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the children (default: unset)")
+    p.add_argument("--device", default="cpu", help="--device of every command and of the network-only timing "
+                                                    "(default cpu; cuda on a machine with an NVIDIA GPU)")
     p.add_argument("--dir", default=None, help="folder for the files (default: a temporary folder, removed)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the figures as JSON")
     args = p.parse_args(argv)
@@ -134,12 +140,12 @@ def main(argv=None) -> int:
                 _run([sys.executable, "-m", "mismatch", "train", str(work / f"ct{long_}.nrrd"),
                       "--labels", str(work / f"painted{long_}.nrrd"), "--out", str(models[method]),
                       "--method", method, "--width", str(args.width), "--steps", str(args.train_steps),
-                      "--device", "cpu"], env)
+                      "--device", args.device], env)
         walls = {(m, mode, k): [] for m in args.methods for mode in MODES for k in (short, long_)}
         for _ in range(args.repeats):
             for key in walls:
                 method, mode, k = key
-                walls[key].append(_run(segment_command(work, k, models[method], mode), env))
+                walls[key].append(_run(segment_command(work, k, models[method], mode, args.device), env))
         rows = []
         for method in args.methods:
             for mode in MODES:
@@ -153,21 +159,22 @@ def main(argv=None) -> int:
                              "startup_s": round(startup, 2),
                              "walls_s": {str(k): [round(w, 2) for w in walls[(method, mode, k)]]
                                          for k in (short, long_)}})
-        batch = command_batch(args.size)
-        net = network_only(args.methods, args.size, args.width, batch, max(3, 2 * args.repeats + 1))
+        batch = command_batch(args.size, args.device)
+        net = network_only(args.methods, args.size, args.width, batch, max(3, 2 * args.repeats + 1), args.device)
         full = None
         if args.full:
             method = "mismatch" if "mismatch" in models else args.methods[0]
-            seconds = _run(segment_command(work, args.full, models[method], "panel"), env)
+            seconds = _run(segment_command(work, args.full, models[method], "panel", args.device), env)
             full = {"method": method, "slices": args.full, "seconds": round(seconds, 1)}
         import torch
 
         result = {
             "size": args.size, "lengths": [short, long_], "width": args.width, "repeats": args.repeats,
-            "command_batch": batch, "rows": rows, "network_only_ms": {str(b): v for b, v in net.items()},
+            "device": args.device, "command_batch": batch, "rows": rows, "network_only_ms": {str(b): v for b, v in net.items()},
             "full": full,
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} logical CPUs, "
-                       f"Python {platform.python_version()}, torch {torch.__version__}",
+                       f"Python {platform.python_version()}, torch {torch.__version__}"
+                       + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
             "command": "python measurements/bench_segment.py " + " ".join(
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         }

@@ -3,7 +3,12 @@ painted labels, on a real MRI slab the size the product is for (60 x 217 x 181 v
 nilearn's MNI152 T1 template at 1 mm, grey matter = GM probability > 0.5, 3 labelled slices).
 
     python measurements/bench_time_to_result.py [--slices 60] [--size 256] [--labelled 3] [--device cpu]
-                                                [--retrain] [--out FILE.json]
+                                                [--retrain] [--slab FILE.npz] [--save-slab FILE.npz]
+                                                [--out FILE.json]
+
+``--save-slab FILE.npz`` writes the slab (image and grey-matter label, before padding) and stops;
+``--slab FILE.npz`` reads it instead of nilearn's template: the way to time a machine without nilearn (a
+GPU machine with no network), on the very same voxels.
 
 ``--size N`` pads each slice with the template's background (0) to at least N x N voxels, centred: the
 product's time target is stated for a 60-slice 256 x 256 volume; without it the slab keeps the template's
@@ -66,9 +71,21 @@ def main() -> int:
     ap.add_argument("--retrain", action="store_true",
                     help="also time one warm-start round after labelling the suggested slice, and from scratch")
     ap.add_argument("--out", help="also write the figures as JSON")
+    ap.add_argument("--slab", help="read the slab from this .npz (written by --save-slab) instead of nilearn")
+    ap.add_argument("--save-slab", help="write the slab to this .npz and stop")
     args = ap.parse_args()
 
-    image, label = mni_slab(args.slices)
+    if args.slab:
+        with np.load(args.slab) as f:
+            image, label = f["image"], f["label"]
+        if image.shape[0] != args.slices:
+            ap.error(f"--slab holds {image.shape[0]} slices, not --slices {args.slices}")
+    else:
+        image, label = mni_slab(args.slices)
+    if args.save_slab:
+        np.savez_compressed(args.save_slab, image=image, label=label)
+        print(f"slab {image.shape} written to {args.save_slab}")
+        return 0
     if args.size:
         pads = [(0, 0)] + [((max(0, args.size - d)) // 2, max(0, args.size - d) - max(0, args.size - d) // 2)
                            for d in image.shape[1:]]
@@ -78,7 +95,8 @@ def main() -> int:
     sparse = np.zeros_like(label)
     sparse[labelled] = label[labelled]
     exe = [sys.executable, "-m", "mismatch"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "Trainer")}
+    trainer = str(Path(__file__).resolve().parents[1] / "Trainer")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (trainer, os.environ.get("PYTHONPATH")) if p)}
     device = ["--device", args.device]
 
     def run(*argv) -> float:
@@ -126,8 +144,14 @@ def main() -> int:
                 **rounds,
                 "warm_over_first_training": round(rounds["warm"]["train_seconds"] / t_train, 3),
             }
+    gpu = ""
+    if args.device.startswith("cuda"):
+        import torch
+
+        gpu = f", {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     result.update({"torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
-                   "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or '?'}"})
+                   "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or '?'}"
+                              + gpu})
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

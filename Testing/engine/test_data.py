@@ -391,3 +391,17 @@ def test_place_on_grid_simple_offset():
     ijk[:3, 3] = (10.0 + 3, 20.0 + 2 * 2, 30.0 + 3 * 1)               # offset (3, 2, 1) voxels
     out = place_on_grid(m, ijk, g)
     assert out.shape == (4, 5, 6) and out.sum() == 8 and out[1:3, 2:4, 3:5].all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.int64, np.uint64, bool, np.float32])
+def test_label_values_are_numpy_unique(dtype):
+    from mismatch.data import label_values
+
+    rng = np.random.default_rng(3)
+    for a in (rng.integers(0, 4, (5, 6, 7)), rng.integers(-3, 12, (4, 9)) * 2, rng.integers(0, 300, 50),
+              np.zeros((2, 3)), np.array([], dtype=np.int64), np.array([1, 17, 1])):
+        if np.dtype(dtype).kind == "u" or dtype is bool:
+            a = np.abs(a)
+        a = a.astype(dtype)
+        got, want = label_values(a), np.unique(a)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (dtype, a)

@@ -12,7 +12,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
-from .data import Normalisation
+from .data import Normalisation, label_values
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
@@ -41,7 +41,7 @@ def remap_labels(labels: np.ndarray, classes: list[dict]) -> np.ndarray:
 
     A value that is not a listed class is a :class:`UserError`.
     """
-    present = np.unique(labels)
+    present = label_values(labels)
     known = {int(c["value"]) for c in classes}
     unknown = [int(v) for v in present if v != 0 and int(v) not in known]
     if unknown:
@@ -252,7 +252,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     elif init_card is not None:
         classes = init_card["classes"]
     else:
-        classes = default_classes([int(v) for v in np.unique(labels) if v != 0])
+        classes = default_classes([int(v) for v in label_values(labels) if v != 0])
     if not classes:
         raise UserError(f"{labels_path}: the label map is empty (all zero); paint the structure on a few "
                         "slices first, or list all-background labelled slices with --labelled-slices")

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .data import label_values
 from .grow import grown_box
 
 __all__ = ["nearest_slice", "shape_interpolation", "SlicePrior", "keep_connected", "signed_distance"]
@@ -306,7 +307,7 @@ def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int]
     index = [slice(None)] * 3
     index[axis] = lab
     index = tuple(index)
-    for c in [int(v) for v in np.unique(pred) if v != 0]:
+    for c in [int(v) for v in label_values(pred) if v != 0]:
         seeds[...] = False
         seeds[index] = np.asarray(sparse)[index] == c
         mask = pred == c
