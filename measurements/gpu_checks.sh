@@ -22,6 +22,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 export PYTHONPATH="$here/Trainer${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# Where site-packages holds no bytecode and cannot take any (a read-only image), Python compiles torch's
+# sources again in every process: 4 to 6 s of each command's start-up on one GPU machine. A writable cache
+# stands in for the .pyc files a normal installation has; one import fills it before anything is timed.
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${TMPDIR:-/tmp}/mismatch-pycache}
+"$py" -c "import torch, mismatch.cli, mismatch.api, mismatch.train, mismatch.inference, mismatch.prior" \
+    || echo "warning: the engine does not import" >&2
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -36,6 +42,10 @@ step() {  # step NAME SECONDS COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
   nproc; } 2>&1 | tee "$out/machine.txt"
+
+TIMEFORMAT="%R s"
+{ echo "start-up of a process that imports torch and initialises CUDA, three times:"
+  for i in 1 2 3; do time "$py" -c "import torch; torch.zeros(1, device='cuda')"; done; } 2>&1 | tee -a "$out/machine.txt"
 
 step cuda-tests 120 "$py" -m pytest -q -p no:cacheprovider Testing/engine/test_cuda.py
 slab_args=()

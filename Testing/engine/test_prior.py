@@ -109,6 +109,40 @@ def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class()
     assert (out == 1).sum() == (pred[2:8, 2:6, 2:6] == 1).sum()
 
 
+def test_keep_connected_matches_labelling_the_whole_volume():
+    """The parts are found in each class's bounding box: the same result as labelling the whole volume, on
+    random label maps, painted slices along every axis, classes painted or not."""
+    from scipy import ndimage
+
+    def whole_volume(pred, sparse, lab, axis):
+        out = pred.copy()
+        on = np.zeros(pred.shape, bool)
+        index = [slice(None)] * 3
+        index[axis] = lab
+        on[tuple(index)] = True
+        for c in [int(v) for v in np.unique(pred) if v]:
+            seeds, mask = on & (sparse == c), pred == c
+            comp, _ = ndimage.label(mask)
+            keep = np.unique(comp[seeds & mask])
+            if not (seeds & mask).any():
+                out[mask] = 0 if seeds.any() else c
+                continue
+            out[mask & ~np.isin(comp, keep[keep > 0])] = 0
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(3, 12, 3))
+        axis = int(rng.integers(0, 3))
+        pred = ((rng.random(shape) < rng.uniform(0.2, 0.6)) * rng.integers(1, 4, shape)).astype(np.uint8)
+        lab = np.sort(rng.choice(shape[axis], size=int(rng.integers(1, 4)), replace=False))
+        sparse = np.zeros(shape, np.uint8)
+        index = [slice(None)] * 3
+        index[axis] = lab
+        sparse[tuple(index)] = ((rng.random(shape) < 0.3) * rng.integers(1, 4, shape))[tuple(index)]
+        assert np.array_equal(keep_connected(pred, sparse, lab, axis), whole_volume(pred, sparse, lab, axis))
+
+
 def test_segment_volume_keeps_painted_slices_and_removes_unconnected_parts():
     torch.manual_seed(0)
     net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()

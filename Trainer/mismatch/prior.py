@@ -300,23 +300,36 @@ class SlicePrior:
 
 def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
     """``pred`` with, for each class, only the 3D-connected (6-neighbour) parts that touch a painted voxel of
-    that class. A class painted nowhere is kept as predicted."""
+    that class. A class painted nowhere is kept as predicted. Each class's parts are found within the
+    bounding box of its predicted voxels (no part reaches beyond it), not over the whole volume."""
     lab = _check(sparse, labelled, axis)
+    sparse = np.asarray(sparse)
     out = np.array(pred, copy=True)
-    seeds = np.zeros(pred.shape, dtype=bool)
-    index = [slice(None)] * 3
-    index[axis] = lab
-    index = tuple(index)
+    painted = np.take(sparse, lab, axis=axis)
     for c in [int(v) for v in label_values(pred) if v != 0]:
-        seeds[...] = False
-        seeds[index] = np.asarray(sparse)[index] == c
         mask = pred == c
-        if not (seeds & mask).any():
-            if seeds.any():
+        box = _bounding_box(mask)
+        m = mask[box]
+        rows = lab[(lab >= box[axis].start) & (lab < box[axis].stop)]   # painted slices inside the box
+        seeds = np.zeros(m.shape, dtype=bool)
+        inside, source = list(box), [slice(None)] * 3
+        inside[axis], source[axis] = rows, rows - box[axis].start
+        seeds[tuple(source)] = sparse[tuple(inside)] == c
+        seeds &= m
+        if not seeds.any():
+            if (painted == c).any():
                 out[mask] = 0
             continue
-        comp, _ = ndimage.label(mask)
-        keep = np.unique(comp[seeds & mask])
-        keep = keep[keep > 0]
-        out[mask & ~np.isin(comp, keep)] = 0
+        comp, _ = ndimage.label(m)
+        keep = np.unique(comp[seeds])
+        out[box][~np.isin(comp, keep) & m] = 0
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (a slice per axis) holding every True voxel of a non-empty 3D ``mask``."""
+    box = []
+    for ax in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
