@@ -84,10 +84,11 @@ def test_the_prior_votes_with_the_grown_structure_only_when_asked_and_given_the_
     image, label = tilted_tube()
     labelled = [4, 12, 20]
     sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
-    settings = PriorSettings(grow_beta=4.0)
+    settings = PriorSettings(grow_beta=4.0, intensity_beta=0.0)
     voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings, image=image)
     blind = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings)
-    off = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0), image=image)
+    off = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0, intensity_beta=0.0),
+                     image=image)
     s = 8                                                      # the tube has moved off the painted shapes
     vote = (voting.log_odds(s) - blind.log_odds(s))[0] * settings.weight
     assert np.array_equal(off.log_odds(s), blind.log_odds(s))
@@ -98,6 +99,31 @@ def test_the_prior_votes_with_the_grown_structure_only_when_asked_and_given_the_
 
 def test_settings_recorded_before_the_image_vote_keep_segmenting_without_it():
     old = PriorSettings(grow_beta=4.0).to_dict()
-    del old["grow_beta"], old["grow_scale"]
-    assert PriorSettings.from_dict(old).grow_beta == 0.0
+    del old["grow_beta"], old["grow_scale"], old["intensity_beta"]
+    assert PriorSettings.from_dict(old).grow_beta == 0.0 and PriorSettings.from_dict(old).intensity_beta == 0.0
     assert PriorSettings.from_dict(PriorSettings(grow_beta=3.0).to_dict()).grow_beta == 3.0
+    assert PriorSettings.from_dict(PriorSettings(intensity_beta=0.5).to_dict()).intensity_beta == 0.5
+
+
+def test_the_intensity_vote_marks_the_painted_intensity_band_where_no_path_joins_it():
+    """Two bright tubes, only one painted: the edges cannot reach the other (dark background between), the
+    painted voxels' intensities say it is the structure's intensity; background intensity votes against."""
+    image, label = tilted_tube(radius=3.0)
+    other = np.roll(label, 12, axis=2)                         # a second tube, 12 columns on, never painted
+    image = image + other
+    labelled = [4, 12, 20]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    base = PriorSettings(grow_beta=0.0, intensity_beta=0.0)
+    voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0, intensity_beta=2.0),
+                        image=image)
+    plain = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, base, image=image)
+    box = voting.intensity[0]
+    s = 8
+    vote = (voting.log_odds(s) - plain.log_odds(s))[0] * voting.settings.weight
+    in_box = np.zeros(label[s].shape, bool)
+    in_box[box[1:]] = True
+    assert vote[(other[s] > 0) & in_box].min() > 2.0           # bright, unpainted: the structure's intensity
+    dark = vote[(label[s] == 0) & (other[s] == 0) & in_box]    # the background's intensity (and noise)
+    assert np.median(dark) < -2.0 and np.mean(dark < 0) > 0.99
+    assert not vote[~in_box].any()                            # nothing outside the box
+    assert np.abs(vote).max() <= 2.0 * 4.0 + 1e-5             # clipped at +-4 log-ratio, times the weight

@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy import sparse as sp
 from scipy.sparse import csgraph
 
-__all__ = ["grow_margins", "grown_box", "grow_from_painted", "GROWTH", "MAX_VOXELS"]
+__all__ = ["grow_margins", "grown_box", "grow_from_painted", "painted_box", "GROWTH", "MAX_VOXELS"]
 
 GROWTH = 0.2          # the effect's margin around the seeds, a fraction of their extent per axis
 MIN_MARGIN = 3
@@ -46,6 +46,20 @@ def _box(mask: np.ndarray, axis: int, labelled: np.ndarray, beyond: int) -> tupl
         m = int(max(MIN_MARGIN, GROWTH * (hi - lo), beyond if ax == axis else 0))
         box.append(slice(max(0, lo - m), min(mask.shape[ax], hi + m + 1)))
     return tuple(box)
+
+
+def painted_box(sparse: np.ndarray, labelled: Sequence[int], axis: int = 0, beyond: int = 0
+                ) -> tuple[slice, ...] | None:
+    """The box where growing runs (:func:`grown_box`): the painted structure's bounding box grown by
+    ``GROWTH``, along ``axis`` the painted range grown by as much and by at least ``beyond`` slices; None
+    where no structure voxel is painted."""
+    sparse = np.asarray(sparse)
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    index = [slice(None)] * 3
+    index[axis] = lab
+    fg = np.zeros(sparse.shape, dtype=bool)
+    fg[tuple(index)] = np.asarray(sparse)[tuple(index)] > 0
+    return _box(fg, axis, lab, beyond) if fg.any() else None
 
 
 # the 13 offsets of the 26-neighbourhood that come after the centre (the other 13 are their reverses)

@@ -51,7 +51,7 @@ def painted_slice_prior(labels: np.ndarray, labelled: Sequence[int], axis: str, 
     """What the painted slices ``labelled`` of ``labels`` (class indices ``[K, J, I]``) imply, with the prior
     ``settings`` of a card or a :class:`~mismatch.train.TrainConfig` (None: the painted slices are kept as
     painted and the others are left to the network). ``volume``: the normalised ``[C, K, J, I]`` volume,
-    whose first channel's edges the prior follows (``grow_beta``)."""
+    whose first channel's edges and intensities the prior follows (``grow_beta``, ``intensity_beta``)."""
     prior_settings = PriorSettings.from_dict(settings) if settings else PriorSettings(weight=0.0)
     image = None if volume is None else np.asarray(volume)[0]
     return SlicePrior(labels, labelled, axis_index(axis), spacing_kji, num_classes, prior_settings, image=image)

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from .data import label_values
-from .grow import grown_box
+from .grow import grown_box, painted_box
 
 __all__ = ["nearest_slice", "shape_interpolation", "SlicePrior", "keep_connected", "signed_distance"]
 
@@ -169,6 +169,12 @@ class PriorSettings:
     in-plane, and along the slice axis over the painted range and ``grow_reach`` gaps beyond it: there it
     also says where the structure ends (air below painted lungs that no edge-free path joins to them).
     Needs the image; ``grow_beta`` 0 turns it off.
+
+    What the painted voxels' intensities say (:func:`intensity_log_ratios`): in the same box, each class's
+    intensity histogram on the painted slices against everything else painted there gives every intensity
+    a log-likelihood ratio (clipped to +-4), added with weight ``intensity_beta`` (after ``weight``). It
+    carries the structure's intensity band (grey matter between white matter and fluid, contrast in a
+    vessel) to voxels that no edge-free path joins to the painted ones. ``intensity_beta`` 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -182,9 +188,10 @@ class PriorSettings:
     grow_beta: float = 8.0
     grow_scale: float = 0.1
     grow_reach: float = 1.0
+    intensity_beta: float = 1.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
-               "grow_beta", "grow_scale", "grow_reach")
+               "grow_beta", "grow_scale", "grow_reach", "intensity_beta")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
@@ -192,8 +199,9 @@ class PriorSettings:
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
         """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure or the image's
-        edges were part of the prior (no ``end_penalty`` / ``grow_beta``: a model card or benchmark of an
-        earlier version) segment as they did then: without them."""
+        edges or intensities were part of the prior (no ``end_penalty`` / ``grow_beta`` /
+        ``intensity_beta``: a model card or benchmark of an earlier version) segment as they did then:
+        without them."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         if "connected" in d:
@@ -202,6 +210,8 @@ class PriorSettings:
             values["end_penalty"] = 0.0
         if d and "grow_beta" not in d:
             values["grow_beta"] = 0.0
+        if d and "intensity_beta" not in d:
+            values["intensity_beta"] = 0.0
         return cls(**values)
 
 
@@ -231,7 +241,8 @@ class SlicePrior:
     ``s``; on a labelled slice it is ``+-inf`` (the painted labels are kept as painted).
 
     ``image``: float ``[K, J, I]`` (the normalised volume's first channel), for the image's edges
-    (``settings.grow_beta``); without it the prior has no edge vote. The growing runs here, once.
+    (``settings.grow_beta``) and intensities (``settings.intensity_beta``); without it the prior has
+    neither. The growing runs here, once; the image is kept (not copied) for the intensities.
     """
 
     def __init__(self, sparse: np.ndarray, labelled: Sequence[int], axis: int, spacing: Sequence[float],
@@ -251,10 +262,18 @@ class SlicePrior:
         self.rate = self.settings.default_rate if measured is None else measured
         # the mean distance (mm) between painted slices; None with one painted slice
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
-        self.edges = None   # (box, margins [N, *box]) of the image's edges
-        if image is not None and self.settings.grow_beta > 0 and self.settings.weight > 0 and self.n_fg > 0:
-            beyond = int(np.ceil(self.settings.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
-            self.edges = grown_box(image, self.sparse, self.lab, self.axis, num_classes, beyond=beyond)
+        self.edges = None       # (box, margins [N, *box]) of the image's edges
+        self.intensity = None   # (box, bin edges, log-ratios [N, bins]) of the painted voxels' intensities
+        st = self.settings
+        if image is not None and st.weight > 0 and self.n_fg > 0 and (st.grow_beta > 0 or st.intensity_beta > 0):
+            beyond = int(np.ceil(st.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
+            if st.grow_beta > 0:
+                self.edges = grown_box(image, self.sparse, self.lab, self.axis, num_classes, beyond=beyond)
+            box = painted_box(self.sparse, self.lab, self.axis, beyond)
+            if st.intensity_beta > 0 and box is not None:
+                self.image = np.asarray(image)
+                self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
+                                                               self.n_fg, box))
 
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
@@ -295,7 +314,55 @@ class SlicePrior:
                 inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
                 m = np.take(margins, s - along.start, axis=self.axis + 1)
                 lo_odds[(slice(None),) + inplane] += (st.grow_beta / st.weight) * np.tanh(m / st.grow_scale)
+        if self.intensity is not None:
+            box, bins, ratios = self.intensity
+            along = box[self.axis]
+            if along.start <= s < along.stop:
+                inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
+                at = np.clip(np.searchsorted(bins, np.take(self.image, s, axis=self.axis)[inplane], side="right") - 1,
+                             0, ratios.shape[1] - 1)
+                lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * ratios[:, at]
         return lo_odds.astype(np.float32)
+
+
+INTENSITY_BINS = 48
+INTENSITY_CLIP = 4.0
+
+
+def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, n_fg: int,
+                         box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """How much likelier each intensity is inside each class than outside it, as the painted voxels in
+    ``box`` show: ``(bin edges [B + 1], float32 log-ratios [n_fg, B])``.
+
+    ``B`` = :data:`INTENSITY_BINS` bins between the box's 0.5th and 99.5th intensity percentiles (values
+    beyond fall in the end bins). For class c, the histogram of its painted voxels against that of every
+    other painted voxel in the box (background and the other classes), each with one count added to every
+    bin and smoothed over neighbouring bins, their log ratio clipped to +-:data:`INTENSITY_CLIP`. A class
+    not painted in the box gets no evidence (0)."""
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    rows = lab[(lab >= box[axis].start) & (lab < box[axis].stop)]
+    inside = list(box)
+    inside[axis] = rows
+    values = np.asarray(image)[tuple(inside)].ravel()
+    classes = np.asarray(sparse)[tuple(inside)].ravel()
+    region = np.asarray(image)[box]
+    step = max(1, int(np.ceil((region.size / 1e6) ** (1 / 3))))   # percentiles from at most ~1M voxels
+    lo, hi = np.percentile(region[::step, ::step, ::step], [0.5, 99.5])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, INTENSITY_BINS + 1)
+    at = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, INTENSITY_BINS - 1)
+    ratios = np.zeros((n_fg, INTENSITY_BINS), dtype=np.float32)
+
+    def histogram(mask):
+        h = np.bincount(at[mask], minlength=INTENSITY_BINS).astype(np.float64) + 1.0
+        h = np.convolve(h, [0.25, 0.5, 0.25], mode="same") + 1e-3
+        return h / h.sum()
+
+    for c in range(1, n_fg + 1):
+        member = classes == c
+        if member.any() and (~member).any():
+            ratios[c - 1] = np.clip(np.log(histogram(member)) - np.log(histogram(~member)),
+                                    -INTENSITY_CLIP, INTENSITY_CLIP)
+    return bins, ratios
 
 
 def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
