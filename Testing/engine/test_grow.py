@@ -127,3 +127,18 @@ def test_the_intensity_vote_marks_the_painted_intensity_band_where_no_path_joins
     assert np.median(dark) < -2.0 and np.mean(dark < 0) > 0.99
     assert not vote[~in_box].any()                            # nothing outside the box
     assert np.abs(vote).max() <= 2.0 * 4.0 + 1e-5             # clipped at +-4 log-ratio, times the weight
+
+
+def test_intensity_counts_weaken_the_ratios_of_a_class_painted_on_few_voxels():
+    from mismatch.prior import intensity_log_ratios
+
+    image, label = tilted_tube(radius=2.0)
+    labelled = [4, 12, 20]
+    sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
+    box = (slice(0, 24), slice(0, 48), slice(0, 48))
+    strengths = []
+    for counts in (0.0, 100.0, 1e6):
+        bins, ratios = intensity_log_ratios(image, sparse, labelled, 0, 1, box, counts)
+        assert ratios.shape == (1, len(bins) - 1) and np.abs(ratios).max() <= 4.0 + 1e-6
+        strengths.append(float(np.abs(ratios).mean()))
+    assert strengths[0] > strengths[1] > strengths[2] and strengths[2] < 0.05

@@ -175,6 +175,8 @@ class PriorSettings:
     a log-likelihood ratio (clipped to +-4), added with weight ``intensity_beta`` (after ``weight``). It
     carries the structure's intensity band (grey matter between white matter and fluid, contrast in a
     vessel) to voxels that no edge-free path joins to the painted ones. ``intensity_beta`` 0 turns it off.
+    ``intensity_counts``: how many voxels' worth of the rest's histogram each class's histogram starts from
+    (0: none), so that a class painted on few voxels (a small lesion) gets weaker ratios.
     """
 
     tau_mm: float = 4.0
@@ -189,9 +191,10 @@ class PriorSettings:
     grow_scale: float = 0.1
     grow_reach: float = 1.0
     intensity_beta: float = 1.0
+    intensity_counts: float = 0.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
-               "grow_beta", "grow_scale", "grow_reach", "intensity_beta")
+               "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
@@ -273,7 +276,7 @@ class SlicePrior:
             if st.intensity_beta > 0 and box is not None:
                 self.image = np.asarray(image)
                 self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
-                                                               self.n_fg, box))
+                                                               self.n_fg, box, st.intensity_counts))
 
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
@@ -330,14 +333,16 @@ INTENSITY_CLIP = 4.0
 
 
 def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, n_fg: int,
-                         box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+                         box: tuple[slice, ...], counts: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """How much likelier each intensity is inside each class than outside it, as the painted voxels in
     ``box`` show: ``(bin edges [B + 1], float32 log-ratios [n_fg, B])``.
 
     ``B`` = :data:`INTENSITY_BINS` bins between the box's 0.5th and 99.5th intensity percentiles (values
     beyond fall in the end bins). For class c, the histogram of its painted voxels against that of every
     other painted voxel in the box (background and the other classes), each with one count added to every
-    bin and smoothed over neighbouring bins, their log ratio clipped to +-:data:`INTENSITY_CLIP`. A class
+    bin and smoothed over neighbouring bins, their log ratio clipped to +-:data:`INTENSITY_CLIP`; the
+    class's histogram also starts from ``counts`` voxels distributed as the rest's (a prior that says "no
+    different", which a class painted on many voxels outweighs and one painted on few does not). A class
     not painted in the box gets no evidence (0)."""
     lab = np.unique(np.asarray(labelled, dtype=np.int64))
     rows = lab[(lab >= box[axis].start) & (lab < box[axis].stop)]
@@ -352,15 +357,16 @@ def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequen
     at = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, INTENSITY_BINS - 1)
     ratios = np.zeros((n_fg, INTENSITY_BINS), dtype=np.float32)
 
-    def histogram(mask):
-        h = np.bincount(at[mask], minlength=INTENSITY_BINS).astype(np.float64) + 1.0
+    def histogram(mask, start=0.0):
+        h = np.bincount(at[mask], minlength=INTENSITY_BINS).astype(np.float64) + 1.0 + start
         h = np.convolve(h, [0.25, 0.5, 0.25], mode="same") + 1e-3
         return h / h.sum()
 
     for c in range(1, n_fg + 1):
         member = classes == c
         if member.any() and (~member).any():
-            ratios[c - 1] = np.clip(np.log(histogram(member)) - np.log(histogram(~member)),
+            rest = histogram(~member)
+            ratios[c - 1] = np.clip(np.log(histogram(member, counts * rest)) - np.log(rest),
                                     -INTENSITY_CLIP, INTENSITY_CLIP)
     return bins, ratios
 
