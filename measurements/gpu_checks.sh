@@ -22,9 +22,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 export PYTHONPATH="$here/Trainer${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-# Where site-packages holds no bytecode and cannot take any (a read-only image), Python compiles torch's
-# sources again in every process: 4 to 6 s of each command's start-up on one GPU machine. A writable cache
-# stands in for the .pyc files a normal installation has; one import fills it before anything is timed.
+# Where site-packages holds no bytecode and cannot take any (a read-only image), Python would compile
+# torch's sources again in every process. A writable cache stands in for the .pyc files a normal
+# installation has; one import fills it before anything is timed. (On the one GPU machine measured, start-up
+# stayed 4.2 to 4.7 s a process with it: most of it is loading torch's CUDA libraries, not compiling.)
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${TMPDIR:-/tmp}/mismatch-pycache}
 "$py" -c "import torch, mismatch.cli, mismatch.api, mismatch.train, mismatch.inference, mismatch.prior" \
     || echo "warning: the engine does not import" >&2

@@ -151,12 +151,11 @@ def grown_box(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], ax
     shape = [1, 1, 1]
     shape[axis] = -1
     on_slice = np.broadcast_to(on_slice.reshape(shape), sparse.shape)
-    fg = on_slice & (sparse > 0)
-    if n_fg == 0 or not fg.any():
+    box = painted_box(sparse, lab, axis, beyond) if n_fg > 0 else None
+    if box is None:
         return None
     background = n_fg + 1
     seeds = np.where(on_slice, np.where(sparse > 0, sparse, background), 0).astype(np.int16)
-    box = _box(fg, axis, lab, beyond)
     img, sd = image[box], seeds[box]
     f = 1       # too big a box: grown on a grid subsampled in-plane
     while img.size / (f * f) > max_voxels:

@@ -272,7 +272,9 @@ class SlicePrior:
             beyond = int(np.ceil(st.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
             if st.grow_beta > 0:
                 self.edges = grown_box(image, self.sparse, self.lab, self.axis, num_classes, beyond=beyond)
-            box = painted_box(self.sparse, self.lab, self.axis, beyond) if st.intensity_beta > 0 else None
+            box = None
+            if st.intensity_beta > 0:   # the growing's box, found once
+                box = self.edges[0] if self.edges else painted_box(self.sparse, self.lab, self.axis, beyond)
             if box is not None:
                 self.image = np.asarray(image)
                 self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
