@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from discs import disc_volume
 from mismatch.cli import main
 from test_cli import TINY
 from test_cli import _write as _write_oblique
@@ -33,13 +34,7 @@ def _write(array, path, spacing=(0.8, 0.9, 2.5)):
 @pytest.fixture
 def case(tmp_path):
     """A 10-slice volume (32 x 40 slices) with a disc, labels on slices 2 and 6, and a model trained on it."""
-    rng = np.random.default_rng(0)
-    k, j, i = 10, 32, 40
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 16) ** 2 + (xx - 20) ** 2) < (6 + zz * 0.3) ** 2
-    image = (np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))).astype(np.float32)
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[2, 6]] = disc[[2, 6]]
+    image, labels, disc = disc_volume((10, 32, 40), (16, 20), 6, [2, 6])
     d = tmp_path
     c = {"image": _write(image, d / "image.nrrd"), "labels": _write(labels, d / "labels.nrrd"),
          "truth": _write(disc.astype(np.uint8), d / "truth.nrrd"), "array": image, "disc": disc, "dir": d}

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from discs import disc_volume
 from mismatch.cli import main
 from mismatch.methods import METHODS, TrainingBatch, make_method
 from mismatch.methods.augment import rand_augment
@@ -318,13 +319,7 @@ def test_ddp_wrapped_methods_in_a_child_process(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_case(tmp_path_factory):
     d = tmp_path_factory.mktemp("baselines")
-    rng = np.random.default_rng(0)
-    k, j, i = 6, 32, 32
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 16) ** 2 + (xx - 15) ** 2) < (6 + zz * 0.3) ** 2
-    image = (np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))).astype(np.float32)
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[1, 4]] = disc[[1, 4]]
+    image, labels, _ = disc_volume((6, 32, 32), (16, 15), 6, [1, 4])
     for name, arr in (("image.nrrd", image), ("labels.nrrd", labels)):
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(d / name))
     return d

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from discs import disc_volume
 from mismatch.cli import main
 
 def _rotation(ax, ay, az):
@@ -43,14 +44,8 @@ def _digest(path):
 @pytest.fixture
 def case(tmp_path):
     """A 10-slice volume with a bright disc, lung-CT-like intensities, labels on slices 2 and 6."""
-    rng = np.random.default_rng(0)
-    k, j, i = 10, 32, 40
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 16) ** 2 + (xx - 20) ** 2) < (6 + zz * 0.3) ** 2
-    image = np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[2, 6]] = disc[[2, 6]]
-    return {"image": _write(image.astype(np.float32), tmp_path / "image.nrrd"),
+    image, labels, disc = disc_volume((10, 32, 40), (16, 20), 6, [2, 6])
+    return {"image": _write(image, tmp_path / "image.nrrd"),
             "labels": _write(labels, tmp_path / "labels.nrrd"),
             "truth": _write(disc.astype(np.uint8), tmp_path / "truth.nrrd"),
             "array": image.astype(np.float32), "lab": labels, "dir": tmp_path}

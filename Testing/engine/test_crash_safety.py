@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from discs import disc_volume
 from mismatch.cli import main
 from mismatch.errors import UserError
 from mismatch.io import swap_names
@@ -226,13 +227,7 @@ def _run(argv, kill_after=None, match=""):
 
 @pytest.fixture
 def files(tmp_path):
-    rng = np.random.default_rng(0)
-    k, j, i = 8, 24, 28
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 12) ** 2 + (xx - 14) ** 2) < (5 + zz * 0.3) ** 2
-    image = (np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))).astype(np.float32)
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[2, 5]] = disc[[2, 5]]
+    image, labels, _ = disc_volume((8, 24, 28), (12, 14), 5, [2, 5])
     for name, array in (("image.nrrd", image), ("labels.nrrd", labels)):
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
     return tmp_path

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from discs import disc_volume
 from mismatch.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -26,14 +27,9 @@ def _write(array, path):
 @pytest.fixture
 def case(tmp_path):
     """16 slices of 64 x 64 with a bright, slowly growing disc; labels on slices 3, 8 and 12."""
-    rng = np.random.default_rng(0)
-    k, j, i = 16, 64, 64
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 30) ** 2 + (xx - 34) ** 2) < (9 + zz * 0.4) ** 2
-    image = np.where(disc, 60.0, -700.0) + rng.normal(0, 25, (k, j, i))
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[3, 8, 12]] = disc[[3, 8, 12]]
-    return {"image": _write(image.astype(np.float32), tmp_path / "image.nrrd"),
+    image, labels, disc = disc_volume((16, 64, 64), (30, 34), 9, [3, 8, 12], growth=0.4, inside=60.0,
+                                      outside=-700.0, noise=25.0)
+    return {"image": _write(image, tmp_path / "image.nrrd"),
             "labels": _write(labels, tmp_path / "labels.nrrd"), "truth": disc, "dir": tmp_path}
 
 

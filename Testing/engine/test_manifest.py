@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from discs import disc_volume
 from mismatch.cli import main
 from mismatch.data import Normalisation, TwoStreamSampler, take_slice
 from mismatch.errors import UserError
@@ -201,13 +202,7 @@ def test_cache_lru_order():
 # -- the command line ------------------------------------------------------------------------------------
 
 def test_train_with_a_manifest_of_other_geometries(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    k, j, i = 8, 32, 40
-    zz, yy, xx = np.mgrid[:k, :j, :i]
-    disc = ((yy - 16) ** 2 + (xx - 20) ** 2) < 36
-    image = (np.where(disc, 40.0, -800.0) + rng.normal(0, 20, (k, j, i))).astype(np.float32)
-    labels = np.zeros((k, j, i), np.uint8)
-    labels[[2, 5]] = disc[[2, 5]]
+    image, labels, disc = disc_volume((8, 32, 40), (16, 20), 6, [2, 5], growth=0.0)
     _write(image, tmp_path / "image.nrrd")
     _write(labels, tmp_path / "labels.nrrd")
     _write(_volume(shape=(5, 24, 52)), tmp_path / "u0.nrrd", spacing=(0.5, 0.5, 1.0))
