@@ -103,6 +103,10 @@ def test_settings_recorded_before_the_image_vote_keep_segmenting_without_it():
     assert PriorSettings.from_dict(old).grow_beta == 0.0 and PriorSettings.from_dict(old).intensity_beta == 0.0
     assert PriorSettings.from_dict(PriorSettings(grow_beta=3.0).to_dict()).grow_beta == 3.0
     assert PriorSettings.from_dict(PriorSettings(intensity_beta=0.5).to_dict()).intensity_beta == 0.5
+    before_counts = PriorSettings().to_dict()
+    del before_counts["intensity_counts"]                     # a card of the first version with intensities
+    assert PriorSettings.from_dict(before_counts).intensity_counts == 0.0
+    assert PriorSettings.from_dict(PriorSettings().to_dict()).intensity_counts == PriorSettings().intensity_counts > 0
 
 
 def test_the_intensity_vote_marks_the_painted_intensity_band_where_no_path_joins_it():
@@ -114,8 +118,8 @@ def test_the_intensity_vote_marks_the_painted_intensity_band_where_no_path_joins
     labelled = [4, 12, 20]
     sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
     base = PriorSettings(grow_beta=0.0, intensity_beta=0.0)
-    voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0, intensity_beta=2.0),
-                        image=image)
+    voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2,     # the full ratios: no counts to damp them
+                        PriorSettings(grow_beta=0.0, intensity_beta=2.0, intensity_counts=0.0), image=image)
     plain = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, base, image=image)
     box = voting.intensity[0]
     s = 8

@@ -191,7 +191,7 @@ class PriorSettings:
     grow_scale: float = 0.1
     grow_reach: float = 1.0
     intensity_beta: float = 1.0
-    intensity_counts: float = 0.0
+    intensity_counts: float = 1000.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts")
@@ -204,7 +204,7 @@ class PriorSettings:
         """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure or the image's
         edges or intensities were part of the prior (no ``end_penalty`` / ``grow_beta`` /
         ``intensity_beta``: a model card or benchmark of an earlier version) segment as they did then:
-        without them."""
+        without them; without ``intensity_counts``, with the histograms as they were then (no counts)."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         if "connected" in d:
@@ -215,6 +215,8 @@ class PriorSettings:
             values["grow_beta"] = 0.0
         if d and "intensity_beta" not in d:
             values["intensity_beta"] = 0.0
+        if d and "intensity_counts" not in d:
+            values["intensity_counts"] = 0.0
         return cls(**values)
 
 
