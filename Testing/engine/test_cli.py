@@ -100,6 +100,36 @@ def test_train_segment_evaluate_end_to_end(case, capsys):
     assert before == {p: _digest(case[p]) for p in ("image", "labels")}
 
 
+def test_a_ct_in_hounsfield_units_is_windowed_by_default_and_an_mri_is_not(case):
+    """--hu-window auto (the default, what the panel gets): the disc case's CT values (air at -800 HU) are
+    clipped to the CT window the benchmark measures; the same image moved above zero (an MRI's range) is
+    not clipped; none and an explicit window are kept as given. The model card records what was used."""
+    d = case["dir"]
+    mri = _write(sitk.GetArrayFromImage(sitk.ReadImage(case["image"])) + 1000.0, d / "mri.nrrd")
+
+    def window(image, *extra):
+        out = d / f"model-{len(list(d.glob('model-*')))}"
+        assert main(["train", image, "--labels", case["labels"], "--out", str(out), "--events",
+                     str(out) + ".jsonl", *TINY, *extra]) == 0
+        said = [e["message"] for e in _events(str(out) + ".jsonl") if e["event"] == "log"]
+        return json.loads((out / "model.json").read_text())["normalisation"]["hu_window"], said
+
+    hu, said = window(case["image"])
+    assert hu == [-1000.0, 400.0] and any("Hounsfield" in m for m in said)
+    hu, said = window(mri)
+    assert hu is None and not any("Hounsfield" in m for m in said)
+    assert window(case["image"], "--hu-window", "none")[0] is None
+    assert window(case["image"], "--hu-window=-500,500")[0] == [-500.0, 500.0]
+
+
+def test_auto_window_looks_at_the_darkest_voxel():
+    from mismatch.data import CT_WINDOW, auto_window
+
+    assert auto_window(np.full((1, 2, 3, 3), -3024.0, np.float32)) == CT_WINDOW   # a scanner's padding
+    assert auto_window(np.full((1, 2, 3, 3), -400.0, np.float32)) is None         # no air: not clipped
+    assert auto_window(np.zeros((1, 0, 3, 3), np.float32)) is None
+
+
 def _bad(argv, capsys, match):
     code = main(argv)
     err = capsys.readouterr().err.strip()

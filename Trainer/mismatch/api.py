@@ -3,6 +3,7 @@ Python."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
-from .data import Normalisation, label_values
+from .data import Normalisation, auto_window, label_values
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
@@ -217,6 +218,9 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         check_output()
     reporter.start("load", total=None)
     image, geometry = read_image(images)
+    auto = config.hu_window == "auto"   # mismatch train's default: a CT in HU is clipped to CT_WINDOW
+    if auto:
+        config = dataclasses.replace(config, hu_window=auto_window(image))
     labels = read_labels(labels_path, geometry)
     extra = []
     for case in unlabelled:
@@ -278,6 +282,10 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     del image
 
     n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
+    if auto and config.hu_window:   # said once every input has passed its checks
+        reporter.log(f"the image looks like a CT in Hounsfield units: clipped to {config.hu_window[0]:g} to "
+                     f"{config.hu_window[1]:g} HU before normalising (--hu-window=LOW,HIGH for another window, "
+                     "--hu-window none for none)")
     reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
                  f"unlabelled; training {config.method} on {describe(dev)}"
                  + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"

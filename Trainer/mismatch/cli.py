@@ -234,11 +234,15 @@ def _slices(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _window(text: str) -> tuple[float, float]:
+def _window(text: str) -> tuple[float, float] | str | None:
+    """``LOW,HIGH`` in HU; ``auto`` (a CT in HU gets :data:`mismatch.data.CT_WINDOW`); ``none``."""
+    if text.strip().lower() in ("auto", "none"):
+        return "auto" if text.strip().lower() == "auto" else None
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the window as LOW,HIGH in HU, e.g. -1000,400") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give the window as LOW,HIGH in HU, e.g. --hu-window=-1000,400 "
+                                         "(or auto, or none)") from None
     if not lo < hi:
         raise argparse.ArgumentTypeError(f"{text!r}: LOW must be below HIGH")
     return lo, hi
@@ -345,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices you checked and found without the structure (labelled as all background), "
                         "e.g. 0-4,40: they teach the model where the structure is not")
     t.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice axis of the image grid (default k)")
-    t.add_argument("--hu-window", type=_window, metavar="LOW,HIGH", help="CT: clip to this HU window first")
+    t.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
+                   help="clip the image to this window before the per-volume z-score; auto (default): a CT in "
+                        "Hounsfield units (darkest voxel at -500 or below) is clipped to -1000,400, any other "
+                        "image is not; none: never clip. A window that starts below zero needs the = form: "
+                        "--hu-window=-1000,400")
     t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
                    help="extra unlabelled cases; a case with several channels is a comma-separated list")
     t.add_argument("--unlabelled-manifest", metavar="FILE",

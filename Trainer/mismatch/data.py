@@ -90,6 +90,18 @@ def check_label_values(labels: np.ndarray, num_classes: int) -> None:
                         "use values 1..N for N classes (or give the classes with --classes)")
 
 
+#: The window a CT in Hounsfield units is clipped to unless the user gives another (``--hu-window``): air to
+#: just above soft tissue and contrast, so that bone, metal and the scanner's padding (-1024 to -3024 outside
+#: the field of view) do not set the z-score's spread. The benchmark's CT data sets are measured with it.
+CT_WINDOW = (-1000.0, 400.0)
+
+
+def auto_window(image: np.ndarray) -> tuple[float, float] | None:
+    """:data:`CT_WINDOW` when ``image`` looks like a CT in Hounsfield units (its darkest voxel at -500 or below:
+    air, or the scanner's padding), else None (MRI and other images are not clipped)."""
+    return CT_WINDOW if image.size and float(np.min(image)) <= -500.0 else None
+
+
 def intensity_window(hu_window) -> tuple[float, float] | None:
     """``(low, high)`` as floats, or None; a :class:`UserError` unless low < high."""
     if hu_window is None:

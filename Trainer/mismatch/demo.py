@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Normalisation, load_ctchest
+from .data import CT_WINDOW, Normalisation, load_ctchest
 from .device import describe, resolve_device
 from .events import Reporter
 from .inference import rank_uncertain_slices
@@ -26,7 +26,7 @@ from .prior import nearest_slice, shape_interpolation
 from .train import preset_config
 
 LUNG_CLASS = {"value": 1, "name": "lungs", "color": [0.77, 0.47, 0.42]}
-HU_WINDOW = (-1000.0, 400.0)
+HU_WINDOW = CT_WINDOW
 
 
 def pick_labelled_slices(labels: np.ndarray, n: int = 3) -> list[int]:

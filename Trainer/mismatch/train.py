@@ -53,7 +53,7 @@ class TrainConfig:
     snapshot_span: float = 0.2       # ... spread over the last 20 % of training (paper: last 10 of 50 epochs)
     seed: int = 0
     axis: str = "k"
-    hu_window: tuple[float, float] | None = None
+    hu_window: tuple[float, float] | str | None = None   # "auto": chosen from the image (mismatch.data.auto_window)
     foreground_fraction: float = 0.33
     amp: bool = True                 # mixed precision on CUDA
     checkpoint_every: int = 100
@@ -66,7 +66,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["hu_window"] = list(self.hu_window) if self.hu_window else None
+        d["hu_window"] = self.hu_window if isinstance(self.hu_window, str) else \
+            list(self.hu_window) if self.hu_window else None
         return d
 
 

@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..data import ctchest_segments
+from ..data import CT_WINDOW, ctchest_segments
 from ..errors import UserError
 from ..io import Geometry
 
@@ -62,7 +62,6 @@ REPO_DATA_DIR = Path(__file__).resolve().parents[3] / ".data"
 SETUP_SCRIPT = "scripts/setup-benchmark.sh"
 #: the only pyradiomics cases the benchmark may use (the others are reserved for independent checks)
 PYRADIOMICS_CASES = ("brain1", "breast1")
-CT_WINDOW = (-1000.0, 400.0)
 
 
 @dataclass
