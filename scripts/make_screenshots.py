@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 
 LUNG = {"value": 1, "name": "lungs", "color": [0.85, 0.45, 0.35]}
-HU_WINDOW = (-1000.0, 400.0)
+from mismatch.data import CT_WINDOW as HU_WINDOW  # noqa: E402  (what mismatch train clips a CT to)
 
 
 def run(args: list[str], work: Path) -> None:

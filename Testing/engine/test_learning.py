@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mismatch.data import Normalisation
-from mismatch.demo import HU_WINDOW, pick_labelled_slices
+from mismatch.data import CT_WINDOW, Normalisation
+from mismatch.demo import pick_labelled_slices
 from mismatch.inference import segment_volume
 from mismatch.metrics import overlap
 from mismatch.train import fit, preset_config
@@ -44,13 +44,13 @@ def painted_lungs(ct_chest):
     painted = np.zeros_like(truth)
     painted[labelled] = truth[labelled]
     unseen = [k for k in range(truth.shape[0]) if k not in labelled and truth[k].any()]
-    return Normalisation(hu_window=HU_WINDOW).apply(image), painted, labelled, truth, unseen
+    return Normalisation(hu_window=CT_WINDOW).apply(image), painted, labelled, truth, unseen
 
 
 def learn(method: str, painted_lungs, seed: int = SEED) -> tuple[list[float], float]:
     """Train ``method`` on the painted slices; its loss history and its IoU (network alone) on the unseen slices."""
     volume, painted, labelled, truth, unseen = painted_lungs
-    config = preset_config("default", method, seed=seed, hu_window=HU_WINDOW, prior=None, **BUDGET)
+    config = preset_config("default", method, seed=seed, hu_window=CT_WINDOW, prior=None, **BUDGET)
     fitted = fit([volume], painted, np.array(labelled), 2, config)
     labels = segment_volume(fitted.networks(), volume, outputs=("labels",)).labels
     iou = overlap(labels[unseen], truth[unseen], classes=[1])[1]["iou"]

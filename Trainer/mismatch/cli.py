@@ -236,8 +236,11 @@ def _slices(text: str) -> list[int]:
 
 def _window(text: str) -> tuple[float, float] | str | None:
     """``LOW,HIGH`` in HU; ``auto`` (a CT in HU gets :data:`mismatch.data.CT_WINDOW`); ``none``."""
-    if text.strip().lower() in ("auto", "none"):
-        return "auto" if text.strip().lower() == "auto" else None
+    word = text.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word == "none":
+        return None
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:

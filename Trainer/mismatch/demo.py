@@ -26,7 +26,6 @@ from .prior import nearest_slice, shape_interpolation
 from .train import preset_config
 
 LUNG_CLASS = {"value": 1, "name": "lungs", "color": [0.77, 0.47, 0.42]}
-HU_WINDOW = CT_WINDOW
 
 
 def pick_labelled_slices(labels: np.ndarray, n: int = 3) -> list[int]:
@@ -54,11 +53,11 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
     sparse = np.zeros_like(truth)
     sparse[labelled] = truth[labelled]
     test_slices = [k for k in range(truth.shape[0]) if k not in set(labelled)]
-    norm = Normalisation(hu_window=HU_WINDOW)
+    norm = Normalisation(hu_window=CT_WINDOW)
     volume = norm.apply(image)
     say = (lambda *a: None) if quiet else print
     say(f"MisMatch demo: chest CT {geometry.describe()} (CTChest4 from the slicerio package)")
-    configs = {m: preset_config("default", m, steps=steps, width=width, seed=seed, hu_window=HU_WINDOW)
+    configs = {m: preset_config("default", m, steps=steps, width=width, seed=seed, hu_window=CT_WINDOW)
                for m in ("mismatch", "unet-strong")}
     say(f"lung labels kept on slices {labelled} only; the other {len(test_slices)} slices are unlabelled "
         f"for training and used for testing; default settings ({configs['mismatch'].steps} steps, width "
