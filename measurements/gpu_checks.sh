@@ -22,12 +22,14 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 export PYTHONPATH="$here/Trainer${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-# Where site-packages holds no bytecode and cannot take any (a read-only image), Python would compile
-# torch's sources again in every process. A writable cache stands in for the .pyc files a normal
-# installation has; one import fills it before anything is timed. (On the one GPU machine measured, start-up
-# stayed 4.2 to 4.7 s a process with it: most of it is loading torch's CUDA libraries, not compiling.)
+# A normal installation (pip, Slicer's PyTorch extension) holds the bytecode of every module. Where
+# site-packages holds none and cannot take any (a read-only image), or where the environment forbids writing
+# it (PYTHONDONTWRITEBYTECODE), Python would compile torch's sources again in every process: on the one GPU
+# machine measured, 2,300 modules and 5 s a training process. A writable cache stands in for the .pyc files;
+# one import fills it before anything is timed, and machine.txt says whether bytecode is cached.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-${TMPDIR:-/tmp}/mismatch-pycache}
-"$py" -c "import torch, mismatch.cli, mismatch.api, mismatch.train, mismatch.inference, mismatch.prior" \
+"$py" -c "import torch, torch._dynamo, mismatch.cli, mismatch.api, mismatch.train, mismatch.inference, mismatch.prior" \
     || echo "warning: the engine does not import" >&2
 
 step() {  # step NAME SECONDS COMMAND...
@@ -42,6 +44,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+  "$py" -c "import sys; print('bytecode cached:', not sys.dont_write_bytecode, 'in', sys.pycache_prefix)"
   nproc; } 2>&1 | tee "$out/machine.txt"
 
 TIMEFORMAT="%R s"
