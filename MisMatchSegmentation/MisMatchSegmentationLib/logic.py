@@ -59,7 +59,7 @@ class TrainingRequest:
     width: int = 16
     device: str = "auto"
     init_model: Path | None = None    # continue from this model (fine-tune after corrections)
-    # with init_model: a warm-start round (the engine's WARM_START: a quarter of the steps at half the learning
+    # with init_model: a warm-start round (the engine's WARM_START: a fifth of the steps at half the learning
     # rate); False: the full schedule of steps and learning rate above
     warm_start: bool = True
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from .engine import contract
 
 
+#: the optimiser's state beside the weights (the engine's ``mismatch.modelfile.OPTIMIZER_NAME``)
+OPTIMIZER_NAME = "optimizer.safetensors"
+
+
 class ModelCardError(ValueError):
     """The folder is not a usable MisMatch model; the message says why and what to do."""
 
@@ -45,13 +49,15 @@ def describe(card: dict) -> str:
 
 
 def copy_model(source: str | Path, destination: str | Path) -> Path:
-    """Copy a validated model (card and weights only, not the resumable checkpoint) to ``destination``."""
+    """Copy a validated model (card, weights and the optimiser's state a warm start continues from, not the
+    resumable checkpoint) to ``destination``."""
     source, destination = Path(source), Path(destination)
     card = read_card(source)
     if destination.exists() and any(destination.iterdir()):
         if not (destination / contract.CARD_NAME).is_file():
             raise ModelCardError(f"{destination} is not empty and holds no model: choose an empty folder")
     destination.mkdir(parents=True, exist_ok=True)
-    for name in (contract.CARD_NAME, card["weights"]["file"]):
-        shutil.copy2(source / name, destination / name)
+    for name in (contract.CARD_NAME, card["weights"]["file"], OPTIMIZER_NAME):
+        if name != OPTIMIZER_NAME or (source / name).is_file():   # models written before it have none
+            shutil.copy2(source / name, destination / name)
     return destination

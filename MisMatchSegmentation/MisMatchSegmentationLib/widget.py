@@ -439,7 +439,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 hint = self.logic.next_hint or _("slice {slice}: the decoders disagree most here").format(
                     slice=found[0])
                 self.state.report(_("Label next, {hint} ({axis} axis). Correct it, then Train from the current "
-                                    "model: a warm-start round, a quarter of the first training's steps.")
+                                    "model: a warm-start round, a fifth of the first training's steps.")
                                   .format(hint=hint, axis=self.logic.report_axis))
 
     def onAddHeldOutSlice(self) -> None:

@@ -7,12 +7,15 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from mismatch.benchmark import loop
 from mismatch.benchmark.datasets import Case
 from mismatch.cli import main
 from mismatch.inference import DEFAULT_RANKING, RANKINGS, distance_weight, rank_uncertain_slices
 from mismatch.io import Geometry
+from mismatch.modelfile import load_optimizer_moments, optimizer_to_tensors, read_optimizer_state
+from mismatch.models import ArchitectureConfig, SegmentationNetwork
 from mismatch.train import WARM_START, TrainConfig, warm_start_config
 
 TINY = dict(steps=3, width=4, batch_size=2, patch_size=0, lr=2e-3, device="cpu")
@@ -100,7 +103,6 @@ def test_the_gap_ranking_fills_the_widest_stretch_of_the_predicted_structure():
 
 def test_slice_scores_carry_what_the_rankings_and_the_hint_need():
     from mismatch.inference import segment_volume
-    from mismatch.models import ArchitectureConfig, SegmentationNetwork
 
     net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()
     seg = segment_volume([net], tiny_case(6).image, device="cpu", outputs=())
@@ -113,7 +115,7 @@ def test_slice_scores_carry_what_the_rankings_and_the_hint_need():
 def test_warm_start_config_is_a_fraction_of_the_first_training():
     first = TrainConfig(steps=200, lr=2e-3)
     warm = warm_start_config(first)
-    assert warm.steps == math.ceil(WARM_START["steps_fraction"] * 200) and warm.steps <= 50
+    assert warm.steps == math.ceil(WARM_START["steps_fraction"] * 200) and warm.steps <= 40
     assert warm.lr == pytest.approx(WARM_START["lr_fraction"] * 2e-3)
     assert warm.alpha_rampup == 0 and first.steps == 200   # a new object
     assert warm_start_config(first, {"steps_fraction": 0.5}).steps == 100
@@ -143,6 +145,39 @@ def test_train_with_init_is_a_warm_start_unless_told_otherwise(tmp_path):
     assert main(["train", image, "--labels", labels, "--out", str(tmp_path / "m2"), "--steps", "8",
                  "--init", str(tmp_path / "m0"), "--no-warm-start", *tiny]) == 0
     assert json.loads((tmp_path / "m2" / "model.json").read_text())["summary"]["steps"] == 8
+    # the optimiser's state is saved with each model and continued by the next round: Adam's step count
+    # carries on from the first training's 8 steps
+    steps = {name: read_optimizer_state(tmp_path / name)["optim.0.step"].item() for name in ("m0", "m1", "m2")}
+    assert steps == {"m0": 8, "m1": 10, "m2": 16}
+
+
+def test_optimizer_moments_are_loaded_only_where_they_fit():
+    def adam(width):
+        net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=width))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+        net(torch.randn(1, 1, 16, 16))[0].sum().backward()
+        opt.step()
+        return opt
+
+    trained, fresh = adam(4), adam(4)
+    fresh.param_groups[0]["lr"] = 5e-4
+    tensors = optimizer_to_tensors(trained)[0]
+    assert load_optimizer_moments(fresh, tensors)
+    assert fresh.param_groups[0]["lr"] == 5e-4   # its own settings are kept
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], trained.state_dict()["state"][0]["exp_avg"])
+    wider = adam(8)
+    before = wider.state_dict()["state"][0]["exp_avg"].clone()
+    assert not load_optimizer_moments(wider, tensors)   # another width: nothing changed
+    assert torch.equal(wider.state_dict()["state"][0]["exp_avg"], before)
+
+
+def test_a_warm_round_of_the_simulation_continues_the_optimiser_state():
+    case = tiny_case(8)
+    config = _config().train_config("mismatch", seed=0, axis="k", checkpoint_every=10 ** 9)
+    _, state = loop.train_round(case, case.image, [3, 5], config, torch.device("cpu"))
+    assert state["optim.0.step"].item() == config.steps
+    _, after = loop.train_round(case, case.image, [3, 4, 5], config, torch.device("cpu"), init_state=state)
+    assert after["optim.0.step"].item() == 2 * config.steps
 
 
 # -- the simulation -----------------------------------------------------------------------------------------
@@ -163,7 +198,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
         mine = sorted((r for r in rounds if r["policy"] == policy), key=lambda r: r["n_labelled"])
         assert [r["n_labelled"] for r in mine] == [1, 2, 3]
         assert [r["init"] for r in mine] == ["first", "warm", "warm"]
-        assert mine[1]["steps"] == 1 and mine[0]["steps"] == 3       # ceil(0.25 * 3)
+        assert mine[1]["steps"] == 1 and mine[0]["steps"] == 3       # ceil(0.2 * 3)
         for r in mine:
             assert r["n_test"] == 12 - r["n_labelled"] and 0 <= r["iou"] <= 1 and r["ece_band"] is not None
             assert set(r["suggestions"]) == set(RANKINGS)

@@ -157,6 +157,9 @@ def test_copy_model_refuses_a_folder_with_other_files(tmp_path):
     (model / "checkpoint").mkdir()
     copied = modelcard.copy_model(model, tmp_path / "copy")
     assert sorted(p.name for p in copied.iterdir()) == ["model.json", "model.safetensors"]
+    (model / "optimizer.safetensors").write_bytes(b"moments")   # the optimiser's state goes with the model
+    copied = modelcard.copy_model(model, tmp_path / "copy2")
+    assert (copied / "optimizer.safetensors").read_bytes() == b"moments"
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("x")

@@ -18,7 +18,7 @@ from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
 from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
-from .modelfile import load_model, save_model
+from .modelfile import load_model, read_optimizer_state, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
@@ -238,9 +238,10 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                                  warn=lambda message: reporter.log(message, level="warning"),
                                  check_not=[out_dir])
 
-    init_state, init_card = None, None
+    init_state, init_optimizer, init_card = None, None, None
     if init_model:
         init_card, nets = load_model(init_model)
+        init_optimizer = read_optimizer_state(init_model)
         if nets[0].config.in_channels != image.shape[0]:
             raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
                             f"but {image.shape[0]} image(s) were given")
@@ -296,7 +297,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
-                 init_state=init_state, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
+                 init_state=init_state, init_optimizer=init_optimizer, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
                  checkpoint_seconds=checkpoint_seconds)
     card = build_card(result, config, classes=classes, normalisation=norm, channels=[Path(p).name for p in images],
                       labelled=labelled, device=dev, geometry=geometry,
@@ -309,7 +310,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
     if ctx.is_main:
         # one unit: the folder (with its checkpoint) is replaced only by the complete new model
-        save_model(out, result.snapshots, card)
+        save_model(out, result.snapshots, card, result.optimizer_state)
     return card
 
 

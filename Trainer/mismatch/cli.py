@@ -379,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", metavar="MODEL_DIR", help="start from this model (fine-tune after corrections); a "
                    "warm-start round unless --no-warm-start")
     t.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --init: train a quarter of the steps at half the learning rate, short warm-up, no "
-                        "alpha ramp-up (mismatch.train.WARM_START; fractions of the preset's or the given --steps "
-                        "and --lr); --no-warm-start: the full schedule (default: on)")
+                   help="with --init: train a fifth of the steps at half the learning rate, short warm-up, no "
+                        "alpha ramp-up, continuing the model's optimiser state (mismatch.train.WARM_START; "
+                        "fractions of the preset's or the given --steps and --lr); --no-warm-start: the full "
+                        "schedule (default: on)")
     t.add_argument("--seed", type=int, default=d.seed,
                    help=f"random seed of the weights, patches and augmentation ({_preset_default('seed')})")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")

@@ -2,7 +2,8 @@
 
 A model folder holds ``model.json`` (the card, see ``docs/contract.md``) and ``model.safetensors``. The
 safetensors file holds one set of weights per kept snapshot, keys prefixed ``snapshot<n>.``; the card
-records the file's sha256, checked before anything is loaded.
+records the file's sha256, checked before anything is loaded. ``optimizer.safetensors``, when there, holds
+the optimiser's state at the end of training, which a warm start (``mismatch train --init``) continues from.
 
 Both a model folder and a checkpoint folder are written as one unit (:func:`mismatch.io.replace_folder`): the
 new folder is built beside the old one and swapped in by renames, so a process killed at any moment leaves
@@ -32,6 +33,7 @@ from .io import replace_folder, resolve_folder, swap_names
 from .models import ArchitectureConfig, SegmentationNetwork, UnsupportedArchitecture
 
 WEIGHTS_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -51,7 +53,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 #: What a model folder may hold besides the model: ``mismatch train`` replaces the whole folder when the
 #: new model is complete, so anything else in it would be lost; such a folder is refused instead.
-_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, "checkpoint", *(p.name for p in swap_names("checkpoint")),
+_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, "checkpoint", *(p.name for p in swap_names("checkpoint")),
                 ".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -87,8 +89,10 @@ def _model_complete(folder: Path) -> bool:
         return False
 
 
-def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Tensor]], card: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (every snapshot) and ``model.json`` as one unit; returns the folder.
+def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Tensor]], card: dict[str, Any],
+               optimizer_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.safetensors`` (every snapshot), ``model.json`` and, when given, ``optimizer.safetensors``
+    (``optimizer_state``, :attr:`mismatch.train.FitResult.optimizer_state`) as one unit; returns the folder.
 
     ``card`` must hold at least ``architecture`` (an :class:`ArchitectureConfig` dict), ``classes``,
     ``channels``, ``normalisation`` and ``slice_axis``; format, versions and the weights entry are added.
@@ -108,10 +112,14 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
         "engine_version": __version__,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "snapshots": len(snapshots)},
     })
+    if optimizer_state:
+        card["optimizer"] = {"file": OPTIMIZER_NAME}
     text = json.dumps(card, indent=2, sort_keys=False) + "\n"
 
     def write(new: Path) -> None:
         (new / WEIGHTS_NAME).write_bytes(data)
+        if optimizer_state:
+            (new / OPTIMIZER_NAME).write_bytes(_tensor_bytes(optimizer_state))
         (new / CARD_NAME).write_text(text, encoding="utf-8")
 
     return replace_folder(folder, write, _model_complete)
@@ -175,6 +183,18 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu"
                             f"({str(exc).splitlines()[0]})") from None
         networks.append(net.to(device).eval())
     return card, networks
+
+
+def read_optimizer_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The optimiser's state saved with a model (``optimizer.safetensors``), or None when the folder has none
+    or it cannot be read: a warm start then begins with fresh optimiser state, as models written before it
+    do."""
+    folder = Path(model_dir)
+    folder = resolve_folder(folder.parent if folder.is_file() else folder, _model_complete)
+    try:
+        return load_bytes((folder / OPTIMIZER_NAME).read_bytes())
+    except Exception:  # noqa: BLE001 - missing or damaged: an aid to a warm start, not a part of the model
+        return None
 
 
 # -- resumable checkpoints -------------------------------------------------------------------------------
@@ -281,6 +301,27 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for pid, values in rest.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Start ``optimizer`` from another run's state (``tensors`` as :func:`optimizer_to_tensors` names them:
+    Adam's step count and moments per parameter) and keep its own settings (learning rate, weight decay):
+    a warm start's first steps then move each weight by its established scale instead of the full
+    learning rate that fresh moments give. False, and nothing changed, when the tensors do not fit the
+    optimiser's parameters (another architecture or width)."""
+    groups = optimizer.state_dict()["param_groups"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    fits = bool(state) and all(
+        0 <= pid < len(params) and all(v.dim() == 0 or v.shape == params[pid].shape for v in st.values())
+        for pid, st in state.items())
+    if fits:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return fits
 
 
 def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:

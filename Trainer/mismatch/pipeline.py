@@ -74,6 +74,7 @@ def train_and_segment(volume: np.ndarray, labels: np.ndarray, labelled: Sequence
                       config: TrainConfig, *, normalisation: Normalisation, spacing_kji: Sequence[float],
                       geometry=None, channels: Sequence[str] = ("image",), device=None,
                       reporter: Reporter | None = None, init_state: dict[str, torch.Tensor] | None = None,
+                      init_optimizer: dict[str, torch.Tensor] | None = None,
                       use_prior: bool = True, truth: np.ndarray | None = None,
                       eval_slices: Sequence[int] | None = None, outputs: Collection[str] = OUTPUTS,
                       training: dict | None = None) -> TrainedSegmentation:
@@ -81,7 +82,8 @@ def train_and_segment(volume: np.ndarray, labels: np.ndarray, labelled: Sequence
 
     ``volume``: normalised float32 ``[C, K, J, I]`` (by ``normalisation``); ``labels``: class indices
     ``[K, J, I]`` (0 = background; 1..N the ``classes`` in order) on the ``labelled`` slices along
-    ``config.axis``; every other slice is unlabelled. From ``init_state`` when given (a warm start). The
+    ``config.axis``; every other slice is unlabelled. From ``init_state`` (and the optimiser's state
+    ``init_optimizer``, :attr:`~mismatch.train.FitResult.optimizer_state`) when given (a warm start). The
     volume is segmented with the painted slices' prior (:func:`painted_slice_prior`) when ``use_prior``, the
     network alone otherwise; ``truth`` (class indices) and ``eval_slices`` evaluate it, ``outputs`` as in
     :func:`~mismatch.inference.segment_volume`. The card (:func:`build_card`) is returned, not written."""
@@ -90,7 +92,7 @@ def train_and_segment(volume: np.ndarray, labels: np.ndarray, labelled: Sequence
     num_classes = len(classes) + 1
     t0 = time.monotonic()
     fitted = fit([volume], labels, labelled, num_classes, config, device=device, init_state=init_state,
-                 reporter=reporter or Reporter(progress_bar=False, quiet=True))
+                 init_optimizer=init_optimizer, reporter=reporter or Reporter(progress_bar=False, quiet=True))
     train_seconds = time.monotonic() - t0
     networks = fitted.networks()
     card = build_card(fitted, config, classes=classes, normalisation=normalisation, channels=channels,

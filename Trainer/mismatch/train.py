@@ -27,7 +27,7 @@ from .device import autocast, describe
 from .errors import Cancelled, UserError
 from .events import Reporter
 from .methods import METHODS, Method, TrainingBatch, make_method
-from .modelfile import TrainingCheckpoint, state_to_cpu
+from .modelfile import TrainingCheckpoint, load_optimizer_moments, optimizer_to_tensors, state_to_cpu
 from .models import ArchitectureConfig, SegmentationNetwork, count_parameters
 from .prior import PriorSettings
 
@@ -100,11 +100,13 @@ def preset_config(preset: str = "default", method: str = "mismatch", **overrides
 
 
 #: A round that continues from a trained model (``mismatch train --init``, the panel's retrain after
-#: corrections): a quarter of the steps, half the peak learning rate after a short warm-up, and the
+#: corrections): a fifth of the steps, half the peak learning rate after a short warm-up, and the
 #: consistency term at full weight from the first step (the decoders are trained already; ramping alpha up
-#: again would only weaken it). Fractions of the run's own steps and learning rate (the preset's, or the ones
-#: given). Measured against training from scratch by ``mismatch simulate --scratch`` (docs/loop.md).
-WARM_START: dict[str, float] = {"steps_fraction": 0.25, "lr_fraction": 0.5, "warmup": 0.1, "alpha_rampup": 0.0}
+#: again would only weaken it), continuing the model's optimiser state where it was saved with it
+#: (``optimizer.safetensors``). Fractions of the run's own steps and learning rate (the preset's, or the ones
+#: given). Measured against training from scratch by ``mismatch simulate --scratch`` and
+#: ``measurements/ablate_warm.py`` (docs/loop.md).
+WARM_START: dict[str, float] = {"steps_fraction": 0.2, "lr_fraction": 0.5, "warmup": 0.1, "alpha_rampup": 0.0}
 
 
 def warm_start_config(config: TrainConfig, settings: dict | None = None) -> TrainConfig:
@@ -189,6 +191,9 @@ class FitResult:
     seconds: float = 0.0
     batch_size: int = 0
     parameters: int = 0
+    #: the optimiser's state at the end (its moments, as :func:`~mismatch.modelfile.optimizer_to_tensors`
+    #: names them), for a warm start from this run (``fit(init_optimizer=...)``)
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def networks(self) -> list[SegmentationNetwork]:
         """One network in eval mode per kept snapshot (what :func:`~mismatch.inference.segment_volume`
@@ -241,7 +246,8 @@ class TrainingRun:
 
 def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num_classes: int,
         config: TrainConfig, *, reporter: Reporter | None = None, device: torch.device | None = None,
-        init_state: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        init_state: dict[str, torch.Tensor] | None = None,
+        init_optimizer: dict[str, torch.Tensor] | None = None, checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False, stop: StopRequest | None = None,
         checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> FitResult:
     """Train a network on normalised volumes.
@@ -258,6 +264,8 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     stop = stop if stop is not None else StopRequest()
     ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
     run, arch = _new_run(volumes, labels, labelled, num_classes, config, device, init_state, ctx)
+    if init_optimizer and not resume:
+        load_optimizer_moments(run.optimizer, init_optimizer)
     checkpoint = TrainingCheckpoint(checkpoint_dir) if checkpoint_dir else None
     if resume:
         if checkpoint is None:
@@ -313,7 +321,9 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
         run.snapshots.append(state_to_cpu(run.net))
     return FitResult(snapshots=run.snapshots[-max(1, config.snapshots):], architecture=arch, history=run.history,
                      steps_done=run.step, seconds=time.monotonic() - t0, batch_size=run.batch_l,
-                     parameters=count_parameters(run.model))
+                     parameters=count_parameters(run.model),
+                     optimizer_state={k: v.detach().to("cpu", copy=True)
+                                      for k, v in optimizer_to_tensors(run.optimizer)[0].items()})
 
 
 def _new_run(volumes, labels, labelled, num_classes: int, config: TrainConfig, device: torch.device,

@@ -183,7 +183,9 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
                 init_state: dict | None = None, use_prior: bool = True) -> tuple[dict, dict]:
     """One round: train on ``labelled`` slices of ``case`` (from ``init_state`` when given) and segment the whole
     volume as the product does (:func:`mismatch.pipeline.train_and_segment`, with the painted slices' prior when
-    ``use_prior``); evaluate every other slice. Returns ``(metrics, final weights)``."""
+    ``use_prior``); evaluate every other slice. Returns ``(metrics, final state)``: the weights and, under
+    their ``optim.`` names, the optimiser's state, which a warm round continues from as ``mismatch train
+    --init`` does."""
     import torch
 
     from ..data import Normalisation
@@ -196,8 +198,12 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
     sparse = _sparse(case.label, lab, case.axis)
     run = train_and_segment(volume, sparse, lab, case_classes(case), train_config,
                             normalisation=Normalisation(hu_window=case.window), spacing_kji=case.spacing,
-                            geometry=case.geometry, device=device, init_state=init_state, use_prior=use_prior,
-                            truth=case.label, eval_slices=test, outputs=())
+                            geometry=case.geometry, device=device, use_prior=use_prior, truth=case.label,
+                            eval_slices=test, outputs=(),
+                            init_state=None if init_state is None else
+                            {k: v for k, v in init_state.items() if not k.startswith("optim.")},
+                            init_optimizer=None if init_state is None else
+                            {k: v for k, v in init_state.items() if k.startswith("optim.")})
     seg = run.segmentation
     mean = seg.evaluation["mean"]
     two = len(run.networks[0].decoders) > 1
@@ -208,7 +214,7 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
         "seconds": round(run.train_seconds + run.segment_seconds, 3),
         "suggestions": suggestions(seg.slice_scores, lab.tolist(), two) if use_prior else None,
     }
-    state = {k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()}
+    state = {**{k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()}, **run.fitted.optimizer_state}
     del run
     if getattr(device, "type", "") == "cuda":
         torch.cuda.empty_cache()
