@@ -297,8 +297,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     result = fit(volumes, mapped, labelled, num_classes, config, reporter=reporter, device=dev,
-                 init_state=init_state, init_optimizer=init_optimizer, checkpoint_dir=out / CHECKPOINT_DIR, resume=resume, stop=stop,
-                 checkpoint_seconds=checkpoint_seconds)
+                 init_state=init_state, init_optimizer=init_optimizer, checkpoint_dir=out / CHECKPOINT_DIR,
+                 resume=resume, stop=stop, checkpoint_seconds=checkpoint_seconds)
     card = build_card(result, config, classes=classes, normalisation=norm, channels=[Path(p).name for p in images],
                       labelled=labelled, device=dev, geometry=geometry,
                       training={"init_model": init_model, "images": [Path(p).name for p in images],

@@ -53,8 +53,8 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 #: What a model folder may hold besides the model: ``mismatch train`` replaces the whole folder when the
 #: new model is complete, so anything else in it would be lost; such a folder is refused instead.
-_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, "checkpoint", *(p.name for p in swap_names("checkpoint")),
-                ".DS_Store", "Thumbs.db", "desktop.ini"}
+_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, "checkpoint",
+                *(p.name for p in swap_names("checkpoint")), ".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
 def foreign_entries(model_dir: str | os.PathLike) -> list[str]:
@@ -291,13 +291,19 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           rest: dict[str, Any]) -> None:
+def _optimizer_tensor_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, Any]]:
+    """``{parameter index: {name: tensor}}`` from the ``optim.<index>.<name>`` entries of ``tensors``."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
+    return state
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           rest: dict[str, Any]) -> None:
+    state = _optimizer_tensor_state(tensors)
     for pid, values in rest.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
@@ -311,11 +317,7 @@ def load_optimizer_moments(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimiser's parameters (another architecture or width)."""
     groups = optimizer.state_dict()["param_groups"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
+    state = _optimizer_tensor_state(tensors)
     fits = bool(state) and all(
         0 <= pid < len(params) and all(v.dim() == 0 or v.shape == params[pid].shape for v in st.values())
         for pid, st in state.items())

@@ -264,8 +264,9 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     stop = stop if stop is not None else StopRequest()
     ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
     run, arch = _new_run(volumes, labels, labelled, num_classes, config, device, init_state, ctx)
-    if init_optimizer and not resume:
-        load_optimizer_moments(run.optimizer, init_optimizer)
+    if init_optimizer and not resume and not load_optimizer_moments(run.optimizer, init_optimizer):
+        reporter.log("the initial model's optimiser state does not fit this network: the optimiser starts afresh",
+                     level="warning")
     checkpoint = TrainingCheckpoint(checkpoint_dir) if checkpoint_dir else None
     if resume:
         if checkpoint is None:

@@ -214,7 +214,8 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
         "seconds": round(run.train_seconds + run.segment_seconds, 3),
         "suggestions": suggestions(seg.slice_scores, lab.tolist(), two) if use_prior else None,
     }
-    state = {**{k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()}, **run.fitted.optimizer_state}
+    state = {**{k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()},
+             **run.fitted.optimizer_state}
     del run
     if getattr(device, "type", "") == "cuda":
         torch.cuda.empty_cache()
