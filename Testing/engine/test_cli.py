@@ -103,7 +103,8 @@ def test_train_segment_evaluate_end_to_end(case, capsys):
 def test_a_ct_in_hounsfield_units_is_windowed_by_default_and_an_mri_is_not(case):
     """--hu-window auto (the default, what the panel gets): the disc case's CT values (air at -800 HU) are
     clipped to the CT window the benchmark measures; the same image moved above zero (an MRI's range) is
-    not clipped; none and an explicit window are kept as given. The model card records what was used."""
+    not clipped; none and an explicit window are kept as given; a model continued with --init keeps its own.
+    The model card records what was used."""
     d = case["dir"]
     mri = _write(case["array"] + 1000.0, d / "mri.nrrd")
 
@@ -120,6 +121,13 @@ def test_a_ct_in_hounsfield_units_is_windowed_by_default_and_an_mri_is_not(case)
     assert hu is None and not any("Hounsfield" in m for m in said)
     assert window(case["image"], "--hu-window", "none")[0] is None
     assert window(case["image"], "--hu-window=-500,500")[0] == [-500.0, 500.0]
+    # continued with --init, the model keeps the window it was trained with (here: none, on the CT); a window
+    # given explicitly still wins
+    hu, said = window(case["image"], "--init", str(d / "model-2"))
+    assert hu is None and not any("clipped" in m for m in said)
+    hu, said = window(mri, "--init", str(d / "model-0"))
+    assert hu == [-1000.0, 400.0] and any("--init model" in m for m in said)
+    assert window(case["image"], "--init", str(d / "model-0"), "--hu-window=-500,500")[0] == [-500.0, 500.0]
 
 
 def test_auto_window_looks_at_the_darkest_voxel():

@@ -18,7 +18,7 @@ from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
 from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
-from .modelfile import load_model, read_optimizer_state, save_model
+from .modelfile import load_model, read_card, read_optimizer_state, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
@@ -219,8 +219,10 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     reporter.start("load", total=None)
     image, geometry = read_image(images)
     auto = config.hu_window == "auto"   # mismatch train's default: a CT in HU is clipped to CT_WINDOW
-    if auto:
-        config = dataclasses.replace(config, hu_window=auto_window(image))
+    if auto:   # ... and a model continued with --init goes on seeing its inputs as it was trained on them
+        window = Normalisation.from_dict(read_card(init_model).get("normalisation") or {}).hu_window \
+            if init_model else auto_window(image)
+        config = dataclasses.replace(config, hu_window=window)
     labels = read_labels(labels_path, geometry)
     extra = []
     for case in unlabelled:
@@ -284,9 +286,9 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
 
     n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
     if auto and config.hu_window:   # said once every input has passed its checks
-        reporter.log(f"the image looks like a CT in Hounsfield units: clipped to {config.hu_window[0]:g} to "
-                     f"{config.hu_window[1]:g} HU before normalising (--hu-window=LOW,HIGH for another window, "
-                     "--hu-window none for none)")
+        why = "as the --init model's inputs were" if init_model else "the image looks like a CT in Hounsfield units"
+        reporter.log(f"{why}: clipped to {config.hu_window[0]:g} to {config.hu_window[1]:g} before normalising "
+                     "(--hu-window=LOW,HIGH for another window, --hu-window none for none)")
     reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
                  f"unlabelled; training {config.method} on {describe(dev)}"
                  + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"

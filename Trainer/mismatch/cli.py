@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
                    help="clip the image to this window before the per-volume z-score; auto (default): a CT in "
                         "Hounsfield units (darkest voxel at -500 or below) is clipped to -1000,400, any other "
-                        "image is not; none: never clip. A window that starts below zero needs the = form: "
+                        "image is not, and with --init the model's own window is kept; none: never clip. A window that starts below zero needs the = form: "
                         "--hu-window=-1000,400")
     t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
                    help="extra unlabelled cases; a case with several channels is a comma-separated list")
