@@ -193,7 +193,7 @@ def next_slice_hint(row: dict, labelled=None) -> str:
     if isinstance(distance, int) and distance > 0:
         where = "it is next to a painted slice" if distance == 1 else f"it is {distance} slices from any painted slice"
         if row.get("ranking") == "gap":   # ranked by the gap: that is the reason, the rest a detail
-            reasons.insert(0, f"{where}, the widest unpainted stretch of the structure")
+            reasons.insert(0, f"{where}, in the widest unpainted stretch of the structure")
         else:
             reasons.append(where)
     if not reasons:

@@ -89,9 +89,14 @@ def test_the_gap_ranking_fills_the_widest_stretch_of_the_predicted_structure():
     for row in scores:   # the structure predicted on slices 4 to 20, a speck on 25
         row["foreground_fraction"] = 0.2 if 4 <= row["slice"] <= 20 else (0.001 if row["slice"] == 25 else 0.0)
     ranked = rank_uncertain_slices(scores, exclude=[6, 10], ranking="gap")
-    assert ranked[0]["slice"] == 20 and ranked[0]["distance"] == 10      # the far end of the predicted extent
+    # the stretch beyond slice 10 is the widest (10 slices to the predicted end at 20): two thirds of the way
+    # to the end, so that the new slice is about half a gap inside the end, as evenly spaced slices are
+    assert ranked[0]["slice"] == 17 and ranked[0]["distance"] == 7
+    assert ranked[0]["score"] == pytest.approx(10 - 1 / 3 + 0.01)
+    assert ranked[1]["slice"] == 16
     assert {r["slice"] for r in ranked} == set(range(4, 21)) - {6, 10}   # not the speck, not outside
-    assert ranked[0]["score"] == pytest.approx(10 + 0.01)
+    one = rank_uncertain_slices(scores, exclude=[12], ranking="gap")     # one painted slice in the middle:
+    assert {one[0]["slice"], one[1]["slice"]} == {7, 17}   # about a third of the way in from each end
     ties = rank_uncertain_slices(scores, exclude=[4, 20], ranking="gap")
     assert ties[0]["slice"] == 12 and ties[0]["distance"] == 8   # the middle of the gap between 4 and 20
     scores[16]["disagreement"] = 0.2   # slices 8 and 16 are both 4 from a painted slice: the disagreement decides

@@ -28,9 +28,9 @@ def test_next_slice_hint_says_why():
                                        "expected to be wrong and it is 12 slices from any painted slice")
     assert next_slice_hint({"slice": 3, "disagreement": 0.2}) == "slice 3: the decoders disagree most here"
     assert next_slice_hint({"slice": 3}) == "slice 3: the most uncertain of the slices not painted"
-    assert next_slice_hint(dict(row, ranking="gap")) == ("slice 37: it is 12 slices from any painted slice, the widest "
-                                                         "unpainted stretch of the structure and the decoders "
-                                                         "disagree on 4.1 % of it")
+    assert next_slice_hint(dict(row, ranking="gap")) == ("slice 37: it is 12 slices from any painted slice, in the "
+                                                         "widest unpainted stretch of the structure and the "
+                                                         "decoders disagree on 4.1 % of it")
 
 
 def _request(volume, labels, **kw) -> TrainingRequest:

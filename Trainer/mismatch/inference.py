@@ -376,10 +376,12 @@ class VolumeInference:
 #:   1 - confidence: the confidence mass missing, which lies along the predicted boundaries);
 #: - ``expected-error-distance``: the same, weighted by the distance;
 #: - ``gap``: coverage first: among the slices where the structure is predicted (a cross-section at least
-#:   :data:`GAP_EXTENT_FRACTION` of the largest), the one farthest from any labelled slice, the decoders'
-#:   disagreement breaking ties; every slice when none is predicted. ``mismatch simulate`` found evenly spaced
-#:   slices and the largest gap ahead of the disagreement (docs/loop.md); this is the largest gap as the
-#:   engine can see it, from the prediction instead of the true extent.
+#:   :data:`GAP_EXTENT_FRACTION` of the largest), the middle of the widest gap between labelled slices, or
+#:   where the stretch beyond the outermost labelled slice is wider, two thirds of the way to its end
+#:   (:func:`_coverage`), the decoders' disagreement breaking ties; every slice when none is predicted.
+#:   ``mismatch simulate`` found evenly spaced slices and the largest gap ahead of the disagreement
+#:   (docs/loop.md); this is the largest gap as the engine can see it, from the prediction instead of the
+#:   true extent.
 RANKINGS = ("disagreement", "disagreement-distance", "expected-error", "expected-error-distance", "gap")
 #: ``gap``: a slice counts as holding the structure when its predicted foreground is at least this fraction of
 #: the largest slice's (the extent over which the benchmark draws labelled slices uses the same share)
@@ -398,6 +400,20 @@ def distance_weight(distance: float | None, n_slices: int, n_labelled: int) -> f
         return 1.0
     r = max(1.0, n_slices / (2.0 * (n_labelled + 1)))
     return float(1.0 - math.exp(-float(distance) / r))
+
+
+def _coverage(s: int, distance: int | None, labelled: np.ndarray, extent: set[int] | None) -> float:
+    """The ``gap`` ranking's score of slice ``s``: between labelled slices its distance to the nearest one (the
+    middle of the widest gap first); beyond the outermost labelled slice, where the structure ends ``D`` slices
+    further, ``D`` at two thirds of the way to the end and less either side. Labelled there, the new slice is
+    a third of its gap from the end and two thirds from the labelled one: the spacing the README advises
+    (evenly spaced slices with the outermost about half a gap inside the ends), where the farthest slice
+    would be the end itself, a cross-section at a tenth of the largest that tells the prior little."""
+    if distance is None or extent is None or labelled[0] <= s <= labelled[-1]:
+        return float(distance or 0)
+    l, end = (labelled[0], min(extent)) if s < labelled[0] else (labelled[-1], max(extent))
+    reach = abs(int(l) - int(end))
+    return float(reach) - abs(abs(s - int(l)) - 2.0 * reach / 3.0)
 
 
 def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_decoders: bool = True,
@@ -428,8 +444,8 @@ def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_d
         if extent is not None and int(row["slice"]) not in extent:
             continue
         distance = int(np.min(np.abs(labelled - int(row["slice"])))) if len(labelled) else None
-        if ranking == "gap":   # the distance in slices first; the disagreement (below 1) orders equal ones
-            score = float(distance or 0) + min(float(row[base]), 0.999)
+        if ranking == "gap":   # the coverage in slices first; the disagreement (below 1) orders equal ones
+            score = _coverage(int(row["slice"]), distance, labelled, extent) + min(float(row[base]), 0.999)
         else:
             score = float(row[base]) * (distance_weight(distance, n_slices, len(labelled)) if weighted else 1.0)
         rows.append({**row, "distance": distance, "score": score})
