@@ -18,7 +18,7 @@ from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
 from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
-from .modelfile import load_model, read_card, read_optimizer_state, save_model
+from .modelfile import load_model, read_optimizer_state, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
@@ -218,10 +218,24 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         check_output()
     reporter.start("load", total=None)
     image, geometry = read_image(images)
+    init_state, init_optimizer, init_card = None, None, None
+    if init_model:
+        init_card, nets = load_model(init_model)
+        init_optimizer = read_optimizer_state(init_model)
+        if nets[0].config.in_channels != image.shape[0]:
+            raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
+                            f"but {image.shape[0]} image(s) were given")
+        init_state = nets[-1].state_dict()
+        config.width = nets[0].config.width
+        wanted = make_method(config.method).architecture if config.method in METHODS else None
+        if wanted != nets[0].config.name:
+            raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
+                            f"{config.method} trains a {wanted}; use the model's method to continue from it")
+
     auto = config.hu_window == "auto"   # mismatch train's default: a CT in HU is clipped to CT_WINDOW
     if auto:   # ... and a model continued with --init goes on seeing its inputs as it was trained on them
-        window = Normalisation.from_dict(read_card(init_model).get("normalisation") or {}).hu_window \
-            if init_model else auto_window(image)
+        window = Normalisation.from_dict(init_card.get("normalisation") or {}).hu_window \
+            if init_card is not None else auto_window(image)
         config = dataclasses.replace(config, hu_window=window)
     labels = read_labels(labels_path, geometry)
     extra = []
@@ -239,20 +253,6 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                                  hu_window=config.hu_window, cache_volumes=cache_volumes, cache_bytes=cache_bytes,
                                  warn=lambda message: reporter.log(message, level="warning"),
                                  check_not=[out_dir])
-
-    init_state, init_optimizer, init_card = None, None, None
-    if init_model:
-        init_card, nets = load_model(init_model)
-        init_optimizer = read_optimizer_state(init_model)
-        if nets[0].config.in_channels != image.shape[0]:
-            raise UserError(f"--init {init_model}: the model takes {nets[0].config.in_channels} channel(s) "
-                            f"but {image.shape[0]} image(s) were given")
-        init_state = nets[-1].state_dict()
-        config.width = nets[0].config.width
-        wanted = make_method(config.method).architecture if config.method in METHODS else None
-        if wanted != nets[0].config.name:
-            raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
-                            f"{config.method} trains a {wanted}; use the model's method to continue from it")
 
     if classes_path:
         classes = load_classes_file(classes_path)

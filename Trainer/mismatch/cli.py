@@ -355,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
                    help="clip the image to this window before the per-volume z-score; auto (default): a CT in "
                         "Hounsfield units (darkest voxel at -500 or below) is clipped to -1000,400, any other "
-                        "image is not, and with --init the model's own window is kept; none: never clip. A window that starts below zero needs the = form: "
-                        "--hu-window=-1000,400")
+                        "image is not, and with --init the model's own window is kept; none: never clip. A window "
+                        "that starts below zero needs the = form: --hu-window=-1000,400")
     t.add_argument("--unlabelled", nargs="+", default=[], metavar="EXTRA",
                    help="extra unlabelled cases; a case with several channels is a comma-separated list")
     t.add_argument("--unlabelled-manifest", metavar="FILE",

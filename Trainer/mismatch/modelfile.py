@@ -112,8 +112,6 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
         "engine_version": __version__,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "snapshots": len(snapshots)},
     })
-    if optimizer_state:
-        card["optimizer"] = {"file": OPTIMIZER_NAME}
     text = json.dumps(card, indent=2, sort_keys=False) + "\n"
 
     def write(new: Path) -> None:
