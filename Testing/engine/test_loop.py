@@ -106,13 +106,52 @@ def test_the_gap_ranking_fills_the_widest_stretch_of_the_predicted_structure():
     assert len(rank_uncertain_slices(nothing, exclude=[6], ranking="gap")) == 29
 
 
+def test_the_gap_ranking_looks_past_a_prediction_the_prior_ended_where_the_network_goes_on():
+    # painted 20, 23, 26 (a gap of 3); the prediction ends at 17 on one side and 29 on the other
+    scores = _scores(40)
+    for row in scores:
+        s = row["slice"]
+        row["foreground_fraction"] = 0.2 if 17 <= s <= 29 else 0.0
+        row["network_box_fraction"] = 0.3 if s <= 29 else 0.02   # the network goes on down to slice 0 only
+        row["network_on_painted"] = 0.6   # mostly where the outermost painted slice's structure is
+    ranked = rank_uncertain_slices(scores, exclude=[20, 23, 26], ranking="gap")
+    # the structure as the network sees it reaches slice 0: two thirds of the 20 slices from 20 to 0
+    assert ranked[0]["slice"] == 7 and ranked[0]["beyond_prediction"] is True
+    assert not any(r.get("beyond_prediction") for r in ranked if r["slice"] >= 17)
+    assert max(r["slice"] for r in ranked) == 29   # a tenth of the painted cross-section: not the structure
+    # a stretch no longer than the painted gap (a lesion's neighbourhood for a slice or two) is left out
+    short = [dict(r, network_box_fraction=0.3 if 15 <= r["slice"] <= 29 else 0.0) for r in scores]
+    assert min(r["slice"] for r in rank_uncertain_slices(short, exclude=[20, 23, 26], ranking="gap")) == 17
+    # far more (or far less) than the network's own cross-section on the painted slice: something else
+    other = [dict(r, network_box_fraction=0.9 if r["slice"] < 17 else 0.3) for r in scores]
+    assert min(r["slice"] for r in rank_uncertain_slices(other, exclude=[20, 23, 26], ranking="gap")) == 17
+    # about the size, but beside the painted structure: something else
+    beside = [dict(r, network_on_painted=0.1 if r["slice"] < 17 else 0.6) for r in scores]
+    assert min(r["slice"] for r in rank_uncertain_slices(beside, exclude=[20, 23, 26], ranking="gap")) == 17
+    # one painted slice: the prior has no end rule, nothing is added; no network scores: as before
+    assert min(r["slice"] for r in rank_uncertain_slices(scores, exclude=[23], ranking="gap")) == 17
+    bare = [{k: v for k, v in r.items() if k != "network_box_fraction"} for r in scores]
+    assert min(r["slice"] for r in rank_uncertain_slices(bare, exclude=[20, 23, 26], ranking="gap")) == 17
+
+
 def test_slice_scores_carry_what_the_rankings_and_the_hint_need():
     from mismatch.inference import segment_volume
 
     net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()
-    seg = segment_volume([net], tiny_case(6).image, device="cpu", outputs=())
+    case = tiny_case(6)
+    seg = segment_volume([net], case.image, device="cpu", outputs=())
     row = seg.slice_scores[0]
     assert 0 <= row["disagreeing_fraction"] <= 1 and 0 <= row["expected_error"] <= 0.5
+    assert "network_box_fraction" not in row   # without the painted slices' prior there is no painted box
+    from mismatch.pipeline import painted_slice_prior
+
+    sparse = np.zeros_like(case.label)
+    sparse[[1, 4]] = case.label[[1, 4]]
+    prior = painted_slice_prior(sparse, [1, 4], "k", (1.0, 1.0, 1.0), 2, None)
+    seg = segment_volume([net], case.image, device="cpu", outputs=(), prior=prior)
+    assert all(0 <= r["network_box_fraction"] <= 1 for r in seg.slice_scores)
+    assert [r["slice"] for r in seg.slice_scores if "network_on_painted" in r] == [0, 5]   # past 1 and 4 only
+    assert all(0 <= r.get("network_on_painted", 0) <= 1 for r in seg.slice_scores)
 
 
 # -- warm start ---------------------------------------------------------------------------------------------

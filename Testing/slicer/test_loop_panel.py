@@ -31,6 +31,9 @@ def test_next_slice_hint_says_why():
     assert next_slice_hint(dict(row, ranking="gap")) == ("slice 37: it is 12 slices from any painted slice, in the "
                                                          "widest unpainted stretch of the structure and the "
                                                          "decoders disagree on 4.1 % of it")
+    assert next_slice_hint(dict(row, ranking="gap", beyond_prediction=True)).startswith(
+        "slice 37: it is 12 slices from any painted slice, past where the segmentation ends, but the network alone "
+        "still sees the structure there: paint it, or list it under Empty slices if the structure has ended")
 
 
 def _request(volume, labels, **kw) -> TrainingRequest:

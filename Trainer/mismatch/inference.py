@@ -23,6 +23,7 @@ from .calibration import CalibrationReport, top_label
 from .data import AXES
 from .device import autocast
 from .events import Reporter
+from .grow import painted_box
 from .metrics import OverlapCounter
 from .models import SegmentationNetwork
 from .prior import SlicePrior
@@ -237,10 +238,40 @@ class VolumeInference:
                         if self.eval_set else {})
         self.scores: list[dict] = []
         self.seconds = 0.0
+        # in-plane, the painted structure's box (grown as the prior grows it): where the scores look at what
+        # the network alone predicts (network_box_fraction)
+        self.score_box = None
+        if prior is not None and self.want_scores:
+            box = painted_box(prior.sparse, prior.lab, prior.axis)
+            if box is not None:
+                self.score_box = (slice(None),) + tuple(b for a, b in enumerate(box) if a != self.ax)
+                # the outermost painted slices' structure in that box: past them, how much of what the
+                # network finds lies where they were painted (network_on_painted)
+                self.outer_painted = {end: torch.from_numpy(np.ascontiguousarray(
+                    prior.labels(end)[self.score_box[1:]] > 0)) for end in (int(prior.lab[0]), int(prior.lab[-1]))}
 
     def _view(self, array: np.ndarray | None) -> np.ndarray | None:
         """``array [K, J, I]`` with the slice axis first (a view: writing into it fills the array)."""
         return None if array is None else np.moveaxis(array, self.ax, 0)
+
+    def _probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each decoder's probabilities for the batch ``x``, averaged over the networks."""
+        per_decoder = None
+        with autocast(self.device, self.amp):
+            for net in self.networks:
+                probs = [net.probabilities(l.float()) for l in net(x)]
+                per_decoder = probs if per_decoder is None else [a + b for a, b in zip(per_decoder, probs)]
+        return [p / len(self.networks) for p in per_decoder]
+
+    def _on_painted(self, s: int, mask: torch.Tensor) -> dict:
+        """Past the outermost painted slice of a side: ``network_on_painted``, the share of the network's
+        foreground ``mask`` (in the painted box) that lies on that slice's painted structure."""
+        lo, hi = min(self.outer_painted), max(self.outer_painted)
+        if lo <= s <= hi:
+            return {}
+        found = int(mask.sum())
+        on = int((mask & self.outer_painted[lo if s < lo else hi]).sum())
+        return {"network_on_painted": on / found if found else 0.0}
 
     @torch.inference_mode()
     def segment(self, volume: np.ndarray) -> None:
@@ -266,14 +297,13 @@ class VolumeInference:
         for start in range(0, n_slices, self.batch_size):
             stop = min(n_slices, start + self.batch_size)
             x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(device).contiguous(memory_format=fmt)
-            per_decoder = None
-            with autocast(device, self.amp):
-                for net in self.networks:
-                    probs = [net.probabilities(l.float()) for l in net(x)]
-                    per_decoder = probs if per_decoder is None else [a + b for a, b in zip(per_decoder, probs)]
-            per_decoder = [p / len(self.networks) for p in per_decoder]
+            per_decoder = self._probabilities(x)
             mean = torch.stack(per_decoder).mean(0)
+            net_box = None
             if prior is not None:
+                if self.score_box is not None:   # the network alone in the painted box (the ranking's extent)
+                    net_mask = (_top_label(mean, binary)[0][self.score_box] > 0).cpu()
+                    net_box = net_mask.float().mean((1, 2)).tolist()
                 mean = _fuse(mean, prior, range(start, stop), binary)
             pred, conf = _top_label(mean, binary)
             dis = _disagreement(per_decoder, binary) if self.want_scores or "disagreement" in needed else None
@@ -301,6 +331,9 @@ class VolumeInference:
                     "disagreement": float(dis[i].mean()),
                     "uncertain_fraction": float((conf[i] < UNCERTAIN_CONFIDENCE).float().mean()),
                     "foreground_fraction": float((pred[i] > 0).float().mean()),
+                    # the network alone's (before the painted slices' prior), in the painted structure's box
+                    **({"network_box_fraction": net_box[i]} if net_box is not None else {}),
+                    **(self._on_painted(s, net_mask[i]) if net_box is not None else {}),
                     # the decoders' labels differ (what the panel's hint quotes)
                     "disagreeing_fraction": float(differ[i].float().mean()) if differ is not None else 0.0,
                     # the expected fraction of wrong voxels under the prediction's own confidence (before
@@ -416,6 +449,51 @@ def _coverage(s: int, distance: int | None, labelled: np.ndarray, extent: set[in
     return float(reach) - abs(abs(s - int(l)) - 2.0 * reach / 3.0)
 
 
+#: ``gap``: beyond where the prediction ends, a slice still counts as holding the structure while the network alone
+#: (before the painted slices' prior) predicts, in the painted structure's box, a cross-section within this factor
+#: of its own on the outermost painted slice (:func:`_network_continues`)
+GAP_CONTINUE_FACTOR = 2.0
+#: ... and at least this share of it lies where the outermost painted slice's structure was painted: the same
+#: structure going on, not something else of about its size (grey matter painted at one end: 0.42 to 0.86 over
+#: the ten slices past the painted range; a brain tumour's neighbourhood past its end: 0.0 to 0.35)
+GAP_CONTINUE_OVERLAP = 0.3
+
+
+def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[int]) -> set[int]:
+    """The slices beyond each end of the predicted ``extent`` where the network alone sees the structure go on:
+    from the end outwards, while the network's foreground in the painted structure's box
+    (``network_box_fraction``) is within :data:`GAP_CONTINUE_FACTOR` of its own on the outermost painted slice
+    of that side and at least :data:`GAP_CONTINUE_OVERLAP` of it lies on that slice's painted structure
+    (``network_on_painted``).
+
+    The prior ends the structure about half a gap beyond the outermost painted slices (the spacing of slices
+    painted as advised); painted slices clustered at one part of a long structure make that gap short, and
+    the prediction then stops far before the structure does (grey matter painted on slices 58, 63 and 68 of
+    a brain reaching from 6 to 75: predicted down to 50 only, where the network alone still saw it at 1.1 to
+    1.2 times its cross-section on slice 58, 42 to 86 % of it on slice 58's painted grey matter). Past a
+    lesion's end the network finds little in that box, or something else of about its size beside it. The
+    ``gap`` ranking then looks there too, so that the next slice painted tells the prior where the structure
+    really ends. A stretch no longer than the mean gap between
+    painted slices is left out: the painting's own spacing allows for it."""
+    if len(labelled) < 2:   # one painted slice: the prior has no end rule (it needs a gap)
+        return set()
+    by_slice = {int(r["slice"]): r for r in scores}
+    gap = (max(labelled) - min(labelled)) / (len(labelled) - 1)
+    out: set[int] = set()
+    for side, painted, end in ((-1, min(labelled), min(extent)), (1, max(labelled), max(extent))):
+        ref = by_slice.get(int(painted), {}).get("network_box_fraction")
+        if not ref:
+            continue
+        s, stretch = end + side, set()
+        while s in by_slice and ref / GAP_CONTINUE_FACTOR <= by_slice[s].get("network_box_fraction", 0.0) \
+                <= ref * GAP_CONTINUE_FACTOR and by_slice[s].get("network_on_painted", 0.0) >= GAP_CONTINUE_OVERLAP:
+            stretch.add(s)
+            s += side
+        if len(stretch) > gap:
+            out |= stretch
+    return out
+
+
 def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_decoders: bool = True,
                           ranking: str = DEFAULT_RANKING) -> list[dict]:
     """Slices sorted most worth labelling first by ``ranking`` (:data:`RANKINGS`), leaving out ``exclude`` (the
@@ -429,7 +507,7 @@ def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_d
     weighted = ranking.endswith("-distance")
     n_slices = len(scores)
     labelled = np.asarray(skip, dtype=np.int64)
-    extent = None
+    extent, beyond = None, set()
     if ranking == "gap":
         largest = max((float(r.get("foreground_fraction", 0.0)) for r in scores), default=0.0)
         if largest > 0:
@@ -437,6 +515,9 @@ def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_d
                       if float(r.get("foreground_fraction", 0.0)) >= GAP_EXTENT_FRACTION * largest}
             if not extent - set(skip):
                 extent = None
+        if extent is not None and skip:
+            beyond = _network_continues(scores, extent, skip)
+            extent |= beyond
     rows = []
     for row in scores:
         if row["slice"] in skip or base not in row or not math.isfinite(row[base]):
@@ -448,5 +529,6 @@ def rank_uncertain_slices(scores: list[dict], exclude: Sequence[int] = (), two_d
             score = _coverage(int(row["slice"]), distance, labelled, extent) + min(float(row[base]), 0.999)
         else:
             score = float(row[base]) * (distance_weight(distance, n_slices, len(labelled)) if weighted else 1.0)
-        rows.append({**row, "distance": distance, "score": score})
+        rows.append({**row, "distance": distance, "score": score,
+                     **({"beyond_prediction": True} if int(row["slice"]) in beyond else {})})
     return sorted(rows, key=lambda r: -r["score"])
