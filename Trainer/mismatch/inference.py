@@ -240,7 +240,7 @@ class VolumeInference:
         self.seconds = 0.0
         # in-plane, the painted structure's box (grown as the prior grows it): where the scores look at what
         # the network alone predicts (network_box_fraction)
-        self.score_box = None
+        self.score_box, self.outer_painted = None, {}
         if prior is not None and self.want_scores:
             box = painted_box(prior.sparse, prior.lab, prior.axis)
             if box is not None:
@@ -473,8 +473,8 @@ def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[
     1.2 times its cross-section on slice 58, 42 to 86 % of it on slice 58's painted grey matter). Past a
     lesion's end the network finds little in that box, or something else of about its size beside it. The
     ``gap`` ranking then looks there too, so that the next slice painted tells the prior where the structure
-    really ends. A stretch no longer than the mean gap between
-    painted slices is left out: the painting's own spacing allows for it."""
+    really ends. A stretch no longer than the mean gap between painted slices is left out: the painting's own
+    spacing allows for it."""
     if len(labelled) < 2:   # one painted slice: the prior has no end rule (it needs a gap)
         return set()
     by_slice = {int(r["slice"]): r for r in scores}
