@@ -165,6 +165,20 @@ def removed_slices(report: dict | None, threshold: float = 0.001, most: int = 3)
     return sorted(int(r["slice"]) for r in rows[:most])
 
 
+def structure_goes_on_note(report: dict | None) -> str:
+    """What the status line says when the engine followed the structure past the painted slices (the report's
+    ``structure_goes_on``: ``{"below": slice, "above": slice}``), e.g. "the segmentation follows the structure
+    past your painted slices down to slice 13, where the network alone sees it go on: check it"; "" when it
+    did not."""
+    ends = (report or {}).get("structure_goes_on") or {}
+    parts = [f"{'down' if side == 'below' else 'up'} to slice {int(ends[side])}"
+             for side in ("below", "above") if isinstance(ends.get(side), (int, float))]
+    if not parts:
+        return ""
+    return (f"the segmentation follows the structure past your painted slices {' and '.join(parts)}, where the "
+            "network alone sees it go on: check it")
+
+
 def _percent(fraction: float) -> str:
     value = 100.0 * float(fraction)
     return f"{value:.1f} %" if value >= 0.1 or value == 0 else "under 0.1 %"
@@ -195,6 +209,10 @@ def next_slice_hint(row: dict, labelled=None) -> str:
         if row.get("beyond_prediction"):   # the prior ended the structure before the network does
             reasons.insert(0, f"{where}, past where the segmentation ends, but the network alone still sees the "
                               "structure there: paint it, or list it under Empty slices if the structure has ended")
+        elif row.get("structure_goes_on"):   # the segmentation follows the network past the painted slices
+            reasons.insert(0, f"{where}, past your painted slices, where the network alone sees the structure go "
+                              "on and the segmentation follows it: check it, or list it under Empty slices if the "
+                              "structure has ended")
         elif row.get("ranking") == "gap":   # ranked by the gap: that is the reason, the rest a detail
             reasons.insert(0, f"{where}, in the widest unpainted stretch of the structure")
         else:
@@ -647,6 +665,9 @@ class MisMatchLogic:
         if removed:
             where = ("slice " if len(removed) == 1 else "slices ") + ", ".join(map(str, removed))
             text += f"; the model also drew parts away from your structure on {where}: they were removed; check them"
+        goes_on = structure_goes_on_note(self.report)
+        if goes_on:
+            text += f"; {goes_on}"
         ranked = self.report.get("uncertain_slices")
         if ranked:
             first = dict(ranked[0], ranking=self.report.get("ranking", ""))

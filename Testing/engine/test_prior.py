@@ -87,6 +87,9 @@ def test_prior_ends_the_structure_past_a_quarter_gap_beyond_the_outermost_painte
     old = {k: v for k, v in settings.to_dict().items() if not k.startswith("end_")}
     assert PriorSettings.from_dict(old).end_penalty == 0.0
     assert PriorSettings.from_dict(settings.to_dict()) == settings
+    # settings recorded before the end followed the network keep the end where the painted slices put it
+    before = {k: v for k, v in settings.to_dict().items() if k != "end_follows_network"}
+    assert settings.end_follows_network and not PriorSettings.from_dict(before).end_follows_network
 
 
 def test_boundary_rate_measures_how_fast_the_outline_moves():
@@ -197,3 +200,102 @@ def test_segment_volume_with_two_classes_keeps_each_painted_class():
     assert set(np.unique(seg.labels)) <= {0, 1, 2}
     # every part of each class touches that class's painted voxels (the untrained network's others are gone)
     assert np.array_equal(keep_connected(seg.labels, sparse, [1, 4], 0), seg.labels)
+
+
+class _SeesBright(SegmentationNetwork):
+    """A stand-in network that sees the bright structure of the image exactly (both decoders alike), and
+    counts the slices it is run on."""
+
+    def __init__(self):
+        super().__init__(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4))
+        self.slices_run = 0
+
+    def forward(self, x, heads=None):
+        self.slices_run += x.shape[0]
+        z = 20.0 * (x[:, :1].float() - 0.5)
+        return [z, z]
+
+
+def _tube(first: int, last: int, n: int = 40) -> np.ndarray:
+    """A bright tube of radius 6 on slices ``first..last`` of an ``n`` x 24 x 24 volume."""
+    label = np.zeros((n, 24, 24), np.uint8)
+    label[first:last + 1] = disc((24, 24), (12, 12), 6)
+    return label
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_end_moves_out_where_the_network_alone_sees_the_painted_structure_go_on(batch):
+    label = _tube(3, 37)                       # a long structure, painted close together near its top end
+    painted = [28, 31, 34]
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    volume = label[None].astype(np.float32)
+    net = _SeesBright()
+    prior = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2)
+    seg = segment_volume([net], volume, axis="k", prior=prior, batch_size=batch)
+    assert seg.extended_ends == {-1: 3}    # below: 25 slices past 28; above: 3, no more than the gap
+    assert prior.ends == {-1: 3, 1: 34}
+    assert np.array_equal(seg.labels > 0, label > 0)
+    assert net.slices_run == 40                # the slices run while finding the ends were kept for the pass
+    assert [r["slice"] for r in seg.slice_scores if r.get("structure_goes_on")] == list(range(3, 28))
+    # without the move, the prior past the painted range's quarter gap vetoes the network's +10 log-odds
+    fixed = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2)
+    assert fixed.log_odds(15)[0, 12, 12] * fixed.settings.weight < -10
+
+
+def _bar(first: int, last: int, cols: tuple[int, int], n: int = 40) -> np.ndarray:
+    """A bright bar (rows 4..19, columns ``cols``) on slices ``first..last`` of an ``n`` x 24 x 24 volume."""
+    label = np.zeros((n, 24, 24), np.uint8)
+    label[first:last + 1, 4:20, cols[0]:cols[1]] = 1
+    return label
+
+
+def test_the_end_stays_where_the_network_alone_sees_nothing_more_or_something_else():
+    painted = [10, 14, 18]
+    # a structure on the left on slices 8 to 12, on the right on 13 to 20
+    label = _bar(8, 12, (4, 9)) | _bar(13, 20, (14, 19))
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    for image in (label, label | _bar(0, 7, (14, 19))):   # beyond its end nothing, or something else bright
+        prior = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2)   # of the same size, in the painted box
+        seg = segment_volume([_SeesBright()], image[None].astype(np.float32), axis="k", prior=prior,
+                             outputs=("labels",))
+        assert seg.extended_ends == {}
+        assert prior.ends == {-1: 10, 1: 18}
+    # the same thing on the painted structure's side: the structure going on
+    image = label | _bar(0, 7, (4, 9))
+    seg = segment_volume([_SeesBright()], image[None].astype(np.float32), axis="k",
+                         prior=SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2), outputs=())
+    assert seg.extended_ends == {-1: 0}
+    # a stretch no longer than the gap between painted slices is what the painting's spacing allows for
+    label = _tube(6, 22)
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    seg = segment_volume([_SeesBright()], label[None].astype(np.float32), axis="k",
+                         prior=SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2), outputs=())
+    assert seg.extended_ends == {}
+    # one painted slice: no gap, no end rule
+    seg = segment_volume([_SeesBright()], _tube(3, 37)[None].astype(np.float32), axis="k",
+                         prior=SlicePrior(_tube(20, 20), [20], 0, (1.0, 1.0, 1.0), 2), outputs=())
+    assert seg.extended_ends == {}
+    # turned off (a model card from before the setting): the end stays where the painting puts it
+    label = _tube(3, 37)
+    sparse = np.zeros_like(label)
+    sparse[[28, 31, 34]] = label[[28, 31, 34]]
+    seg = segment_volume([_SeesBright()], label[None].astype(np.float32), axis="k", outputs=("labels",),
+                         prior=SlicePrior(sparse, [28, 31, 34], 0, (1.0, 1.0, 1.0), 2,
+                                          PriorSettings(end_follows_network=False)))
+    assert seg.extended_ends == {} and not seg.labels[:20].any()
+
+
+def test_extend_end_checks_its_side():
+    sparse = _tube(10, 10)
+    sparse[20] = _tube(20, 20)[20]
+    prior = SlicePrior(sparse, [10, 20], 0, (1.0, 1.0, 1.0), 2)
+    far = prior.log_odds(2)
+    prior.extend_end(-1, 2)
+    assert (prior.log_odds(2) > far).all()     # no end penalty there any more
+    with pytest.raises(ValueError):
+        prior.extend_end(-1, 12)
+    with pytest.raises(ValueError):
+        prior.extend_end(0, 5)

@@ -16,7 +16,7 @@ from conftest import poll_until, progressed, standin_command
 
 from MisMatchSegmentationLib import jobfolder, plots
 from MisMatchSegmentationLib.logic import (MisMatchLogic, SegmentRequest, TrainingRequest, describe_progress,
-                                           format_duration, removed_slices)
+                                           format_duration, removed_slices, structure_goes_on_note)
 
 
 def calls(log) -> list[dict]:
@@ -405,3 +405,12 @@ def test_segment_with_every_painted_slice_held_out_goes_without_labels(ct_chest,
     args = calls(standin_log)[-1]["args"]
     assert "--labels" not in args and "--empty-slices" not in args
     assert args[args.index("--eval-slices") + 1] == "10,17,24"
+
+
+def test_structure_goes_on_note():
+    assert structure_goes_on_note({"structure_goes_on": {"below": 13}}) == (
+        "the segmentation follows the structure past your painted slices down to slice 13, where the network "
+        "alone sees it go on: check it")
+    assert "down to slice 3 and up to slice 40," in structure_goes_on_note(
+        {"structure_goes_on": {"above": 40, "below": 3}})
+    assert structure_goes_on_note({}) == structure_goes_on_note(None) == ""

@@ -411,6 +411,9 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                                                       ranking=ranking),
             "evaluation": seg.evaluation,
         }
+        if seg.extended_ends:   # the network alone saw the painted structure go on past the painted range
+            doc["structure_goes_on"] = {("below" if side < 0 else "above"): int(end)
+                                        for side, end in sorted(seg.extended_ends.items())}
         write_text_atomic(report, json.dumps(doc, indent=1) + "\n")
     if seg.evaluation:
         summary["iou"] = seg.evaluation["mean"].get("iou")

@@ -28,6 +28,10 @@ from .metrics import OverlapCounter
 from .models import SegmentationNetwork
 from .prior import SlicePrior
 
+#: at most this many bytes of the networks' outputs computed while finding where the structure ends
+#: (:meth:`VolumeInference._find_ends`) are kept for the pass; batches beyond are computed again
+END_CACHE_BYTES = 256 * 2 ** 20
+
 #: a voxel counts as uncertain when the mean prediction's confidence is below this
 UNCERTAIN_CONFIDENCE = 0.8
 
@@ -60,7 +64,11 @@ class VolumeSegmentation:
     ``removed``: bool ``[K, J, I]``, the voxels that the painted slices' connectivity
     (:meth:`~mismatch.prior.SlicePrior.keep_connected`) set to background after the network had predicted a
     class there; ``None`` when none was. ``labels`` and ``confidence`` hold it already; a *streamed*
-    confidence does not: :meth:`unsure_where_removed` applies it."""
+    confidence does not: :meth:`unsure_where_removed` applies it.
+
+    ``extended_ends``: ``{side: slice}`` for each side of the painted range (-1 below, 1 above) where the
+    network alone saw the painted structure go on for more than a gap between painted slices, and the
+    prior's end was moved out to that slice (:meth:`VolumeInference._find_ends`)."""
 
     labels: np.ndarray | None
     confidence: np.ndarray | None
@@ -70,6 +78,7 @@ class VolumeSegmentation:
     seconds: float = 0.0
     removed: np.ndarray | None = None
     binary: bool = True
+    extended_ends: dict[int, int] = field(default_factory=dict)
 
     def unsure_where_removed(self, confidence: np.ndarray) -> np.ndarray:
         """``confidence [K, J, I]`` (streamed, as computed batch by batch) made what ``confidence`` is: where
@@ -241,7 +250,11 @@ class VolumeInference:
         # in-plane, the painted structure's box (grown as the prior grows it): where the scores look at what
         # the network alone predicts (network_box_fraction)
         self.score_box, self.outer_painted = None, {}
-        if prior is not None and self.want_scores:
+        # the sides whose end the network alone moved out (_find_ends): {-1 or 1: slice}
+        self.extended_ends: dict[int, int] = {}
+        # batches of the networks' outputs computed before the pass (_find_ends), by first slice
+        self._cache: dict[int, list[torch.Tensor]] = {}
+        if prior is not None:
             box = painted_box(prior.sparse, prior.lab, prior.axis)
             if box is not None:
                 self.score_box = (slice(None),) + tuple(b for a, b in enumerate(box) if a != self.ax)
@@ -273,6 +286,69 @@ class VolumeInference:
         on = int((mask & self.outer_painted[lo if s < lo else hi]).sum())
         return {"network_on_painted": on / found if found else 0.0}
 
+    def _batch(self, start: int, vol_v: np.ndarray, fmt: torch.memory_format) -> list[torch.Tensor]:
+        """Each decoder's probabilities for the batch of slices from ``start``: computed before and kept
+        (:meth:`_find_ends`), or now."""
+        cached = self._cache.pop(start, None)
+        if cached is not None:
+            return cached
+        stop = min(self.n_slices, start + self.batch_size)
+        x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(self.device).contiguous(memory_format=fmt)
+        return self._probabilities(x)
+
+    def _find_ends(self, vol_v: np.ndarray, fmt: torch.memory_format) -> None:
+        """Before the pass: on each side of the painted range, where the network alone sees the painted
+        structure go on (:func:`network_continues`: about the cross-section it finds on the outermost painted
+        slice, largely on that slice's painted structure), slice by slice outwards; a stretch longer than the
+        mean gap between painted slices moves the prior's end there (:meth:`SlicePrior.extend_end`). Painted
+        slices close together at one part of a long structure otherwise end it a fraction of that short gap
+        past them (grey matter painted on slices 58, 63 and 68 of a brain reaching from 6 to 75: segmented
+        down to 50 only). The batches computed on the way are kept for the pass (up to
+        :data:`END_CACHE_BYTES`), so that a stretch costs no second run of the networks unless it is long."""
+        prior, bs, n = self.prior, self.batch_size, self.n_slices
+        st = prior.settings
+        if self.score_box is None or len(prior.lab) < 2 or st.end_penalty <= 0 or st.weight <= 0 \
+                or not st.end_follows_network:
+            return
+        gap = (int(prior.lab[-1]) - int(prior.lab[0])) / (len(prior.lab) - 1)
+        kept = 0
+        for side, painted in ((-1, int(prior.lab[0])), (1, int(prior.lab[-1]))):
+            prior.extend_end(side, painted)   # from these networks alone (a prior used before keeps no end)
+            ref, stretch, going = None, 0, True
+            start = (painted // bs) * bs
+            while going and 0 <= start < n:
+                per_decoder = self._batch(start, vol_v, fmt)
+                size = sum(t.numel() * t.element_size() for t in per_decoder)
+                if kept + size <= END_CACHE_BYTES:
+                    self._cache[start] = per_decoder
+                    kept += size
+                mask = (_top_label(torch.stack(per_decoder).mean(0), self.binary)[0][self.score_box] > 0).cpu()
+                fraction = mask.float().mean((1, 2)).tolist()
+                stop = min(n, start + bs)
+                for s in (range(start, stop) if side > 0 else range(stop - 1, start - 1, -1)):
+                    if side * (s - painted) < 0:
+                        continue
+                    if s == painted:
+                        ref = fraction[s - start]
+                        continue
+                    on = self._on_painted(s, mask[s - start]).get("network_on_painted", 0.0)
+                    if not ref or not network_continues(ref, fraction[s - start], on):
+                        going = False
+                        break
+                    stretch += 1
+                start += side * bs
+            if stretch > gap:
+                self.extended_ends[side] = painted + side * stretch
+                prior.extend_end(side, painted + side * stretch)
+
+    def _moved_end(self, s: int) -> bool:
+        """Whether slice ``s`` lies between the outermost painted slice and an end :meth:`_find_ends` moved."""
+        for side, end in self.extended_ends.items():
+            painted = int(self.prior.lab[0] if side < 0 else self.prior.lab[-1])
+            if 0 < side * (s - painted) <= side * (end - painted):
+                return True
+        return False
+
     @torch.inference_mode()
     def segment(self, volume: np.ndarray) -> None:
         """Run the networks over every slice of ``volume [C, K, J, I]`` (the shape given at construction)."""
@@ -294,14 +370,15 @@ class VolumeInference:
 
         t0 = time.monotonic()
         self.reporter.start("segment", total=n_slices)
+        if prior is not None:
+            self._find_ends(vol_v, fmt)
         for start in range(0, n_slices, self.batch_size):
             stop = min(n_slices, start + self.batch_size)
-            x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(device).contiguous(memory_format=fmt)
-            per_decoder = self._probabilities(x)
+            per_decoder = self._batch(start, vol_v, fmt)
             mean = torch.stack(per_decoder).mean(0)
             net_box = None
             if prior is not None:
-                if self.score_box is not None:   # the network alone in the painted box (the ranking's extent)
+                if self.score_box is not None and self.want_scores:   # the network alone in the painted box
                     net_mask = (_top_label(mean, binary)[0][self.score_box] > 0).cpu()
                     net_box = net_mask.float().mean((1, 2)).tolist()
                 mean = _fuse(mean, prior, range(start, stop), binary)
@@ -334,6 +411,8 @@ class VolumeInference:
                     # the network alone's (before the painted slices' prior), in the painted structure's box
                     **({"network_box_fraction": net_box[i]} if net_box is not None else {}),
                     **(self._on_painted(s, net_mask[i]) if net_box is not None else {}),
+                    # past the painted range, where the network alone saw the structure go on (_find_ends)
+                    **({"structure_goes_on": True} if self._moved_end(s) else {}),
                     # the decoders' labels differ (what the panel's hint quotes)
                     "disagreeing_fraction": float(differ[i].float().mean()) if differ is not None else 0.0,
                     # the expected fraction of wrong voxels under the prediction's own confidence (before
@@ -393,10 +472,12 @@ class VolumeInference:
                 evaluation["mean"] = {k: ev[k] for k in ("classes", "iou", "dice", "calibration")}
         asked = {name: getattr(self, name) if name in self.outputs else None for name in OUTPUTS}
         self.labels = self.confidence = self.disagreement = self.uncertain_bits = None
+        self._cache.clear()
         self.seconds += time.monotonic() - t0
         return VolumeSegmentation(labels=asked["labels"], confidence=asked["confidence"],
                                   disagreement=asked["disagreement"], slice_scores=self.scores,
-                                  evaluation=evaluation, seconds=self.seconds, removed=removed, binary=binary)
+                                  evaluation=evaluation, seconds=self.seconds, removed=removed, binary=binary,
+                                  extended_ends=dict(self.extended_ends))
 
 
 #: how :func:`rank_uncertain_slices` can order the slices (``mismatch segment --ranking``):
@@ -459,6 +540,15 @@ GAP_CONTINUE_FACTOR = 2.0
 GAP_CONTINUE_OVERLAP = 0.3
 
 
+def network_continues(reference: float, fraction: float, on_painted: float) -> bool:
+    """Whether the network alone sees, on a slice past the painted range, the structure of the outermost
+    painted slice go on: its foreground in the painted structure's box (``fraction``) within
+    :data:`GAP_CONTINUE_FACTOR` of its own on that painted slice (``reference``), and at least
+    :data:`GAP_CONTINUE_OVERLAP` of it on that slice's painted structure (``on_painted``)."""
+    return reference / GAP_CONTINUE_FACTOR <= fraction <= reference * GAP_CONTINUE_FACTOR \
+        and on_painted >= GAP_CONTINUE_OVERLAP
+
+
 def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[int]) -> set[int]:
     """The slices beyond each end of the predicted ``extent`` where the network alone sees the structure go on:
     from the end outwards, while the network's foreground in the painted structure's box
@@ -485,8 +575,8 @@ def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[
         if not ref:
             continue
         s, stretch = end + side, set()
-        while s in by_slice and ref / GAP_CONTINUE_FACTOR <= by_slice[s].get("network_box_fraction", 0.0) \
-                <= ref * GAP_CONTINUE_FACTOR and by_slice[s].get("network_on_painted", 0.0) >= GAP_CONTINUE_OVERLAP:
+        while s in by_slice and network_continues(ref, by_slice[s].get("network_box_fraction", 0.0),
+                                                  by_slice[s].get("network_on_painted", 0.0)):
             stretch.add(s)
             s += side
         if len(stretch) > gap:

@@ -158,7 +158,10 @@ class PriorSettings:
     ``end_reach`` gaps past the outermost painted slice, every class's log-odds (after ``weight``) fall by
     ``end_penalty`` per gap further out: near the painted range a confident network still keeps the
     structure's tail, far beyond it (bowel gas below painted lungs, tissue past a tumour's end) it has to
-    be very sure. Needs two painted slices (a gap); ``end_penalty`` 0 turns it off.
+    be very sure. Needs two painted slices (a gap); ``end_penalty`` 0 turns it off. Painted slices close
+    together at one part of a long structure leave a short gap: where the network alone sees the structure
+    go on past them, the inference moves that side's end out (``end_follows_network``;
+    :meth:`SlicePrior.extend_end`).
 
     What the image's edges say (:mod:`mismatch.grow`): the painted voxels, structure and background, grown
     through the image as Slicer's Grow from seeds grows them. Each voxel's margin (how much closer, in path
@@ -185,6 +188,7 @@ class PriorSettings:
     weight: float = 0.25
     default_rate: float = 0.5
     connected: bool = True
+    end_follows_network: bool = True
     end_reach: float = 0.25
     end_penalty: float = 4.0
     grow_beta: float = 8.0
@@ -197,18 +201,23 @@ class PriorSettings:
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts")
 
     def to_dict(self) -> dict:
-        return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected)}
+        return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
+                "end_follows_network": bool(self.end_follows_network)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
         """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure or the image's
         edges or intensities were part of the prior (no ``end_penalty`` / ``grow_beta`` /
         ``intensity_beta``: a model card or benchmark of an earlier version) segment as they did then:
-        without them; without ``intensity_counts``, with the histograms as they were then (no counts)."""
+        without them; without ``intensity_counts``, with the histograms as they were then (no counts); without
+        ``end_follows_network``, with the end where the painted slices put it."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
-        if "connected" in d:
-            values["connected"] = bool(d["connected"])
+        for key in ("connected", "end_follows_network"):
+            if key in d:
+                values[key] = bool(d[key])
+        if d and "end_follows_network" not in d:
+            values["end_follows_network"] = False
         if d and "end_penalty" not in d:
             values["end_penalty"] = 0.0
         if d and "grow_beta" not in d:
@@ -267,6 +276,9 @@ class SlicePrior:
         self.rate = self.settings.default_rate if measured is None else measured
         # the mean distance (mm) between painted slices; None with one painted slice
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
+        # the slices the end penalty counts from, below and above: the outermost painted ones unless moved
+        # out (extend_end)
+        self.ends = {-1: int(self.lab[0]), 1: int(self.lab[-1])}
         self.edges = None       # (box, margins [N, *box]) of the image's edges
         self.intensity = None   # (box, bin edges, log-ratios [N, bins]) of the painted voxels' intensities
         st = self.settings
@@ -288,6 +300,17 @@ class SlicePrior:
     def labels(self, s: int) -> np.ndarray:
         """The painted class indices of labelled slice ``s``."""
         return self.src[int(s)]
+
+    def extend_end(self, side: int, s: int) -> None:
+        """Count the end penalty (``settings.end_penalty``) below (``side`` -1) or above (1) the painted range
+        from slice ``s`` instead of from the outermost painted slice: the structure goes on at least to ``s``.
+        The shape beyond the painted range is extrapolated from the painted slice as before."""
+        if side not in self.ends:
+            raise ValueError(f"side must be -1 (below) or 1 (above), not {side!r}")
+        painted = int(self.lab[0] if side < 0 else self.lab[-1])
+        if side * (int(s) - painted) < 0:
+            raise ValueError(f"slice {s} is not {'below' if side < 0 else 'above'} the painted slice {painted}")
+        self.ends[side] = int(s)
 
     def keep_connected(self, labels: np.ndarray) -> np.ndarray:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
@@ -311,7 +334,8 @@ class SlicePrior:
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
         lo_odds = -sdf / tau
         if outside and self.gap_mm and st.end_penalty > 0 and st.weight > 0:
-            beyond = d_mm / self.gap_mm - st.end_reach    # gaps past where the structure may still go on
+            past = (self.ends[-1] - s) if lo < 0 else (s - self.ends[1])   # slices past the end
+            beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach    # gaps past where it may still go on
             if beyond > 0:
                 lo_odds = lo_odds - st.end_penalty * beyond / st.weight
         if self.edges is not None:
