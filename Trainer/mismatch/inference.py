@@ -11,10 +11,11 @@ calibration histograms accumulated batch by batch). On the CPU a batch holds at 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -296,47 +297,54 @@ class VolumeInference:
         x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(self.device).contiguous(memory_format=fmt)
         return self._probabilities(x)
 
+    def _in_box(self, mean: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """The network alone's foreground (before the prior) in the painted structure's box, for the batch's
+        mean prediction ``mean``: the mask ``[b, h, w]`` (on the CPU) and each slice's fraction of the box."""
+        mask = (_top_label(mean, self.binary)[0][self.score_box] > 0).cpu()
+        return mask, mask.float().mean((1, 2)).tolist()
+
+    def _outward(self, side: int, painted: int, vol_v: np.ndarray,
+                 fmt: torch.memory_format) -> Iterator[tuple[float, float, float]]:
+        """From the painted slice ``painted`` outwards on ``side``, one slice at a time, as far as the caller
+        reads: ``(reference, fraction, on_painted)``, the network alone's fraction of the painted box on the
+        painted slice and on this one, and its share on the painted structure (:func:`network_continues`'s
+        arguments). Batches are run as needed and kept for the pass while the kept ones take at most
+        :data:`END_CACHE_BYTES`."""
+        bs, n = self.batch_size, self.n_slices
+        reference = None
+        start = (painted // bs) * bs
+        while 0 <= start < n:
+            per_decoder = self._batch(start, vol_v, fmt)
+            if sum(t.numel() * t.element_size() for batch in [*self._cache.values(), per_decoder]
+                   for t in batch) <= END_CACHE_BYTES:
+                self._cache[start] = per_decoder
+            mask, fraction = self._in_box(torch.stack(per_decoder).mean(0))
+            stop = min(n, start + bs)
+            for s in (range(start, stop) if side > 0 else range(stop - 1, start - 1, -1)):
+                if s == painted:
+                    reference = fraction[s - start]
+                elif side * (s - painted) > 0:
+                    yield reference, fraction[s - start], \
+                        self._on_painted(s, mask[s - start]).get("network_on_painted", 0.0)
+            start += side * bs
+
     def _find_ends(self, vol_v: np.ndarray, fmt: torch.memory_format) -> None:
         """Before the pass: on each side of the painted range, where the network alone sees the painted
-        structure go on (:func:`network_continues`: about the cross-section it finds on the outermost painted
-        slice, largely on that slice's painted structure), slice by slice outwards; a stretch longer than the
-        mean gap between painted slices moves the prior's end there (:meth:`SlicePrior.extend_end`). Painted
-        slices close together at one part of a long structure otherwise end it a fraction of that short gap
-        past them (grey matter painted on slices 58, 63 and 68 of a brain reaching from 6 to 75: segmented
-        down to 50 only). The batches computed on the way are kept for the pass (up to
-        :data:`END_CACHE_BYTES`), so that a stretch costs no second run of the networks unless it is long."""
-        prior, bs, n = self.prior, self.batch_size, self.n_slices
+        structure go on (:func:`continuing_stretch`), slice by slice outwards; a stretch longer than the mean
+        gap between painted slices moves the prior's end there (:meth:`SlicePrior.extend_end`). Painted slices
+        close together at one part of a long structure otherwise end it a fraction of that short gap past
+        them (grey matter painted on slices 58, 63 and 68 of a brain reaching from 6 to 75: segmented down to
+        50 only). The batches computed on the way are kept for the pass (up to :data:`END_CACHE_BYTES`), so
+        that a stretch costs no second run of the networks unless it is long."""
+        prior = self.prior
         st = prior.settings
         if self.score_box is None or len(prior.lab) < 2 or st.end_penalty <= 0 or st.weight <= 0 \
                 or not st.end_follows_network:
             return
         gap = (int(prior.lab[-1]) - int(prior.lab[0])) / (len(prior.lab) - 1)
-        kept = 0
         for side, painted in ((-1, int(prior.lab[0])), (1, int(prior.lab[-1]))):
             prior.extend_end(side, painted)   # from these networks alone (a prior used before keeps no end)
-            ref, stretch, going = None, 0, True
-            start = (painted // bs) * bs
-            while going and 0 <= start < n:
-                per_decoder = self._batch(start, vol_v, fmt)
-                size = sum(t.numel() * t.element_size() for t in per_decoder)
-                if kept + size <= END_CACHE_BYTES:
-                    self._cache[start] = per_decoder
-                    kept += size
-                mask = (_top_label(torch.stack(per_decoder).mean(0), self.binary)[0][self.score_box] > 0).cpu()
-                fraction = mask.float().mean((1, 2)).tolist()
-                stop = min(n, start + bs)
-                for s in (range(start, stop) if side > 0 else range(stop - 1, start - 1, -1)):
-                    if side * (s - painted) < 0:
-                        continue
-                    if s == painted:
-                        ref = fraction[s - start]
-                        continue
-                    on = self._on_painted(s, mask[s - start]).get("network_on_painted", 0.0)
-                    if not ref or not network_continues(ref, fraction[s - start], on):
-                        going = False
-                        break
-                    stretch += 1
-                start += side * bs
+            stretch = continuing_stretch(self._outward(side, painted, vol_v, fmt))
             if stretch > gap:
                 self.extended_ends[side] = painted + side * stretch
                 prior.extend_end(side, painted + side * stretch)
@@ -379,8 +387,7 @@ class VolumeInference:
             net_box = None
             if prior is not None:
                 if self.score_box is not None and self.want_scores:   # the network alone in the painted box
-                    net_mask = (_top_label(mean, binary)[0][self.score_box] > 0).cpu()
-                    net_box = net_mask.float().mean((1, 2)).tolist()
+                    net_mask, net_box = self._in_box(mean)
                 mean = _fuse(mean, prior, range(start, stop), binary)
             pred, conf = _top_label(mean, binary)
             dis = _disagreement(per_decoder, binary) if self.want_scores or "disagreement" in needed else None
@@ -549,6 +556,19 @@ def network_continues(reference: float, fraction: float, on_painted: float) -> b
         and on_painted >= GAP_CONTINUE_OVERLAP
 
 
+def continuing_stretch(outward: Iterable[tuple[float | None, float, float]]) -> int:
+    """How many slices, read outwards from an outermost painted slice, the network alone sees its structure go
+    on: ``outward`` yields ``(reference, fraction, on_painted)`` per slice (:func:`network_continues`'s
+    arguments; a reference of 0 or None: nothing on the painted slice, no stretch), and is read no further
+    than the first slice where it does not."""
+    stretch = 0
+    for reference, fraction, on_painted in outward:
+        if not reference or not network_continues(reference, fraction, on_painted):
+            break
+        stretch += 1
+    return stretch
+
+
 def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[int]) -> set[int]:
     """The slices beyond each end of the predicted ``extent`` where the network alone sees the structure go on:
     from the end outwards, while the network's foreground in the painted structure's box
@@ -572,15 +592,11 @@ def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[
     out: set[int] = set()
     for side, painted, end in ((-1, min(labelled), min(extent)), (1, max(labelled), max(extent))):
         ref = by_slice.get(int(painted), {}).get("network_box_fraction")
-        if not ref:
-            continue
-        s, stretch = end + side, set()
-        while s in by_slice and network_continues(ref, by_slice[s].get("network_box_fraction", 0.0),
-                                                  by_slice[s].get("network_on_painted", 0.0)):
-            stretch.add(s)
-            s += side
-        if len(stretch) > gap:
-            out |= stretch
+        slices = itertools.takewhile(lambda s: s in by_slice, itertools.count(end + side, side))
+        stretch = continuing_stretch((ref, by_slice[s].get("network_box_fraction", 0.0),
+                                      by_slice[s].get("network_on_painted", 0.0)) for s in slices)
+        if stretch > gap:
+            out |= {end + side * k for k in range(1, stretch + 1)}
     return out
 
 
