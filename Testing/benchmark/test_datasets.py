@@ -64,6 +64,33 @@ def test_ctchest_lungs_lr_is_its_own_two_class_data_set():
     assert np.array_equal(case.label > 0, binary.label > 0) and binary.classes == {1: "lungs"}
 
 
+
+@pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")
+def test_ctchest_spine_and_ribs_are_bone_on_the_same_grid_as_the_lungs():
+    (lungs,) = load_dataset("ctchest-lungs")
+    for name, class_name in (("ctchest-spine", "vertebral column"), ("ctchest-ribs", "ribs")):
+        (case,) = load_dataset(name)
+        _check_case(case)
+        assert case.name == name and case.classes == {1: class_name}
+        assert case.label.shape == lungs.label.shape and case.window == lungs.window
+        assert case.image[0][case.label > 0].mean() > 100          # bone, in HU
+        assert not (case.label.astype(bool) & lungs.label.astype(bool)).any()
+    (spine,) = load_dataset("ctchest-spine")
+    assert (spine.label.sum(axis=(1, 2)) > 0).all()                 # the column runs through every slice
+
+
+@pytest.mark.skipif(not has("nilearn"), reason="nilearn is not installed")
+def test_mni152_white_matter_is_brighter_than_grey_and_apart_from_it():
+    (wm,) = load_dataset("mni152-wm", downsample=4)
+    (gm,) = load_dataset("mni152-gm", downsample=4)
+    _check_case(wm)
+    assert wm.name == "mni152-wm" and wm.classes == {1: "white matter"}
+    assert wm.label.shape == gm.label.shape and np.array_equal(wm.image, gm.image)
+    assert wm.image[0][wm.label > 0].mean() > gm.image[0][gm.label > 0].mean()   # T1: white brighter than grey
+    assert (wm.label.astype(bool) & gm.label.astype(bool)).mean() < 0.01
+    with pytest.raises(ValueError, match="tissue"):
+        datasets.load_mni152_gm(tissue="csf")
+
 def test_pyradiomics_missing_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "no-such-folder")

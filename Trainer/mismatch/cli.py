@@ -468,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmark-output", metavar="DIR",
                    help="folder for results.md, the figures and runs.json (default benchmark-output)")
     b.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help="ctchest-lungs, ctchest-lungs-lr, mni152-gm, pyradiomics-brain1, pyradiomics-breast1, "
-                        "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
+                   help="ctchest-lungs, ctchest-lungs-lr, ctchest-spine, ctchest-ribs, mni152-gm, mni152-wm, "
+                        "pyradiomics-brain1, pyradiomics-breast1, synthetic-vessels, synthetic-vessels-lung "
+                        "(default: ctchest-lungs)")
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")
     b.add_argument("--seeds", type=_positive_int, help="runs per labelled-slice count (default 3)")

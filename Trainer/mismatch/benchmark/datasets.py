@@ -10,6 +10,11 @@ name                     what
                          semi-automatic Segment Editor labels). Binary, or right = 1 / left = 2 with
                          ``multiclass=True``.
 ``ctchest-lungs-lr``     the same lungs as two classes: right lung = 1, left lung = 2 (the multi-class case).
+``ctchest-spine``        the same CT with its vertebral column (the cervical, thoracic and lumbar segments as one
+                         class): a small bone structure on every slice, beside ribs of the same intensity.
+``ctchest-ribs``         the same CT with its ribs: thin bone arcs, many parts on every slice, disconnected
+                         from slice to slice at 10 mm.
+``mni152-wm``            as ``mni152-gm``, with white matter = the shipped WM probability map > 0.5.
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
@@ -158,21 +163,54 @@ def load_ctchest_lungs_lr(**options: Any) -> list[Case]:
     return load_ctchest_lungs(multiclass=True, name="ctchest-lungs-lr", **options)
 
 
-def load_mni152_gm(downsample: int = 2, crop: bool = True, **_: Any) -> list[Case]:
-    """``mni152-gm``: MNI152 2009 T1 template, grey matter = GM probability > 0.5 (after block averaging).
+def load_ctchest_segment(segments: Sequence[str], name: str, class_name: str) -> list[Case]:
+    """CTChest4 with the union of its ``segments`` (names as the segmentation spells them) as class 1."""
+    image, found, geometry = ctchest_segments()
+    names = {n.lower(): n for n in found}
+    missing = [s for s in segments if s not in names]
+    if missing:
+        raise UserError(f"CTChest4 segmentation has no {', '.join(missing)} segment (found {sorted(found)})")
+    label = np.zeros(found[names[segments[0]]].shape, dtype=np.uint8)
+    for segment in segments:
+        label[found[names[segment]]] = 1
+    ct = sitk.GetImageFromArray(image[0])
+    geometry.apply_to(ct)
+    return [Case(name, _array(ct).astype(np.float32)[None], label, Geometry.from_sitk(ct), axis=0,
+                 window=CT_WINDOW, classes={1: class_name},
+                 source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
+
+
+def load_ctchest_spine(**_: Any) -> list[Case]:
+    """``ctchest-spine``: CTChest4 with its vertebral column (cervical + thoracic + lumbar) as one class."""
+    return load_ctchest_segment(["cervical vertebral column", "thoracic vertebral column",
+                                 "lumbar vertebral column"], "ctchest-spine", "vertebral column")
+
+
+def load_ctchest_ribs(**_: Any) -> list[Case]:
+    """``ctchest-ribs``: CTChest4 with its ribs as one class."""
+    return load_ctchest_segment(["ribs"], "ctchest-ribs", "ribs")
+
+
+def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", **_: Any) -> list[Case]:
+    """``mni152-gm`` / ``mni152-wm``: MNI152 2009 T1 template, grey (white) matter = the GM (WM)
+    probability > 0.5 (after block averaging).
 
     Args:
         downsample: block-average factor (1 = the shipped 1 mm grid, 197x233x189).
         crop: crop to the brain's bounding box (template > 0) plus 2 voxels.
+        tissue: ``"gm"`` or ``"wm"``.
     """
+    if tissue not in ("gm", "wm"):
+        raise ValueError(f"tissue must be 'gm' or 'wm', not {tissue!r}")
+    name = f"mni152-{tissue}"
     try:
-        from nilearn.datasets import load_mni152_gm_template, load_mni152_template
+        from nilearn import datasets as nilearn_datasets
     except ImportError as exc:
-        raise UserError("mni152-gm needs nilearn: pip install nilearn") from exc
-    t1 = load_mni152_template(resolution=1)  # reads the files shipped in the wheel, no download
-    gm = load_mni152_gm_template(resolution=1)
+        raise UserError(f"{name} needs nilearn: pip install nilearn") from exc
+    t1 = nilearn_datasets.load_mni152_template(resolution=1)  # the files shipped in the wheel, no download
+    gm = getattr(nilearn_datasets, f"load_mni152_{tissue}_template")(resolution=1)
     if not np.allclose(t1.affine, gm.affine) or t1.shape != gm.shape:
-        raise UserError("nilearn's MNI152 T1 and GM templates are not on the same grid")
+        raise UserError(f"nilearn's MNI152 T1 and {tissue.upper()} templates are not on the same grid")
     # nibabel arrays are [x, y, z] (RAS); ours are [K, J, I] = [z, y, x], geometry in LPS.
     image = np.asarray(t1.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
     prob = np.asarray(gm.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
@@ -196,9 +234,10 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, **_: Any) -> list[Cas
     geom = _geometry_after_crop_and_downsample(geom, lo, image.shape, f)
     image = _block_mean(image, f).astype(np.float32)
     label = (_block_mean(prob, f) > 0.5).astype(np.uint8)
-    return [Case("mni152-gm", image[None], label, geom, axis=0, window=None, classes={1: "grey matter"},
-                 source="nilearn MNI152 2009 templates (T1, GM probability); MNI template copyright notice "
-                        "kept by nilearn")]
+    return [Case(name, image[None], label, geom, axis=0, window=None,
+                 classes={1: "grey matter" if tissue == "gm" else "white matter"},
+                 source=f"nilearn MNI152 2009 templates (T1, {tissue.upper()} probability); MNI template "
+                        "copyright notice kept by nilearn")]
 
 
 def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -360,7 +399,10 @@ def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequenc
 DATASETS: dict[str, Callable[..., list[Case]]] = {
     "ctchest-lungs": load_ctchest_lungs,
     "ctchest-lungs-lr": load_ctchest_lungs_lr,
+    "ctchest-spine": load_ctchest_spine,
+    "ctchest-ribs": load_ctchest_ribs,
     "mni152-gm": load_mni152_gm,
+    "mni152-wm": lambda **kw: load_mni152_gm(tissue="wm", **{k: v for k, v in kw.items() if k != "tissue"}),
     "pyradiomics-brain1": load_pyradiomics_brain1,
     "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,
