@@ -12,12 +12,12 @@ name                     what
 ``ctchest-lungs-lr``     the same lungs as two classes: right lung = 1, left lung = 2 (the multi-class case).
 ``ctchest-spine``        the same CT with its vertebral column (the cervical, thoracic and lumbar segments as one
                          class): a small bone structure on every slice, beside ribs of the same intensity.
-``ctchest-ribs``         the same CT with its ribs: thin bone arcs, many parts on every slice, disconnected
-                         from slice to slice at 10 mm.
-``mni152-wm``            as ``mni152-gm``, with white matter = the shipped WM probability map > 0.5.
+``ctchest-ribs``         the same CT with its ribs: thin bone arcs in many parts on every slice, a quarter to a
+                         third of a slice's rib voxels on rib in the next (10 mm) slice.
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
+``mni152-wm``            as ``mni152-gm``, with white matter = the shipped WM probability map > 0.5.
 ``pyradiomics-brain1``   pyradiomics 3.0.1's ``brain1`` case (T1 post-contrast MRI, 25x256x256, tumour on 7
                          k-slices; slice axis k) from its source distribution (see below).
 ``pyradiomics-breast1``  pyradiomics 3.0.1's ``breast1`` case (breast MRI crop, 21x120x45 [K, J, I], lesion on
@@ -44,6 +44,7 @@ import os
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -128,16 +129,23 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(k, f, j, f, i, f).mean(axis=(1, 3, 5))
 
 
-def _ctchest_with_lungs() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    """CTChest4 (sitk image, HU) and its right / left lung masks ``[K, J, I]`` on the image grid
-    (:func:`mismatch.data.ctchest_segments`, as the demo reads it)."""
-    image, segments, geometry = ctchest_segments()
-    names = {n.lower(): n for n in segments}
-    if "right lung" not in names or "left lung" not in names:
-        raise UserError(f"CTChest4 segmentation has no right/left lung segments (found {sorted(segments)})")
+def _ctchest(*segments: str) -> tuple[sitk.Image, list[np.ndarray]]:
+    """CTChest4 (sitk image, HU) and the masks ``[K, J, I]`` of the named ``segments`` (lower case) on the
+    image grid (:func:`mismatch.data.ctchest_segments`, as the demo reads it)."""
+    image, found, geometry = ctchest_segments()
+    names = {n.lower(): n for n in found}
+    missing = [s for s in segments if s not in names]
+    if missing:
+        raise UserError(f"CTChest4 segmentation has no {', '.join(missing)} segment (found {sorted(found)})")
     ct = sitk.GetImageFromArray(image[0])
     geometry.apply_to(ct)
-    return ct, segments[names["right lung"]], segments[names["left lung"]]
+    return ct, [found[names[s]] for s in segments]
+
+
+def _ctchest_with_lungs() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """CTChest4 (sitk image, HU) and its right / left lung masks ``[K, J, I]``."""
+    ct, (right, left) = _ctchest("right lung", "left lung")
+    return ct, right, left
 
 
 def load_ctchest_lungs(multiclass: bool = False, name: str = "ctchest-lungs", **_: Any) -> list[Case]:
@@ -164,17 +172,9 @@ def load_ctchest_lungs_lr(**options: Any) -> list[Case]:
 
 
 def load_ctchest_segment(segments: Sequence[str], name: str, class_name: str) -> list[Case]:
-    """CTChest4 with the union of its ``segments`` (names as the segmentation spells them) as class 1."""
-    image, found, geometry = ctchest_segments()
-    names = {n.lower(): n for n in found}
-    missing = [s for s in segments if s not in names]
-    if missing:
-        raise UserError(f"CTChest4 segmentation has no {', '.join(missing)} segment (found {sorted(found)})")
-    label = np.zeros(found[names[segments[0]]].shape, dtype=np.uint8)
-    for segment in segments:
-        label[found[names[segment]]] = 1
-    ct = sitk.GetImageFromArray(image[0])
-    geometry.apply_to(ct)
+    """CTChest4 with the union of its ``segments`` (lower-case names) as class 1."""
+    ct, masks = _ctchest(*segments)
+    label = np.logical_or.reduce(masks).astype(np.uint8)
     return [Case(name, _array(ct).astype(np.float32)[None], label, Geometry.from_sitk(ct), axis=0,
                  window=CT_WINDOW, classes={1: class_name},
                  source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
@@ -402,7 +402,7 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
     "ctchest-spine": load_ctchest_spine,
     "ctchest-ribs": load_ctchest_ribs,
     "mni152-gm": load_mni152_gm,
-    "mni152-wm": lambda **kw: load_mni152_gm(tissue="wm", **{k: v for k, v in kw.items() if k != "tissue"}),
+    "mni152-wm": partial(load_mni152_gm, tissue="wm"),
     "pyradiomics-brain1": load_pyradiomics_brain1,
     "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,
