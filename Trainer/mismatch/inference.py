@@ -251,8 +251,6 @@ class VolumeInference:
         # in-plane, the painted structure's box (grown as the prior grows it): where the scores look at what
         # the network alone predicts (network_box_fraction)
         self.score_box, self.outer_painted = None, {}
-        # the sides whose end the network alone moved out (_find_ends): {-1 or 1: slice}
-        self.extended_ends: dict[int, int] = {}
         # batches of the networks' outputs computed before the pass (_find_ends), by first slice
         self._cache: dict[int, list[torch.Tensor]] = {}
         if prior is not None:
@@ -342,20 +340,23 @@ class VolumeInference:
                 or not st.end_follows_network:
             return
         gap = (int(prior.lab[-1]) - int(prior.lab[0])) / (len(prior.lab) - 1)
-        for side, painted in ((-1, int(prior.lab[0])), (1, int(prior.lab[-1]))):
+        for side in (-1, 1):
+            painted = prior.outermost(side)
             prior.extend_end(side, painted)   # from these networks alone (a prior used before keeps no end)
             stretch = continuing_stretch(self._outward(side, painted, vol_v, fmt))
             if stretch > gap:
-                self.extended_ends[side] = painted + side * stretch
                 prior.extend_end(side, painted + side * stretch)
 
-    def _moved_end(self, s: int) -> bool:
-        """Whether slice ``s`` lies between the outermost painted slice and an end :meth:`_find_ends` moved."""
-        for side, end in self.extended_ends.items():
-            painted = int(self.prior.lab[0] if side < 0 else self.prior.lab[-1])
-            if 0 < side * (s - painted) <= side * (end - painted):
-                return True
-        return False
+    @property
+    def extended_ends(self) -> dict[int, int]:
+        """``{side: slice}`` (-1 below, 1 above): where :meth:`_find_ends` moved the prior's end."""
+        return self.prior.moved_ends() if self.prior is not None else {}
+
+    def _moved_end(self, s: int, moved: Mapping[int, int]) -> bool:
+        """Whether slice ``s`` lies between the outermost painted slice and an end in ``moved``
+        (:attr:`extended_ends`)."""
+        return any(0 < side * (s - self.prior.outermost(side)) <= side * (end - self.prior.outermost(side))
+                   for side, end in moved.items())
 
     @torch.inference_mode()
     def segment(self, volume: np.ndarray) -> None:
@@ -380,6 +381,7 @@ class VolumeInference:
         self.reporter.start("segment", total=n_slices)
         if prior is not None:
             self._find_ends(vol_v, fmt)
+        moved = self.extended_ends   # what the rows past the painted range say (structure_goes_on)
         for start in range(0, n_slices, self.batch_size):
             stop = min(n_slices, start + self.batch_size)
             per_decoder = self._batch(start, vol_v, fmt)
@@ -419,7 +421,7 @@ class VolumeInference:
                     **({"network_box_fraction": net_box[i]} if net_box is not None else {}),
                     **(self._on_painted(s, net_mask[i]) if net_box is not None else {}),
                     # past the painted range, where the network alone saw the structure go on (_find_ends)
-                    **({"structure_goes_on": True} if self._moved_end(s) else {}),
+                    **({"structure_goes_on": True} if self._moved_end(s, moved) else {}),
                     # the decoders' labels differ (what the panel's hint quotes)
                     "disagreeing_fraction": float(differ[i].float().mean()) if differ is not None else 0.0,
                     # the expected fraction of wrong voxels under the prediction's own confidence (before
@@ -484,7 +486,7 @@ class VolumeInference:
         return VolumeSegmentation(labels=asked["labels"], confidence=asked["confidence"],
                                   disagreement=asked["disagreement"], slice_scores=self.scores,
                                   evaluation=evaluation, seconds=self.seconds, removed=removed, binary=binary,
-                                  extended_ends=dict(self.extended_ends))
+                                  extended_ends=self.extended_ends)
 
 
 #: how :func:`rank_uncertain_slices` can order the slices (``mismatch segment --ranking``):

@@ -305,12 +305,20 @@ class SlicePrior:
         """Count the end penalty (``settings.end_penalty``) below (``side`` -1) or above (1) the painted range
         from slice ``s`` instead of from the outermost painted slice: the structure goes on at least to ``s``.
         The shape beyond the painted range is extrapolated from the painted slice as before."""
-        if side not in self.ends:
-            raise ValueError(f"side must be -1 (below) or 1 (above), not {side!r}")
-        painted = int(self.lab[0] if side < 0 else self.lab[-1])
+        painted = self.outermost(side)
         if side * (int(s) - painted) < 0:
             raise ValueError(f"slice {s} is not {'below' if side < 0 else 'above'} the painted slice {painted}")
         self.ends[side] = int(s)
+
+    def outermost(self, side: int) -> int:
+        """The outermost painted slice below (``side`` -1) or above (1) the painted range."""
+        if side not in (-1, 1):
+            raise ValueError(f"side must be -1 (below) or 1 (above), not {side!r}")
+        return int(self.lab[0] if side < 0 else self.lab[-1])
+
+    def moved_ends(self) -> dict[int, int]:
+        """``{side: slice}`` for each side whose end :meth:`extend_end` moved past the outermost painted slice."""
+        return {side: end for side, end in self.ends.items() if end != self.outermost(side)}
 
     def keep_connected(self, labels: np.ndarray) -> np.ndarray:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
