@@ -375,6 +375,8 @@ class MisMatchLogic:
                                              folder / "truth.nrrd")
                     arguments += ["--truth", str(folder / "truth.nrrd"),
                                   "--eval-slices", jobfolder.format_slices(evaluated)]
+            if "--labels" not in arguments:   # the panel's painting decides, not the one the model folder keeps
+                arguments.append("--no-labels")
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -14,6 +14,8 @@ from .engine import contract
 
 #: the optimiser's state beside the weights (the engine's ``mismatch.modelfile.OPTIMIZER_NAME``)
 OPTIMIZER_NAME = "optimizer.safetensors"
+#: the painted slices the model was trained from (the engine's ``mismatch.modelfile.PAINTED_NAME``)
+PAINTED_NAME = "painted.safetensors"
 
 
 class ModelCardError(ValueError):
@@ -49,15 +51,15 @@ def describe(card: dict) -> str:
 
 
 def copy_model(source: str | Path, destination: str | Path) -> Path:
-    """Copy a validated model (card, weights and the optimiser's state a warm start continues from, not the
-    resumable checkpoint) to ``destination``."""
+    """Copy a validated model (card, weights, the optimiser's state a warm start continues from and the painted
+    slices it was trained from, not the resumable checkpoint) to ``destination``."""
     source, destination = Path(source), Path(destination)
     card = read_card(source)
     if destination.exists() and any(destination.iterdir()):
         if not (destination / contract.CARD_NAME).is_file():
             raise ModelCardError(f"{destination} is not empty and holds no model: choose an empty folder")
     destination.mkdir(parents=True, exist_ok=True)
-    for name in (contract.CARD_NAME, card["weights"]["file"], OPTIMIZER_NAME):
-        if name != OPTIMIZER_NAME or (source / name).is_file():   # models written before it have none
+    for name in (contract.CARD_NAME, card["weights"]["file"], OPTIMIZER_NAME, PAINTED_NAME):
+        if name not in (OPTIMIZER_NAME, PAINTED_NAME) or (source / name).is_file():   # earlier models lack them
             shutil.copy2(source / name, destination / name)
     return destination

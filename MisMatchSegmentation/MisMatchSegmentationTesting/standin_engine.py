@@ -118,6 +118,8 @@ def segment(args: list[str]) -> int:
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     card = json.loads((Path(option(args, "--model")) / "model.json").read_text())
     values = [c["value"] for c in card["classes"]]
+    if "--no-labels" in args and "--labels" in args:
+        return user_error("--no-labels and --labels: give one")
     if ("--empty-slices" in args or "--labelled-slices" in args) and "--labels" not in args:
         return user_error("--labelled-slices / --empty-slices need --labels (the painted label map)")
     painted = None

@@ -290,3 +290,43 @@ def test_segment_evaluate_and_demo_help(capsys):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default demo-output" in text and "random seed" in text and "default auto" in text
+
+
+def test_segment_of_the_trained_image_keeps_its_painted_slices_without_labels(case, capsys):
+    """The model folder keeps the painted slices it was trained from: ``segment`` of that same image without
+    ``--labels`` gives what ``--labels`` gives (the painted slices kept as painted, guiding the others); on an
+    image that differs on those slices, with ``--no-labels`` or from a folder without them, the network
+    segments alone."""
+    d = case["dir"]
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "model"), *TINY]) == 0
+    assert (d / "model" / "painted.safetensors").is_file()
+
+    def segment(image, name, *extra):
+        capsys.readouterr()
+        assert main(["segment", image, "--model", str(d / "model"), "--out", str(d / f"{name}.nrrd"),
+                     "--confidence", str(d / f"{name}-conf.nrrd"), "--device", "cpu", *extra]) == 0
+        log = capsys.readouterr()
+        read = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(d / p)))  # noqa: E731
+        return read(f"{name}.nrrd"), read(f"{name}-conf.nrrd"), log.out + log.err
+
+    kept, kept_conf, log = segment(case["image"], "kept")
+    assert "painted slice(s) the model was trained from (2, 6" in log
+    given, given_conf, _ = segment(case["image"], "given", "--labels", case["labels"])
+    alone, alone_conf, _ = segment(case["image"], "alone", "--no-labels")
+    np.testing.assert_array_equal(kept, given)
+    np.testing.assert_array_equal(kept_conf, given_conf)
+    np.testing.assert_array_equal(kept[[2, 6]], case["lab"][[2, 6]])   # the painted slices as painted
+    assert not np.array_equal(kept_conf, alone_conf)
+
+    changed = case["array"].copy()
+    changed[2] += 50.0
+    other, other_conf, log = segment(_write(changed, d / "changed.nrrd"), "other")
+    assert "not the same on its painted slices" in log
+    other_alone, other_alone_conf, _ = segment(_write(changed, d / "changed2.nrrd"), "other-alone", "--no-labels")
+    np.testing.assert_array_equal(other_conf, other_alone_conf)
+
+    _bad(["segment", case["image"], "--model", str(d / "model"), "--out", str(d / "x.nrrd"), "--labels",
+          case["labels"], "--no-labels"], capsys, "--no-labels")
+    (d / "model" / "painted.safetensors").unlink()   # a model written before the painted slices were kept
+    old, old_conf, _ = segment(case["image"], "old")
+    np.testing.assert_array_equal(old_conf, alone_conf)

@@ -158,8 +158,10 @@ def test_copy_model_refuses_a_folder_with_other_files(tmp_path):
     copied = modelcard.copy_model(model, tmp_path / "copy")
     assert sorted(p.name for p in copied.iterdir()) == ["model.json", "model.safetensors"]
     (model / "optimizer.safetensors").write_bytes(b"moments")   # the optimiser's state goes with the model
+    (model / "painted.safetensors").write_bytes(b"painted")    # and the painted slices it was trained from
     copied = modelcard.copy_model(model, tmp_path / "copy2")
     assert (copied / "optimizer.safetensors").read_bytes() == b"moments"
+    assert (copied / "painted.safetensors").read_bytes() == b"painted"
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("x")

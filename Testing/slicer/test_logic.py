@@ -347,6 +347,7 @@ def test_segment_without_a_segment_named_like_the_classes_says_so(ct_chest, logi
             "slices") in done["message"]
     args = calls(standin_log)[-1]["args"]
     assert "--labels" not in args and "--empty-slices" not in args and "--truth" not in args
+    assert "--no-labels" in args
     assert not (standin_log / "labels-seen.nrrd").exists()
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(other, sid, volume), mask)
 
@@ -404,6 +405,7 @@ def test_segment_with_every_painted_slice_held_out_goes_without_labels(ct_chest,
     assert "no painted slice outside the held-out ones: segmented without your painted slices" in done["message"]
     args = calls(standin_log)[-1]["args"]
     assert "--labels" not in args and "--empty-slices" not in args
+    assert "--no-labels" in args   # not the painted slices the model folder keeps from training either
     assert args[args.index("--eval-slices") + 1] == "10,17,24"
 
 

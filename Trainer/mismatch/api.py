@@ -18,7 +18,7 @@ from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
 from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
-from .modelfile import load_model, read_optimizer_state, save_model
+from .modelfile import PaintedSlices, image_fingerprint, load_model, read_optimizer_state, read_painted, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
@@ -280,6 +280,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
                         "term; supervised training is what you want: --method unet (or add unlabelled volumes "
                         "with --unlabelled)")
+    # segment of this same image keeps these slices and lets them guide the others without --labels
+    painted = PaintedSlices.take(labels, image, config.axis, labelled) if ctx.is_main else None
     norm = Normalisation(hu_window=tuple(config.hu_window) if config.hu_window else None)
     volumes = [norm.apply(image)] + [norm.apply(v) for v in extra] + (pool.volumes if pool else [])
     del image
@@ -312,7 +314,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         reporter.log(f"unlabelled manifest: {pool.cache.describe()}")
     if ctx.is_main:
         # one unit: the folder (with its checkpoint) is replaced only by the complete new model
-        save_model(out, result.snapshots, card, result.optimizer_state)
+        save_model(out, result.snapshots, card, result.optimizer_state, painted)
     return card
 
 
@@ -322,14 +324,17 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                   disagreement: str | None = None, report: str | None = None, truth: str | None = None,
                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device: str = "auto",
                   reporter: Reporter | None = None, labels: str | None = None,
-                  explicit_slices: Sequence[int] | None = None, ranking: str = DEFAULT_RANKING) -> dict:
+                  explicit_slices: Sequence[int] | None = None, ranking: str = DEFAULT_RANKING,
+                  stored_labels: bool = True) -> dict:
     """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
 
     ``ranking``: how the report orders the slices worth labelling next
     (:data:`~mismatch.inference.RANKINGS`).
 
     ``labels``: the painted label map of this volume (what the model was trained from): see
-    :func:`painted_prior`.
+    :func:`painted_prior`. Without it, and with ``stored_labels``, the painted slices the model folder keeps
+    (:func:`~mismatch.modelfile.read_painted`) do the same when the image is the one they were painted on
+    (same grid, same voxels on those slices); on any other image the network segments alone.
 
     Memory: the image is normalised into itself; during the inference only it and the label map are
     volumes in memory: the confidence and the disagreement, when asked for, are streamed to temporary files
@@ -364,10 +369,12 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     truth_arr = read_labels(truth, geometry) if truth else None
     painted_map = read_labels(labels, geometry) if labels else None
     _check_channels(card, image)
+    if painted_map is None and stored_labels:
+        painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
     volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass
     del image
     prior = None
-    if labels:
+    if painted_map is not None:
         prior = painted_prior(card, painted_map, geometry.spacing[::-1], explicit_slices, volume=volume[0])
         if prior is None:
             raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
@@ -418,6 +425,30 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     if seg.evaluation:
         summary["iou"] = seg.evaluation["mean"].get("iou")
     return summary
+
+
+def _stored_painted(model_dir, card: dict, image: np.ndarray, geometry, reporter: Reporter):
+    """``(painted label map, its labelled slices)`` from the painted slices the model folder keeps, when
+    ``image`` (as read) is the image they were painted on; ``(None, None)`` otherwise."""
+    from .data import axis_index
+    from .io import Geometry
+
+    stored = read_painted(model_dir)
+    grid = card.get("geometry")
+    if stored is None or not grid or stored.axis != card["slice_axis"] or not len(stored.slices):
+        return None, None
+    if not Geometry.from_dict(grid).same_grid(geometry) or \
+            int(stored.slices.max()) >= geometry.shape[axis_index(stored.axis)]:
+        return None, None   # another volume: the network alone, as for any image the model was not trained on
+    if image_fingerprint(image, stored.axis, stored.slices) != stored.image_sha256:
+        reporter.log("the image is on the grid of the one the model was trained from, but not the same on its "
+                     "painted slices: segmented by the network alone; give --labels (the painted label map of "
+                     "this image) for the painted slices to guide it", level="warning")
+        return None, None
+    shown = ", ".join(str(int(s)) for s in stored.slices)
+    reporter.log(f"the {len(stored.slices)} painted slice(s) the model was trained from ({shown}, kept in the model "
+                 "folder) stay as painted and guide the others, as with --labels (--no-labels: the network alone)")
+    return stored.label_map(geometry.shape), [int(s) for s in stored.slices]
 
 
 def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None,

@@ -407,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", metavar="LABELS",
                    help="the painted label map this model was trained from (same volume): the painted slices are "
                         "kept as painted, and the model's prediction on the other slices is combined with what "
-                        "the painted slices imply (where the structure can be)")
+                        "the painted slices imply (where the structure can be). Without it, the painted slices the "
+                        "model folder keeps from its training do the same when IMAGE is the image they were "
+                        "painted on")
+    s.add_argument("--no-labels", action="store_true",
+                   help="segment with the network alone: neither --labels nor the painted slices kept in the "
+                        "model folder")
     s.add_argument("--labelled-slices", type=_slices, metavar="LIST",
                    help="with --labels: slices that count as labelled even if all background")
     s.add_argument("--empty-slices", type=_slices, metavar="LIST",
@@ -658,13 +663,16 @@ def _memory_advice(args) -> str:
 def cmd_segment(args) -> int:
     from .api import segment_files
 
+    if args.no_labels and args.labels:
+        raise UserError("--no-labels and --labels: give one (--labels: the painted slices guide the segmentation; "
+                        "--no-labels: the network alone)")
     reporter = _reporter(args)
     summary = segment_files(args.images, args.model, args.out, confidence=args.confidence,
                             disagreement=args.disagreement, report=args.report, truth=args.truth,
                             eval_slices=args.eval_slices, batch_size=args.batch_size, device=args.device,
                             reporter=reporter, labels=args.labels,
                             explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
-                            ranking=args.ranking)
+                            ranking=args.ranking, stored_labels=not args.no_labels)
     reporter.end("completed", f"segmentation written to {args.out}", **summary)
     if args.events != "-":
         print(f"segmentation written to {args.out} ({summary['seconds']:.1f} s)")

@@ -4,6 +4,9 @@ A model folder holds ``model.json`` (the card, see ``docs/contract.md``) and ``m
 safetensors file holds one set of weights per kept snapshot, keys prefixed ``snapshot<n>.``; the card
 records the file's sha256, checked before anything is loaded. ``optimizer.safetensors``, when there, holds
 the optimiser's state at the end of training, which a warm start (``mismatch train --init``) continues from.
+``painted.safetensors``, when there, holds the painted slices the model was trained from (the label values on
+them, and a fingerprint of the image there), so that ``mismatch segment`` of that same image keeps them and lets
+them guide the other slices without being given ``--labels`` again (:func:`read_painted`).
 
 Both a model folder and a checkpoint folder are written as one unit (:func:`mismatch.io.replace_folder`): the
 new folder is built beside the old one and swapped in by renames, so a process killed at any moment leaves
@@ -20,8 +23,10 @@ import os
 import struct
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
@@ -34,6 +39,7 @@ from .models import ArchitectureConfig, SegmentationNetwork, UnsupportedArchitec
 
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
+PAINTED_NAME = "painted.safetensors"
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -53,7 +59,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 #: What a model folder may hold besides the model: ``mismatch train`` replaces the whole folder when the
 #: new model is complete, so anything else in it would be lost; such a folder is refused instead.
-_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, "checkpoint",
+_OWN_ENTRIES = {CARD_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, PAINTED_NAME, "checkpoint",
                 *(p.name for p in swap_names("checkpoint")), ".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -90,9 +96,11 @@ def _model_complete(folder: Path) -> bool:
 
 
 def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Tensor]], card: dict[str, Any],
-               optimizer_state: dict[str, torch.Tensor] | None = None) -> Path:
+               optimizer_state: dict[str, torch.Tensor] | None = None, painted: "PaintedSlices | None" = None
+               ) -> Path:
     """Write ``model.safetensors`` (every snapshot), ``model.json`` and, when given, ``optimizer.safetensors``
-    (``optimizer_state``, :attr:`mismatch.train.FitResult.optimizer_state`) as one unit; returns the folder.
+    (``optimizer_state``, :attr:`mismatch.train.FitResult.optimizer_state`) and ``painted.safetensors``
+    (``painted``) as one unit; returns the folder.
 
     ``card`` must hold at least ``architecture`` (an :class:`ArchitectureConfig` dict), ``classes``,
     ``channels``, ``normalisation`` and ``slice_axis``; format, versions and the weights entry are added.
@@ -118,6 +126,8 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
         (new / WEIGHTS_NAME).write_bytes(data)
         if optimizer_state:
             (new / OPTIMIZER_NAME).write_bytes(_tensor_bytes(optimizer_state))
+        if painted is not None:
+            (new / PAINTED_NAME).write_bytes(painted.to_bytes())
         (new / CARD_NAME).write_text(text, encoding="utf-8")
 
     return replace_folder(folder, write, _model_complete)
@@ -193,6 +203,74 @@ def read_optimizer_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor
         return load_bytes((folder / OPTIMIZER_NAME).read_bytes())
     except Exception:  # noqa: BLE001 - missing or damaged: an aid to a warm start, not a part of the model
         return None
+
+
+@dataclass
+class PaintedSlices:
+    """The painted slices a model was trained from: ``slices`` (indices along ``axis``, ``k``, ``j`` or ``i``),
+    ``labels`` (``[n, H, W]``, the label values as painted on each, all zero on a slice listed as empty) and
+    ``image_sha256`` (:func:`image_fingerprint` of the image on those slices), which tells whether an image
+    given to ``segment`` is the one they were painted on."""
+
+    axis: str
+    slices: np.ndarray
+    labels: np.ndarray
+    image_sha256: str
+
+    @classmethod
+    def take(cls, labels: np.ndarray, image: np.ndarray, axis: str, slices) -> "PaintedSlices":
+        """From the painted label map ``labels [K, J, I]`` and the image as read ``image [C, K, J, I]``."""
+        from .data import axis_index
+
+        slices = np.asarray(slices, dtype=np.int64)
+        taken = np.take(labels, slices, axis=axis_index(axis))
+        top = int(taken.max()) if taken.size else 0
+        dtype = np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32
+        return cls(axis, slices, np.moveaxis(taken, axis_index(axis), 0).astype(dtype),
+                   image_fingerprint(image, axis, slices))
+
+    def label_map(self, shape) -> np.ndarray:
+        """The painted label map ``[K, J, I]`` of a volume of ``shape``: the painted slices, zero elsewhere."""
+        from .data import axis_index
+
+        out = np.zeros(tuple(shape), dtype=self.labels.dtype)
+        np.moveaxis(out, axis_index(self.axis), 0)[self.slices] = self.labels
+        return out
+
+    def to_bytes(self) -> bytes:
+        return _tensor_bytes({"slices": torch.from_numpy(self.slices), "labels": torch.from_numpy(self.labels)},
+                             metadata={"format": "mismatch-painted", "slice_axis": self.axis,
+                                       "image_sha256": self.image_sha256})
+
+
+def image_fingerprint(image: np.ndarray, axis: str, slices) -> str:
+    """sha256 of the image as read (``[C, K, J, I]``, float32) on ``slices`` along ``axis``."""
+    from .data import axis_index
+
+    digest = hashlib.sha256()
+    for s in slices:
+        digest.update(np.ascontiguousarray(np.take(image, int(s), axis=1 + axis_index(axis)),
+                                           dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def read_painted(model_dir: str | os.PathLike) -> PaintedSlices | None:
+    """The painted slices saved with a model (``painted.safetensors``), or None when the folder has none (a
+    model written before they were kept, or by a training without painted slices) or it cannot be read."""
+    folder = Path(model_dir)
+    folder = resolve_folder(folder.parent if folder.is_file() else folder, _model_complete)
+    try:
+        data = (folder / PAINTED_NAME).read_bytes()
+        meta = _safetensors_metadata(data)
+        tensors = load_bytes(data)
+        painted = PaintedSlices(str(meta["slice_axis"]), tensors["slices"].numpy().astype(np.int64),
+                                tensors["labels"].numpy(), str(meta["image_sha256"]))
+    except Exception:  # noqa: BLE001 - missing or damaged: segment then needs --labels, as for older models
+        return None
+    if painted.labels.ndim != 3 or len(painted.slices) != painted.labels.shape[0] or meta.get("format") != \
+            "mismatch-painted":
+        return None
+    return painted
 
 
 # -- resumable checkpoints -------------------------------------------------------------------------------
