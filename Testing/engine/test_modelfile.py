@@ -72,3 +72,39 @@ def test_invalid_cards_are_refused_with_a_clear_message(saved, edit, match):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(UserError, match="not a MisMatch model folder"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("axis", ["k", "j", "i"])
+def test_painted_slices_round_trip_along_any_axis(tmp_path, axis):
+    """The painted slices kept with a model give back the painted label map (values above 255 too, an
+    empty-listed slice as all zero) and the fingerprint of the image they were painted on; a damaged file
+    reads as none (segment then needs --labels, as for a model of an earlier engine)."""
+    import numpy as np
+
+    from mismatch.data import axis_index
+    from mismatch.modelfile import PaintedSlices, image_fingerprint, read_painted
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 7, 8), np.int32)
+    image = rng.normal(size=(2, 6, 7, 8)).astype(np.float32)
+    index = [slice(None)] * 3
+    for s, value in ((1, 300), (4, 2)):
+        index[axis_index(axis)] = s
+        labels[tuple(index)] = np.where(rng.random(labels[tuple(index)].shape) > 0.5, value, 0)
+    painted = PaintedSlices.take(labels, image, axis, [1, 3, 4])   # slice 3: listed as empty
+    torch.manual_seed(0)
+    net = build_model("unet", width=4)
+    save_model(tmp_path / "m", [net.state_dict()], _card(net), painted=painted)
+    back = read_painted(tmp_path / "m")
+    assert back.axis == axis and back.slices.tolist() == [1, 3, 4]
+    np.testing.assert_array_equal(back.label_map(labels.shape), labels)
+    assert back.image_sha256 == image_fingerprint(image, axis, [1, 3, 4])
+    at = [1, 0, 0, 0]
+    at[1 + axis_index(axis)] = 2   # a voxel off the painted slices: still the image they were painted on
+    image[tuple(at)] += 1.0
+    assert image_fingerprint(image, axis, [1, 3, 4]) == back.image_sha256
+    at[1 + axis_index(axis)] = 3   # one on a painted (here empty-listed) slice: another image
+    image[tuple(at)] += 1.0
+    assert image_fingerprint(image, axis, [1, 3, 4]) != back.image_sha256
+    (tmp_path / "m" / "painted.safetensors").write_bytes(b"damaged")
+    assert read_painted(tmp_path / "m") is None
