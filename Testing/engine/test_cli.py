@@ -330,3 +330,27 @@ def test_segment_of_the_trained_image_keeps_its_painted_slices_without_labels(ca
     (d / "model" / "painted.safetensors").unlink()   # a model written before the painted slices were kept
     old, old_conf, _ = segment(case["image"], "old")
     np.testing.assert_array_equal(old_conf, alone_conf)
+
+
+def test_train_finds_labels_painted_along_another_axis(case, capsys):
+    """Labels painted on separate slices along j, trained without --axis: the model's slices run along j (not
+    along k, where every slice across the disc holds paint and would count as labelled), the log says so, and
+    segment of the same image keeps those slices."""
+    d = case["dir"]
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(case["truth"]))
+    painted = np.zeros_like(truth)
+    painted[:, [12, 20]] = truth[:, [12, 20]]
+    labels = _write(painted, d / "painted-j.nrrd")
+    capsys.readouterr()
+    assert main(["train", case["image"], "--labels", labels, "--out", str(d / "model"), *TINY]) == 0
+    log = capsys.readouterr()
+    assert "separate slice(s) along j" in log.out + log.err
+    card = json.loads((d / "model" / "model.json").read_text())
+    assert card["slice_axis"] == "j" and card["summary"]["labelled_slices"] == [12, 20]
+    assert main(["segment", case["image"], "--model", str(d / "model"), "--out", str(d / "seg.nrrd"),
+                 "--device", "cpu"]) == 0
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "seg.nrrd")))
+    np.testing.assert_array_equal(seg[:, [12, 20]], painted[:, [12, 20]])
+    capsys.readouterr()   # along k (as before --axis auto): every slice across the disc would count as labelled
+    _bad(["train", case["image"], "--labels", labels, "--out", str(d / "model-k"), "--axis", "k", *TINY], capsys,
+         "every slice")

@@ -405,3 +405,24 @@ def test_label_values_are_numpy_unique(dtype):
         a = a.astype(dtype)
         got, want = label_values(a), np.unique(a)
         assert got.dtype == want.dtype and np.array_equal(got, want), (dtype, a)
+
+
+def test_painted_axis_finds_the_axis_the_labels_were_painted_along():
+    """``mismatch train --axis auto``: separate painted slices along j or i are found; paint on k slices, a
+    contiguous run of k slices, a dense structure and an empty map stay on k."""
+    from mismatch.data import painted_axis
+
+    blob = np.zeros((20, 30, 40), np.uint8)
+    blob[5:15, 8:22, 10:30] = 1   # the whole structure
+    for axis, slices in (("k", [6, 10, 13]), ("j", [9, 15, 20]), ("i", [12, 25]), ("j", [14])):
+        painted = np.zeros_like(blob)
+        index = [slice(None)] * 3
+        index[{"k": 0, "j": 1, "i": 2}[axis]] = slices
+        painted[tuple(index)] = blob[tuple(index)]
+        assert painted_axis(painted)[0] == axis, (axis, slices)
+    run = np.zeros_like(blob)
+    run[7:10] = blob[7:10]   # three adjacent k slices: still k
+    assert painted_axis(run)[0] == "k"
+    assert painted_axis(blob)[0] == "k"   # every slice labelled: k
+    assert painted_axis(np.zeros_like(blob))[0] == "k"
+    assert "separate slice(s) along j" in painted_axis(np.where(np.arange(30)[None, :, None] == 9, blob, 0))[1]

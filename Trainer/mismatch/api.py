@@ -238,6 +238,13 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
             if init_card is not None else auto_window(image)
         config = dataclasses.replace(config, hu_window=window)
     labels = read_labels(labels_path, geometry)
+    if config.axis == "auto":   # mismatch train's default: the axis the labels were painted along
+        from .data import painted_axis
+
+        axis, why = painted_axis(labels)
+        if axis != "k":
+            reporter.log(why)
+        config = dataclasses.replace(config, axis=axis)
     extra = []
     for case in unlabelled:
         vol, _ = read_image(case)

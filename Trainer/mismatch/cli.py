@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--empty-slices", type=_slices, metavar="LIST",
                    help="slices you checked and found without the structure (labelled as all background), "
                         "e.g. 0-4,40: they teach the model where the structure is not")
-    t.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice axis of the image grid (default k)")
+    t.add_argument("--axis", choices=["auto", "k", "j", "i"], default="auto",
+                   help="slice axis of the image grid: k (the file's slice direction), j or i; auto (default): the "
+                        "axis the labels were painted along (k unless they lie on separate slices along j or i)")
     t.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
                    help="clip the image to this window before the per-volume z-score; auto (default): a CT in "
                         "Hounsfield units (darkest voxel at -500 or below) is clipped to -1000,400, any other "

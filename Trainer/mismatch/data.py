@@ -28,6 +28,30 @@ def axis_index(axis: str) -> int:
         raise UserError(f"slice axis {axis!r}: use k (the file's slice direction), j or i") from None
 
 
+def painted_axis(labels: np.ndarray) -> tuple[str, str]:
+    """The slice axis a painted label map ``[K, J, I]`` was painted along (``mismatch train --axis auto``), and
+    a line saying why.
+
+    Painted on a few slices along an axis, the label map's slices along that axis holding paint are separate
+    (gaps between them) or a single one, while along the other two axes every slice across the structure
+    holds some. ``k`` (the file's slice direction) unless its painted slices are one contiguous run of
+    several and ``j`` or ``i`` has fewer painted slices that are separate or single: then that axis (the
+    fewest painted slices). An all-zero map, or paint that looks the same along every axis, gives ``k``."""
+    runs = {}
+    for name, ax in AXES.items():
+        other = tuple(a for a in range(3) if a != ax)
+        found = np.flatnonzero(np.any(labels, axis=other))
+        separate = len(found) == 1 or (len(found) > 1 and int(found[-1] - found[0]) + 1 > len(found))
+        runs[name] = (len(found), separate)
+    n_k, separate_k = runs["k"]
+    others = [(n, name) for name, (n, separate) in runs.items() if name != "k" and separate and n < n_k]
+    if n_k == 0 or separate_k or not others:
+        return "k", f"painted on {n_k} slice(s) along k"
+    n, name = min(others)
+    return name, (f"painted on {n} separate slice(s) along {name} (along k every one of {n_k} slices across the "
+                  f"structure holds paint): slices along {name}; give --axis to choose")
+
+
 def parse_slice_list(text: str) -> list[int]:
     """``"3,7,12"`` and ranges ``"10-14"`` (inclusive) -> sorted unique slice indices (0-based), as the module
     reads them (:func:`mismatch.contract.parse_slices`); anything else is a :class:`UserError`."""
