@@ -257,3 +257,53 @@ def test_even_placement_uses_the_same_slices_for_every_seed_and_is_not_mixed_wit
     with pytest.raises(UserError, match="--placement even"):
         run_benchmark(tiny_config(methods=["nearest-slice"], alpha_sweep=[], seeds=2), tmp_path, log=lambda m: None)
     assert main(["benchmark", "--out", str(tmp_path), "--report-only"]) == 0
+
+
+def test_files_of_ones_own_are_a_data_set(tmp_path, capsys):
+    """``--files IMAGE LABELS``: a volume of one's own with full labels, benchmarked and simulated like the named
+    data sets (named file-<image name>, its label values as classes, a CT in HU windowed as train does); a bad
+    file is one clear error."""
+    import SimpleITK as sitk
+
+    from mismatch.benchmark.datasets import files_datasets, load_dataset
+
+    k, j, i = np.mgrid[:12, :24, :28]
+    disc = ((j - 12) ** 2 + (i - 14) ** 2 <= (5 + (k % 3)) ** 2) & (k >= 2) & (k <= 9)
+    image = np.where(disc, 40.0, -800.0).astype(np.float32) + np.random.default_rng(0).normal(0, 5, disc.shape)
+    paths = {}
+    for name, array in (("ct.nii.gz", image.astype(np.float32)), ("truth.nrrd", (disc * 3).astype(np.uint8))):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((0.8, 0.8, 2.0))
+        sitk.WriteImage(img, str(tmp_path / name))
+        paths[name] = str(tmp_path / name)
+
+    files = files_datasets([[paths["ct.nii.gz"], paths["truth.nrrd"]], [paths["ct.nii.gz"], paths["truth.nrrd"]]])
+    assert list(files) == ["file-ct", "file-ct-2"]
+    (case,) = load_dataset("file-ct", **files["file-ct"])
+    assert case.classes == {1: "label 3"} and int(case.label.max()) == 1 and case.window is not None
+    assert case.spacing == pytest.approx((2.0, 0.8, 0.8))
+
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--out", str(out), "--files", paths["ct.nii.gz"], paths["truth.nrrd"], "--methods",
+                 "nearest-slice", "shape-interpolation", "--labelled", "2", "--seeds", "1", "--placement", "even",
+                 "--alpha-sweep"]) == 0
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert {(r["dataset"], r["method"]) for r in runs} == {("file-ct", "nearest-slice"),
+                                                           ("file-ct", "shape-interpolation")}
+    assert all(0 < r["iou"] <= 1 for r in runs)
+    assert "file-ct" in (out / "results.md").read_text()
+
+    sim = tmp_path / "sim"
+    assert main(["simulate", "--out", str(sim), "--files", paths["ct.nii.gz"], paths["truth.nrrd"], "--methods",
+                 "unet-strong", "--start", "2", "--max-labelled", "3", "--seeds", "1", "--policies", "even",
+                 "--steps", "2", "--width", "4", "--patch-size", "0", "--batch-size", "2", "--device", "cpu",
+                 "--no-reference"]) == 0
+    rounds = json.loads((sim / "loop.json").read_text())["rounds"]
+    assert [(r["dataset"], r["n_labelled"]) for r in rounds] == [("file-ct", 2), ("file-ct", 3)]
+
+    capsys.readouterr()
+    assert main(["benchmark", "--out", str(tmp_path / "bad"), "--files", paths["ct.nii.gz"],
+                 str(tmp_path / "missing.nrrd"), "--methods", "nearest-slice", "--labelled", "2", "--seeds", "1",
+                 "--alpha-sweep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.nrrd" in err and "Traceback" not in err

@@ -478,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ctchest-lungs, ctchest-lungs-lr, ctchest-spine, ctchest-ribs, mni152-gm, mni152-wm, "
                         "pyradiomics-brain1, pyradiomics-breast1, synthetic-vessels, synthetic-vessels-lung "
                         "(default: ctchest-lungs)")
+    _files_option(b)
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")
     b.add_argument("--seeds", type=_positive_int, help="runs per labelled-slice count (default 3)")
@@ -502,6 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _files_option(p) -> None:
+    p.add_argument("--files", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                   help="a volume of your own with its structure labelled on every slice (a label map on the "
+                        "image's grid), as data set file-<image name>; repeat for more (with --datasets: beside "
+                        "those)")
+
+
+def _with_files(args) -> tuple[list[str] | None, dict[str, dict]]:
+    """``--datasets`` with the ``--files`` data sets added, and their options."""
+    from .benchmark.datasets import files_datasets
+
+    files = files_datasets(args.files or [])
+    if not files:
+        return args.datasets, {}
+    return (args.datasets or []) + list(files), files
+
+
 def _simulate_parser(sub) -> None:
     """``mismatch simulate``: the annotate-and-retrain loop played by a simulated user (docs/loop.md)."""
     from .benchmark.loop import BASE_POLICIES, POLICIES
@@ -516,6 +534,7 @@ def _simulate_parser(sub) -> None:
                    help="folder for results.md, the figures and loop.json (default simulate-output)")
     v.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="the benchmark's data sets (mismatch benchmark --help; default: ctchest-lungs)")
+    _files_option(v)
     v.add_argument("--methods", nargs="+", metavar="NAME", help="methods (default: mismatch unet-strong)")
     v.add_argument("--start", nargs="+", type=_positive_int, metavar="K0",
                    help="labelled slices of the first round (default 1 3)")
@@ -727,8 +746,9 @@ def cmd_benchmark(args) -> int:
 
     if args.report_only:
         return _report_only(args.out, load_runs, write_report, "runs", RUNS_FILE, "benchmark")
-    options = {"datasets": args.datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
-               "placement": args.placement,
+    datasets, files = _with_files(args)
+    options = {"datasets": datasets, "labelled": args.labelled, "seeds": args.seeds, "methods": args.methods,
+               "placement": args.placement, "dataset_options": files or None,
                **_budget_values(args), "n_test": args.n_test, "data_dir": args.data_dir,
                "alpha_sweep": args.alpha_sweep, "devices": args.devices.split(",")}
     if args.quick:
@@ -747,7 +767,8 @@ def cmd_simulate(args) -> int:
         return _report_only(args.out, load_results, write_report, "rounds", RESULTS_FILE, "simulation")
     warm = {k: v for k, v in (("steps_fraction", args.warm_steps_fraction), ("lr_fraction", args.warm_lr_fraction))
             if v is not None}
-    options = {"datasets": args.datasets, "methods": args.methods, "start": args.start,
+    datasets, files = _with_files(args)
+    options = {"datasets": datasets, "dataset_options": files or None, "methods": args.methods, "start": args.start,
                "max_labelled": args.max_labelled, "seeds": args.seeds, "policies": args.policies,
                **_budget_values(args), "data_dir": args.data_dir, "device": args.device}
     config = LoopConfig(**{k: v for k, v in options.items() if v is not None}, warm=warm, scratch=args.scratch,

@@ -410,8 +410,58 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
 }
 
 
+#: data sets given as files (``--files IMAGE LABELS``) are named with this prefix (:func:`files_datasets`)
+FILES_PREFIX = "file-"
+
+
+def files_datasets(pairs: Sequence[Sequence[str]]) -> dict[str, dict]:
+    """``{data set name: options}`` for ``--files IMAGE LABELS`` pairs: ``file-<image file name>`` (``-2``,
+    ``-3`` ... where two images share a name), options for :func:`load_files`."""
+    out: dict[str, dict] = {}
+    for image, labels in pairs:
+        stem = Path(image).name
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "image"
+        name, n = FILES_PREFIX + stem, 2
+        while name in out:
+            name, n = f"{FILES_PREFIX}{stem}-{n}", n + 1
+        out[name] = {"image": str(image), "labels": str(labels)}
+    return out
+
+
+def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_: Any) -> list[Case]:
+    """A volume of one's own with a label on every slice of the structure (``--files IMAGE LABELS``): the image
+    as ``mismatch train`` reads it (a CT in Hounsfield units gets the CT window, as ``--hu-window auto``
+    gives it), the label map on its grid, each label value a class. Slices along k."""
+    from ..data import auto_window, label_values
+    from ..io import read_image, read_labels
+
+    img, geometry = read_image(image)
+    lab = read_labels(labels, geometry)
+    values = [int(v) for v in label_values(lab) if v != 0]
+    if not values:
+        raise UserError(f"{labels}: the label map is empty (all zero); the benchmark needs the structure labelled "
+                        "on every slice it is on")
+    if len(values) > 255:
+        raise UserError(f"{labels}: {len(values)} label values; the benchmark takes at most 255 classes")
+    lut = np.zeros(max(values) + 1, dtype=np.uint8)
+    for i, v in enumerate(values, start=1):
+        lut[v] = i
+    return [Case(name, img, lut[lab], geometry, axis=0, window=auto_window(img),
+                 classes={i: f"label {v}" for i, v in enumerate(values, start=1)},
+                 source=f"{Path(image).name} with the labels of {Path(labels).name} (--files)")]
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options: Any) -> list[Case]:
-    """The cases of data set ``name`` (see :data:`DATASETS`); ``data_dir`` for data found in a cache folder."""
+    """The cases of data set ``name`` (see :data:`DATASETS`, and :func:`files_datasets` for files given with
+    ``--files``, whose ``options`` name them); ``data_dir`` for data found in a cache folder."""
+    if name.startswith(FILES_PREFIX):
+        if "image" not in options or "labels" not in options:
+            raise UserError(f"data set {name}: give its files with --files IMAGE LABELS")
+        return load_files(name=name, **options)
     if name not in DATASETS:
         raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if name.startswith("pyradiomics-"):

@@ -104,7 +104,8 @@ def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
-    unknown = [d for d in config.datasets if d not in DATASETS and d not in extra_datasets]
+    unknown = [d for d in config.datasets if d not in DATASETS and d not in extra_datasets
+               and d not in config.dataset_options]
     if unknown:
         raise UserError(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     if not config.start or min(config.start) < 1:
