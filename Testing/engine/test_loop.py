@@ -245,6 +245,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
         assert mine[1]["steps"] == 1 and mine[0]["steps"] == 3       # ceil(0.2 * 3)
         for r in mine:
             assert r["n_test"] == 12 - r["n_labelled"] and 0 <= r["iou"] <= 1 and r["ece_band"] is not None
+            assert r["iou"] <= r["iou_volume"] <= 1   # the painted slices count as right in the whole volume
             assert set(r["suggestions"]) == set(RANKINGS)
         for a, b in zip(mine, mine[1:]):
             assert set(a["labelled_slices"]) < set(b["labelled_slices"]) or policy == "even"
@@ -254,6 +255,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
     assert even[2]["labelled_slices"] == loop.even_slices(loop.extent(cases["tiny"][0].label, 0), 3, 12)
     report = (tmp_path / "results.md").read_text()
     assert "| suggested |" in report and "slices needed" in report and "Seconds per round" in report
+    assert "The whole volume the user has after each round" in report
     assert (tmp_path / "loop-tiny-mismatch-k1.png").stat().st_size > 1000
     assert not list((tmp_path / loop.STATES_DIR).glob("*.pt"))   # every trajectory done: no model kept
 
@@ -319,3 +321,11 @@ def test_simulate_command(tmp_path, monkeypatch, capsys):
     assert main(["simulate", "--out", str(tmp_path / "x"), "--datasets", "tiny", "--start", "5",
                  "--max-labelled", "3"]) == 2
     assert "--max-labelled 3 is below" in capsys.readouterr().err
+
+
+def test_volume_iou_counts_the_painted_slices_as_right():
+    sparse = np.zeros((4, 3, 3), np.uint8)
+    sparse[0, :2, :2] = 1        # 4 painted voxels of class 1, none of class 2
+    classes = {"1": {"tp": 6, "fp": 2, "fn": 2}, "2": {"tp": 1, "fp": 1, "fn": 0}}
+    assert loop.volume_iou(classes, sparse) == pytest.approx(((6 + 4) / (10 + 4) + 1 / 2) / 2)
+    assert loop.volume_iou({}, sparse) is None

@@ -209,7 +209,7 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
     mean = seg.evaluation["mean"]
     two = len(run.networks[0].decoders) > 1
     metrics = {
-        "iou": mean["iou"], "dice": mean["dice"], "ece_all": mean["calibration"]["all"]["ece"],
+        "iou": mean["iou"], "iou_volume": volume_iou(mean["classes"], sparse), "dice": mean["dice"], "ece_all": mean["calibration"]["all"]["ece"],
         "ece_band": mean["calibration"]["band"]["ece"], "n_test": len(test), "steps": run.fitted.steps_done,
         "train_seconds": round(run.train_seconds, 3), "segment_seconds": round(run.segment_seconds, 3),
         "seconds": round(run.train_seconds + run.segment_seconds, 3),
@@ -221,6 +221,19 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
     if getattr(device, "type", "") == "cuda":
         torch.cuda.empty_cache()
     return metrics, state
+
+
+def volume_iou(classes: dict, sparse: np.ndarray) -> float | None:
+    """The IoU of the whole volume the user ends the round with: the unlabelled slices as segmented (``classes``:
+    the evaluation's per-class counts over them) and the labelled ones as painted (``sparse``: the true labels
+    on those slices, counted as right), the mean over the classes."""
+    ious = []
+    for c, v in classes.items():
+        painted = int(np.count_nonzero(sparse == int(c)))
+        union = v["tp"] + v["fp"] + v["fn"] + painted
+        if union:
+            ious.append((v["tp"] + painted) / union)
+    return float(np.mean(ious)) if ious else None
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------------
@@ -455,12 +468,13 @@ def _scratch_missing(spec, key, rounds, case, volume, config, data, out, device,
 
 # -- the report -----------------------------------------------------------------------------------------------
 
-def curves(rounds: list[dict]) -> dict:
-    """``{(dataset, method, k0, policy): {n_labelled: {seed: iou}}}`` of the trajectories (first and warm rounds)."""
+def curves(rounds: list[dict], key: str = "iou") -> dict:
+    """``{(dataset, method, k0, policy): {n_labelled: {seed: value}}}`` of the trajectories (first and warm
+    rounds): ``key`` ``iou`` (the unlabelled slices) or ``iou_volume`` (the whole volume, :func:`volume_iou`)."""
     out: dict = defaultdict(lambda: defaultdict(dict))
     for r in rounds:
-        if r["init"] in ("first", "warm") and r.get("iou") is not None:
-            out[(r["dataset"], r["method"], r["k0"], r["policy"])][r["n_labelled"]][(r["case"], r["seed"])] = r["iou"]
+        if r["init"] in ("first", "warm") and r.get(key) is not None:
+            out[(r["dataset"], r["method"], r["k0"], r["policy"])][r["n_labelled"]][(r["case"], r["seed"])] = r[key]
     return out
 
 
@@ -563,6 +577,24 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
                 a, b = cv[(d, m, k, p)], cv[(d, m, k, "even")]
                 lines.append(f"| {p} | " + " | ".join(_p(list(a.get(n, {}).values()), list(b.get(n, {}).values()))
                                                        for n in ns) + " |")
+            lines.append("")
+        vol = curves(rounds, "iou_volume")
+        with_volume = [p for p in policies if (d, m, k, p) in vol]
+        if with_volume:
+            even = vol.get((d, m, k, "even"))
+            lines += ["The whole volume the user has after each round (the painted slices as painted, the others as "
+                      "segmented), IoU %:", "",
+                      "| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even |",
+                      "|---|" + "---:|" * (len(ns) + 2)]
+            for p in with_volume:
+                by_n = vol[(d, m, k, p)]
+                runs = sorted({run for per in by_n.values() for run in per})
+                auc = [float(np.mean([by_n[n][run] for n in ns if run in by_n.get(n, {})])) for run in runs]
+                even_runs = sorted({run for per in even.values() for run in per}) if even else []
+                even_auc = [float(np.mean([even[n][run] for n in ns if run in even.get(n, {})])) for run in even_runs]
+                cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
+                p_auc = _p(auc, even_auc) if even_auc and p != "even" else ""
+                lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} |")
             lines.append("")
         path = _figure(cv, d, m, k, policies, ns, ref, out)
         if path is not None:
