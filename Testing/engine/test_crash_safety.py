@@ -256,7 +256,7 @@ def test_kill_9_between_the_renames_of_a_checkpoint_then_resume(files):
                for line in (d / "ev").read_text().splitlines())
     assert _weights_sha(d / "model") == _weights_sha(d / "reference")
     assert sorted(p.name for p in (d / "model").iterdir()) == ["model.json", "model.safetensors",
-                                                              "optimizer.safetensors"]
+                                                              "optimizer.safetensors", "painted.safetensors"]
 
 
 def test_kill_9_while_an_existing_model_is_replaced_keeps_a_whole_model(files):

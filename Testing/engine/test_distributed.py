@@ -261,7 +261,7 @@ def test_two_processes_match_one_process(case):
     # 2. only rank 0 wrote: one model folder, one event stream, one final line
     assert stdout.count("model written to") == 1
     assert sorted(p.name for p in (d / "two").iterdir()) == ["model.json", "model.safetensors",
-                                                              "optimizer.safetensors"]
+                                                              "optimizer.safetensors", "painted.safetensors"]
     events = _events(d / "two.jsonl")
     assert [e["event"] for e in events].count("end") == 1 and events[-1]["status"] == "completed"
     assert [e.get("phase") for e in events if e["event"] == "start"] == ["load", "train"]

@@ -444,8 +444,9 @@ def _stored_painted(model_dir, card: dict, image: np.ndarray, geometry, reporter
     grid = card.get("geometry")
     if stored is None or not grid or stored.axis != card["slice_axis"] or not len(stored.slices):
         return None, None
-    if not Geometry.from_dict(grid).same_grid(geometry) or \
-            int(stored.slices.max()) >= geometry.shape[axis_index(stored.axis)]:
+    plane = tuple(n for a, n in enumerate(geometry.shape) if a != axis_index(stored.axis))
+    if not Geometry.from_dict(grid).same_grid(geometry) or stored.labels.shape[1:] != plane or \
+            int(stored.slices.min()) < 0 or int(stored.slices.max()) >= geometry.shape[axis_index(stored.axis)]:
         return None, None   # another volume: the network alone, as for any image the model was not trained on
     if image_fingerprint(image, stored.axis, stored.slices) != stored.image_sha256:
         reporter.log("the image is on the grid of the one the model was trained from, but not the same on its "

@@ -22,8 +22,8 @@ import json
 import os
 import struct
 import uuid
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
