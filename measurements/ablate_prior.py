@@ -123,13 +123,20 @@ def main(argv: list[str] | None = None) -> int:
                 def score(prior) -> float:
                     seg = segment_volume(networks, volume, axis=axis, truth=case.label, eval_slices=test.tolist(),
                                          prior=prior, outputs=("labels",))
+                    cal = seg.evaluation["mean"]["calibration"]
+                    calibration[id(prior)] = {"ece_band": cal["band"]["ece"], "ece_all": cal["all"]["ece"]}
                     return float(seg.evaluation["mean"]["iou"])
 
+                calibration: dict = {}
+
                 scores = {}   # variant -> (IoU, the prior settings or None)
+                ece = {}
                 for variant, options in variants.items():
                     settings = {**default_prior, **options}
-                    scores[variant] = (score(painted_slice_prior(sparse, labelled, axis, case.spacing,
-                                                                 len(case.classes) + 1, settings, volume)), settings)
+                    prior = painted_slice_prior(sparse, labelled, axis, case.spacing, len(case.classes) + 1, settings,
+                                                volume)
+                    scores[variant] = (score(prior), settings)
+                    ece[variant] = calibration.pop(id(prior))
                 if args.gfs_beta:
                     grown = run_in_subprocess("slicer-grow-from-seeds", image=case.image[0], labels=sparse,
                                               labelled_slices=labelled.tolist(), axis=case.axis,
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
                                  "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
                                  "variant": variant, "prior": settings, "iou": float(iou),
-                                 "train_seconds": round(train_s, 1)})
+                                 **ece.get(variant, {}), "train_seconds": round(train_s, 1)})
                     print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
             out.write_text(json.dumps(done, indent=1))
     runs = [r for r in done if r["placement"] == args.placement and r["n_labelled"] == args.labelled
@@ -175,6 +182,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{n} minus default: mean {100 * sum(d) / len(d):+.1f} points over {len(d)} runs, ahead on "
                   f"{sum(x > 0 for x in d)}, behind on {sum(x < 0 for x in d)}; two-sided sign test "
                   f"p = {sign_test_p(d):.3f}")
+    with_ece = [r for r in runs if r.get("ece_band") is not None]
+    if with_ece:
+        order = [v for v in list(variants) + probes if any(r["variant"] == v for r in with_ece)]
+        print("\nECE in the foreground band % (all voxels %), per run:\n")
+        print("| data set | seed | " + " | ".join(order) + " |\n|---|---:|" + "---:|" * len(order))
+        keys = sorted({(r["dataset"], r["case"], r["seed"]) for r in with_ece})
+        for key in keys:
+            same = {r["variant"]: r for r in with_ece if (r["dataset"], r["case"], r["seed"]) == key}
+            print(f"| {key[0]} | {key[2]} | " + " | ".join(
+                f"{100 * same[v]['ece_band']:.1f} ({100 * same[v]['ece_all']:.2f})" if v in same else "–"
+                for v in order) + " |")
+        for v in order:
+            band = [r["ece_band"] for r in with_ece if r["variant"] == v]
+            print(f"\n{v}: mean ECE in the band {100 * sum(band) / len(band):.2f} % over {len(band)} runs")
     print(f"\ncommand: python measurements/ablate_prior.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     return 0
 

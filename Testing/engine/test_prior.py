@@ -299,3 +299,26 @@ def test_extend_end_checks_its_side():
         prior.extend_end(-1, 12)
     with pytest.raises(ValueError):
         prior.extend_end(0, 5)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_temperature_tempers_the_confidence_and_keeps_every_label(classes):
+    """The combined log-odds divided by the temperature: the same label map, lower confidence off the painted
+    slices (and 1 on them); settings recorded before the temperature segment untempered."""
+    torch.manual_seed(0)
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=classes,
+                                                 width=4)).eval()
+    volume = np.random.default_rng(2).normal(size=(1, 6, 24, 24)).astype(np.float32)
+    sparse = np.zeros((6, 24, 24), np.uint8)
+    sparse[1, 4:12, 4:12] = 1
+    sparse[4, 6:14, 6:14] = classes - 1
+    segs = {t: segment_volume([net], volume, axis="k", prior=SlicePrior(
+        sparse, [1, 4], axis=0, spacing=(2.0, 1.0, 1.0), num_classes=classes,
+        settings=PriorSettings(temperature=t))) for t in (1.0, 2.0)}
+    assert np.array_equal(segs[1.0].labels, segs[2.0].labels)
+    assert np.all(segs[2.0].confidence[[1, 4]] == 1.0)
+    off = [0, 2, 3, 5]
+    assert np.all(segs[2.0].confidence[off] <= segs[1.0].confidence[off] + 1e-6)
+    assert segs[2.0].confidence[off].mean() < segs[1.0].confidence[off].mean()
+    old = {k: v for k, v in PriorSettings(temperature=2.0).to_dict().items() if k != "temperature"}
+    assert PriorSettings.from_dict(old).temperature == 1.0

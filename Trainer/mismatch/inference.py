@@ -121,10 +121,11 @@ def _top_label(probs: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.T
 
 def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) -> torch.Tensor:
     """The mean prediction combined with the painted slices' prior (a product of experts: network log-odds
-    plus the prior's weighted log-odds); on a painted slice, the painted labels with probability 1."""
+    plus the prior's weighted log-odds, divided by its ``temperature``); on a painted slice, the painted labels
+    with probability 1."""
     eps = 1e-6
     out = torch.empty_like(mean, dtype=torch.float32)
-    w = float(prior.settings.weight)
+    w, t = float(prior.settings.weight), float(prior.settings.temperature)
     for i, s in enumerate(slices):
         p = mean[i].float()
         if prior.is_labelled(s):
@@ -135,10 +136,10 @@ def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) ->
         lo = torch.from_numpy(prior.log_odds(s)).to(p.device)
         if binary:
             z = torch.log(p.clamp(eps, 1 - eps)) - torch.log1p(-p.clamp(eps, 1 - eps)) + w * lo
-            out[i] = torch.sigmoid(z)
+            out[i] = torch.sigmoid(z / t)
         else:
             prior_logp = torch.log_softmax(torch.cat([torch.zeros_like(lo[:1]), lo]), 0)
-            out[i] = torch.softmax(torch.log(p.clamp_min(eps)) + w * prior_logp, 0)
+            out[i] = torch.softmax((torch.log(p.clamp_min(eps)) + w * prior_logp) / t, 0)
     return out
 
 

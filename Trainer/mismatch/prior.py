@@ -180,6 +180,11 @@ class PriorSettings:
     vessel) to voxels that no edge-free path joins to the painted ones. ``intensity_beta`` 0 turns it off.
     ``intensity_counts``: how many voxels' worth of the rest's histogram each class's histogram starts from
     (0: none), so that a class painted on few voxels (a small lesion) gets weaker ratios.
+
+    ``temperature``: the combined log-odds (network plus prior) are divided by it before they become
+    probabilities. The experts are not independent (the network, the edges and the intensities often see the
+    same thing), so their sum is overconfident; a temperature above 1 tempers the confidence without changing
+    any label (the most probable class stays the most probable).
     """
 
     tau_mm: float = 4.0
@@ -196,9 +201,10 @@ class PriorSettings:
     grow_reach: float = 1.0
     intensity_beta: float = 1.0
     intensity_counts: float = 1000.0
+    temperature: float = 1.5
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
-               "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts")
+               "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -210,7 +216,7 @@ class PriorSettings:
         edges or intensities were part of the prior (no ``end_penalty`` / ``grow_beta`` /
         ``intensity_beta``: a model card or benchmark of an earlier version) segment as they did then:
         without them; without ``intensity_counts``, with the histograms as they were then (no counts); without
-        ``end_follows_network``, with the end where the painted slices put it."""
+        ``end_follows_network``, with the end where the painted slices put it; without ``temperature``, untempered."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         for key in ("connected", "end_follows_network"):
@@ -226,6 +232,8 @@ class PriorSettings:
             values["intensity_beta"] = 0.0
         if d and "intensity_counts" not in d:
             values["intensity_counts"] = 0.0
+        if d and "temperature" not in d:
+            values["temperature"] = 1.0
         return cls(**values)
 
 
