@@ -120,23 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                         cached.parent.mkdir(parents=True, exist_ok=True)
                         torch.save((networks, train_s), cached)
 
-                def score(prior) -> float:
+                def score(prior) -> tuple[float, dict]:
+                    """IoU and the ECE (foreground band, all voxels) of the volume segmented with ``prior``."""
                     seg = segment_volume(networks, volume, axis=axis, truth=case.label, eval_slices=test.tolist(),
                                          prior=prior, outputs=("labels",))
                     cal = seg.evaluation["mean"]["calibration"]
-                    calibration[id(prior)] = {"ece_band": cal["band"]["ece"], "ece_all": cal["all"]["ece"]}
-                    return float(seg.evaluation["mean"]["iou"])
+                    return float(seg.evaluation["mean"]["iou"]), {"ece_band": cal["band"]["ece"],
+                                                                  "ece_all": cal["all"]["ece"]}
 
-                calibration: dict = {}
-
-                scores = {}   # variant -> (IoU, the prior settings or None)
-                ece = {}
+                scores, ece = {}, {}   # variant -> (IoU, the prior settings or None); variant -> its ECE
                 for variant, options in variants.items():
                     settings = {**default_prior, **options}
-                    prior = painted_slice_prior(sparse, labelled, axis, case.spacing, len(case.classes) + 1, settings,
-                                                volume)
-                    scores[variant] = (score(prior), settings)
-                    ece[variant] = calibration.pop(id(prior))
+                    iou, ece[variant] = score(painted_slice_prior(sparse, labelled, axis, case.spacing,
+                                                                  len(case.classes) + 1, settings, volume))
+                    scores[variant] = (iou, settings)
                 if args.gfs_beta:
                     grown = run_in_subprocess("slicer-grow-from-seeds", image=case.image[0], labels=sparse,
                                               labelled_slices=labelled.tolist(), axis=case.axis,
@@ -145,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                  axis=case.axis, classes=list(case.classes))["iou"],
                                                  None)
                     for beta in args.gfs_beta:
-                        scores[f"gfs-{beta:g}"] = (score(GrowFromSeedsExpert(
+                        iou, ece[f"gfs-{beta:g}"] = score(GrowFromSeedsExpert(
                             sparse, labelled, case.axis, case.spacing, len(case.classes) + 1,
-                            PriorSettings.from_dict(default_prior), grown=grown, beta=beta)), default_prior)
+                            PriorSettings.from_dict(default_prior), grown=grown, beta=beta))
+                        scores[f"gfs-{beta:g}"] = (iou, default_prior)
                 for variant, (iou, settings) in scores.items():
                     done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
                                  "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
