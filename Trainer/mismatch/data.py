@@ -38,9 +38,8 @@ def painted_axis(labels: np.ndarray) -> tuple[str, str]:
     several and ``j`` or ``i`` has fewer painted slices that are separate or single: then that axis (the
     fewest painted slices). An all-zero map, or paint that looks the same along every axis, gives ``k``."""
     runs = {}
-    for name, ax in AXES.items():
-        other = tuple(a for a in range(3) if a != ax)
-        found = np.flatnonzero(np.any(labels, axis=other))
+    for name in AXES:
+        found = labelled_slices(labels, name)
         separate = len(found) == 1 or (len(found) > 1 and int(found[-1] - found[0]) + 1 > len(found))
         runs[name] = (len(found), separate)
     n_k, separate_k = runs["k"]

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 
 from . import __version__
 from .contract import CARD_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, check_weights, load_card, sha256_file
+from .data import axis_index
 from .errors import UserError
 from .io import replace_folder, resolve_folder, swap_names
 from .models import ArchitectureConfig, SegmentationNetwork, UnsupportedArchitecture
@@ -220,8 +221,6 @@ class PaintedSlices:
     @classmethod
     def take(cls, labels: np.ndarray, image: np.ndarray, axis: str, slices) -> "PaintedSlices":
         """From the painted label map ``labels [K, J, I]`` and the image as read ``image [C, K, J, I]``."""
-        from .data import axis_index
-
         slices = np.asarray(slices, dtype=np.int64)
         taken = np.take(labels, slices, axis=axis_index(axis))
         top = int(taken.max()) if taken.size else 0
@@ -231,8 +230,6 @@ class PaintedSlices:
 
     def label_map(self, shape) -> np.ndarray:
         """The painted label map ``[K, J, I]`` of a volume of ``shape``: the painted slices, zero elsewhere."""
-        from .data import axis_index
-
         out = np.zeros(tuple(shape), dtype=self.labels.dtype)
         np.moveaxis(out, axis_index(self.axis), 0)[self.slices] = self.labels
         return out
@@ -245,8 +242,6 @@ class PaintedSlices:
 
 def image_fingerprint(image: np.ndarray, axis: str, slices) -> str:
     """sha256 of the image as read (``[C, K, J, I]``, float32) on ``slices`` along ``axis``."""
-    from .data import axis_index
-
     digest = hashlib.sha256()
     for s in slices:
         digest.update(np.ascontiguousarray(np.take(image, int(s), axis=1 + axis_index(axis)),

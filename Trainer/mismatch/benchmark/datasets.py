@@ -417,13 +417,12 @@ FILES_PREFIX = "file-"
 def files_datasets(pairs: Sequence[Sequence[str]]) -> dict[str, dict]:
     """``{data set name: options}`` for ``--files IMAGE LABELS`` pairs: ``file-<image file name>`` (``-2``,
     ``-3`` ... where two images share a name), options for :func:`load_files`."""
+    from ..io import _extension
+
     out: dict[str, dict] = {}
     for image, labels in pairs:
         stem = Path(image).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
+        stem = stem[: len(stem) - len(_extension(stem))]
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "image"
         name, n = FILES_PREFIX + stem, 2
         while name in out:
@@ -436,6 +435,7 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_:
     """A volume of one's own with a label on every slice of the structure (``--files IMAGE LABELS``): the image
     as ``mismatch train`` reads it (a CT in Hounsfield units gets the CT window, as ``--hu-window auto``
     gives it), the label map on its grid, each label value a class. Slices along k."""
+    from ..api import remap_labels
     from ..data import auto_window, label_values
     from ..io import read_image, read_labels
 
@@ -447,10 +447,8 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_:
                         "on every slice it is on")
     if len(values) > 255:
         raise UserError(f"{labels}: {len(values)} label values; the benchmark takes at most 255 classes")
-    lut = np.zeros(max(values) + 1, dtype=np.uint8)
-    for i, v in enumerate(values, start=1):
-        lut[v] = i
-    return [Case(name, img, lut[lab], geometry, axis=0, window=auto_window(img),
+    classes = remap_labels(lab, [{"value": v} for v in values]).astype(np.uint8, copy=False)
+    return [Case(name, img, classes, geometry, axis=0, window=auto_window(img),
                  classes={i: f"label {v}" for i, v in enumerate(values, start=1)},
                  source=f"{Path(image).name} with the labels of {Path(labels).name} (--files)")]
 

@@ -209,8 +209,9 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
     mean = seg.evaluation["mean"]
     two = len(run.networks[0].decoders) > 1
     metrics = {
-        "iou": mean["iou"], "iou_volume": volume_iou(mean["classes"], sparse), "dice": mean["dice"], "ece_all": mean["calibration"]["all"]["ece"],
-        "ece_band": mean["calibration"]["band"]["ece"], "n_test": len(test), "steps": run.fitted.steps_done,
+        "iou": mean["iou"], "iou_volume": volume_iou(mean["classes"], sparse), "dice": mean["dice"],
+        "ece_all": mean["calibration"]["all"]["ece"], "ece_band": mean["calibration"]["band"]["ece"],
+        "n_test": len(test), "steps": run.fitted.steps_done,
         "train_seconds": round(run.train_seconds, 3), "segment_seconds": round(run.segment_seconds, 3),
         "seconds": round(run.train_seconds + run.segment_seconds, 3),
         "suggestions": suggestions(seg.slice_scores, lab.tolist(), two) if use_prior else None,
@@ -478,6 +479,13 @@ def curves(rounds: list[dict], key: str = "iou") -> dict:
     return out
 
 
+def mean_over_rounds(by_n: dict[int, dict], ns: Sequence[int]) -> list[float]:
+    """Per trajectory (case, seed) of a curve ``{n_labelled: {run: value}}``: the mean of its values over the
+    counts ``ns`` it has (the area under its curve divided by its rounds)."""
+    runs = sorted({run for per in by_n.values() for run in per})
+    return [float(np.mean([by_n[n][run] for n in ns if run in by_n.get(n, {})])) for run in runs]
+
+
 def slices_needed(by_n: dict[int, dict], target: float) -> dict:
     """For each trajectory (case, seed) of a curve: the fewest labelled slices with IoU >= ``target`` (None:
     not reached within the rounds run)."""
@@ -529,7 +537,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
         for d, r in refs.items():
             lines.append(f"| {d} | {r['method']} | {100 * r['iou']:.1f} | {r['train_seconds']:.0f} |")
         lines.append("")
-    cv = curves(rounds)
+    cv, vol = curves(rounds), curves(rounds, "iou_volume")
     figures = []
     groups = sorted({(d, m, k) for d, m, k, _ in cv})
     for d, m, k in groups:
@@ -547,8 +555,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
         per_policy = {}
         for p in policies:
             by_n = cv[(d, m, k, p)]
-            runs = sorted({run for per in by_n.values() for run in per})
-            auc = [float(np.mean([by_n[n][run] for n in ns if run in by_n.get(n, {})])) for run in runs]
+            auc = mean_over_rounds(by_n, ns)
             need = slices_needed(by_n, target) if target is not None else {}
             need_v = [v if v is not None else max_n + 1 for v in need.values()]
             per_policy[p] = (auc, need_v)
@@ -578,20 +585,17 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
                 lines.append(f"| {p} | " + " | ".join(_p(list(a.get(n, {}).values()), list(b.get(n, {}).values()))
                                                        for n in ns) + " |")
             lines.append("")
-        vol = curves(rounds, "iou_volume")
         with_volume = [p for p in policies if (d, m, k, p) in vol]
         if with_volume:
             even = vol.get((d, m, k, "even"))
+            even_auc = mean_over_rounds(even, ns) if even else []
             lines += ["The whole volume the user has after each round (the painted slices as painted, the others as "
                       "segmented), IoU %:", "",
                       "| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even |",
                       "|---|" + "---:|" * (len(ns) + 2)]
             for p in with_volume:
                 by_n = vol[(d, m, k, p)]
-                runs = sorted({run for per in by_n.values() for run in per})
-                auc = [float(np.mean([by_n[n][run] for n in ns if run in by_n.get(n, {})])) for run in runs]
-                even_runs = sorted({run for per in even.values() for run in per}) if even else []
-                even_auc = [float(np.mean([even[n][run] for n in ns if run in even.get(n, {})])) for run in even_runs]
+                auc = mean_over_rounds(by_n, ns)
                 cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
                 p_auc = _p(auc, even_auc) if even_auc and p != "even" else ""
                 lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} |")
