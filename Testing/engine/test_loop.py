@@ -238,6 +238,7 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
     data = loop.run_simulation(_config(), tmp_path, cases=cases, log=lambda m: None)
     rounds = data["rounds"]
     assert len(data["references"]) == 1 and data["references"][0]["n_test"] == 12
+    assert data["references"][0]["steps"] == 3 * loop.REFERENCE_STEPS_FACTOR   # trained longer than a round
     for policy in ("suggested", "even"):
         mine = sorted((r for r in rounds if r["policy"] == policy), key=lambda r: r["n_labelled"])
         assert [r["n_labelled"] for r in mine] == [1, 2, 3]

@@ -22,8 +22,8 @@ structure's extent) and ``largest-gap`` (the slice of the extent farthest from a
 where the benchmark draws labelled slices: slices whose cross-section is at least 10 % of the largest (a user
 knows roughly where the structure is).
 
-The reference, per data set: ``unet-strong`` trained with every slice labelled at the same budget, evaluated
-(network alone) on every slice: "a model trained on every slice". The report gives the labelled slices each
+The reference, per data set: ``unet-strong`` trained with every slice labelled (five times a first round's
+steps, :data:`REFERENCE_STEPS_FACTOR`), evaluated (network alone) on every slice: "a model trained on every slice". The report gives the labelled slices each
 policy needs to reach 95 % of its IoU.
 
 Every finished round is written to ``loop.json`` at once (and the model it ends with to ``states/``), so an
@@ -37,7 +37,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,6 +54,11 @@ STATES_DIR = "states"
 BASE_POLICIES = ["suggested", "even", "random", "largest-gap"]
 POLICIES = BASE_POLICIES + [f"suggested-{r}" for r in RANKINGS]
 REFERENCE_METHOD = "unet-strong"
+#: the reference trains this many times a first round's steps: at a first round's budget a U-Net trained on
+#: every slice predicts nothing for a small structure (most slices and patches hold none of it; a breast lesion
+#: 51.8 %, the synthetic vessels 0.0 %, a brain tumour 0.0 to 15.5 %), at five times it fits them (89.5 and
+#: 89.2 %), so that "95 % of the reference" is a real ceiling
+REFERENCE_STEPS_FACTOR = 5
 AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
 #: the share of the reference's IoU a policy has to reach ("slices needed")
 TARGET = 0.95
@@ -303,10 +308,12 @@ def _cases(dataset: str, config: LoopConfig, cases: dict | None):
 
 
 def run_reference(case, volume, config: LoopConfig, device) -> dict:
-    """``unet-strong`` with every slice labelled, at the first round's budget, evaluated (network alone) on
-    every slice."""
+    """``unet-strong`` with every slice labelled, :data:`REFERENCE_STEPS_FACTOR` times a first round's steps,
+    evaluated (network alone) on every slice."""
     n_slices = int(case.label.shape[case.axis])
-    cfg = config.train_config(REFERENCE_METHOD, seed=0, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+    steps = config.train_config(REFERENCE_METHOD).steps * REFERENCE_STEPS_FACTOR
+    cfg = replace(config, steps=steps).train_config(
+        REFERENCE_METHOD, seed=0, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
     metrics, _ = train_round(case, volume, list(range(n_slices)), cfg, device, use_prior=False)
     metrics["n_test"] = n_slices
     return metrics
@@ -533,9 +540,11 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     if any(r.get("synthetic") for r in rounds):
         lines += ["Data sets named `synthetic-*` are SYNTHETIC (the generated vessel phantom).", ""]
     if refs:
-        lines += ["## Reference: every slice labelled", "", "| data set | method | IoU % | train s |", "|---|---|---:|---:|"]
+        lines += ["## Reference: every slice labelled", "", "| data set | method | IoU % | steps | train s |",
+                  "|---|---|---:|---:|---:|"]
         for d, r in refs.items():
-            lines.append(f"| {d} | {r['method']} | {100 * r['iou']:.1f} | {r['train_seconds']:.0f} |")
+            lines.append(f"| {d} | {r['method']} | {100 * r['iou']:.1f} | {r.get('steps', '–')} | "
+                         f"{r['train_seconds']:.0f} |")
         lines.append("")
     cv, vol = curves(rounds), curves(rounds, "iou_volume")
     figures = []
