@@ -257,6 +257,8 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
     report = (tmp_path / "results.md").read_text()
     assert "| suggested |" in report and "slices needed" in report and "Seconds per round" in report
     assert "The whole volume the user has after each round" in report
+    volume_table = report.split("The whole volume the user has after each round")[1].split("\n\n")[1]
+    assert "slices needed" in volume_table.splitlines()[0]    # against the reference, on the whole volume too
     assert (tmp_path / "loop-tiny-mismatch-k1.png").stat().st_size > 1000
     assert not list((tmp_path / loop.STATES_DIR).glob("*.pt"))   # every trajectory done: no model kept
 
@@ -330,3 +332,12 @@ def test_volume_iou_counts_the_painted_slices_as_right():
     classes = {"1": {"tp": 6, "fp": 2, "fn": 2}, "2": {"tp": 1, "fp": 1, "fn": 0}}
     assert loop.volume_iou(classes, sparse) == pytest.approx(((6 + 4) / (10 + 4) + 1 / 2) / 2)
     assert loop.volume_iou({}, sparse) is None
+
+
+def test_slices_needed_per_run_and_runs_that_never_got_there():
+    by_n = {3: {"a": 0.5, "b": 0.9}, 4: {"a": 0.95, "b": 0.96}}
+    assert sorted(loop._needed(by_n, 0.9, 4)) == [3, 4]
+    assert loop._needed_text(loop._needed(by_n, 0.9, 4), 4) == "3.5"
+    assert loop._needed(by_n, 0.99, 4) == [5, 5]                       # never reached: one past the last round
+    assert loop._needed_text(loop._needed(by_n, 0.99, 4), 4) == "5.0 (2 >4)"
+    assert loop._needed(by_n, None, 4) == [] and loop._needed_text([], 4) == "–"   # no reference

@@ -504,6 +504,21 @@ def slices_needed(by_n: dict[int, dict], target: float) -> dict:
     return out
 
 
+def _needed(by_n: dict[int, dict], target: float | None, max_n: int) -> list[int]:
+    """:func:`slices_needed` per trajectory, ``max_n + 1`` for one that never got there; empty without a target."""
+    if target is None:
+        return []
+    return [v if v is not None else max_n + 1 for v in slices_needed(by_n, target).values()]
+
+
+def _needed_text(need: list[int], max_n: int) -> str:
+    """The mean of :func:`_needed`'s counts, and how many runs never reached the target ('–' without one)."""
+    if not need:
+        return "–"
+    unreached = sum(1 for v in need if v > max_n)
+    return f"{np.mean(need):.1f}" + (f" ({unreached} >{max_n})" if unreached else "")
+
+
 def _fmt(values, scale=100.0, digits=1) -> str:
     from .stats import mean_std
 
@@ -521,8 +536,6 @@ def _p(a, b) -> str:
 def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     """``results.md`` and one figure per data set, method and start count (``loop-<data set>-<method>-k<K0>.png``),
     from ``data`` alone."""
-    from .stats import mean_std
-
     out = Path(out_dir)
     rounds = data.get("rounds") or []
     refs = {r["dataset"]: r for r in data.get("references") or []}
@@ -564,25 +577,17 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
         per_policy = {}
         for p in policies:
             by_n = cv[(d, m, k, p)]
-            auc = mean_over_rounds(by_n, ns)
-            need = slices_needed(by_n, target) if target is not None else {}
-            need_v = [v if v is not None else max_n + 1 for v in need.values()]
-            per_policy[p] = (auc, need_v)
+            per_policy[p] = (mean_over_rounds(by_n, ns), _needed(by_n, target, max_n))
             if p == "even":
-                even_auc, even_need = auc, need_v
+                even_auc, even_need = per_policy[p]
         for p in policies:
             by_n = cv[(d, m, k, p)]
             auc, need_v = per_policy[p]
             cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
-            if need_v:
-                mean_need, _, _ = mean_std(need_v)
-                unreached = sum(1 for v in need_v if v > max_n)
-                need_text = f"{mean_need:.1f}" + (f" ({unreached} >{max_n})" if unreached else "")
-            else:
-                need_text = "–"
             p_auc = _p(auc, even_auc) if even_auc is not None and p != "even" else ""
             p_need = _p(need_v, even_need) if even_need and need_v and p != "even" else ""
-            lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | {need_text} | {p_need} |")
+            lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | "
+                         f"{_needed_text(need_v, max_n)} | {p_need} |")
         lines.append("")
         if even_auc is not None:
             lines += ["Per count against `even` (p, Mann-Whitney over the seeds):", "",
@@ -598,16 +603,21 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
         if with_volume:
             even = vol.get((d, m, k, "even"))
             even_auc = mean_over_rounds(even, ns) if even else []
+            even_need = _needed(even, target, max_n) if even else []
             lines += ["The whole volume the user has after each round (the painted slices as painted, the others as "
-                      "segmented), IoU %:", "",
-                      "| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even |",
-                      "|---|" + "---:|" * (len(ns) + 2)]
+                      "segmented), IoU %, and the labelled slices it needs to reach "
+                      f"{TARGET:.0%} of the reference (whose IoU is also over the whole volume):", "",
+                      "| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even | "
+                      "slices needed | p vs even |",
+                      "|---|" + "---:|" * (len(ns) + 4)]
             for p in with_volume:
                 by_n = vol[(d, m, k, p)]
-                auc = mean_over_rounds(by_n, ns)
+                auc, need_v = mean_over_rounds(by_n, ns), _needed(by_n, target, max_n)
                 cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
                 p_auc = _p(auc, even_auc) if even_auc and p != "even" else ""
-                lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} |")
+                p_need = _p(need_v, even_need) if even_need and need_v and p != "even" else ""
+                lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | "
+                             f"{_needed_text(need_v, max_n)} | {p_need} |")
             lines.append("")
         path = _figure(cv, d, m, k, policies, ns, ref, out)
         if path is not None:
