@@ -70,7 +70,8 @@ class MisMatchSegmentation(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Semi-supervised segmentation from a few labelled slices with MisMatch (Xu et al., MIDL 2022): "
             "paint the structure on a few slices spread evenly over it (the first and last about half a gap "
-            "inside its ends: the model takes the structure to end there), press Train, then Segment; read the "
+            "inside its ends: the model takes the structure to end there) and in each separate part of it (only "
+            "what is connected to painted voxels is kept), press Train, then Segment; read the "
             "reliability diagram "
             "and go to the next uncertain slice to correct and retrain. "
             f'See the <a href="{HOMEPAGE}/blob/main/docs/slicer-module.md">module documentation</a>.')
