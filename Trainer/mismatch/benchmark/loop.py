@@ -23,8 +23,9 @@ where the benchmark draws labelled slices: slices whose cross-section is at leas
 knows roughly where the structure is).
 
 The reference, per data set: ``unet-strong`` trained with every slice labelled (five times a first round's
-steps, :data:`REFERENCE_STEPS_FACTOR`), evaluated (network alone) on every slice: "a model trained on every slice". The report gives the labelled slices each
-policy needs to reach 95 % of its IoU.
+steps, :data:`REFERENCE_STEPS_FACTOR`), evaluated (network alone) on every slice: "a model trained on every
+slice". The report gives the labelled slices each policy needs to reach 95 % of its IoU, on the unlabelled
+slices and on the whole volume.
 
 Every finished round is written to ``loop.json`` at once (and the model it ends with to ``states/``), so an
 interrupted simulation loses at most the round in progress and resumes from the last one; ``results.md`` and
