@@ -520,6 +520,23 @@ def _needed_text(need: list[int], max_n: int) -> str:
     return f"{np.mean(need):.1f}" + (f" ({unreached} >{max_n})" if unreached else "")
 
 
+def _policy_table(by_policy: dict[str, dict], ns: Sequence[int], target: float | None, max_n: int) -> list[str]:
+    """A Markdown table of curves ``{policy: {n_labelled: {run: IoU}}}``: per policy the IoU % at each count,
+    the mean over the rounds and the slices needed to reach ``target``, each with its p against ``even``."""
+    stats = {p: (mean_over_rounds(by_n, ns), _needed(by_n, target, max_n)) for p, by_n in by_policy.items()}
+    even_auc, even_need = stats.get("even", ([], []))
+    lines = ["| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even | slices needed | "
+             "p vs even |", "|---|" + "---:|" * (len(ns) + 4)]
+    for p, by_n in by_policy.items():
+        auc, need = stats[p]
+        cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
+        p_auc = _p(auc, even_auc) if even_auc and p != "even" else ""
+        p_need = _p(need, even_need) if even_need and need and p != "even" else ""
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | {_needed_text(need, max_n)} | "
+                     f"{p_need} |")
+    return lines
+
+
 def _fmt(values, scale=100.0, digits=1) -> str:
     from .stats import mean_std
 
@@ -571,26 +588,9 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
         target = TARGET * ref if ref is not None else None
         max_n = max(ns) if ns else 0
         lines += [f"## {d}, {m}, starting from {k} labelled slice{'s' if k != 1 else ''}", ""]
-        head = "| policy | " + " | ".join(f"{n}" for n in ns) + " | mean IoU over rounds | p vs even | slices needed | p vs even |"
-        lines += ["IoU % (mean ± std over the seeds) against the number of labelled slices:", "", head,
-                  "|---|" + "---:|" * (len(ns) + 4)]
-        even_auc, even_need = None, None
-        per_policy = {}
-        for p in policies:
-            by_n = cv[(d, m, k, p)]
-            per_policy[p] = (mean_over_rounds(by_n, ns), _needed(by_n, target, max_n))
-            if p == "even":
-                even_auc, even_need = per_policy[p]
-        for p in policies:
-            by_n = cv[(d, m, k, p)]
-            auc, need_v = per_policy[p]
-            cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
-            p_auc = _p(auc, even_auc) if even_auc is not None and p != "even" else ""
-            p_need = _p(need_v, even_need) if even_need and need_v and p != "even" else ""
-            lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | "
-                         f"{_needed_text(need_v, max_n)} | {p_need} |")
-        lines.append("")
-        if even_auc is not None:
+        lines += ["IoU % (mean ± std over the seeds) against the number of labelled slices:", "",
+                  *_policy_table({p: cv[(d, m, k, p)] for p in policies}, ns, target, max_n), ""]
+        if "even" in policies:
             lines += ["Per count against `even` (p, Mann-Whitney over the seeds):", "",
                       "| policy | " + " | ".join(str(n) for n in ns) + " |", "|---|" + "---:|" * len(ns)]
             for p in policies:
@@ -600,26 +600,12 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
                 lines.append(f"| {p} | " + " | ".join(_p(list(a.get(n, {}).values()), list(b.get(n, {}).values()))
                                                        for n in ns) + " |")
             lines.append("")
-        with_volume = [p for p in policies if (d, m, k, p) in vol]
+        with_volume = {p: vol[(d, m, k, p)] for p in policies if (d, m, k, p) in vol}
         if with_volume:
-            even = vol.get((d, m, k, "even"))
-            even_auc = mean_over_rounds(even, ns) if even else []
-            even_need = _needed(even, target, max_n) if even else []
             lines += ["The whole volume the user has after each round (the painted slices as painted, the others as "
                       "segmented), IoU %, and the labelled slices it needs to reach "
                       f"{TARGET:.0%} of the reference (whose IoU is also over the whole volume):", "",
-                      "| policy | " + " | ".join(str(n) for n in ns) + " | mean IoU over rounds | p vs even | "
-                      "slices needed | p vs even |",
-                      "|---|" + "---:|" * (len(ns) + 4)]
-            for p in with_volume:
-                by_n = vol[(d, m, k, p)]
-                auc, need_v = mean_over_rounds(by_n, ns), _needed(by_n, target, max_n)
-                cells = [_fmt(list(by_n[n].values())) if n in by_n else "" for n in ns]
-                p_auc = _p(auc, even_auc) if even_auc and p != "even" else ""
-                p_need = _p(need_v, even_need) if even_need and need_v and p != "even" else ""
-                lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | "
-                             f"{_needed_text(need_v, max_n)} | {p_need} |")
-            lines.append("")
+                      *_policy_table(with_volume, ns, target, max_n), ""]
         path = _figure(cv, d, m, k, policies, ns, ref, out)
         if path is not None:
             figures.append(path.name)
