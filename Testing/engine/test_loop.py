@@ -128,6 +128,11 @@ def test_the_gap_ranking_looks_past_a_prediction_the_prior_ended_where_the_netwo
     # about the size, but beside the painted structure: something else
     beside = [dict(r, network_on_painted=0.1 if r["slice"] < 17 else 0.6) for r in scores]
     assert min(r["slice"] for r in rank_uncertain_slices(beside, exclude=[20, 23, 26], ranking="gap")) == 17
+    # the painted structure's place and size, but not its intensities (the organ under painted lungs)
+    unlike = [dict(r, network_intensity=-1.5 if r["slice"] < 17 else 1.0) for r in scores]
+    assert min(r["slice"] for r in rank_uncertain_slices(unlike, exclude=[20, 23, 26], ranking="gap")) == 17
+    like = [dict(r, network_intensity=1.0) for r in scores]
+    assert rank_uncertain_slices(like, exclude=[20, 23, 26], ranking="gap")[0]["slice"] == 7
     # one painted slice: the prior has no end rule, nothing is added; no network scores: as before
     assert min(r["slice"] for r in rank_uncertain_slices(scores, exclude=[23], ranking="gap")) == 17
     bare = [{k: v for k, v in r.items() if k != "network_box_fraction"} for r in scores]

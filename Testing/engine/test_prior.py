@@ -288,6 +288,80 @@ def test_the_end_stays_where_the_network_alone_sees_nothing_more_or_something_el
     assert seg.extended_ends == {} and not seg.labels[:20].any()
 
 
+class _SeesTheTubesPlace(SegmentationNetwork):
+    """A stand-in network that marks the tube's place (radius 6 around the centre) wherever the image is not
+    background there, whatever its intensity: a network that has learnt the shape, never a slice without it."""
+
+    def __init__(self):
+        super().__init__(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4))
+        self.place = torch.from_numpy(disc((24, 24), (12, 12), 6))
+
+    def forward(self, x, heads=None):
+        z = torch.where(self.place & (x[:, :1].float() > 0.2), 10.0, -10.0)
+        return [z, z]
+
+
+def _lung_over_liver() -> tuple[np.ndarray, np.ndarray]:
+    """``(image, label)``: a dark tube (the lung, 0.9 here for the stand-in) on slices 20 to 37 of 40, over a
+    grey organ (0.4) that fills its place below it and lies beside it on every slice (on the painted ones too)."""
+    label = _tube(20, 37)
+    image = np.zeros(label.shape, np.float32)
+    image[3:20][:, disc((24, 24), (12, 12), 6)] = 0.4       # the organ under the tube's end
+    image[:, 2:22, 19:23] = 0.4                               # and beside it, painted as background
+    image[label > 0] = 0.9
+    return image, label
+
+
+def test_the_end_does_not_move_for_a_shape_without_the_painted_intensities():
+    image, label = _lung_over_liver()
+    painted = [28, 31, 34]                       # close together: a gap of 3; the tube reaches down to 20
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    volume = image[None]
+    prior = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, image=image)
+    assert prior.intensity_support(10, (slice(None), slice(None)), image[10] == 0.4) < 0   # the organ
+    assert prior.intensity_support(25, (slice(None), slice(None)), label[25] > 0) > 0      # the tube
+    assert prior.intensity_support(25, (slice(None), slice(None)), np.zeros((24, 24), bool)) is None
+    seg = segment_volume([_SeesTheTubesPlace()], volume, axis="k", prior=prior, outputs=("labels",))
+    assert seg.extended_ends == {-1: 20}         # the tube goes on to 20; the organ below it is not the tube
+    assert (seg.labels[20:] > 0).sum() == (label[20:] > 0).sum()
+    organ = int((seg.labels[:20] > 0).sum())     # the end penalty from 20 on vetoes the stand-in's +10 further down
+    scores = {r["slice"]: r for r in seg.slice_scores}
+    assert scores[10]["network_intensity"] < 0 < scores[22]["network_intensity"]
+    # without the intensities' check (a model card from before it), the organ's shape moves the end to 3
+    old = {k: v for k, v in prior.settings.to_dict().items() if k != "end_intensity"}
+    assert prior.settings.end_intensity and not PriorSettings.from_dict(old).end_intensity
+    shape_only = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(end_intensity=False), image=image)
+    seg = segment_volume([_SeesTheTubesPlace()], volume, axis="k", prior=shape_only, outputs=("labels",))
+    assert seg.extended_ends == {-1: 3}
+    assert "network_intensity" not in {k for r in seg.slice_scores for k in r}
+    assert (seg.labels[:20] > 0).sum() > 2 * organ > 0   # marked down to slice 3, not 12
+
+
+def test_past_the_growing_box_the_intensities_vote_only_against():
+    image, label = _lung_over_liver()
+    image[5, 10:14, 10:14] = 0.9                 # something as dark as the tube far below it (bowel gas)
+    painted = [28, 31, 34]
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    prior = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, image=image)
+    inside_only = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(intensity_beyond=False),
+                             image=image)
+    box = prior.intensity[0]
+    assert box[0].start > 10                     # slice 10 is past the box along the slice axis
+    organ, gas = (10, 12, 12), (5, 12, 12)
+    _, bins, ratios = prior.intensity
+    organ_ratio = ratios[0, np.searchsorted(bins, 0.4, side="right") - 1]
+    assert organ_ratio < 0                       # painted beside the tube: unlike it
+    vote = prior.log_odds(organ[0])[(0,) + organ[1:]] - inside_only.log_odds(organ[0])[(0,) + organ[1:]]
+    assert vote == pytest.approx(prior.settings.intensity_beta / prior.settings.weight * organ_ratio, rel=1e-4)
+    assert prior.log_odds(gas[0])[(0,) + gas[1:]] == inside_only.log_odds(gas[0])[(0,) + gas[1:]]
+    inside = box[0].start + 1                    # in the box: both, the same votes
+    assert np.array_equal(prior.log_odds(inside), inside_only.log_odds(inside))
+    old = {k: v for k, v in prior.settings.to_dict().items() if k != "intensity_beyond"}
+    assert prior.settings.intensity_beyond and not PriorSettings.from_dict(old).intensity_beyond
+
+
 def test_extend_end_checks_its_side():
     sparse = _tube(10, 10)
     sparse[20] = _tube(20, 20)[20]

@@ -27,7 +27,7 @@ from .events import Reporter
 from .grow import painted_box
 from .metrics import OverlapCounter
 from .models import SegmentationNetwork
-from .prior import SlicePrior
+from .prior import END_INTENSITY_MIN, SlicePrior
 
 #: at most this many bytes of the networks' outputs computed while finding where the structure ends
 #: (:meth:`VolumeInference._find_ends`) are kept for the pass; batches beyond are computed again
@@ -278,13 +278,20 @@ class VolumeInference:
 
     def _on_painted(self, s: int, mask: torch.Tensor) -> dict:
         """Past the outermost painted slice of a side: ``network_on_painted``, the share of the network's
-        foreground ``mask`` (in the painted box) that lies on that slice's painted structure."""
+        foreground ``mask`` (in the painted box) that lies on that slice's painted structure, and (with the
+        prior's ``end_intensity`` and intensities) ``network_intensity``, how much that foreground has the
+        painted structure's intensities (:meth:`~mismatch.prior.SlicePrior.intensity_support`)."""
         lo, hi = min(self.outer_painted), max(self.outer_painted)
         if lo <= s <= hi:
             return {}
         found = int(mask.sum())
         on = int((mask & self.outer_painted[lo if s < lo else hi]).sum())
-        return {"network_on_painted": on / found if found else 0.0}
+        out = {"network_on_painted": on / found if found else 0.0}
+        if self.prior.settings.end_intensity:
+            support = self.prior.intensity_support(s, self.score_box[1:], mask.numpy())
+            if support is not None:
+                out["network_intensity"] = support
+        return out
 
     def _batch(self, start: int, vol_v: np.ndarray, fmt: torch.memory_format) -> list[torch.Tensor]:
         """Each decoder's probabilities for the batch of slices from ``start``: computed before and kept
@@ -303,11 +310,11 @@ class VolumeInference:
         return mask, mask.float().mean((1, 2)).tolist()
 
     def _outward(self, side: int, painted: int, vol_v: np.ndarray,
-                 fmt: torch.memory_format) -> Iterator[tuple[float, float, float]]:
+                 fmt: torch.memory_format) -> Iterator[tuple[float, float, float, float | None]]:
         """From the painted slice ``painted`` outwards on ``side``, one slice at a time, as far as the caller
-        reads: ``(reference, fraction, on_painted)``, the network alone's fraction of the painted box on the
-        painted slice and on this one, and its share on the painted structure (:func:`network_continues`'s
-        arguments). Batches are run as needed and kept for the pass while the kept ones take at most
+        reads: ``(reference, fraction, on_painted, intensity)``, the network alone's fraction of the painted box
+        on the painted slice and on this one, its share on the painted structure and its intensities' support
+        (:func:`network_continues`'s arguments). Batches are run as needed and kept for the pass while the kept ones take at most
         :data:`END_CACHE_BYTES`."""
         bs, n = self.batch_size, self.n_slices
         reference = None
@@ -323,8 +330,9 @@ class VolumeInference:
                 if s == painted:
                     reference = fraction[s - start]
                 elif side * (s - painted) > 0:
-                    yield reference, fraction[s - start], \
-                        self._on_painted(s, mask[s - start]).get("network_on_painted", 0.0)
+                    on = self._on_painted(s, mask[s - start])
+                    yield reference, fraction[s - start], on.get("network_on_painted", 0.0), \
+                        on.get("network_intensity")
             start += side * bs
 
     def _find_ends(self, vol_v: np.ndarray, fmt: torch.memory_format) -> None:
@@ -550,23 +558,25 @@ GAP_CONTINUE_FACTOR = 2.0
 GAP_CONTINUE_OVERLAP = 0.3
 
 
-def network_continues(reference: float, fraction: float, on_painted: float) -> bool:
+def network_continues(reference: float, fraction: float, on_painted: float, intensity: float | None = None) -> bool:
     """Whether the network alone sees, on a slice past the painted range, the structure of the outermost
     painted slice go on: its foreground in the painted structure's box (``fraction``) within
-    :data:`GAP_CONTINUE_FACTOR` of its own on that painted slice (``reference``), and at least
-    :data:`GAP_CONTINUE_OVERLAP` of it on that slice's painted structure (``on_painted``)."""
+    :data:`GAP_CONTINUE_FACTOR` of its own on that painted slice (``reference``), at least
+    :data:`GAP_CONTINUE_OVERLAP` of it on that slice's painted structure (``on_painted``), and, when
+    ``intensity`` (:meth:`~mismatch.prior.SlicePrior.intensity_support`) is given, with the painted
+    structure's intensities (at least :data:`~mismatch.prior.END_INTENSITY_MIN`)."""
     return reference / GAP_CONTINUE_FACTOR <= fraction <= reference * GAP_CONTINUE_FACTOR \
-        and on_painted >= GAP_CONTINUE_OVERLAP
+        and on_painted >= GAP_CONTINUE_OVERLAP and (intensity is None or intensity >= END_INTENSITY_MIN)
 
 
-def continuing_stretch(outward: Iterable[tuple[float | None, float, float]]) -> int:
+def continuing_stretch(outward: Iterable[tuple]) -> int:
     """How many slices, read outwards from an outermost painted slice, the network alone sees its structure go
-    on: ``outward`` yields ``(reference, fraction, on_painted)`` per slice (:func:`network_continues`'s
-    arguments; a reference of 0 or None: nothing on the painted slice, no stretch), and is read no further
-    than the first slice where it does not."""
+    on: ``outward`` yields ``(reference, fraction, on_painted[, intensity])`` per slice
+    (:func:`network_continues`'s arguments; a reference of 0 or None: nothing on the painted slice, no
+    stretch), and is read no further than the first slice where it does not."""
     stretch = 0
-    for reference, fraction, on_painted in outward:
-        if not reference or not network_continues(reference, fraction, on_painted):
+    for reference, *rest in outward:
+        if not reference or not network_continues(reference, *rest):
             break
         stretch += 1
     return stretch
@@ -597,7 +607,8 @@ def _network_continues(scores: list[dict], extent: set[int], labelled: Sequence[
         ref = by_slice.get(int(painted), {}).get("network_box_fraction")
         slices = itertools.takewhile(lambda s: s in by_slice, itertools.count(end + side, side))
         stretch = continuing_stretch((ref, by_slice[s].get("network_box_fraction", 0.0),
-                                      by_slice[s].get("network_on_painted", 0.0)) for s in slices)
+                                      by_slice[s].get("network_on_painted", 0.0),
+                                      by_slice[s].get("network_intensity")) for s in slices)
         if stretch > gap:
             out |= {end + side * k for k in range(1, stretch + 1)}
     return out

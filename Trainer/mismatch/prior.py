@@ -161,7 +161,10 @@ class PriorSettings:
     be very sure. Needs two painted slices (a gap); ``end_penalty`` 0 turns it off. Painted slices close
     together at one part of a long structure leave a short gap: where the network alone sees the structure
     go on past them, the inference moves that side's end out (``end_follows_network``;
-    :meth:`SlicePrior.extend_end`).
+    :meth:`SlicePrior.extend_end`). With ``end_intensity``, only where what the network sees there also has
+    the painted structure's intensities (:meth:`SlicePrior.intensity_support` at least
+    :data:`END_INTENSITY_MIN`): the liver under painted lungs, marked by a network that has seen no slice
+    without lung, has the shape of the lung base but not its intensity, and must not move the lungs' end.
 
     What the image's edges say (:mod:`mismatch.grow`): the painted voxels, structure and background, grown
     through the image as Slicer's Grow from seeds grows them. Each voxel's margin (how much closer, in path
@@ -180,6 +183,11 @@ class PriorSettings:
     vessel) to voxels that no edge-free path joins to the painted ones. ``intensity_beta`` 0 turns it off.
     ``intensity_counts``: how many voxels' worth of the rest's histogram each class's histogram starts from
     (0: none), so that a class painted on few voxels (a small lesion) gets weaker ratios.
+    ``intensity_beyond``: along the slice axis past that box (in the same in-plane box), the intensities
+    still vote, but only against a class (their negative log-ratios): the liver under painted lungs, which a
+    network that has never seen a slice without lung marks with the lung base's shape, is not lung by its
+    intensity however far from the painted slices; what does look like the structure there gets no vote for
+    it (bowel gas beyond painted lungs), where the end of the structure decides.
 
     ``temperature``: the combined log-odds (network plus prior) are divided by it before they become
     probabilities. The experts are not independent (the network, the edges and the intensities often see the
@@ -194,6 +202,8 @@ class PriorSettings:
     default_rate: float = 0.5
     connected: bool = True
     end_follows_network: bool = True
+    end_intensity: bool = True
+    intensity_beyond: bool = True
     end_reach: float = 0.25
     end_penalty: float = 4.0
     grow_beta: float = 8.0
@@ -208,7 +218,8 @@ class PriorSettings:
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
-                "end_follows_network": bool(self.end_follows_network)}
+                "end_follows_network": bool(self.end_follows_network), "end_intensity": bool(self.end_intensity),
+                "intensity_beyond": bool(self.intensity_beyond)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -216,14 +227,20 @@ class PriorSettings:
         edges or intensities were part of the prior (no ``end_penalty`` / ``grow_beta`` /
         ``intensity_beta``: a model card or benchmark of an earlier version) segment as they did then:
         without them; without ``intensity_counts``, with the histograms as they were then (no counts); without
-        ``end_follows_network``, with the end where the painted slices put it; without ``temperature``, untempered."""
+        ``end_follows_network``, with the end where the painted slices put it; without ``end_intensity``, with
+        the end moved by the network's shapes alone; without ``intensity_beyond``, with the intensities in the
+        growing's box only; without ``temperature``, untempered."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
-        for key in ("connected", "end_follows_network"):
+        for key in ("connected", "end_follows_network", "end_intensity", "intensity_beyond"):
             if key in d:
                 values[key] = bool(d[key])
         if d and "end_follows_network" not in d:
             values["end_follows_network"] = False
+        if d and "end_intensity" not in d:
+            values["end_intensity"] = False
+        if d and "intensity_beyond" not in d:
+            values["intensity_beyond"] = False
         if d and "end_penalty" not in d:
             values["end_penalty"] = 0.0
         if d and "grow_beta" not in d:
@@ -332,6 +349,19 @@ class SlicePrior:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
         return keep_connected(labels, self.sparse, self.lab, self.axis)
 
+    def intensity_support(self, s: int, inplane: tuple[slice, ...], mask: np.ndarray) -> float | None:
+        """How much the voxels ``mask`` of slice ``s`` (a boolean array over the in-plane box ``inplane`` of
+        that slice) look like a painted structure: the mean, over them, of the painted intensities' log-ratio
+        (:func:`intensity_log_ratios`) of the class they look most like; above 0 where they are more typical
+        of a painted class than of what was painted around it. None without the intensities or without voxels."""
+        mask = np.asarray(mask, dtype=bool)
+        if self.intensity is None or not mask.any():
+            return None
+        _, bins, ratios = self.intensity
+        values = np.take(self.image, int(s), axis=self.axis)[inplane][mask]
+        at = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, ratios.shape[1] - 1)
+        return float(ratios[:, at].max(0).mean())
+
     def interpolated_sdf(self, s: int) -> np.ndarray:
         """``float32 [N, H, W]``: each class's signed distance (mm) on slice ``s``, linear between the painted
         slices around it, the nearest painted slice's beyond them (:func:`shape_interpolation`'s shapes)."""
@@ -364,13 +394,19 @@ class SlicePrior:
         if self.intensity is not None:
             box, bins, ratios = self.intensity
             along = box[self.axis]
-            if along.start <= s < along.stop:
+            inside = along.start <= s < along.stop
+            if inside or st.intensity_beyond:
                 inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
                 at = np.clip(np.searchsorted(bins, np.take(self.image, s, axis=self.axis)[inplane], side="right") - 1,
                              0, ratios.shape[1] - 1)
-                lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * ratios[:, at]
+                votes = ratios[:, at] if inside else np.minimum(ratios[:, at], 0.0)
+                lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * votes
         return lo_odds.astype(np.float32)
 
+
+#: ``end_intensity``: the least :meth:`SlicePrior.intensity_support` of the network's foreground on a slice past the
+#: painted range for that slice to count as the structure going on there
+END_INTENSITY_MIN = 0.0
 
 INTENSITY_BINS = 48
 INTENSITY_CLIP = 4.0
