@@ -1,0 +1,90 @@
+"""Does averaging snapshots cut the run-to-run spread? One painting, many training seeds.
+
+    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 8 --snapshots 5 \
+        [--labelled 3] [--out FILE.json]
+
+The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
+seed) is trained once per seed at the default preset, keeping ``--snapshots`` snapshots over the last
+``snapshot_span`` of training, and the volume is segmented with the painted slices' prior three ways: the
+last snapshot alone (the default), the snapshots' predictions averaged (``--snapshots K`` of ``mismatch
+train``), and one network with the snapshots' weights averaged. Prints the IoU on the unlabelled slices per
+seed and the mean and standard deviation over seeds. One torch job at a time on a small CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "Trainer"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="pyradiomics-breast1")
+    ap.add_argument("--seeds", type=int, default=8, help="training seeds 0 .. N-1")
+    ap.add_argument("--snapshots", type=int, default=5)
+    ap.add_argument("--labelled", type=int, default=3)
+    ap.add_argument("--out", help="write the IoUs as JSON")
+    args = ap.parse_args(argv)
+
+    from mismatch.cli import configure_threads
+
+    configure_threads(None)
+    import numpy as np
+    import torch
+
+    from mismatch.benchmark.datasets import draw_split
+    from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _cases, _sparse
+    from mismatch.data import Normalisation
+    from mismatch.events import Reporter
+    from mismatch.inference import segment_volume
+    from mismatch.models import SegmentationNetwork
+    from mismatch.pipeline import painted_slice_prior
+    from mismatch.train import fit
+
+    config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu")
+    case = _cases(args.dataset, config, None)[0]
+    volume = Normalisation(hu_window=case.window).apply(case.image)
+    labelled, _, test = draw_split(case.label, case.axis, args.labelled, 0, placement="even")
+    labelled = np.asarray(sorted(labelled))
+    sparse = _sparse(case.label, labelled, case.axis)
+    truth = case.label > 0
+    num_classes = int(case.label.max()) + 1
+    print(f"{args.dataset}: painted slices {labelled.tolist()}", flush=True)
+    ious: dict[str, list[float]] = {"last snapshot": [], "snapshots' predictions averaged": [],
+                                    "snapshots' weights averaged": []}
+    for seed in range(args.seeds):
+        cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+        cfg.snapshots = args.snapshots
+        fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
+                     reporter=Reporter(progress_bar=False, quiet=True))
+        nets = fitted.networks()
+        mean_net = SegmentationNetwork(fitted.architecture)
+        mean_net.load_state_dict({k: (sum(s[k].double() for s in fitted.snapshots) / len(fitted.snapshots))
+                                  .to(fitted.snapshots[0][k].dtype) for k in fitted.snapshots[0]})
+        mean_net.eval()
+        for name, networks in zip(ious, (nets[-1:], nets, [mean_net])):
+            prior = painted_slice_prior(sparse, labelled, cfg.axis, case.spacing, num_classes, cfg.prior, volume)
+            seg = segment_volume(networks, volume, axis=cfg.axis, prior=prior, outputs=("labels",))
+            found, true = np.take(seg.labels > 0, test, case.axis), np.take(truth, test, case.axis)
+            ious[name].append(float((found & true).sum() / max(1, (found | true).sum())))
+        print(f"seed {seed}: " + ", ".join(f"{k} {100 * v[-1]:.1f} %" for k, v in ious.items()), flush=True)
+    for name, values in ious.items():
+        print(f"{name}: {100 * np.mean(values):.1f} % +- {100 * np.std(values, ddof=1):.1f} (sd over "
+              f"{len(values)} seeds)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "command": shlex.join(["python", "measurements/spread_snapshots.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+            "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots,
+            "iou_unlabelled": ious}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
