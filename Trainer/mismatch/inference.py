@@ -314,8 +314,8 @@ class VolumeInference:
         """From the painted slice ``painted`` outwards on ``side``, one slice at a time, as far as the caller
         reads: ``(reference, fraction, on_painted, intensity)``, the network alone's fraction of the painted box
         on the painted slice and on this one, its share on the painted structure and its intensities' support
-        (:func:`network_continues`'s arguments). Batches are run as needed and kept for the pass while the kept ones take at most
-        :data:`END_CACHE_BYTES`."""
+        (:func:`network_continues`'s arguments). Batches are run as needed and kept for the pass while the kept
+        ones take at most :data:`END_CACHE_BYTES`."""
         bs, n = self.batch_size, self.n_slices
         reference = None
         start = (painted // bs) * bs
