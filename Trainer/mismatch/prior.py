@@ -359,8 +359,7 @@ class SlicePrior:
             return None
         _, bins, ratios = self.intensity
         values = np.take(self.image, int(s), axis=self.axis)[inplane][mask]
-        at = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, ratios.shape[1] - 1)
-        return float(ratios[:, at].max(0).mean())
+        return float(ratios[:, intensity_bin(bins, values)].max(0).mean())
 
     def interpolated_sdf(self, s: int) -> np.ndarray:
         """``float32 [N, H, W]``: each class's signed distance (mm) on slice ``s``, linear between the painted
@@ -397,8 +396,7 @@ class SlicePrior:
             inside = along.start <= s < along.stop
             if inside or st.intensity_beyond:
                 inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
-                at = np.clip(np.searchsorted(bins, np.take(self.image, s, axis=self.axis)[inplane], side="right") - 1,
-                             0, ratios.shape[1] - 1)
+                at = intensity_bin(bins, np.take(self.image, s, axis=self.axis)[inplane])
                 votes = ratios[:, at] if inside else np.minimum(ratios[:, at], 0.0)
                 lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * votes
         return lo_odds.astype(np.float32)
@@ -410,6 +408,12 @@ END_INTENSITY_MIN = 0.0
 
 INTENSITY_BINS = 48
 INTENSITY_CLIP = 4.0
+
+
+def intensity_bin(bins: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The histogram bin of each of ``values`` for the bin edges ``bins`` (:func:`intensity_log_ratios`); values
+    beyond the edges fall in the end bins."""
+    return np.clip(np.searchsorted(bins, values, side="right") - 1, 0, len(bins) - 2)
 
 
 def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, n_fg: int,
@@ -434,7 +438,7 @@ def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequen
     step = max(1, int(np.ceil((region.size / 1e6) ** (1 / 3))))   # percentiles from at most ~1M voxels
     lo, hi = np.percentile(region[::step, ::step, ::step], [0.5, 99.5])
     bins = np.linspace(lo, hi if hi > lo else lo + 1.0, INTENSITY_BINS + 1)
-    at = np.clip(np.searchsorted(bins, values, side="right") - 1, 0, INTENSITY_BINS - 1)
+    at = intensity_bin(bins, values)
     ratios = np.zeros((n_fg, INTENSITY_BINS), dtype=np.float32)
 
     def histogram(mask, start=0.0):
