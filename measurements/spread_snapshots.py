@@ -1,14 +1,17 @@
-"""Does averaging snapshots cut the run-to-run spread? One painting, many training seeds.
+"""Does averaging snapshots or seeds cut the run-to-run spread? One painting, many training seeds.
 
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 8 --snapshots 5 \
         [--labelled 3] [--out FILE.json]
+    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--out FILE.json]
 
 The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
 seed) is trained once per seed at the default preset, keeping ``--snapshots`` snapshots over the last
 ``snapshot_span`` of training, and the volume is segmented with the painted slices' prior three ways: the
 last snapshot alone (the default), the snapshots' predictions averaged (``--snapshots K`` of ``mismatch
-train``), and one network with the snapshots' weights averaged. Prints the IoU on the unlabelled slices per
-seed and the mean and standard deviation over seeds. One torch job at a time on a small CPU.
+train``), and one network with the snapshots' weights averaged. With ``--ensemble K`` instead, K * seeds
+networks are trained (one snapshot each), and each of the ``--seeds`` ensembles averages the predictions of K
+of them, trained with different seeds (disjoint groups); the single networks are reported too. Prints the
+IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. One torch job at a time on a small CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=8, help="training seeds 0 .. N-1")
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--labelled", type=int, default=3)
+    ap.add_argument("--ensemble", type=int, default=0, help="average K networks of different seeds instead")
     ap.add_argument("--out", help="write the IoUs as JSON")
     args = ap.parse_args(argv)
 
@@ -56,9 +60,30 @@ def main(argv: list[str] | None = None) -> int:
     truth = case.label > 0
     num_classes = int(case.label.max()) + 1
     print(f"{args.dataset}: painted slices {labelled.tolist()}", flush=True)
-    ious: dict[str, list[float]] = {"last snapshot": [], "snapshots' predictions averaged": [],
-                                    "snapshots' weights averaged": []}
-    for seed in range(args.seeds):
+    def iou(networks, cfg) -> float:
+        prior = painted_slice_prior(sparse, labelled, cfg.axis, case.spacing, num_classes, cfg.prior, volume)
+        seg = segment_volume(networks, volume, axis=cfg.axis, prior=prior, outputs=("labels",))
+        found, true = np.take(seg.labels > 0, test, case.axis), np.take(truth, test, case.axis)
+        return float((found & true).sum() / max(1, (found | true).sum()))
+
+    if args.ensemble:
+        ious = {"one network": [], f"{args.ensemble} seeds averaged": []}
+        group: list = []
+        for seed in range(args.seeds * args.ensemble):
+            cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+            fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
+                         reporter=Reporter(progress_bar=False, quiet=True))
+            group += fitted.networks()[-1:]
+            ious["one network"].append(iou(group[-1:], cfg))
+            print(f"seed {seed}: one network {100 * ious['one network'][-1]:.1f} %", flush=True)
+            if len(group) == args.ensemble:
+                ious[f"{args.ensemble} seeds averaged"].append(iou(group, cfg))
+                print(f"  ensemble of seeds {seed - args.ensemble + 1}..{seed}: "
+                      f"{100 * ious[f'{args.ensemble} seeds averaged'][-1]:.1f} %", flush=True)
+                group = []
+    else:
+        ious = {"last snapshot": [], "snapshots' predictions averaged": [], "snapshots' weights averaged": []}
+    for seed in range(0 if args.ensemble else args.seeds):
         cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
         cfg.snapshots = args.snapshots
         fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
@@ -69,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                   .to(fitted.snapshots[0][k].dtype) for k in fitted.snapshots[0]})
         mean_net.eval()
         for name, networks in zip(ious, (nets[-1:], nets, [mean_net])):
-            prior = painted_slice_prior(sparse, labelled, cfg.axis, case.spacing, num_classes, cfg.prior, volume)
-            seg = segment_volume(networks, volume, axis=cfg.axis, prior=prior, outputs=("labels",))
-            found, true = np.take(seg.labels > 0, test, case.axis), np.take(truth, test, case.axis)
-            ious[name].append(float((found & true).sum() / max(1, (found | true).sum())))
+            ious[name].append(iou(networks, cfg))
         print(f"seed {seed}: " + ", ".join(f"{k} {100 * v[-1]:.1f} %" for k, v in ious.items()), flush=True)
     for name, values in ious.items():
         print(f"{name}: {100 * np.mean(values):.1f} % +- {100 * np.std(values, ddof=1):.1f} (sd over "
@@ -81,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps({
             "command": shlex.join(["python", "measurements/spread_snapshots.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
-            "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots,
+            "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots, "ensemble": args.ensemble,
             "iou_unlabelled": ious}, indent=1))
     return 0
 
