@@ -11,7 +11,8 @@ last snapshot alone (the default), the snapshots' predictions averaged (``--snap
 train``), and one network with the snapshots' weights averaged. With ``--ensemble K`` instead, K * seeds
 networks are trained (one snapshot each), and each of the ``--seeds`` ensembles averages the predictions of K
 of them, trained with different seeds (disjoint groups); the single networks are reported too. Prints the
-IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. One torch job at a time on a small CPU.
+IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. One torch job at a
+time on a small CPU.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = case.label > 0
     num_classes = int(case.label.max()) + 1
     print(f"{args.dataset}: painted slices {labelled.tolist()}", flush=True)
+
     def iou(networks, cfg) -> float:
         prior = painted_slice_prior(sparse, labelled, cfg.axis, case.spacing, num_classes, cfg.prior, volume)
         seg = segment_volume(networks, volume, axis=cfg.axis, prior=prior, outputs=("labels",))
@@ -83,19 +85,19 @@ def main(argv: list[str] | None = None) -> int:
                 group = []
     else:
         ious = {"last snapshot": [], "snapshots' predictions averaged": [], "snapshots' weights averaged": []}
-    for seed in range(0 if args.ensemble else args.seeds):
-        cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
-        cfg.snapshots = args.snapshots
-        fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
-                     reporter=Reporter(progress_bar=False, quiet=True))
-        nets = fitted.networks()
-        mean_net = SegmentationNetwork(fitted.architecture)
-        mean_net.load_state_dict({k: (sum(s[k].double() for s in fitted.snapshots) / len(fitted.snapshots))
-                                  .to(fitted.snapshots[0][k].dtype) for k in fitted.snapshots[0]})
-        mean_net.eval()
-        for name, networks in zip(ious, (nets[-1:], nets, [mean_net])):
-            ious[name].append(iou(networks, cfg))
-        print(f"seed {seed}: " + ", ".join(f"{k} {100 * v[-1]:.1f} %" for k, v in ious.items()), flush=True)
+        for seed in range(args.seeds):
+            cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+            cfg.snapshots = args.snapshots
+            fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
+                         reporter=Reporter(progress_bar=False, quiet=True))
+            nets = fitted.networks()
+            mean_net = SegmentationNetwork(fitted.architecture)
+            mean_net.load_state_dict({k: (sum(s[k].double() for s in fitted.snapshots) / len(fitted.snapshots))
+                                      .to(fitted.snapshots[0][k].dtype) for k in fitted.snapshots[0]})
+            mean_net.eval()
+            for name, networks in zip(ious, (nets[-1:], nets, [mean_net])):
+                ious[name].append(iou(networks, cfg))
+            print(f"seed {seed}: " + ", ".join(f"{k} {100 * v[-1]:.1f} %" for k, v in ious.items()), flush=True)
     for name, values in ious.items():
         print(f"{name}: {100 * np.mean(values):.1f} % +- {100 * np.std(values, ddof=1):.1f} (sd over "
               f"{len(values)} seeds)")
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps({
             "command": shlex.join(["python", "measurements/spread_snapshots.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
-            "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots, "ensemble": args.ensemble,
-            "iou_unlabelled": ious}, indent=1))
+            "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots,
+            "ensemble": args.ensemble, "iou_unlabelled": ious}, indent=1))
     return 0
 
 
