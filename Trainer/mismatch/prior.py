@@ -221,6 +221,12 @@ class PriorSettings:
                 "end_follows_network": bool(self.end_follows_network), "end_intensity": bool(self.end_intensity),
                 "intensity_beyond": bool(self.intensity_beyond)}
 
+    #: each setting added after the first recorded settings, with the value that gives the prior as it was
+    #: before it (:meth:`from_dict`)
+    _BEFORE = {
+        "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
+        "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0}
+
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
         """From :meth:`to_dict`'s dict. Settings recorded before the end of the structure or the image's
@@ -235,22 +241,8 @@ class PriorSettings:
         for key in ("connected", "end_follows_network", "end_intensity", "intensity_beyond"):
             if key in d:
                 values[key] = bool(d[key])
-        if d and "end_follows_network" not in d:
-            values["end_follows_network"] = False
-        if d and "end_intensity" not in d:
-            values["end_intensity"] = False
-        if d and "intensity_beyond" not in d:
-            values["intensity_beyond"] = False
-        if d and "end_penalty" not in d:
-            values["end_penalty"] = 0.0
-        if d and "grow_beta" not in d:
-            values["grow_beta"] = 0.0
-        if d and "intensity_beta" not in d:
-            values["intensity_beta"] = 0.0
-        if d and "intensity_counts" not in d:
-            values["intensity_counts"] = 0.0
-        if d and "temperature" not in d:
-            values["temperature"] = 1.0
+        if d:   # recorded settings: what they lack was added later, and is taken as it was before then
+            values.update({k: v for k, v in cls._BEFORE.items() if k not in d})
         return cls(**values)
 
 
