@@ -173,3 +173,68 @@ def test_fast_forward_equals_the_plain_reference_forward(cls, side, train):
     scale = max(float(g.abs().max()) for g in plain_grads)   # a bias before a normalisation has ~0 gradient
     for f, p in zip(fast_grads, plain_grads):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 17, 23), (2, 16, 32, 32), (1, 1, 8, 8), (2, 4, 1, 1)])
+def test_instance_norm_gradient_in_channels_last_equals_torchs_group_norm(shape):
+    """Training on the CPU in channels-last takes the block's own backward; it must give torch's
+    ``GroupNorm`` gradients (input, weight, bias) to float rounding, and the same output."""
+    from mismatch.models.blocks import InstanceNorm
+
+    c = shape[1]
+    ours, ref = InstanceNorm(c), torch.nn.GroupNorm(c, c)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())   # the same keys: saved models load either way
+    x = (3 * torch.randn(shape) + 1).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(dy)
+        grads.append((y.detach(), xi.grad, module.weight.grad, module.bias.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert grads[0][1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_instance_norm_takes_its_own_backward_only_where_it_is_faster():
+    """The own backward is for channels-last float32 CPU training; inference and other layouts run torch's."""
+    from mismatch.models import blocks
+
+    calls = []
+    real = blocks._ChannelsLastInstanceNorm.apply
+    blocks._ChannelsLastInstanceNorm.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        norm = blocks.norm(4)
+        x = torch.randn(2, 4, 6, 6)
+        norm(x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 1
+        norm(x)                                          # plain layout
+        with torch.no_grad():
+            norm(x.contiguous(memory_format=torch.channels_last))   # inference
+        norm.double()(x.double().contiguous(memory_format=torch.channels_last))   # other precision
+        assert len(calls) == 1
+    finally:
+        blocks._ChannelsLastInstanceNorm.apply = real
+    net = build_model("mismatch", width=4)
+    assert all(isinstance(m, blocks.InstanceNorm) for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_mismatch_training_gradients_in_channels_last_equal_the_plain_layouts():
+    """A whole MisMatch network: the loss's gradients in channels-last (the CPU training path, with the
+    normalisation's own backward) equal those of the same network in the plain layout (torch's backward)."""
+    torch.manual_seed(3)
+    net = build_model("mismatch", width=4)
+    x = torch.randn(2, 1, 40, 40)
+    grads = []
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        net.zero_grad()
+        net.to(memory_format=fmt)
+        out = net(x.contiguous(memory_format=fmt))
+        sum((o.sigmoid() * torch.linspace(-1, 1, 40)).sum() for o in out).backward()
+        grads.append({k: p.grad.clone() for k, p in net.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-4, msg=k)

@@ -16,14 +16,66 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Con
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation)
 
 
-def norm(c: int) -> nn.Module:
-    """Instance normalisation with per-channel affine parameters.
+class _ChannelsLastInstanceNorm(torch.autograd.Function):
+    """Instance normalisation of a channels-last float32 CPU tensor, with a backward written for that layout.
 
-    Written as ``GroupNorm`` with one group per channel, which is the same operation (statistics per
-    sample and channel over H x W) but keeps channels-last tensors in place on the CPU, where
-    ``InstanceNorm2d`` copies them (3-8 x slower at 512 x 512).
+    The forward is torch's own (``native_group_norm``, one group per channel), fast in channels-last. Its
+    backward in channels-last is not: 2 to 4 x slower than the same arithmetic as a few whole-tensor
+    operations (``docs/benchmarks.md``, "Training step"), and it was the largest single cost of a MisMatch
+    training step on a CPU. The backward here is the textbook one, per sample n and channel c over the
+    H x W pixels, with ``xhat = (x - mean) * rstd`` and ``a = weight * rstd``::
+
+        dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)),   dweight = sum(dy * xhat),   dbias = sum(dy)
+
+    equal to torch's to float rounding (tested).
     """
-    return nn.GroupNorm(c, c)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        n, c = x.shape[:2]
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), c, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        r = rstd.view(n, c, 1, 1)
+        xhat = torch.addcmul(-mean.view(n, c, 1, 1) * r, x, r)
+        sum_dy = dy.sum((2, 3))
+        sum_dy_xhat = (dy * xhat).sum((2, 3))
+        a = weight.view(1, c) * rstd
+        dx = torch.addcmul((-a * sum_dy / (h * w)).view(n, c, 1, 1), dy, a.view(n, c, 1, 1))
+        dx.addcmul_(xhat, (-a * sum_dy_xhat / (h * w)).view(n, c, 1, 1))
+        return dx, sum_dy_xhat.sum(0), sum_dy.sum(0), None
+
+
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation with per-channel affine parameters: ``GroupNorm`` with one group per channel.
+
+    ``GroupNorm(C, C)`` is the same operation as ``InstanceNorm2d(C, affine=True)`` (statistics per sample
+    and channel over H x W) but keeps channels-last tensors in place on the CPU, where ``InstanceNorm2d``
+    copies them (3-8 x slower at 512 x 512). When training on the CPU in channels-last float32 (what the
+    engine does there) the gradient is :class:`_ChannelsLastInstanceNorm`'s; anything else (inference, a
+    GPU, other layouts or precisions) is ``GroupNorm``'s own. The parameters and a saved model's keys are
+    ``GroupNorm``'s.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+                and self.affine and x.is_contiguous(memory_format=torch.channels_last)
+                and not x.is_contiguous()):
+            return _ChannelsLastInstanceNorm.apply(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def norm(c: int) -> nn.Module:
+    """Instance normalisation with per-channel affine parameters (:class:`InstanceNorm`)."""
+    return InstanceNorm(c)
 
 
 class ConvBlock(nn.Module):
