@@ -97,15 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             for variant in runs:
                 runs[variant][2].append(step(variant, config.steps // 2 + i))
         med = {v: statistics.median(r[2]) for v, r in runs.items()}
-        results[name] = {"seconds_per_step": med, "ratio": med["own backward"] / med["torch's GroupNorm"],
-                         "width": config.width, "patch_size": size, "batch": [bl, bu if method.uses_unlabelled else 0]}
         own, plain = med["own backward"], med["torch's GroupNorm"]
-        print(f"{name}: {own:.3f} s a step with the own backward, {plain:.3f} s with torch's GroupNorm (ratio {results[name]['ratio']:.2f}; "
-              f"{bl} labelled{f' + {bu} unlabelled' if method.uses_unlabelled else ''} patches of {size} x {size}, "
-              f"width {config.width}, median of {args.repeats})", flush=True)
+        unlabelled = bu if method.uses_unlabelled else 0
+        results[name] = {"seconds_per_step": med, "ratio": own / plain, "width": config.width,
+                         "patch_size": size, "batch": [bl, unlabelled]}
+        batch = f"{bl} labelled" + (f" + {unlabelled} unlabelled" if unlabelled else "")
+        print(f"{name}: {own:.3f} s a step with the own backward, {plain:.3f} s with torch's GroupNorm "
+              f"(ratio {own / plain:.2f}; {batch} patches of {size} x {size}, width {config.width}, "
+              f"median of {args.repeats})", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "command": "python measurements/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python measurements/bench_train_step.py",
+                                 *(argv if argv is not None else sys.argv[1:])]),
             "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version()},
             "results": results}, indent=1))

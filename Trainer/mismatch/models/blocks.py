@@ -22,8 +22,8 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
     The forward is torch's own (``native_group_norm``, one group per channel), fast in channels-last. Its
     backward in channels-last is not: it was the largest single cost of a MisMatch training step on a CPU,
     and the same arithmetic as a few whole-tensor operations makes the step 0.85 of the time
-    (``docs/benchmarks.md``, "Training step"). The backward here is the textbook one, per sample n and channel c over the
-    H x W pixels, with ``xhat = (x - mean) * rstd`` and ``a = weight * rstd``::
+    (``docs/benchmarks.md``, "Training step"). The backward here is the textbook one, per sample n and
+    channel c over the H x W pixels, with ``xhat = (x - mean) * rstd`` and ``a = weight * rstd``::
 
         dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)),   dweight = sum(dy * xhat),   dbias = sum(dy)
 
