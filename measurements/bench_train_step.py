@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[variant] = (net, torch.optim.AdamW(net.parameters(), lr=config.lr), [])
 
         def step(variant, i):
-            net, opt, times = runs[variant]
+            net, opt, _ = runs[variant]
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss, _ = method.loss(net, TrainingBatch(x, y, xu if method.uses_unlabelled else None,
