@@ -354,3 +354,34 @@ def test_train_finds_labels_painted_along_another_axis(case, capsys):
     capsys.readouterr()   # along k (as before --axis auto): every slice across the disc would count as labelled
     _bad(["train", case["image"], "--labels", labels, "--out", str(d / "model-k"), "--axis", "k", *TINY], capsys,
          "every slice")
+
+
+def test_context_trains_segments_and_is_kept_by_init(case, capsys):
+    """``--context 1``: the card records it, ``segment`` reads each slice with its neighbours (the whole volume
+    segmented, the same as the network on slices built by hand), and ``--init`` continues with the model's
+    context whatever the option says."""
+    import torch
+
+    from mismatch.data import slice_with_context
+    from mismatch.modelfile import load_model
+
+    d = case["dir"]
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m1"), *TINY,
+                 "--context", "1"]) == 0
+    card = json.loads((d / "m1" / "model.json").read_text())
+    assert card["architecture"]["context"] == 1 and card["architecture"]["in_channels"] == 1
+    assert main(["segment", case["image"], "--model", str(d / "m1"), "--out", str(d / "seg.nrrd"),
+                 "--confidence", str(d / "conf.nrrd"), "--no-labels", "--device", "cpu"]) == 0
+    conf = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "conf.nrrd")))
+    _, nets = load_model(d / "m1")
+    from mismatch.data import Normalisation
+    volume = Normalisation.from_dict(card["normalisation"]).apply(case["array"][None].astype(np.float32))
+    net = nets[0].eval()
+    with torch.no_grad():
+        for s in (0, 4, 9):   # the ends repeat their own slice as the missing neighbour
+            p = net.predict(torch.from_numpy(slice_with_context(volume, "k", s, 1))[None])[0][0, 0].numpy()
+            np.testing.assert_allclose(conf[s], np.maximum(p, 1 - p), atol=1e-5)
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m2"), *TINY,
+                 "--init", str(d / "m1"), "--context", "0"]) == 0
+    assert json.loads((d / "m2" / "model.json").read_text())["architecture"]["context"] == 1
+    capsys.readouterr()

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, labelled_slices,
-                           load_ctchest, parse_slice_list, place_on_grid, take_slice)
+from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, context_offsets,
+                           labelled_slices, load_ctchest, parse_slice_list, place_on_grid, slice_with_context,
+                           take_slice)
 from mismatch.errors import UserError
 from mismatch.io import Geometry
 
@@ -181,6 +182,45 @@ def test_labelled_crop_matches_image_crop():
     for _ in range(20):
         x, y = s.labelled_batch(2)
         np.testing.assert_array_equal(x[:, 0] == 7.0, y == 1)
+
+
+@pytest.mark.parametrize("axis", ["k", "j", "i"])
+def test_slice_with_context_stacks_the_neighbours_channels_and_repeats_the_ends(axis):
+    """2.5D input: the slice's channels, then those of the slice before and after it (then two before and two
+    after with context 2); past the first or last slice, that slice again. Context 0 is the slice itself."""
+    rng = np.random.default_rng(0)
+    v = rng.random((2, 5, 6, 7)).astype(np.float32)
+    n = v.shape[1 + axis_index(axis)]
+    assert context_offsets(2) == [0, -1, 1, -2, 2]
+    assert slice_with_context(v, axis, 3, 0) is not None
+    np.testing.assert_array_equal(slice_with_context(v, axis, 3, 0), take_slice(v, axis, 3))
+    for s in range(n):
+        x = slice_with_context(v, axis, s, 2)
+        assert x.shape == (10,) + take_slice(v, axis, s).shape[1:]
+        for i, d in enumerate(context_offsets(2)):
+            np.testing.assert_array_equal(x[2 * i:2 * i + 2], take_slice(v, axis, min(max(s + d, 0), n - 1)))
+
+
+def test_sampler_with_context_gives_each_crop_its_neighbours():
+    """The sampler's crops with ``context``: the same crop of the slice and of its neighbours, the label the
+    slice's own."""
+    image = np.zeros((1, 6, 40, 40), np.float32)
+    for s in range(6):
+        image[0, s] = s          # each slice holds its own index
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[0, 10:20, 10:20] = 1
+    labels[3, 10:20, 10:20] = 1
+    s = TwoStreamSampler([image], labels, [0, 3], patch_size=16, seed=1, context=1)
+    for _ in range(4):
+        x, y = s.labelled_batch(2)
+        assert x.shape == (2, 3, 16, 16) and y.shape == (2, 16, 16)
+        for b in range(2):
+            centre = int(x[b, 0, 0, 0])
+            assert centre in (0, 3)
+            assert int(x[b, 1, 0, 0]) == max(centre - 1, 0) and int(x[b, 2, 0, 0]) == min(centre + 1, 5)
+    xu = s.unlabelled_batch(4)
+    assert xu.shape == (4, 3, 16, 16)
+    assert all(int(x[1, 0, 0]) == max(int(x[0, 0, 0]) - 1, 0) for x in xu)
 
 
 def test_slices_smaller_than_the_patch_are_taken_whole_not_padded():

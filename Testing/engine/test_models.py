@@ -35,6 +35,22 @@ def test_multiclass_softmax_and_prediction_is_mean_of_decoders():
     assert net.decoder_names == ["positive decoder", "negative decoder"]
 
 
+def test_context_widens_the_input_and_is_recorded_in_the_card():
+    """2.5D input: ``context`` neighbours on each side multiply the image channels the first convolution (and
+    MTA's reconstruction) sees; the card records it, and a card without it (an earlier engine's) reads as 0."""
+    net = build_model("mismatch", in_channels=2, width=4, context=1)
+    assert net.config.input_channels == 6 and net.encoder.stem.body[0].in_channels == 6
+    assert [o.shape for o in net(torch.randn(1, 6, 24, 24))] == [(1, 1, 24, 24)] * 2
+    assert build_model("mta", in_channels=1, width=4, context=2).reconstruction.classifier.out_channels == 5
+    card = net.config.to_dict()
+    assert card["context"] == 1 and card["in_channels"] == 2
+    assert ArchitectureConfig.from_dict(card) == net.config
+    assert ArchitectureConfig.from_dict({k: v for k, v in card.items() if k != "context"}).context == 0
+    for bad in (-1, 1.5):
+        with pytest.raises(UnsupportedArchitecture.__mro__[1], match="whole number of neighbouring slices"):
+            ArchitectureConfig(context=bad)
+
+
 def test_parameter_counts_match_the_paper_at_width_24():
     mismatch = count_parameters(build_model("mismatch", width=24))
     unet = count_parameters(build_model("unet", width=24))

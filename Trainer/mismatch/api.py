@@ -227,6 +227,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                             f"but {image.shape[0]} image(s) were given")
         init_state = nets[-1].state_dict()
         config.width = nets[0].config.width
+        config.context = nets[0].config.context   # the model reads its slices with the neighbours it learned on
         wanted = make_method(config.method).architecture if config.method in METHODS else None
         if wanted != nets[0].config.name:
             raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "

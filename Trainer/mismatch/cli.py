@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"square random patches of this side; 0 = whole slices; a slice side shorter than the "
                         f"patch is taken whole ({_preset_default('patch_size')})")
     t.add_argument("--lr", type=_positive_float, help=f"AdamW learning rate ({_preset_default('lr')})")
+    t.add_argument("--context", type=_non_negative_int, metavar="N",
+                   help="give the network each slice with N neighbouring slices on either side as extra channels "
+                        f"(2.5D input; 0 = the slice alone) ({_preset_default('context')})")
     t.add_argument("--alpha", type=_non_negative_float, default=d.alpha, help="consistency weight (default 0.002)")
     t.add_argument("--alpha-rampup", type=_fraction, default=d.alpha_rampup,
                    help="fraction of training over which alpha ramps up (0 = constant)")
@@ -566,7 +569,8 @@ def _budget_arguments(p: argparse.ArgumentParser, trained: str, quick: bool = Fa
     from .train import PRESETS
 
     def default(name: str) -> str:
-        return "(default: the preset's" + (f"; --quick: {QUICK_BUDGET[name]:g})" if quick else ")")
+        return "(default: the preset's" + (f"; --quick: {QUICK_BUDGET[name]:g})" if quick and name in QUICK_BUDGET
+                                           else ")")
 
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"the training budget and recipe of {trained} "
                    "(default: default, what a user gets; paper: the paper's recipe); the options below override it")
@@ -575,6 +579,8 @@ def _budget_arguments(p: argparse.ArgumentParser, trained: str, quick: bool = Fa
     p.add_argument("--batch-size", type=_positive_int, help=f"labelled slices per step {default('batch_size')}")
     p.add_argument("--patch-size", type=int, help=f"square training patches, 0 = whole slices {default('patch_size')}")
     p.add_argument("--lr", type=_positive_float, help=f"learning rate {default('lr')}")
+    p.add_argument("--context", type=_non_negative_int, metavar="N",
+                   help=f"neighbouring slices on each side given with each slice (2.5D input) {default('context')}")
 
 
 def _budget_values(args) -> dict:
@@ -616,7 +622,7 @@ def _train(args, ctx) -> int:
     config = preset_config(
         args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
-        alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
+        context=args.context, alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
@@ -657,7 +663,8 @@ def check_training_memory(config, in_channels: int, device: str) -> None:
     if config.method not in METHODS:
         return   # reported by train_files
     arch = ArchitectureConfig(name=make_method(config.method).architecture, in_channels=in_channels,
-                              num_classes=2, width=config.width, pasb_side=config.pasb_side)
+                              num_classes=2, width=config.width, pasb_side=config.pasb_side,
+                              context=config.context)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in SegmentationNetwork(arch).parameters())
     need = parameters * 4 * (4 + max(1, config.snapshots))

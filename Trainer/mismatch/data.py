@@ -105,6 +105,22 @@ def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
     return volume[(slice(None),) * ax + (int(index),)]
 
 
+def context_offsets(context: int) -> list[int]:
+    """The slices a network with ``context`` neighbours on each side reads, as offsets: 0, -1, +1, -2, +2..."""
+    return [0] + [sign * d for d in range(1, int(context) + 1) for sign in (-1, 1)]
+
+
+def slice_with_context(volume: np.ndarray, axis: str, index: int, context: int = 0) -> np.ndarray:
+    """``[C, K, J, I] -> [C * (1 + 2 * context), H, W]``: slice ``index`` and, after its channels, those of
+    its neighbours at the :func:`context_offsets` (the 2.5D input); a neighbour beyond the volume's first or
+    last slice is that slice repeated. ``context`` 0: :func:`take_slice` itself (a view)."""
+    if not context:
+        return take_slice(volume, axis, index)
+    n = volume.shape[1 + axis_index(axis)]
+    return np.concatenate([take_slice(volume, axis, min(max(int(index) + d, 0), n - 1))
+                           for d in context_offsets(context)])
+
+
 def check_label_values(labels: np.ndarray, num_classes: int) -> None:
     """:class:`UserError` if a label value is ``>= num_classes`` (``num_classes`` includes background)."""
     top = int(labels.max()) if labels.size else 0
@@ -277,6 +293,8 @@ class TwoStreamSampler:
     So the ranks' batches together are exactly the batch one process would draw, and the sampler's state is
     the same on every rank. Batch sizes are then global and must be multiples of ``world_size``.
     ``volumes`` may also hold lazily read volumes (:class:`mismatch.manifest.LazyVolume`) after volume 0.
+    ``context``: each slice comes with its neighbours' channels (:func:`slice_with_context`), ``C * (1 + 2 *
+    context)`` channels in all.
     """
 
     #: Cache of foreground voxel positions per labelled slice is dropped above this many bytes.
@@ -284,8 +302,9 @@ class TwoStreamSampler:
 
     def __init__(self, volumes: Sequence[np.ndarray], labels: np.ndarray, labelled: Sequence[int],
                  axis: str = "k", patch_size: int | None = 176, seed: int = 0, foreground_fraction: float = 0.33,
-                 shard: tuple[int, int] | None = None):
+                 shard: tuple[int, int] | None = None, context: int = 0):
         self.volumes = list(volumes)
+        self.context = int(context)
         self.shard = (int(shard[0]), int(shard[1])) if shard and int(shard[1]) > 1 else None
         if not self.volumes:
             raise ValueError("no volume given")
@@ -414,7 +433,7 @@ class TwoStreamSampler:
         """This process's share of ``plan`` (:meth:`share`), read and cropped, padded to the global batch's
         size: ``(x, y)`` for a labelled plan, ``x`` for an unlabelled one. Reads only those slices."""
         crops = [plan.crops[b] for b in self.share(len(plan.crops))]
-        xs = [c.cut(take_slice(self.volumes[c.volume], self.axis, c.slice)) for c in crops]
+        xs = [c.cut(slice_with_context(self.volumes[c.volume], self.axis, c.slice, self.context)) for c in crops]
         x = self._stack(xs, label=False, size=plan.size)
         if not plan.labelled:
             return x

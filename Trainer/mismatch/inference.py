@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .calibration import CalibrationReport, top_label
-from .data import AXES
+from .data import AXES, context_offsets
 from .device import autocast
 from .events import Reporter
 from .grow import painted_box
@@ -300,7 +300,13 @@ class VolumeInference:
         if cached is not None:
             return cached
         stop = min(self.n_slices, start + self.batch_size)
-        x = torch.from_numpy(np.ascontiguousarray(vol_v[start:stop])).to(self.device).contiguous(memory_format=fmt)
+        if self.config.context:   # each slice with its neighbours' channels, as the network was trained
+            rows = np.arange(start, stop)
+            batch = np.concatenate([vol_v[np.clip(rows + d, 0, self.n_slices - 1)]
+                                    for d in context_offsets(self.config.context)], axis=1)
+        else:
+            batch = np.ascontiguousarray(vol_v[start:stop])
+        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=fmt)
         return self._probabilities(x)
 
     def _in_box(self, mean: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

@@ -58,6 +58,7 @@ class TrainConfig:
     amp: bool = True                 # mixed precision on CUDA
     checkpoint_every: int = 100
     pasb_side: str = "factorised"
+    context: int = 0                 # neighbouring slices on each side given with each slice (2.5D input)
     method_options: dict = field(default_factory=dict)  # a method's own settings, e.g. {"ema_decay": 0.999}
     # what the painted slices imply, used when a volume is segmented with its painted labels
     # (mismatch.prior.PriorSettings as a dict); None: the network's prediction alone
@@ -334,7 +335,8 @@ def _new_run(volumes, labels, labelled, num_classes: int, config: TrainConfig, d
     and the sampler (this process's shard of it)."""
     method = build_method(config)
     arch = ArchitectureConfig(name=method.architecture, in_channels=volumes[0].shape[0],
-                              num_classes=num_classes, width=config.width, pasb_side=config.pasb_side)
+                              num_classes=num_classes, width=config.width, pasb_side=config.pasb_side,
+                              context=config.context)
     torch.manual_seed(config.seed)
     net = SegmentationNetwork(arch)
     if init_state is not None:
@@ -346,7 +348,8 @@ def _new_run(volumes, labels, labelled, num_classes: int, config: TrainConfig, d
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     sampler = TwoStreamSampler(volumes, labels, labelled, axis=config.axis,
                                patch_size=config.patch_size or None, seed=config.seed,
-                               foreground_fraction=config.foreground_fraction, shard=ctx.shard)
+                               foreground_fraction=config.foreground_fraction, shard=ctx.shard,
+                               context=config.context)
     if method.uses_unlabelled and sampler.num_unlabelled == 0:
         sampler.unlabelled_batch(1)  # raises the UserError that says every slice is labelled
     run = TrainingRun(net=net, model=net, method=method, optimizer=optimizer, scaler=scaler, sampler=sampler,

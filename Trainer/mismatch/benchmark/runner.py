@@ -63,20 +63,22 @@ class Budget:
     batch_size: int | None = None
     patch_size: int | None = None
     lr: float | None = None
+    context: int | None = None
 
     def train_config(self, method: str, **overrides) -> "TrainConfig":
         """The training settings of ``method`` at this budget."""
         from ..train import preset_config
 
         return preset_config(self.preset, method, steps=self.steps, width=self.width, batch_size=self.batch_size,
-                             patch_size=self.patch_size, lr=self.lr, **overrides)
+                             patch_size=self.patch_size, lr=self.lr, context=self.context, **overrides)
 
     def budget_settings(self) -> dict:
         """The budget as MisMatch trains at it (the preset's value where no override is given): the part of
         the settings that a resumed ``runs.json`` or ``loop.json`` must share."""
         c = self.train_config("mismatch")
         return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
-                "patch_size": c.patch_size, "lr": c.lr}
+                "patch_size": c.patch_size, "lr": c.lr,
+                **({"context": c.context} if c.context else {})}   # absent: runs made before it existed
 
 
 def check_same_settings(path: Path, recorded: dict | None, key: str, settings: dict, made: str) -> None:

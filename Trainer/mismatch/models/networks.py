@@ -104,8 +104,12 @@ class ArchitectureConfig:
     num_classes: int = 2  # including background
     width: int = 24
     pasb_side: str = "factorised"  # one of PASB_SIDES; only networks with a positive decoder use it
+    context: int = 0               # neighbouring slices on each side given with each slice (2.5D input)
 
     def __post_init__(self):
+        if int(self.context) != self.context or self.context < 0:
+            raise UserError(f"context {self.context!r}: give a whole number of neighbouring slices, 0 or more")
+        self.context = int(self.context)
         if "positive" in ARCHITECTURES.get(self.name, ()) and self.pasb_side not in PASB_SIDES:
             raise UnsupportedArchitecture(
                 f"PASB side branch {self.pasb_side!r} is not one this engine builds "
@@ -114,6 +118,12 @@ class ArchitectureConfig:
     @property
     def binary(self) -> bool:
         return self.num_classes == 2
+
+    @property
+    def input_channels(self) -> int:
+        """The network's input channels: each image channel of the slice and of its ``context`` neighbours on
+        either side (:func:`mismatch.data.slice_with_context`)."""
+        return self.in_channels * (1 + 2 * self.context)
 
     @property
     def output(self) -> str:
@@ -229,7 +239,8 @@ class SegmentationNetwork(nn.Module):
     """Shared encoder and one or more segmentation decoders (``ArchitectureConfig.decoders``), plus the
     training-only heads of ``ArchitectureConfig.auxiliary``.
 
-    ``forward(x [B, C_in, H, W]) -> list of logits [B, K, H, W]``, one per segmentation decoder.
+    ``forward(x [B, C_in, H, W]) -> list of logits [B, K, H, W]``, one per segmentation decoder; ``C_in`` is
+    :attr:`ArchitectureConfig.input_channels` (the slice's channels, then its neighbours' with ``context``).
 
     - ``aux_decoders``: CCT's auxiliary decoders, plain, one per perturbation in ``config.auxiliary``
       (empty otherwise, so other architectures' weights are unchanged).
@@ -239,13 +250,13 @@ class SegmentationNetwork(nn.Module):
     def __init__(self, config: ArchitectureConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.in_channels, config.width)
+        self.encoder = Encoder(config.input_channels, config.width)
         self.decoders = nn.ModuleList(
             Decoder(kind, config.width, config.out_channels, config.pasb_side) for kind in config.decoders)
         aux = config.auxiliary
         self.aux_decoders = nn.ModuleList(
             Decoder("plain", config.width, config.out_channels) for kind in aux if kind in PERTURBATIONS)
-        self.reconstruction = (Decoder("plain", config.width, config.in_channels)
+        self.reconstruction = (Decoder("plain", config.width, config.input_channels)
                                if "reconstruction" in aux else None)
 
     @property
