@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mismatch.errors import UserError
 from mismatch.models.networks import CARD_LAYOUT, ArchitectureConfig, UnsupportedArchitecture
 from mismatch.models import (
     ConvBlock,
@@ -47,7 +48,7 @@ def test_context_widens_the_input_and_is_recorded_in_the_card():
     assert ArchitectureConfig.from_dict(card) == net.config
     assert ArchitectureConfig.from_dict({k: v for k, v in card.items() if k != "context"}).context == 0
     for bad in (-1, 1.5):
-        with pytest.raises(UnsupportedArchitecture.__mro__[1], match="whole number of neighbouring slices"):
+        with pytest.raises(UserError, match="whole number of neighbouring slices"):
             ArchitectureConfig(context=bad)
 
 
