@@ -370,6 +370,7 @@ def test_context_trains_segments_and_is_kept_by_init(case, capsys):
                  "--context", "1"]) == 0
     card = json.loads((d / "m1" / "model.json").read_text())
     assert card["architecture"]["context"] == 1 and card["architecture"]["in_channels"] == 1
+    assert card["format_version"] == 2   # an engine of card version 1 says "update" rather than failing to load
     assert main(["segment", case["image"], "--model", str(d / "m1"), "--out", str(d / "seg.nrrd"),
                  "--confidence", str(d / "conf.nrrd"), "--no-labels", "--device", "cpu"]) == 0
     conf = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "conf.nrrd")))
@@ -384,4 +385,7 @@ def test_context_trains_segments_and_is_kept_by_init(case, capsys):
     assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m2"), *TINY,
                  "--init", str(d / "m1"), "--context", "0"]) == 0
     assert json.loads((d / "m2" / "model.json").read_text())["architecture"]["context"] == 1
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(d / "m3"), *TINY]) == 0
+    plain = json.loads((d / "m3" / "model.json").read_text())
+    assert plain["architecture"]["context"] == 0 and plain["format_version"] == 1   # readable as before
     capsys.readouterr()

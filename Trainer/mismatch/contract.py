@@ -73,7 +73,11 @@ def format_duration(seconds) -> str:
 # -- the model card ---------------------------------------------------------------------------------------
 CARD_NAME = "model.json"
 MODEL_FORMAT = "mismatch-model"
-MODEL_FORMAT_VERSION = 1
+#: the newest card this engine reads and writes. 2: the network may read each slice with its neighbours
+#: (``architecture.context``, the 2.5D input); a card is written as version 1 unless it uses that, so that
+#: every other model stays readable by engines and extensions of version 1, and one that needs the newer
+#: engine says so there instead of failing to match its weights
+MODEL_FORMAT_VERSION = 2
 REQUIRED_CARD_KEYS = ("format", "format_version", "architecture", "classes", "channels", "normalisation",
                       "slice_axis", "weights")
 

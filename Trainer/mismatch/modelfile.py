@@ -117,7 +117,7 @@ def save_model(model_dir: str | os.PathLike, snapshots: list[dict[str, torch.Ten
     card = dict(card)
     card.update({
         "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
+        "format_version": MODEL_FORMAT_VERSION if (card.get("architecture") or {}).get("context") else 1,
         "engine_version": __version__,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(data).hexdigest(), "snapshots": len(snapshots)},
     })
