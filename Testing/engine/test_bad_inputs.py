@@ -239,7 +239,7 @@ def test_a_card_whose_channels_or_classes_disagree_with_the_network_is_refused(c
 
 @pytest.mark.parametrize("version,words", [("one", ("format_version 'one'", "not a whole number")),
                                            (None, ("format_version None",)), (1.5, ("format_version 1.5",)),
-                                           (2, ("newer", "update the MisMatch engine"))])
+                                           (3, ("newer", "update the MisMatch engine"))])
 def test_a_card_with_a_bad_format_version_is_refused_in_one_line(case, model, capsys, version, words):
     """The same check as the module's (mismatch.contract.check_card): a non-numeric version was a traceback."""
     card = json.loads((model / "model.json").read_text())
