@@ -47,7 +47,7 @@ def test_context_widens_the_input_and_is_recorded_in_the_card():
     assert card["context"] == 1 and card["in_channels"] == 2
     assert ArchitectureConfig.from_dict(card) == net.config
     assert ArchitectureConfig.from_dict({k: v for k, v in card.items() if k != "context"}).context == 0
-    for bad in (-1, 1.5):
+    for bad in (-1, 1.5, "one", None, True):
         with pytest.raises(UserError, match="whole number of neighbouring slices"):
             ArchitectureConfig(context=bad)
 

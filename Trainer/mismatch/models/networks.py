@@ -107,7 +107,11 @@ class ArchitectureConfig:
     context: int = 0               # neighbouring slices on each side given with each slice (2.5D input)
 
     def __post_init__(self):
-        if int(self.context) != self.context or self.context < 0:
+        try:   # a card is read back through here: a damaged value is one clear error, not a traceback
+            whole = not isinstance(self.context, bool) and int(self.context) == self.context >= 0
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
             raise UserError(f"context {self.context!r}: give a whole number of neighbouring slices, 0 or more")
         self.context = int(self.context)
         if "positive" in ARCHITECTURES.get(self.name, ()) and self.pasb_side not in PASB_SIDES:
