@@ -362,7 +362,7 @@ def test_context_trains_segments_and_is_kept_by_init(case, capsys):
     context whatever the option says."""
     import torch
 
-    from mismatch.data import slice_with_context
+    from mismatch.data import Normalisation, slice_with_context
     from mismatch.modelfile import load_model
 
     d = case["dir"]
@@ -375,7 +375,6 @@ def test_context_trains_segments_and_is_kept_by_init(case, capsys):
                  "--confidence", str(d / "conf.nrrd"), "--no-labels", "--device", "cpu"]) == 0
     conf = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "conf.nrrd")))
     _, nets = load_model(d / "m1")
-    from mismatch.data import Normalisation
     volume = Normalisation.from_dict(card["normalisation"]).apply(case["array"][None].astype(np.float32))
     net = nets[0].eval()
     with torch.no_grad():

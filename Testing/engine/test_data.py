@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, context_offsets,
+from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, context_slices,
                            labelled_slices, load_ctchest, parse_slice_list, place_on_grid, slice_with_context,
                            take_slice)
 from mismatch.errors import UserError
@@ -191,14 +191,34 @@ def test_slice_with_context_stacks_the_neighbours_channels_and_repeats_the_ends(
     rng = np.random.default_rng(0)
     v = rng.random((2, 5, 6, 7)).astype(np.float32)
     n = v.shape[1 + axis_index(axis)]
-    assert context_offsets(2) == [0, -1, 1, -2, 2]
-    assert slice_with_context(v, axis, 3, 0) is not None
+    assert context_slices(2, n, 2) == [2, 1, 3, 0, 4]
+    assert context_slices(0, n, 2) == [0, 0, 1, 0, 2] and context_slices(n - 1, n, 1) == [n - 1, n - 2, n - 1]
     np.testing.assert_array_equal(slice_with_context(v, axis, 3, 0), take_slice(v, axis, 3))
     for s in range(n):
         x = slice_with_context(v, axis, s, 2)
         assert x.shape == (10,) + take_slice(v, axis, s).shape[1:]
-        for i, d in enumerate(context_offsets(2)):
+        for i, d in enumerate([0, -1, 1, -2, 2]):
             np.testing.assert_array_equal(x[2 * i:2 * i + 2], take_slice(v, axis, min(max(s + d, 0), n - 1)))
+
+
+@pytest.mark.parametrize("axis", ["k", "j", "i"])
+def test_segment_reads_each_slice_with_the_neighbours_training_reads(axis):
+    """Inference gathers a batch's neighbours at once; each slice's input must be :func:`slice_with_context`'s,
+    channel for channel (two image channels, two neighbours a side), or the network sees another order than
+    it learned."""
+    import torch
+
+    from mismatch.inference import segment_volume
+    from mismatch.models import build_model
+
+    torch.manual_seed(0)
+    v = np.random.default_rng(1).random((2, 6, 24, 24)).astype(np.float32)
+    net = build_model("mismatch", in_channels=2, width=4, context=2).eval()
+    conf = np.moveaxis(segment_volume([net], v, axis=axis, outputs=("confidence",)).confidence, axis_index(axis), 0)
+    with torch.no_grad():
+        for s in range(conf.shape[0]):
+            p = net.predict(torch.from_numpy(slice_with_context(v, axis, s, 2))[None])[0][0, 0].numpy()
+            np.testing.assert_allclose(conf[s], np.maximum(p, 1 - p), atol=2e-4)   # layouts round apart; a wrong order is 0.2 off
 
 
 def test_sampler_with_context_gives_each_crop_its_neighbours():

@@ -105,20 +105,22 @@ def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
     return volume[(slice(None),) * ax + (int(index),)]
 
 
-def context_offsets(context: int) -> list[int]:
-    """The slices a network with ``context`` neighbours on each side reads, as offsets: 0, -1, +1, -2, +2..."""
-    return [0] + [sign * d for d in range(1, int(context) + 1) for sign in (-1, 1)]
+def context_slices(index: int, n: int, context: int) -> list[int]:
+    """The slices a network with ``context`` neighbours on each side reads for slice ``index`` of ``n``, in
+    input order: the slice, then one before and one after, two before and two after...; a neighbour beyond
+    the first or last slice is that slice repeated. The one rule for training and inference alike."""
+    offsets = [0] + [sign * d for d in range(1, int(context) + 1) for sign in (-1, 1)]
+    return [min(max(int(index) + d, 0), n - 1) for d in offsets]
 
 
 def slice_with_context(volume: np.ndarray, axis: str, index: int, context: int = 0) -> np.ndarray:
     """``[C, K, J, I] -> [C * (1 + 2 * context), H, W]``: slice ``index`` and, after its channels, those of
-    its neighbours at the :func:`context_offsets` (the 2.5D input); a neighbour beyond the volume's first or
-    last slice is that slice repeated. ``context`` 0: :func:`take_slice` itself (a view)."""
+    its neighbours (:func:`context_slices`, the 2.5D input). ``context`` 0: :func:`take_slice` itself (a
+    view)."""
     if not context:
         return take_slice(volume, axis, index)
     n = volume.shape[1 + axis_index(axis)]
-    return np.concatenate([take_slice(volume, axis, min(max(int(index) + d, 0), n - 1))
-                           for d in context_offsets(context)])
+    return np.concatenate([take_slice(volume, axis, j) for j in context_slices(index, n, context)])
 
 
 def check_label_values(labels: np.ndarray, num_classes: int) -> None:

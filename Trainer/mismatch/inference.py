@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .calibration import CalibrationReport, top_label
-from .data import AXES, context_offsets
+from .data import AXES, context_slices
 from .device import autocast
 from .events import Reporter
 from .grow import painted_box
@@ -301,9 +301,8 @@ class VolumeInference:
             return cached
         stop = min(self.n_slices, start + self.batch_size)
         if self.config.context:   # each slice with its neighbours' channels, as the network was trained
-            rows = np.arange(start, stop)
-            batch = np.concatenate([vol_v[np.clip(rows + d, 0, self.n_slices - 1)]
-                                    for d in context_offsets(self.config.context)], axis=1)
+            rows = np.array([context_slices(s, self.n_slices, self.config.context) for s in range(start, stop)])
+            batch = vol_v[rows].reshape(len(rows), -1, *vol_v.shape[2:])   # [b, neighbours x C, H, W]
         else:
             batch = np.ascontiguousarray(vol_v[start:stop])
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=fmt)
