@@ -11,8 +11,10 @@ last snapshot alone (the default), the snapshots' predictions averaged (``--snap
 train``), and one network with the snapshots' weights averaged. With ``--ensemble K`` instead, K * seeds
 networks are trained (one snapshot each), and each of the ``--seeds`` ensembles averages the predictions of K
 of them, trained with different seeds (disjoint groups); the single networks are reported too. Prints the
-IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. One torch job at a
-time on a small CPU.
+IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. ``--placement random
+--draw D`` paints the slices of the benchmark's random draw ``D`` instead (a painting outside the benchmark's
+for choices); ``--batch-size`` trains with that many labelled and unlabelled slices a step. One torch job at
+a time on a small CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--labelled", type=int, default=3)
     ap.add_argument("--ensemble", type=int, default=0, help="average K networks of different seeds instead")
+    ap.add_argument("--placement", choices=["even", "random"], default="even",
+                    help="the painting: the benchmark's evenly spaced slices, or a random draw (--draw)")
+    ap.add_argument("--draw", type=int, default=0, help="the draw's seed for --placement random")
+    ap.add_argument("--first-seed", type=int, default=0, help="training seeds start here")
+    ap.add_argument("--batch-size", type=int, help="labelled and unlabelled slices a step (default: the preset's)")
     ap.add_argument("--out", help="write the IoUs as JSON")
     args = ap.parse_args(argv)
 
@@ -52,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     from mismatch.pipeline import painted_slice_prior
     from mismatch.train import fit
 
-    config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu")
+    config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu",
+                        **({"batch_size": args.batch_size} if args.batch_size else {}))
     case = _cases(args.dataset, config, None)[0]
     volume = Normalisation(hu_window=case.window).apply(case.image)
-    labelled, _, test = draw_split(case.label, case.axis, args.labelled, 0, placement="even")
+    labelled, _, test = draw_split(case.label, case.axis, args.labelled, args.draw, placement=args.placement)
     labelled = np.asarray(sorted(labelled))
     sparse = _sparse(case.label, labelled, case.axis)
     truth = case.label > 0
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         ious = {"one network": [], f"{args.ensemble} seeds averaged": []}
         group: list = []
-        for seed in range(args.seeds * args.ensemble):
+        for seed in range(args.first_seed, args.first_seed + args.seeds * args.ensemble):
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
                          reporter=Reporter(progress_bar=False, quiet=True))
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 group = []
     else:
         ious = {"last snapshot": [], "snapshots' predictions averaged": [], "snapshots' weights averaged": []}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             cfg.snapshots = args.snapshots
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
@@ -106,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join(["python", "measurements/spread_snapshots.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
             "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots,
-            "ensemble": args.ensemble, "iou_unlabelled": ious}, indent=1))
+            "ensemble": args.ensemble, "placement": args.placement, "batch_size": config.train_config("mismatch").batch_size,
+            "training_seeds": [args.first_seed, args.first_seed + args.seeds * max(1, args.ensemble) - 1],
+            "iou_unlabelled": ious}, indent=1))
     return 0
 
 
