@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .data import Normalisation, auto_window, label_values
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
-from .inference import DEFAULT_RANKING, OUTPUTS, RANKINGS, VolumeSegmentation, rank_uncertain_slices, segment_volume
+from .inference import DEFAULT_RANKING, RANKINGS, rank_uncertain_slices, segment_volume
 from .modelfile import PaintedSlices, image_fingerprint, load_model, read_optimizer_state, read_painted, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
@@ -84,23 +84,6 @@ def _check_channels(card: dict, image: np.ndarray) -> None:
         raise UserError(f"the model takes {card['architecture']['in_channels']} channel(s) "
                         f"({', '.join(c['name'] for c in card['channels'])}) but {image.shape[0]} image(s) "
                         "were given; pass one file per channel, in the same order as for training")
-
-
-def segment_arrays(card: dict, networks, image: np.ndarray, *, truth: np.ndarray | None = None,
-                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device="cpu",
-                   reporter: Reporter | None = None, prior: SlicePrior | None = None,
-                   outputs: Collection[str] = OUTPUTS,
-                   stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None) -> VolumeSegmentation:
-    """Normalise ``image [C, K, J, I]`` as the card says and segment it; ``truth`` holds label values;
-    ``prior``: see :func:`painted_prior`; ``outputs`` and ``stream``: see
-    :func:`~mismatch.inference.segment_volume`. ``image`` is left as it is (the normalised copy is freed
-    before the connectivity pass of ``prior``)."""
-    _check_channels(card, image)
-    mapped = remap_labels(truth, card["classes"]) if truth is not None else None
-    volume = [Normalisation.from_dict(card["normalisation"]).apply(image)]   # handed over: freed after the loop
-    return segment_volume(networks, volume, axis=card["slice_axis"], batch_size=batch_size, device=device,
-                          truth=mapped, eval_slices=eval_slices, reporter=reporter, prior=prior, outputs=outputs,
-                          stream=stream)
 
 
 def _normalise_in_place(card: dict, image: np.ndarray) -> np.ndarray:

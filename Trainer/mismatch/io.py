@@ -404,12 +404,6 @@ def write_text_atomic(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Write a binary file through :func:`atomic_output`."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-
-
 _DATA_FILE_LINE = re.compile(r"^(ElementDataFile[ \t]*=[ \t]*|data ?file:[ \t]*)(\S[^\r\n]*?)(?=[ \t]*\r?$)", re.MULTILINE)
 
 
