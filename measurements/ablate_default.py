@@ -37,6 +37,38 @@ def sign_test_p(diffs: list[float]) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def paired_table(runs: list[dict], names: list[str], reference: str = "default",
+                 note=lambda row: "") -> dict[str, list[float]]:
+    """Print a Markdown table of each variant's IoU minus the ``reference`` variant's on the same draw (rows
+    of ``runs`` with ``dataset``, ``case``, ``seed``, ``labelled_slices``, ``variant`` and ``iou``), and a
+    line per variant with the mean difference and a two-sided sign test. ``note(row)``: text after a cell.
+    Returns the differences by variant."""
+    print("| data set | seed | labelled slices | default IoU % | " + " | ".join(f"{n} (points)" for n in names)
+          + " |\n|---|---:|---|---:|" + "---:|" * len(names))
+    diffs: dict[str, list[float]] = {n: [] for n in names}
+    for r in runs:
+        if r["variant"] != reference:
+            continue
+        same = {x["variant"]: x for x in runs if (x["dataset"], x["case"], x["seed"]) ==
+                (r["dataset"], r["case"], r["seed"])}
+        cells = []
+        for n in names:
+            if n not in same:
+                cells.append("–")
+                continue
+            d = same[n]["iou"] - r["iou"]
+            diffs[n].append(d)
+            cells.append(f"{100 * d:+.1f}{note(same[n])}")
+        print(f"| {r['dataset']} | {r['seed']} | {r['labelled_slices']} | {100 * r['iou']:.1f} | "
+              + " | ".join(cells) + " |")
+    for n, d in diffs.items():
+        if d:
+            print(f"\n{n} minus {reference}: mean {100 * sum(d) / len(d):+.1f} points over {len(d)} runs, ahead on "
+                  f"{sum(x > 0 for x in d)}, behind on {sum(x < 0 for x in d)}; two-sided sign test "
+                  f"p = {sign_test_p(d):.3f}")
+    return diffs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", nargs=2, metavar=("NAME", "JSON"), required=True,

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 sys.path.insert(0, str(ROOT / "measurements"))
 
-from ablate_default import sign_test_p  # noqa: E402
+from ablate_default import paired_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,29 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             and r["dataset"] in args.datasets and r["seed"] in args.seeds]
     names = [v for v in list(variants) + probes if v != "default"]
     print(f"\n{args.labelled} labelled slices, placement {args.placement}\n")
-    print("| data set | seed | labelled slices | default IoU % | " + " | ".join(f"{n} (points)" for n in names)
-          + " |\n|---|---:|---|---:|" + "---:|" * len(names))
-    diffs: dict[str, list[float]] = {n: [] for n in names}
-    for r in runs:
-        if r["variant"] != "default":
-            continue
-        same = {x["variant"]: x["iou"] for x in runs if (x["dataset"], x["case"], x["seed"]) ==
-                (r["dataset"], r["case"], r["seed"])}
-        cells = []
-        for n in names:
-            if n not in same:
-                cells.append("–")
-                continue
-            d = same[n] - r["iou"]
-            diffs[n].append(d)
-            cells.append(f"{100 * d:+.1f}")
-        print(f"| {r['dataset']} | {r['seed']} | {r['labelled_slices']} | {100 * r['iou']:.1f} | "
-              + " | ".join(cells) + " |")
-    for n, d in diffs.items():
-        if d:
-            print(f"\n{n} minus default: mean {100 * sum(d) / len(d):+.1f} points over {len(d)} runs, ahead on "
-                  f"{sum(x > 0 for x in d)}, behind on {sum(x < 0 for x in d)}; two-sided sign test "
-                  f"p = {sign_test_p(d):.3f}")
+    paired_table(runs, names)
     with_ece = [r for r in runs if r.get("ece_band") is not None]
     if with_ece:
         order = [v for v in list(variants) + probes if any(r["variant"] == v for r in with_ece)]

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 sys.path.insert(0, str(ROOT / "measurements"))
 
-from ablate_default import sign_test_p  # noqa: E402
+from ablate_default import paired_table  # noqa: E402
 
 VARIANTS = ("warm", "pseudo-all", "pseudo-confident", "pseudo-near")
 
@@ -176,32 +176,13 @@ def report(done: list[dict], args) -> None:
             and r["dataset"] in args.datasets and r["seed"] in args.seeds]
     names = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
     print(f"\n{args.labelled} labelled slices, placement {args.placement}\n")
-    print("| data set | seed | labelled slices | default IoU % | " + " | ".join(f"{n} (points)" for n in names)
-          + " |\n|---|---:|---|---:|" + "---:|" * len(names))
-    diffs: dict[str, list[float]] = {n: [] for n in names}
-    for r in runs:
-        if r["variant"] != "default":
-            continue
-        same = {x["variant"]: x for x in runs if (x["dataset"], x["case"], x["seed"]) == (r["dataset"], r["case"],
-                                                                                            r["seed"])}
-        cells = []
-        for n in names:
-            if n not in same:
-                cells.append("–")
-                continue
-            d = same[n]["iou"] - r["iou"]
-            diffs[n].append(d)
-            cells.append(f"{100 * d:+.1f} ({same[n]['pseudo_slices']})")
-        print(f"| {r['dataset']} | {r['seed']} | {r['labelled_slices']} | {100 * r['iou']:.1f} | "
-              + " | ".join(cells) + " |")
-    for n, d in diffs.items():
-        if d:
-            band = [x["ece_band"] - y["ece_band"] for x in runs if x["variant"] == n for y in runs
-                    if y["variant"] == "default" and (x["dataset"], x["case"], x["seed"]) ==
-                    (y["dataset"], y["case"], y["seed"])]
-            print(f"\n{n} minus default: mean {100 * sum(d) / len(d):+.1f} points over {len(d)} runs, ahead on "
-                  f"{sum(x > 0 for x in d)}, behind on {sum(x < 0 for x in d)}; two-sided sign test "
-                  f"p = {sign_test_p(d):.3f}; ECE in the band {100 * sum(band) / len(band):+.2f} points")
+    paired_table(runs, names, note=lambda row: f" ({row['pseudo_slices']})")
+    for n in names:
+        band = [x["ece_band"] - y["ece_band"] for x in runs if x["variant"] == n for y in runs
+                if y["variant"] == "default" and (x["dataset"], x["case"], x["seed"]) ==
+                (y["dataset"], y["case"], y["seed"])]
+        if band:
+            print(f"{n}: ECE in the foreground band {100 * sum(band) / len(band):+.2f} points against the default")
 
 
 if __name__ == "__main__":
