@@ -49,6 +49,8 @@ def pseudo_slices(variant: str, seg, labelled, n: int, axis: int, sure: float) -
     """The slices ``variant`` pseudo-labels, from the first round's segmentation ``seg``."""
     import numpy as np
 
+    from mismatch.inference import UNCERTAIN_CONFIDENCE
+
     painted = set(int(s) for s in labelled)
     others = [s for s in range(n) if s not in painted]
     if variant == "warm":
@@ -65,7 +67,7 @@ def pseudo_slices(variant: str, seg, labelled, n: int, axis: int, sure: float) -
         for s in others:
             lab_s = np.take(seg.labels, s, axis=axis)
             conf_s = np.take(seg.confidence, s, axis=axis)
-            unsure = conf_s < 0.8
+            unsure = conf_s < UNCERTAIN_CONFIDENCE
             band = (lab_s > 0) | unsure
             if not band.any() or (~unsure[band]).mean() >= sure:
                 keep.append(s)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "Trainer"))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="pyradiomics-breast1")
-    ap.add_argument("--seeds", type=int, default=8, help="training seeds 0 .. N-1")
+    ap.add_argument("--seeds", type=int, default=8, help="how many training seeds, from --first-seed")
     ap.add_argument("--snapshots", type=int, default=5)
     ap.add_argument("--labelled", type=int, default=3)
     ap.add_argument("--ensemble", type=int, default=0, help="average K networks of different seeds instead")
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu",
                         **({"batch_size": args.batch_size} if args.batch_size else {}))
+    seeds = range(args.first_seed, args.first_seed + args.seeds * max(1, args.ensemble))   # the training seeds
     case = _cases(args.dataset, config, None)[0]
     volume = Normalisation(hu_window=case.window).apply(case.image)
     labelled, _, test = draw_split(case.label, case.axis, args.labelled, args.draw, placement=args.placement)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         ious = {"one network": [], f"{args.ensemble} seeds averaged": []}
         group: list = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds * args.ensemble):
+        for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
                          reporter=Reporter(progress_bar=False, quiet=True))
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 group = []
     else:
         ious = {"last snapshot": [], "snapshots' predictions averaged": [], "snapshots' weights averaged": []}
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             cfg.snapshots = args.snapshots
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join(["python", "measurements/spread_snapshots.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
             "dataset": args.dataset, "labelled": labelled.tolist(), "snapshots": args.snapshots,
-            "ensemble": args.ensemble, "placement": args.placement, "batch_size": config.train_config("mismatch").batch_size,
-            "training_seeds": [args.first_seed, args.first_seed + args.seeds * max(1, args.ensemble) - 1],
+            "ensemble": args.ensemble, "placement": args.placement,
+            "batch_size": config.train_config("mismatch").batch_size, "training_seeds": [seeds[0], seeds[-1]],
             "iou_unlabelled": ious}, indent=1))
     return 0
 
