@@ -3,6 +3,7 @@
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 8 --snapshots 5 \
         [--labelled 3] [--out FILE.json]
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--out FILE.json]
+    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 10 --snapshots 1 --flips
 
 The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
 seed) is trained once per seed at the default preset, keeping ``--snapshots`` snapshots over the last
@@ -13,8 +14,10 @@ networks are trained (one snapshot each), and each of the ``--seeds`` ensembles 
 of them, trained with different seeds (disjoint groups); the single networks are reported too. Prints the
 IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. ``--placement random
 --draw D`` paints the slices of the benchmark's random draw ``D`` instead (a painting outside the benchmark's
-for choices); ``--batch-size`` trains with that many labelled and unlabelled slices a step. One torch job at
-a time on a small CPU.
+for choices); ``--batch-size`` trains with that many labelled and unlabelled slices a step; ``--flips`` also
+segments with the last snapshot's prediction averaged over the slice and its mirror images (test-time flips:
+left-right, then all four of left-right and up-down), on the same networks. One torch job at a time on a
+small CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 
 
+def mirrored_class():
+    import torch
+
+    class Mirrored(torch.nn.Module):
+        """``net`` seeing the slice mirrored along ``dims``, its outputs mirrored back: passed beside ``net`` in
+        the networks :func:`~mismatch.inference.segment_volume` averages, it averages the prediction over the
+        mirrored slices (test-time flips). Shares ``net``'s weights."""
+
+        def __init__(self, net, dims):
+            super().__init__()
+            self.net, self.dims = net, tuple(dims)
+            self.config, self.decoder_names = net.config, net.decoder_names
+
+        def forward(self, x):
+            return [logits.flip(self.dims) for logits in self.net(x.flip(self.dims))]
+
+        def probabilities(self, logits):
+            return self.net.probabilities(logits)
+
+    return Mirrored
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="pyradiomics-breast1")
@@ -41,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", type=int, default=0, help="the draw's seed for --placement random")
     ap.add_argument("--first-seed", type=int, default=0, help="training seeds start here")
     ap.add_argument("--batch-size", type=int, help="labelled and unlabelled slices a step (default: the preset's)")
+    ap.add_argument("--flips", action="store_true",
+                    help="also segment with the last snapshot's prediction averaged over mirrored slices "
+                         "(test-time flips: left-right, and all four of left-right and up-down)")
     ap.add_argument("--out", help="write the IoUs as JSON")
     args = ap.parse_args(argv)
 
@@ -58,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from mismatch.models import SegmentationNetwork
     from mismatch.pipeline import painted_slice_prior
     from mismatch.train import fit
+
+    Mirrored = mirrored_class()
 
     config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu",
                         **({"batch_size": args.batch_size} if args.batch_size else {}))
@@ -94,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 group = []
     else:
         ious = {"last snapshot": [], "snapshots' predictions averaged": [], "snapshots' weights averaged": []}
+        if args.flips:
+            ious.update({"last snapshot, left-right flip averaged": [], "last snapshot, 4 flips averaged": []})
         for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             cfg.snapshots = args.snapshots
@@ -104,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             mean_net.load_state_dict({k: (sum(s[k].double() for s in fitted.snapshots) / len(fitted.snapshots))
                                       .to(fitted.snapshots[0][k].dtype) for k in fitted.snapshots[0]})
             mean_net.eval()
-            for name, networks in zip(ious, (nets[-1:], nets, [mean_net])):
+            variants = [nets[-1:], nets, [mean_net]]
+            if args.flips:
+                variants += [[nets[-1], Mirrored(nets[-1], (-1,))],
+                             [nets[-1]] + [Mirrored(nets[-1], d) for d in ((-1,), (-2,), (-2, -1))]]
+            for name, networks in zip(ious, variants):
                 ious[name].append(iou(networks, cfg))
             print(f"seed {seed}: " + ", ".join(f"{k} {100 * v[-1]:.1f} %" for k, v in ious.items()), flush=True)
     for name, values in ious.items():
