@@ -40,7 +40,6 @@ print(json.dumps(out))
 class Device:
     id: str        # the engine's --device value
     label: str     # what the combo box shows
-    usable: bool = True
 
 
 def describe(probe: dict) -> tuple[list[Device], str]:

@@ -223,7 +223,6 @@ class TrainingFiles:
     axis: str
     labelled: list[int]
     held_out: list[int]
-    class_list: list[dict] = field(default_factory=list)
     empty: list[int] = field(default_factory=list)
 
 
@@ -278,7 +277,7 @@ def write_training_inputs(folder: Path, volumes: list, segmentation_node, segmen
     classes_path = folder / "classes.json"
     classes_path.write_text(json.dumps(classes, indent=1) + "\n", encoding="utf-8")
     return TrainingFiles(images=images, labels=labels_path, classes=classes_path, truth=truth_path, axis=axis,
-                         labelled=training, held_out=held_out, class_list=classes, empty=empty)
+                         labelled=training, held_out=held_out, empty=empty)
 
 
 # -- reading results back -----------------------------------------------------------------------------------

@@ -92,9 +92,7 @@ class Job:
     process: EngineProcess | None = None
     batch_size: int = 0
     output: Path | None = None
-    started: float = field(default_factory=time.monotonic)
     resume: bool = False     # continue from the checkpoint in ``output`` (--resume)
-    discarded: bool = False  # the scene was closed: the results are thrown away when the engine has stopped
     log: Path | None = None
     memory_warning: str = ""  # the engine ran out of GPU memory and halved its batches (its log warning)
     # what a segmentation reads back when it ends: the model's card, the held-out slices it evaluates, notes
@@ -450,7 +448,6 @@ class MisMatchLogic:
         interrupted run. The current model is kept (it is a file, not scene data)."""
         job = self.job
         if job is not None:
-            job.discarded = True
             if job.process is not None:
                 job.process.cancel()
             self._abandoned.append(job)
