@@ -471,7 +471,7 @@ def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None
         result = evaluate_confidence(pred, true, conf.astype(np.float32, copy=False), slices=slices, axis=ax,
                                      n_bins=n_bins)
     else:
-        result = evaluate_arrays(pred, true, slices=slices, axis=ax, n_bins=n_bins)
+        result = evaluate_arrays(pred, true, slices=slices, axis=ax)
     if diagram:
         from .plots import reliability_diagram
 

@@ -18,7 +18,6 @@ slices are taken along (0 = k, 1 = j, 2 = i).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -163,48 +162,32 @@ def _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, calib_upd
     return out
 
 
-def evaluate_arrays(pred, truth, probs=None, binary: bool = True, classes: Sequence[int] | None = None,
-                    slices: Sequence[int] | None = None, axis: int = 0, n_bins: int = 15,
-                    band_radius: int = BAND_RADIUS) -> dict[str, Any]:
-    """Overlap, and calibration when ``probs`` is given, of a prediction on the chosen slices.
+def evaluate_arrays(pred, truth, classes: Sequence[int] | None = None, slices: Sequence[int] | None = None,
+                    axis: int = 0) -> dict[str, Any]:
+    """Overlap of a prediction with the truth on the chosen slices.
 
-    ``pred``, ``truth``: label maps ``[K, J, I]`` (numpy). ``probs``: foreground probability ``[K, J, I]``
-    (``binary``) or class probabilities ``[C, K, J, I]`` (class index = label value). ``slices``: indices
-    along ``axis`` (numpy axis of the label map) to evaluate, default all; duplicates are dropped, an index
-    outside the volume is a :class:`~mismatch.errors.UserError`. ``classes``: foreground values (default:
-    those present in the chosen slices of either map). Work is done ``16`` slices at a time.
-
-    Calibration is of ``probs`` itself (its top label and confidence, :func:`~mismatch.calibration.top_label`);
-    ``pred`` is normally that same top label. Returns::
+    ``pred``, ``truth``: label maps ``[K, J, I]`` (numpy). ``slices``: indices along ``axis`` (numpy axis of
+    the label map) to evaluate, default all; duplicates are dropped, an index outside the volume is a
+    :class:`~mismatch.errors.UserError`. ``classes``: foreground values (default: those present in the chosen
+    slices of either map). Work is done ``16`` slices at a time. Returns::
 
         {"slices": [sorted indices] | "all", "axis": int,
          "classes": {"<value>": {"iou", "dice", "pred_voxels", "true_voxels", "tp", "fp", "fn"}},
-         "iou": mean foreground IoU | None, "dice": mean foreground Dice | None,
-         "calibration": {"all": histogram, "band": histogram, "band_radius": int,
-                         "confidence": "top-label"}}          # only with probs
+         "iou": mean foreground IoU | None, "dice": mean foreground Dice | None}
 
-    with histogram = :meth:`~mismatch.calibration.CalibrationHistogram.to_dict`.
+    :func:`evaluate_confidence` adds the calibration of a confidence volume.
     """
-    update = None
-    if probs is not None:
-        probs = np.asarray(probs)
-        shape = np.shape(pred)
-        if binary and probs.shape != shape or not binary and probs.shape[1:] != shape:
-            want = "[K, J, I]" if binary else "[C, K, J, I]"
-            raise ValueError(f"probabilities {probs.shape} do not match the label map {shape} (expected {want})")
-        probs_v = np.moveaxis(probs, axis, 0) if binary else np.moveaxis(probs, axis + 1, 0)  # [S, (C,) H, W]
-
-        def update(report: CalibrationReport, idx, p, t) -> None:
-            report.update(probs_v[idx], t, binary, class_axis=1)
-    return _evaluate(pred, truth, slices, axis, n_bins, band_radius, classes, update)
+    return _evaluate(pred, truth, slices, axis, 15, BAND_RADIUS, classes, None)
 
 
 def evaluate_confidence(pred, truth, confidence, classes: Sequence[int] | None = None,
                         slices: Sequence[int] | None = None, axis: int = 0, n_bins: int = 15,
                         band_radius: int = BAND_RADIUS) -> dict[str, Any]:
-    """As :func:`evaluate_arrays`, from a saved confidence volume ``[K, J, I]`` (probability of the
-    predicted class, as ``mismatch segment --confidence`` writes it): correct = ``pred == truth``,
-    confidence = ``confidence``. This is what ``mismatch evaluate --confidence`` uses. Same return dict."""
+    """:func:`evaluate_arrays`, and the calibration of a saved confidence volume ``[K, J, I]`` (probability of
+    the predicted class, as ``mismatch segment --confidence`` writes it): correct = ``pred == truth``,
+    confidence = ``confidence``. This is what ``mismatch evaluate --confidence`` uses. The return dict also
+    has ``"calibration": {"all": histogram, "band": histogram, "band_radius": int, "confidence":
+    "top-label"}``, with histogram = :meth:`~mismatch.calibration.CalibrationHistogram.to_dict`."""
     confidence = np.asarray(confidence)
     if confidence.shape != np.shape(pred):
         raise ValueError(f"confidence {confidence.shape} and prediction {np.shape(pred)} differ in shape")
@@ -219,56 +202,13 @@ def mann_whitney_u(a: Sequence[float], b: Sequence[float]) -> tuple[float, float
     """Two-sided Mann-Whitney U test (paper Table 1's p values): ``(U, p)``.
 
     ``U`` is the statistic of ``a``: the number of pairs ``(x in a, y in b)`` with ``x > y``, ties counted
-    1/2. With scipy: ``scipy.stats.mannwhitneyu(a, b, alternative="two-sided")`` (exact p for small samples
-    without ties, else the normal approximation). Without scipy: the normal approximation with tie and
-    continuity correction, :func:`mann_whitney_u_normal`. Empty samples raise ``ValueError``.
+    1/2; ``scipy.stats.mannwhitneyu(a, b, alternative="two-sided")`` (exact p for small samples without ties,
+    else the normal approximation). Empty samples raise ``ValueError``.
     """
+    from scipy.stats import mannwhitneyu
+
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if len(a) == 0 or len(b) == 0:
         raise ValueError("mann_whitney_u needs two non-empty samples")
-    try:
-        from scipy.stats import mannwhitneyu
-    except ImportError:
-        return mann_whitney_u_normal(a, b)
     res = mannwhitneyu(a, b, alternative="two-sided")
     return float(res.statistic), float(res.pvalue)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    # start index of each run of equal values, and the run each sorted element belongs to
-    new_run = np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]
-    run_id = np.cumsum(new_run) - 1
-    starts = np.flatnonzero(new_run)
-    ends = np.r_[starts[1:], len(values)]  # exclusive
-    avg = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(values))
-    ranks[order] = avg[run_id]
-    return ranks
-
-
-def mann_whitney_u_normal(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Two-sided Mann-Whitney U test by the normal approximation (no scipy needed): ``(U of a, p)``.
-
-    ``U = R_a - n_a (n_a + 1) / 2`` (``R_a`` the rank sum of ``a``, ties averaged); ``mu = n_a n_b / 2``;
-    ``sigma^2 = n_a n_b / 12 * ((n + 1) - sum_t (t^3 - t) / (n (n - 1)))`` over tie groups of size ``t``;
-    ``z = (|U - mu| - 1/2) / sigma`` (continuity correction); ``p = 2 (1 - Phi(z)) = erfc(z / sqrt 2)``,
-    capped at 1. Matches ``scipy.stats.mannwhitneyu(..., method="asymptotic")``.
-    """
-    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
-    n1, n2 = len(a), len(b)
-    if n1 == 0 or n2 == 0:
-        raise ValueError("mann_whitney_u needs two non-empty samples")
-    both = np.concatenate([a, b])
-    ranks = _ranks(both)
-    u = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
-    n = n1 + n2
-    _, t = np.unique(both, return_counts=True)
-    ties = float((t.astype(float) ** 3 - t).sum())
-    var = n1 * n2 / 12.0 * ((n + 1) - (ties / (n * (n - 1)) if n > 1 else 0.0))
-    if var <= 0:
-        return u, 1.0  # every value equal: no evidence of a difference
-    z = (abs(u - n1 * n2 / 2.0) - 0.5) / math.sqrt(var)
-    return u, float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2.0))))

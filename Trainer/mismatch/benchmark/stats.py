@@ -1,8 +1,8 @@
 """Summary statistics for the benchmark tables.
 
 ``mann_whitney_p`` is the two-sided Mann-Whitney U test the paper uses against MisMatch. It calls
-:func:`mismatch.metrics.mann_whitney_u` (scipy's exact / asymptotic test when scipy is installed, else a
-normal approximation with tie and continuity correction), so the engine and the tables agree.
+:func:`mismatch.metrics.mann_whitney_u` (scipy's exact or asymptotic test), so the engine and the tables
+agree.
 """
 
 from __future__ import annotations
