@@ -22,7 +22,7 @@ key               type       meaning
 ``ece_band``      float      ECE inside the foreground band, 0..1 (optional, as ``ece_all``).
 ``params``        int/float  trainable parameters (optional; 0 or None for the Slicer effects).
 ``ms_per_slice``  float      inference (or filter) time per slice, milliseconds (optional).
-``per_slice_iou`` list       IoU of each test slice, 0..1 (optional; used by ``p_over="slices"``).
+``per_slice_iou`` list       IoU of each test slice, 0..1 (optional; kept in runs.json, not tabled).
 ``seconds``       float      train + inference (or filter) wall time of the run, s (optional; for runs without
                              it, ``train_seconds + ms_per_slice * n_slices / 1000`` when ``n_slices`` is there).
 ================  =========  ===========================================================================
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 
 from .stats import mann_whitney_p, mean_std
 
-__all__ = ["results_table", "summary_rows", "validate_runs", "baseline_rows", "baseline_table", "run_seconds",
+__all__ = ["results_table", "validate_runs", "baseline_rows", "baseline_table", "run_seconds",
            "REQUIRED_KEYS", "DISPLAY_NAMES", "METHOD_ORDER", "MISSING", "BASELINES"]
 
 REQUIRED_KEYS = ("method", "dataset", "n_labelled", "seed", "iou")
@@ -120,19 +120,9 @@ def _isnan(x: Any) -> bool:
         return True
 
 
-def _sample(runs: list[dict[str, Any]], p_over: str) -> list[float]:
-    if p_over == "runs":
-        return _values(runs, "iou")
-    out: list[float] = []
-    for r in runs:
-        out.extend(float(v) for v in (r.get("per_slice_iou") or []) if not _isnan(v))
-    return out
-
-
-def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, p_over: str, digits: int) -> str:
+def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, digits: int = 1) -> str:
     counts = sorted({int(r["n_labelled"]) for r in runs})
-    seen = list(dict.fromkeys(r["method"] for r in runs))
-    methods = [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+    methods = _ordered_methods(runs)
     by = {(m, n): [r for r in runs if r["method"] == m and int(r["n_labelled"]) == n] for m in methods for n in counts}
 
     iou_cells: dict[tuple[str, int], str] = {}
@@ -144,7 +134,7 @@ def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, p_over:
 
     header = (["Method"] + [f"IoU % ({n} sl.)" for n in counts] + [f"p ({n} sl.)" for n in counts]
               + ["Params (M)", "ms / slice", "ECE all %", "ECE band %"])
-    lines = [f"**{dataset}**" + (" (SYNTHETIC data)" if dataset.startswith("synthetic") else ""), "",
+    lines = [_heading(dataset), "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for m in methods:
         cells = [DISPLAY_NAMES.get(m, m)]
@@ -157,8 +147,8 @@ def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, p_over:
             if m == reference:
                 cells.append("ref." if by[(m, n)] else MISSING)
             else:
-                cells.append(_fmt_p(mann_whitney_p(_sample(by[(m, n)], p_over), _sample(by.get((reference, n), []),
-                                                                                         p_over))))
+                cells.append(_fmt_p(mann_whitney_p(_values(by[(m, n)], "iou"),
+                                                   _values(by.get((reference, n), []), "iou"))))
         mine = [r for r in runs if r["method"] == m]
         params = [v for v in _values(mine, "params") if v > 0]
         cells.append(_fmt_mean(params, 1e-6, 2))
@@ -169,60 +159,27 @@ def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, p_over:
 
     n_runs = sorted({len(rs) for rs in by.values() if rs})
     n_text = "/".join(str(n) for n in n_runs) or "0"
-    unit = ("the per-run IoUs (one value per seed and case)" if p_over == "runs"
-            else "the per-slice IoUs of all test slices pooled over seeds and cases (not independent samples)")
     lines += ["", f"IoU: foreground IoU on the test slices, mean ± sample standard deviation over {n_text} runs "
                   f"(seeds × cases) per cell; best mean per column in bold. p: two-sided Mann-Whitney U test of "
-                  f"{unit} of each method against {DISPLAY_NAMES.get(reference, reference)} at the same number of "
+                  f"the per-run IoUs (one value per seed and case) of each method against {DISPLAY_NAMES.get(reference, reference)} at the same number of "
                   f"labelled slices (with 3 runs against 3 the smallest possible p is 0.1). Params, ms / slice and "
                   f"ECE (all voxels / foreground band, mean ± std) over all runs of the method; {MISSING}: not "
                   f"measured or not applicable."]
     return "\n".join(lines)
 
 
-def results_table(runs: Iterable[dict[str, Any]], reference: str = "mismatch", dataset: str | None = None,
-                  p_over: str = "runs", digits: int = 1) -> str:
-    """Markdown table(s) of the runs, one per data set (or only ``dataset``), shaped like the paper's Table 1.
-
-    Args:
-        runs: dicts in the schema of this module's docstring.
-        reference: the method every p-value compares against.
-        dataset: only this data set (default: one table per data set, in order of appearance).
-        p_over: ``"runs"`` (default: one IoU per run) or ``"slices"`` (pooled ``per_slice_iou``).
-        digits: decimals of the IoU cells (in %).
+def results_table(runs: Iterable[dict[str, Any]], reference: str = "mismatch") -> str:
+    """Markdown table(s) of the runs, one per data set (in order of appearance), shaped like the paper's
+    Table 1; every p-value compares a method's per-run IoUs with ``reference``'s.
 
     Returns:
         Markdown text: a bold data set line, the table and a footnote per data set, separated by blank lines.
     """
-    if p_over not in ("runs", "slices"):
-        raise ValueError("p_over must be 'runs' or 'slices'")
     runs = validate_runs(runs)
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    if dataset is not None:
-        datasets = [d for d in datasets if d == dataset]
     if not datasets:
         return "_No runs._"
-    return "\n\n".join(_one_table([r for r in runs if r["dataset"] == d], d, reference, p_over, digits)
-                       for d in datasets)
-
-
-def summary_rows(runs: Iterable[dict[str, Any]], reference: str = "mismatch") -> list[dict[str, Any]]:
-    """The table's numbers as data: one dict per (dataset, method, n_labelled) with IoU mean / std / n
-    (0..1), the p-value against ``reference`` over per-run IoUs, and the mean Dice / ECE values."""
-    runs = validate_runs(runs)
-    keys = list(dict.fromkeys((r["dataset"], r["method"], int(r["n_labelled"])) for r in runs))
-    out = []
-    for d, m, n in keys:
-        rs = [r for r in runs if (r["dataset"], r["method"], int(r["n_labelled"])) == (d, m, n)]
-        ref = [r for r in runs if (r["dataset"], r["method"], int(r["n_labelled"])) == (d, reference, n)]
-        mean, std, count = mean_std(_values(rs, "iou"))
-        row = {"dataset": d, "method": m, "n_labelled": n, "iou_mean": mean, "iou_std": std, "n_runs": count,
-               "p_vs_reference": math.nan if m == reference else mann_whitney_p(_values(rs, "iou"),
-                                                                               _values(ref, "iou"))}
-        for key in ("dice", "ece_all", "ece_band", "ms_per_slice"):
-            row[key] = mean_std(_values(rs, key))[0]
-        out.append(row)
-    return out
+    return "\n\n".join(_one_table([r for r in runs if r["dataset"] == d], d, reference) for d in datasets)
 
 
 def run_seconds(run: dict[str, Any]) -> float | None:
@@ -234,6 +191,10 @@ def run_seconds(run: dict[str, Any]) -> float | None:
     if any(v is None or _isnan(v) for v in parts):
         return None
     return float(parts[0]) + float(parts[1]) * float(parts[2]) / 1000.0
+
+
+def _heading(dataset: str) -> str:
+    return f"**{dataset}**" + (" (SYNTHETIC data)" if dataset.startswith("synthetic") else "")
 
 
 def _ordered_methods(runs: list[dict[str, Any]]) -> list[str]:
@@ -291,7 +252,7 @@ def baseline_table(runs: Iterable[dict[str, Any]], baselines: Sequence[str] = tu
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         header = ["Labelled slices", "Method", "IoU %", "Δ IoU vs best baseline (points)", "p", "s / run",
                   "ECE band %"]
-        lines = [f"**{dataset}**" + (" (SYNTHETIC data)" if dataset.startswith("synthetic") else ""), "",
+        lines = [_heading(dataset), "",
                  "| " + " | ".join(header) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * 5) + "|"]
         ds_rows = [r for r in rows if r["dataset"] == dataset]
         for n in dict.fromkeys(r["n_labelled"] for r in ds_rows):
