@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
 
 from mismatch.benchmark.datasets import draw_split, extent, load_dataset  # noqa: E402
-from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _sparse, largest_gap_slice  # noqa: E402
+from mismatch.benchmark.classical import labelled_slices_only  # noqa: E402
+from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, largest_gap_slice  # noqa: E402
 from mismatch.benchmark.runner import case_classes  # noqa: E402
 from mismatch.data import Normalisation  # noqa: E402
 from mismatch.pipeline import train_and_segment  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> int:
 
             def run(slices, config, **kw):
                 t0 = time.monotonic()
-                result = train_and_segment(volume, _sparse(case.label, np.asarray(slices), case.axis),
+                result = train_and_segment(volume, labelled_slices_only(case.label, slices, case.axis),
                                            np.asarray(slices), case_classes(case), config, normalisation=norm,
                                            spacing_kji=case.spacing, geometry=case.geometry, truth=case.label,
                                            eval_slices=test, outputs=(), **kw)

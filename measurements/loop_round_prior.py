@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _cases, _sparse, train_round
+    from mismatch.benchmark.classical import labelled_slices_only
+    from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _cases, train_round
     from mismatch.data import Normalisation
     from mismatch.inference import segment_volume
     from mismatch.models import ArchitectureConfig, SegmentationNetwork
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         net = SegmentationNetwork(arch)
         net.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")})
         net.eval()
-        sparse = _sparse(case.label, labelled, case.axis)
+        sparse = labelled_slices_only(case.label, labelled, case.axis)
         test = [s for s in range(truth.shape[case.axis]) if s not in set(labelled)]
         for name, settings in variants.items():
             prior = painted_slice_prior(sparse, np.asarray(labelled), first_cfg.axis, case.spacing, arch.num_classes,

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mismatch.benchmark.datasets import draw_split
-    from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _cases, _sparse
+    from mismatch.benchmark.classical import labelled_slices_only
+    from mismatch.benchmark.loop import AXIS_NAMES, LoopConfig, _cases
     from mismatch.data import Normalisation
     from mismatch.events import Reporter
     from mismatch.inference import segment_volume
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     volume = Normalisation(hu_window=case.window).apply(case.image)
     labelled, _, test = draw_split(case.label, case.axis, args.labelled, args.draw, placement=args.placement)
     labelled = np.asarray(sorted(labelled))
-    sparse = _sparse(case.label, labelled, case.axis)
+    sparse = labelled_slices_only(case.label, labelled, case.axis)
     truth = case.label > 0
     num_classes = int(case.label.max()) + 1
     print(f"{args.dataset}: painted slices {labelled.tolist()}", flush=True)

@@ -154,11 +154,9 @@ def test_default_methods_hold_the_free_baselines_and_the_strong_unet():
     specs = plan_runs(BenchmarkConfig(datasets=["tiny-rod"], labelled=[2], seeds=1, alpha_sweep=[]))
     planned = [s["method"] for s in specs]
     assert set(runner.FREE) <= set(planned) and all(s["alpha"] is None for s in specs if s["method"] in runner.FREE)
-    # a learned method the engine lacks is left out of the default list, but is an error when asked for
-    assert ("unet-strong" in planned) == ("unet-strong" in METHODS)
-    if "unet-strong" not in METHODS:
-        with pytest.raises(UserError, match="unknown method"):
-            plan_runs(tiny_config(methods=["unet-strong"]))
+    assert set(runner.LEARNED) <= set(planned) and set(runner.LEARNED) <= set(METHODS)
+    with pytest.raises(UserError, match="unknown method"):
+        plan_runs(tiny_config(methods=["unet-stronger"]))
 
 
 def test_free_baselines_count_false_positives_on_empty_slices(tmp_path, monkeypatch):

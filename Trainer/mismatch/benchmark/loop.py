@@ -47,7 +47,8 @@ import numpy as np
 from ..errors import UserError
 from ..inference import DEFAULT_RANKING, RANKINGS
 from .datasets import even_slices, extent
-from .runner import Budget, check_same_settings
+from .classical import labelled_slices_only
+from .runner import AXIS_NAMES, Budget, _fmt, check_same_settings, read_json, write_json
 
 RESULTS_FILE = "loop.json"
 STATES_DIR = "states"
@@ -60,7 +61,6 @@ REFERENCE_METHOD = "unet-strong"
 #: 51.8 %, the synthetic vessels 0.0 %, a brain tumour 0.0 to 15.5 %), at five times it fits them (89.5 and
 #: 89.2 %), so that "95 % of the reference" is a real ceiling
 REFERENCE_STEPS_FACTOR = 5
-AXIS_NAMES = {0: "k", 1: "j", 2: "i"}
 #: the share of the reference's IoU a policy has to reach ("slices needed")
 TARGET = 0.95
 
@@ -178,14 +178,6 @@ def next_labelled(policy: str, labelled: Sequence[int], record: dict, candidates
 
 # -- one round ------------------------------------------------------------------------------------------------
 
-def _sparse(label: np.ndarray, labelled: Sequence[int], axis: int) -> np.ndarray:
-    sparse = np.zeros_like(label)
-    index = [slice(None)] * 3
-    index[axis] = list(labelled)
-    sparse[tuple(index)] = label[tuple(index)]
-    return sparse
-
-
 def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config, device,
                 init_state: dict | None = None, use_prior: bool = True) -> tuple[dict, dict]:
     """One round: train on ``labelled`` slices of ``case`` (from ``init_state`` when given) and segment the whole
@@ -202,7 +194,7 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
     lab = np.asarray(sorted(int(s) for s in labelled), dtype=np.int64)
     n_slices = int(case.label.shape[case.axis])
     test = [s for s in range(n_slices) if s not in set(lab.tolist())] or list(range(n_slices))
-    sparse = _sparse(case.label, lab, case.axis)
+    sparse = labelled_slices_only(case.label, lab, case.axis)
     run = train_and_segment(volume, sparse, lab, case_classes(case), train_config,
                             normalisation=Normalisation(hu_window=case.window), spacing_kji=case.spacing,
                             geometry=case.geometry, device=device, use_prior=use_prior, truth=case.label,
@@ -246,24 +238,14 @@ def volume_iou(classes: dict, sparse: np.ndarray) -> float | None:
 # -- bookkeeping ----------------------------------------------------------------------------------------------
 
 def load_results(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / RESULTS_FILE
-    if not path.exists():
-        return {"config": None, "rounds": [], "references": []}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); move it away to start afresh") from None
+    data = read_json(Path(out_dir) / RESULTS_FILE, {"config": None, "rounds": [], "references": []})
     data.setdefault("rounds", [])
     data.setdefault("references", [])
     return data
 
 
 def _save(out: Path, data: dict) -> None:
-    from .runner import _json_default
-
-    tmp = out / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, out / RESULTS_FILE)
+    write_json(out / RESULTS_FILE, data)
 
 
 def _state_path(out: Path, name: str) -> Path:
@@ -535,13 +517,6 @@ def _policy_table(by_policy: dict[str, dict], ns: Sequence[int], target: float |
         lines.append(f"| {p} | " + " | ".join(cells) + f" | {_fmt(auc)} | {p_auc} | {_needed_text(need, max_n)} | "
                      f"{p_need} |")
     return lines
-
-
-def _fmt(values, scale=100.0, digits=1) -> str:
-    from .stats import mean_std
-
-    m, s, n = mean_std(values)
-    return "–" if n == 0 else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def _p(a, b) -> str:

@@ -143,14 +143,11 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
 
     The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count;
     the run at the default alpha is shared with the main table. A method this engine does not know is a
-    :class:`UserError` when it was asked for; with the default method list (:data:`DEFAULT_METHODS`) a learned
-    method missing from :data:`mismatch.methods.METHODS` is left out instead (see :func:`missing_defaults`).
+    :class:`UserError`.
     """
     from ..methods import METHODS
 
-    skipped = set(missing_defaults(config))
-    unknown = [m for m in config.methods if m not in METHODS and m not in FREE and m not in CLASSICAL
-               and m not in skipped]
+    unknown = [m for m in config.methods if m not in METHODS and m not in FREE and m not in CLASSICAL]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(sorted(METHODS) + FREE + CLASSICAL)}")
@@ -160,11 +157,11 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
         for n in config.labelled:
             for seed in range(config.seeds):
                 for method in config.methods:
-                    if method in skipped or not available(method):
+                    if not available(method):
                         continue
                     specs.append({"dataset": dataset, "method": method, "n_labelled": n, "seed": seed,
                                   "alpha": config.alpha if _uses_unlabelled(method) else None, "group": "main"})
-    if config.alpha_sweep and "mismatch" in METHODS and config.datasets:
+    if config.alpha_sweep and config.datasets:
         dataset, n = config.datasets[0], min(config.labelled)
         for alpha in config.alpha_sweep:
             if "mismatch" in config.methods and abs(alpha - config.alpha) < 1e-12:
@@ -173,16 +170,6 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
                 specs.append({"dataset": dataset, "method": "mismatch", "n_labelled": n, "seed": seed,
                               "alpha": float(alpha), "group": "alpha"})
     return specs
-
-
-def missing_defaults(config: BenchmarkConfig) -> list[str]:
-    """Learned methods of the default method list that this engine's ``METHODS`` lacks (left out, not an
-    error, when the user did not name the methods)."""
-    from ..methods import METHODS
-
-    if list(config.methods) != DEFAULT_METHODS:
-        return []
-    return [m for m in LEARNED if m not in METHODS]
 
 
 def free_baseline(method: str, sparse: np.ndarray, labelled: Sequence[int], case) -> np.ndarray:
@@ -327,20 +314,25 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
 
 # -- bookkeeping --------------------------------------------------------------------------------------------
 
-def load_runs(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / RUNS_FILE
+def read_json(path: Path, empty: dict) -> dict:
+    """The results file ``path`` (a benchmark's runs.json, a simulation's loop.json), ``empty`` when there is none."""
     if not path.exists():
-        return {"config": None, "runs": []}
+        return empty
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); move it away to start the benchmark afresh") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); move it away to start afresh") from None
 
 
-def _save_runs(out_dir: Path, data: dict) -> None:
-    tmp = out_dir / (RUNS_FILE + ".tmp")
+def write_json(path: Path, data: dict) -> None:
+    """Write a results file whole or not at all (a temporary file beside it, then renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / RUNS_FILE)
+    os.replace(tmp, path)
+
+
+def load_runs(out_dir: str | os.PathLike) -> dict:
+    return read_json(Path(out_dir) / RUNS_FILE, {"config": None, "runs": []})
 
 
 def _json_default(o):
@@ -382,9 +374,9 @@ def expand_devices(devices: Sequence[str]) -> list[str]:
     return list(devices)
 
 
-def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print,
-                  rerun_failed: bool = True) -> dict:
-    """Run every planned run not yet in ``out_dir/runs.json``, then write the report. Returns the JSON data."""
+def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print) -> dict:
+    """Run every planned run not yet in ``out_dir/runs.json`` (runs that failed before are tried again), then
+    write the report. Returns the JSON data."""
     from .classical import slicer_filters_available
 
     out = Path(out_dir)
@@ -402,13 +394,10 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     if not have_slicer and any(m in CLASSICAL for m in config.methods):
         log("slicer-core is not installed (pip install slicer-core, Python 3.11): the Slicer effects' rows are "
             "left out")
-    for m in missing_defaults(config):
-        log(f"method {m} is not in this engine's methods: its rows are left out")
     specs = plan_runs(config, available=lambda m: have_slicer or m not in CLASSICAL)
     done = {run_key(r) for r in data["runs"]}
-    data["failed"] = [] if rerun_failed else data.get("failed", [])
-    failed = {run_key(f) for f in data["failed"]}
-    todo = [s for s in specs if run_key(s) not in done and run_key(s) not in failed]
+    data["failed"] = []
+    todo = [s for s in specs if run_key(s) not in done]
     data["config"] = {"training": config.training_settings(), "benchmark": asdict(config),
                       "split_version": SPLIT_VERSION, "machine": machine_description()}
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {out / RUNS_FILE}, {len(todo)} to do")
@@ -423,7 +412,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
             data["runs"].extend(results)
             iou = ", ".join(f"{r['iou']:.3f}" if r.get("iou") is not None else "n/a" for r in results)
             log(f"[{i}/{len(todo)}] {_describe(spec)}: IoU {iou}  ({time.monotonic() - t0:.0f} s elapsed)")
-        _save_runs(out, data)
+        write_json(out / RUNS_FILE, data)
 
     if len(devices) <= 1 or len(todo) <= 1:
         for i, spec in enumerate(todo, 1):
