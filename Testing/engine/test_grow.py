@@ -3,8 +3,33 @@
 import numpy as np
 import pytest
 
-from mismatch.grow import grow_from_painted, grow_margins
+from mismatch.grow import MAX_VOXELS, grown_box
 from mismatch.prior import PriorSettings, SlicePrior, shape_interpolation
+
+
+def grow_margins(image, sparse, labelled, axis=0, num_classes=None, max_voxels=MAX_VOXELS):
+    """:func:`grown_box`'s margins on the whole grid ``[N, K, J, I]`` (0 outside the box)."""
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    n_fg = int(num_classes - 1) if num_classes else int(np.max(np.take(sparse, lab, axis=axis), initial=0))
+    out = np.zeros((n_fg,) + np.shape(sparse), dtype=np.float32)
+    grown = grown_box(image, sparse, lab, axis, n_fg + 1, max_voxels)
+    if grown is not None:
+        out[(slice(None),) + grown[0]] = grown[1]
+    return out
+
+
+def grow_from_painted(image, sparse, labelled, axis=0, num_classes=None, max_voxels=MAX_VOXELS):
+    """Class indices grown from the painted slices (each voxel the class with a positive margin), the
+    painted slices kept as painted: what the prior's growing vote labels."""
+    margins = grow_margins(image, sparse, labelled, axis, num_classes, max_voxels)
+    out = np.zeros(np.shape(sparse), dtype=np.int16)
+    if len(margins):
+        best = np.argmax(margins, axis=0)
+        out = np.where(np.take_along_axis(margins, best[None], 0)[0] > 0, best + 1, 0).astype(np.int16)
+    index = [slice(None)] * 3
+    index[axis] = list(labelled)
+    out[tuple(index)] = np.asarray(sparse)[tuple(index)]
+    return out
 
 
 def tilted_tube(n=24, size=48, radius=4.0, contrast=1.0, noise=0.05, seed=0):

@@ -172,15 +172,14 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
     """
     from . import distributed
-    from .data import check_label_values, labelled_slices
+    from .data import axis_index, check_label_values, labelled_slices
     from .device import describe
     from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
-    from .methods import METHODS, make_method
     from .modelfile import CHECKPOINT_DIR, _model_complete, check_checkpoint, check_model_destination
     from .train import build_method, fit
 
     reporter = reporter or Reporter(progress_bar=False)
-    build_method(config)  # a wrong method option stops here, before anything is read
+    method = build_method(config)  # a wrong method or method option stops here, before anything is read
     ctx = distributed.current()
     dev = resolve_device(device)
     inputs = list(images) + [labels_path] + [p for case in unlabelled for p in case]
@@ -211,7 +210,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         init_state = nets[-1].state_dict()
         config.width = nets[0].config.width
         config.context = nets[0].config.context   # the model reads its slices with the neighbours it learned on
-        wanted = make_method(config.method).architecture if config.method in METHODS else None
+        wanted = method.architecture
         if wanted != nets[0].config.name:
             raise UserError(f"--init {init_model}: the model is a {nets[0].config.name} network but --method "
                             f"{config.method} trains a {wanted}; use the model's method to continue from it")
@@ -265,9 +264,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     if len(labelled) == 0:
         raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
                         "least one slice, or list labelled slices with --labelled-slices")
-    n_slices = labels.shape[{"k": 0, "j": 1, "i": 2}[config.axis]]
-    if len(labelled) == n_slices and not extra and pool is None and config.method in METHODS and \
-            make_method(config.method).uses_unlabelled:
+    n_slices = labels.shape[axis_index(config.axis)]
+    if len(labelled) == n_slices and not extra and pool is None and method.uses_unlabelled:
         raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
                         "term; supervised training is what you want: --method unet (or add unlabelled volumes "
                         "with --unlabelled)")
@@ -277,7 +275,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     volumes = [norm.apply(image)] + [norm.apply(v) for v in extra] + (pool.volumes if pool else [])
     del image
 
-    n_total = sum(v.shape[1 + {"k": 0, "j": 1, "i": 2}[config.axis]] for v in volumes)
+    n_total = sum(v.shape[1 + axis_index(config.axis)] for v in volumes)
     if auto and config.hu_window:   # said once every input has passed its checks
         why = "as the --init model's inputs were" if init_model else "the image looks like a CT in Hounsfield units"
         reporter.log(f"{why}: clipped to {config.hu_window[0]:g} to {config.hu_window[1]:g} before normalising "
@@ -287,7 +285,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
                  + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"
                     if ctx.distributed else ""))
     ctx.check_batch(config.batch_size, "--batch-size")   # before anything is written
-    if config.method in METHODS and make_method(config.method).uses_unlabelled:
+    if method.uses_unlabelled:
         ctx.check_batch(config.unlabelled_batch_size or config.batch_size, "--unlabelled-batch-size")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ class CalibrationHistogram:
     """Per-bin voxel count, sum of confidence and number correct (see the module docstring for the bins).
 
     Attributes (numpy, length ``n_bins``): ``count`` int64, ``conf_sum`` float64, ``correct`` int64.
-    ``h1 + h2`` gives a new histogram; ``h1.merge(h2)`` (or ``h1 += h2``) adds ``h2`` into ``h1``.
+    ``h1 + h2`` gives a new histogram; ``h1.merge(h2)`` adds ``h2`` into ``h1``.
     """
 
     def __init__(self, n_bins: int = 15):
@@ -164,8 +164,6 @@ class CalibrationHistogram:
         self.conf_sum += other.conf_sum
         self.correct += other.correct
         return self
-
-    __iadd__ = merge
 
     def __add__(self, other: "CalibrationHistogram") -> "CalibrationHistogram":
         """A new histogram holding the voxels of both."""
@@ -326,14 +324,6 @@ class CalibrationReport:
         correct = pred_t.long() == t.long()
         self.all.update(conf, correct)
         self.band.update(conf, correct, foreground_band(pred_t != 0, t != 0, self.band_radius))
-        return self
-
-    def merge(self, other: "CalibrationReport") -> "CalibrationReport":
-        """Add ``other``'s histograms into this report (in place); returns ``self``."""
-        if other.band_radius != self.band_radius:
-            raise ValueError("cannot merge calibration reports with different band radii")
-        self.all.merge(other.all)
-        self.band.merge(other.band)
         return self
 
     def to_dict(self) -> dict[str, Any]:

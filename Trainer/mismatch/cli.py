@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .contract import EXIT_CANCELLED, EXIT_FAILED, EXIT_USER_ERROR
-from .errors import Cancelled, UserError
+from .errors import Cancelled, UserError, on_stop_signals
 
 
 # -- CPU threads ----------------------------------------------------------------------------------------
@@ -141,9 +141,6 @@ def _early_threads(argv: list[str]) -> int | None:
 
 # -- signals --------------------------------------------------------------------------------------------
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
-
-
 @contextmanager
 def cancel_on_signals():
     """SIGINT, SIGTERM (and SIGBREAK on Windows) raise :class:`Cancelled` once, from the first moment of
@@ -158,17 +155,8 @@ def cancel_on_signals():
         raised.append(signum)
         raise Cancelled(f"stopped by {signal.Signals(signum).name}")
 
-    previous = {}
-    for sig in _STOP_SIGNALS:
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):   # not the main thread
-            pass
-    try:
+    with on_stop_signals(handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 # -- argument types -------------------------------------------------------------------------------------

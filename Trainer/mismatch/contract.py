@@ -70,8 +70,13 @@ def format_duration(seconds) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
-# -- the model card ---------------------------------------------------------------------------------------
+# -- the model folder -------------------------------------------------------------------------------------
 CARD_NAME = "model.json"
+WEIGHTS_NAME = "model.safetensors"
+#: the optimiser's state beside the weights (a warm start continues it)
+OPTIMIZER_NAME = "optimizer.safetensors"
+#: the painted slices the model was trained from (segment of the same image keeps them)
+PAINTED_NAME = "painted.safetensors"
 MODEL_FORMAT = "mismatch-model"
 #: the newest card this engine reads and writes. 2: the network may read each slice with its neighbours
 #: (``architecture.context``, the 2.5D input); a card is written as version 1 unless it uses that, so that

@@ -5,7 +5,7 @@ class of the seed it is closest to along a path through the image, where a step 
 voxels (26-neighbourhood) costs the intensity difference between them: the shortest-path form of GrowCut
 that Slicer's Grow from seeds (FastGrowCut) computes. Structures with a clear edge (air-filled lungs, contrast
 -filled vessels, grey against white matter) are traced along that edge between and beyond the painted
-slices; a structure whose edge is faint leaks. :func:`grow_margins` says, for every voxel, how much closer the
+slices; a structure whose edge is faint leaks. :func:`grown_box` says, for every voxel, how much closer the
 winning class's painted voxels are than any other's: a leak through a faint edge wins by little.
 
 It runs on the painted voxels' bounding box grown by 20 % per axis (at least 3 voxels), as the Slicer effect
@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy import sparse as sp
 from scipy.sparse import csgraph
 
-__all__ = ["grow_margins", "grown_box", "grow_from_painted", "painted_box", "GROWTH", "MAX_VOXELS"]
+__all__ = ["grown_box", "painted_box", "GROWTH", "MAX_VOXELS"]
 
 GROWTH = 0.2          # the effect's margin around the seeds, a fraction of their extent per axis
 MIN_MARGIN = 3
@@ -137,9 +137,14 @@ def _margins(image: np.ndarray, seeds: np.ndarray, n_fg: int, background: int) -
 def grown_box(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
               num_classes: int | None = None, max_voxels: int = MAX_VOXELS, beyond: int = 0
               ) -> tuple[tuple[slice, ...], np.ndarray] | None:
-    """:func:`grow_margins` on the box where growing runs: ``(box, float32 [N, *box shape])``, or None where
-    nothing is painted (no class or no painted structure voxel). ``beyond``: grow at least this many slices
-    beyond the outermost painted ones."""
+    """The margins of growing the painted slices ``labelled`` of ``sparse`` through ``image`` (float
+    ``[K, J, I]``), in the box where growing runs: ``(box, float32 [N, *box shape])`` (N foreground classes),
+    or None where nothing is painted (no class or no painted structure voxel). A margin is how much closer,
+    in path cost through the image (scaled by its 5-95 percentile spread in the box), a voxel is to the
+    painted voxels of its class than to those of every other class and painted background: growing labels a
+    voxel with the class whose margin is positive, and the size of the margin says how clear the edges are
+    that separate it from the others (a leak through a faint edge has a small one). ``beyond``: grow at
+    least this many slices beyond the outermost painted ones."""
     image = np.asarray(image, dtype=np.float32)
     sparse = np.asarray(sparse)
     if image.shape != sparse.shape:
@@ -178,39 +183,3 @@ def grown_box(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], ax
             margins[(c,) + tuple(index)] = ndimage.map_coordinates(
                 np.take(coarse[c], k, axis=axis), [yy, xx], order=1, mode="nearest")
     return box, margins
-
-
-def grow_margins(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
-                 num_classes: int | None = None, max_voxels: int = MAX_VOXELS) -> np.ndarray:
-    """``float32 [N, K, J, I]`` (N foreground classes): how much closer, in path cost through ``image``
-    (float ``[K, J, I]``, scaled by its 5-95 percentile spread in the grown box), each voxel is to the
-    painted voxels of each class than to those of every other class and painted background. Growing labels
-    a voxel with the class whose margin is positive; the size of the margin says how clear the edges are
-    that separate it from the others (a leak through a faint edge has a small one). 0 outside the grown
-    box of the painted voxels and where nothing is painted."""
-    sparse = np.asarray(sparse)
-    lab = np.unique(np.asarray(labelled, dtype=np.int64))
-    n_fg = int(num_classes - 1) if num_classes else int(np.max(np.take(sparse, lab, axis=axis), initial=0))
-    out = np.zeros((n_fg,) + sparse.shape, dtype=np.float32)
-    grown = grown_box(image, sparse, lab, axis, n_fg + 1, max_voxels)
-    if grown is not None:
-        out[(slice(None),) + grown[0]] = grown[1]
-    return out
-
-
-def grow_from_painted(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
-                      num_classes: int | None = None, max_voxels: int = MAX_VOXELS) -> np.ndarray:
-    """Class indices ``[K, J, I]`` grown from the painted slices ``labelled`` of ``sparse`` through ``image``
-    (float ``[K, J, I]``, one channel): each voxel the class of the painted voxels it is closest to in path
-    cost (:func:`grow_margins`). The painted slices are kept as painted; outside the grown box of the
-    painted voxels the result is 0."""
-    margins = grow_margins(image, sparse, labelled, axis, num_classes, max_voxels)
-    if len(margins) == 0:
-        return np.zeros(np.shape(sparse), dtype=np.int16)
-    best = np.argmax(margins, axis=0)
-    out = np.where(np.take_along_axis(margins, best[None], 0)[0] > 0, best + 1, 0).astype(np.int16)
-    lab = np.unique(np.asarray(labelled, dtype=np.int64))
-    index = [slice(None)] * 3
-    index[axis] = lab
-    out[tuple(index)] = np.take(np.asarray(sparse), lab, axis=axis)
-    return out

@@ -134,10 +134,6 @@ def _extension(path) -> str:
 
 def check_extension(path) -> None:
     """:class:`UserError` unless ``path`` has an extension SimpleITK reads and writes here."""
-    _check_extension(path)
-
-
-def _check_extension(path) -> None:
     if _extension(path) not in SUPPORTED_EXTENSIONS:
         raise UserError(f"{path}: unsupported file type {_extension(path) or '(no extension)'}; "
                         f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
@@ -150,7 +146,7 @@ def _read_sitk(path) -> sitk.Image:
     if p.is_dir():
         raise UserError(f"{path}: is a folder; give an image file ({', '.join(SUPPORTED_EXTENSIONS)}); "
                         "convert a DICOM series to NRRD or NIfTI first")
-    _check_extension(path)
+    check_extension(path)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -341,7 +337,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool 
     header is renamed over ``path`` last, the previous data file removed after. ``compress`` asks for
     compression where the format has it (``.nii.gz`` is always compressed).
     """
-    _check_extension(path)
+    check_extension(path)
     array = np.asarray(array)
     if array.shape != geometry.shape:
         raise ValueError(f"array shape {array.shape} does not match the grid {geometry.size} (I, J, K), "

@@ -32,15 +32,12 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from . import __version__
-from .contract import CARD_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, check_weights, load_card, sha256_file
+from .contract import (CARD_NAME, MODEL_FORMAT, MODEL_FORMAT_VERSION, OPTIMIZER_NAME, PAINTED_NAME, WEIGHTS_NAME,
+                       check_weights, load_card, sha256_file)
 from .data import axis_index
 from .errors import UserError
 from .io import replace_folder, resolve_folder, swap_names
 from .models import ArchitectureConfig, SegmentationNetwork, UnsupportedArchitecture
-
-WEIGHTS_NAME = "model.safetensors"
-OPTIMIZER_NAME = "optimizer.safetensors"
-PAINTED_NAME = "painted.safetensors"
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

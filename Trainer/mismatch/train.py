@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .data import TwoStreamSampler, common_size
 from .device import autocast, describe
-from .errors import Cancelled, UserError
+from .errors import Cancelled, UserError, on_stop_signals
 from .events import Reporter
 from .methods import METHODS, Method, TrainingBatch, make_method
 from .modelfile import TrainingCheckpoint, load_optimizer_moments, optimizer_to_tensors, state_to_cpu
@@ -152,17 +152,8 @@ def stop_on_signals(stop: StopRequest):
     def handler(signum, _frame):
         stop.request(signal.Signals(signum).name)
 
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
+    with on_stop_signals(handler):
         yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

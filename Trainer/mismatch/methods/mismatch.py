@@ -30,7 +30,7 @@ class MisMatchMethod(Method):
             raise ValueError(f"unknown stop-gradient mode {stop_gradient!r}: one of {STOP_GRADIENT_MODES}")
         super().__init__(architecture, alpha=alpha, alpha_rampup=alpha_rampup, stop_gradient=stop_gradient,
                          cross_entropy=cross_entropy, augment=augment)
-        self.name = "mismatch" if architecture == "mismatch" else architecture
+        self.name = architecture
         self.alpha = alpha
         self.alpha_rampup = alpha_rampup
         self.stop_gradient = stop_gradient
