@@ -156,12 +156,17 @@ def segment_classes(segmentation_node, segment_ids: list[str]) -> list[dict]:
 def labels_from_segments(segmentation_node, segment_ids: list[str], reference_volume) -> np.ndarray:
     """uint8 [K, J, I] on the reference grid: 0 = unlabelled, value n = the n-th chosen segment (later
     segments win where segments overlap). Reads the segmentation; never changes it."""
+    return _paint(segmentation_node, enumerate(segment_ids, start=1), reference_volume)
+
+
+def _paint(segmentation_node, pairs, reference_volume) -> np.ndarray:
+    """uint8 [K, J, I] on the reference grid with ``value`` where segment ``segment_id`` is, for each
+    ``(value, segment_id)`` of ``pairs`` in turn (a later one wins where they overlap)."""
     labels = np.zeros(volume_shape(reference_volume), dtype=np.uint8)
-    for value, segment_id in enumerate(segment_ids, start=1):
+    for value, segment_id in pairs:
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume)
-        if mask is None:
-            continue
-        labels[np.asarray(mask) > 0] = value
+        if mask is not None:
+            labels[np.asarray(mask) > 0] = value
     return labels
 
 
@@ -281,24 +286,24 @@ def write_training_inputs(folder: Path, volumes: list, segmentation_node, segmen
 
 
 # -- reading results back -----------------------------------------------------------------------------------
-def read_volume_on_grid(path: Path, reference_volume, node, labelmap: bool = False):
-    """Read ``path`` into ``node`` (created if None) and put it on the reference's exact grid.
-
-    The engine writes every output on the input grid; a file that is not (beyond rounding of the text
-    header) is an error rather than silently resampled.
-    """
-    scene = slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")
-    temporary = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
+def _read_on_grid(path: Path, reference_volume, temporary):
+    """Read the engine's output ``path`` into the node ``temporary`` (not in the scene), checked to lie on the
+    reference's exact grid: the engine writes every output on the input grid, so a file that does not
+    (beyond rounding of the text header) is an error rather than silently resampled."""
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    if labelmap:
-        storage.SetCenterImage(0)
     if not storage.ReadData(temporary):
         raise JobError(f"could not read the engine's output {path}")
     if not same_grid(temporary, reference_volume):
         raise JobError(f"the engine wrote {Path(path).name} on a different grid than {reference_volume.GetName()}")
+    return temporary
+
+
+def read_volume_on_grid(path: Path, reference_volume, node):
+    """Read ``path`` into the scalar volume ``node`` (created if None) on the reference's exact grid."""
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    temporary = _read_on_grid(path, reference_volume, slicer.vtkMRMLScalarVolumeNode())
     m = vtk.vtkMatrix4x4()
     reference_volume.GetIJKToRASMatrix(m)
     node.SetIJKToRASMatrix(m)
@@ -310,16 +315,10 @@ def read_volume_on_grid(path: Path, reference_volume, node, labelmap: bool = Fal
 
 
 def array_from_file_on_grid(path: Path, reference_volume) -> np.ndarray:
-    temporary = slicer.vtkMRMLLabelMapVolumeNode()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(temporary):
-        raise JobError(f"could not read the engine's output {path}")
-    if not same_grid(temporary, reference_volume):
-        raise JobError(f"the engine wrote {Path(path).name} on a different grid than {reference_volume.GetName()}")
+    """The label map ``path`` as a numpy array ``[K, J, I]``, checked to lie on the reference's grid."""
     from vtk.util import numpy_support
 
-    image = temporary.GetImageData()
+    image = _read_on_grid(path, reference_volume, slicer.vtkMRMLLabelMapVolumeNode()).GetImageData()
     i, j, k = image.GetDimensions()
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).copy()
 
@@ -360,11 +359,4 @@ def labels_for_classes(segmentation_node, classes: list[dict], reference_volume)
         segment_id = segmentation.GetSegmentIdBySegmentName(str(cls.get("name", "")))
         if segment_id:
             pairs.append((int(cls["value"]), segment_id))
-    if not pairs:
-        return None
-    labels = np.zeros(volume_shape(reference_volume), dtype=np.uint8)
-    for value, segment_id in pairs:
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume)
-        if mask is not None:
-            labels[np.asarray(mask) > 0] = value
-    return labels
+    return _paint(segmentation_node, pairs, reference_volume) if pairs else None

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import jobfolder, modelcard, plots
 from .engine import contract
 from .jobfolder import JobError
-from .process import EngineProcess, engine_command, engine_environment, engine_source_dir, find_python
+from .process import EngineProcess, engine_command, engine_environment, find_python
 
 METHODS = {"MisMatch": "mismatch", "U-Net": "unet-strong"}  # the strong supervised U-Net (Dice + CE, augmentation)
 OUTPUT_ATTRIBUTE = jobfolder.OUTPUT_ATTRIBUTE
@@ -114,17 +114,6 @@ def checkpoint_step(output: Path | None) -> int | None:
         return int(json.loads(state.read_text(encoding="utf-8")).get("step", 0))
     except (ValueError, OSError):
         return None
-
-
-def engine_supports(option: str, engine_dir: Path | None = None) -> bool:
-    """Whether the packaged engine's command line knows ``option`` (read from its source, without starting it)."""
-    engine_dir = engine_dir or engine_source_dir()
-    if engine_dir is None:
-        return False
-    try:
-        return f'"{option}"' in (Path(engine_dir) / "mismatch" / "cli.py").read_text(encoding="utf-8")
-    except OSError:
-        return False
 
 
 def is_alive(node) -> bool:
@@ -233,13 +222,12 @@ class MisMatchLogic:
     ``python``: the engine's interpreter (default: Slicer's PythonSlicer, or this Python outside Slicer)."""
 
     def __init__(self, work_dir: str | Path | None = None, python: str | None = None, runner=EngineProcess,
-                 command=None, stop_file: bool | None = None):
+                 command=None, stop_file: bool = True):
         self.work_dir = Path(work_dir) if work_dir else self.default_work_dir()
         self.python = python
         self.runner = runner
         self.command = command  # None: [python, -u, -m, mismatch]; tests give a stand-in command prefix
-        # ask the engine to stop through a file in the job folder too (where signals cannot reach it); None:
-        # when the packaged engine knows --stop-file
+        # ask the engine to stop through a file in the job folder too (where signals cannot reach it)
         self.stop_file = stop_file
         self.interrupted: Job | None = None  # a cancelled training whose checkpoint is kept (resume_training)
         self.log_lines: list[str] = []
@@ -284,11 +272,6 @@ class MisMatchLogic:
         """A job runs, or a job abandoned at scene close has not stopped yet (keep polling)."""
         return self.job is not None or bool(self._abandoned)
 
-    def _use_stop_file(self) -> bool:
-        if self.stop_file is None:
-            self.stop_file = engine_supports("--stop-file")
-        return bool(self.stop_file)
-
     # -- training ---------------------------------------------------------------------------------------
     def start_training(self, request: TrainingRequest) -> Job:
         if self.job is not None:
@@ -328,7 +311,7 @@ class MisMatchLogic:
             arguments += ["--empty-slices", jobfolder.format_slices(files.empty)]
         if init is not None:
             arguments += ["--init", str(init)]
-            if not request.warm_start and engine_supports("--warm-start"):
+            if not request.warm_start:
                 arguments += ["--no-warm-start"]
         job = Job("train", folder, request, arguments, batch_size=max(1, int(request.batch_size)), output=output)
         self.discard_interrupted()  # a new training starts over
@@ -419,7 +402,7 @@ class MisMatchLogic:
                 arguments.append("--resume")
             elif job.output is not None and job.output.exists():
                 shutil.rmtree(job.output, ignore_errors=True)
-            if self._use_stop_file():
+            if self.stop_file:
                 stop_file = job.folder / "STOP"
                 stop_file.unlink(missing_ok=True)
                 arguments += ["--stop-file", str(stop_file)]

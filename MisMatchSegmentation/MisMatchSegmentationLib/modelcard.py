@@ -12,10 +12,7 @@ from pathlib import Path
 from .engine import contract
 
 
-#: the optimiser's state beside the weights (the engine's ``mismatch.modelfile.OPTIMIZER_NAME``)
-OPTIMIZER_NAME = "optimizer.safetensors"
-#: the painted slices the model was trained from (the engine's ``mismatch.modelfile.PAINTED_NAME``)
-PAINTED_NAME = "painted.safetensors"
+OPTIMIZER_NAME, PAINTED_NAME = contract.OPTIMIZER_NAME, contract.PAINTED_NAME
 
 
 class ModelCardError(ValueError):
