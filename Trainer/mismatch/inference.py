@@ -151,15 +151,11 @@ def _disagreement(per_decoder: list[torch.Tensor], binary: bool) -> torch.Tensor
 
 
 def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray | list[np.ndarray],
-                   axis: str = "k", batch_size: int = 8, device: torch.device | str = "cpu", amp: bool = True,
-                   truth: np.ndarray | None = None, eval_slices: Sequence[int] | None = None,
-                   reporter: Reporter | None = None, n_bins: int = 15,
-                   prior: SlicePrior | None = None, outputs: Collection[str] = OUTPUTS,
-                   stream: Mapping[str, Callable[[int, np.ndarray], None]] | None = None,
-                   max_batch_pixels: int | None = None, scores: bool = True) -> VolumeSegmentation:
-    """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis``. A one-element list holding
-    the volume hands it over: the list is emptied after the networks have run, so that the volume's memory
-    is freed before the connectivity pass of ``prior`` (when the list held the last reference).
+                   **options) -> VolumeSegmentation:
+    """Segment a normalised volume ``[C, K, J, I]`` slice by slice along ``axis`` (the options are
+    :class:`VolumeInference`'s, with its defaults). A one-element list holding the volume hands it over: the
+    list is emptied after the networks have run, so that the volume's memory is freed before the
+    connectivity pass of ``prior`` (when the list held the last reference).
 
     ``prior``: what the user's painted slices of this volume imply (:class:`~mismatch.prior.SlicePrior`):
     the mean prediction is combined with it and the painted slices are kept as painted. The decoders'
@@ -184,9 +180,7 @@ def segment_volume(networks: Sequence[SegmentationNetwork], volume: np.ndarray |
     evaluation; one bit a voxel for the scores after that pass.
     """
     array = volume[0] if isinstance(volume, list) else volume
-    run = VolumeInference(networks, array.shape, axis=axis, batch_size=batch_size, device=device, amp=amp,
-                          truth=truth, eval_slices=eval_slices, reporter=reporter, n_bins=n_bins, prior=prior,
-                          outputs=outputs, stream=stream, max_batch_pixels=max_batch_pixels, scores=scores)
+    run = VolumeInference(networks, array.shape, **options)
     run.segment(array)
     del array
     if isinstance(volume, list):
