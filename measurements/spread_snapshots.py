@@ -32,28 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 
 
-def mirrored_class():
-    import torch
-
-    class Mirrored(torch.nn.Module):
-        """``net`` seeing the slice mirrored along ``dims``, its outputs mirrored back: passed beside ``net`` in
-        the networks :func:`~mismatch.inference.segment_volume` averages, it averages the prediction over the
-        mirrored slices (test-time flips). Shares ``net``'s weights."""
-
-        def __init__(self, net, dims):
-            super().__init__()
-            self.net, self.dims = net, tuple(dims)
-            self.config, self.decoder_names = net.config, net.decoder_names
-
-        def forward(self, x):
-            return [logits.flip(self.dims) for logits in self.net(x.flip(self.dims))]
-
-        def probabilities(self, logits):
-            return self.net.probabilities(logits)
-
-    return Mirrored
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="pyradiomics-breast1")
@@ -88,7 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     from mismatch.pipeline import painted_slice_prior
     from mismatch.train import fit
 
-    Mirrored = mirrored_class()
+    class Mirrored(torch.nn.Module):
+        """``net`` seeing the slice mirrored along ``dims``, its outputs mirrored back: passed beside ``net`` in
+        the networks :func:`~mismatch.inference.segment_volume` averages, it averages the prediction over the
+        mirrored slices (test-time flips). Shares ``net``'s weights."""
+
+        def __init__(self, net, dims):
+            super().__init__()
+            self.net, self.dims = net, tuple(dims)
+            self.config, self.decoder_names = net.config, net.decoder_names
+
+        def forward(self, x):
+            return [logits.flip(self.dims) for logits in self.net(x.flip(self.dims))]
+
+        def probabilities(self, logits):
+            return self.net.probabilities(logits)
 
     config = LoopConfig(datasets=[args.dataset], methods=["mismatch"], device="cpu",
                         **({"batch_size": args.batch_size} if args.batch_size else {}))

@@ -12,9 +12,6 @@ from pathlib import Path
 from .engine import contract
 
 
-OPTIMIZER_NAME, PAINTED_NAME = contract.OPTIMIZER_NAME, contract.PAINTED_NAME
-
-
 class ModelCardError(ValueError):
     """The folder is not a usable MisMatch model; the message says why and what to do."""
 
@@ -56,7 +53,8 @@ def copy_model(source: str | Path, destination: str | Path) -> Path:
         if not (destination / contract.CARD_NAME).is_file():
             raise ModelCardError(f"{destination} is not empty and holds no model: choose an empty folder")
     destination.mkdir(parents=True, exist_ok=True)
-    for name in (contract.CARD_NAME, card["weights"]["file"], OPTIMIZER_NAME, PAINTED_NAME):
-        if name not in (OPTIMIZER_NAME, PAINTED_NAME) or (source / name).is_file():   # earlier models lack them
+    optional = (contract.OPTIMIZER_NAME, contract.PAINTED_NAME)
+    for name in (contract.CARD_NAME, card["weights"]["file"], *optional):
+        if name not in optional or (source / name).is_file():   # earlier models lack them
             shutil.copy2(source / name, destination / name)
     return destination

@@ -161,7 +161,8 @@ def _one_table(runs: list[dict[str, Any]], dataset: str, reference: str, digits:
     n_text = "/".join(str(n) for n in n_runs) or "0"
     lines += ["", f"IoU: foreground IoU on the test slices, mean ± sample standard deviation over {n_text} runs "
                   f"(seeds × cases) per cell; best mean per column in bold. p: two-sided Mann-Whitney U test of "
-                  f"the per-run IoUs (one value per seed and case) of each method against {DISPLAY_NAMES.get(reference, reference)} at the same number of "
+                  f"the per-run IoUs (one value per seed and case) of each method against "
+                  f"{DISPLAY_NAMES.get(reference, reference)} at the same number of "
                   f"labelled slices (with 3 runs against 3 the smallest possible p is 0.1). Params, ms / slice and "
                   f"ECE (all voxels / foreground band, mean ± std) over all runs of the method; {MISSING}: not "
                   f"measured or not applicable."]
