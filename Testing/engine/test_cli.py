@@ -100,6 +100,51 @@ def test_train_segment_evaluate_end_to_end(case, capsys):
     assert before == {p: _digest(case[p]) for p in ("image", "labels")}
 
 
+def _seg_nrrd(array, path, start_ijk, names):
+    """A label map saved as Slicer saves a segmentation: a .seg.nrrd cropped to the segments' box (starting
+    at voxel ``start_ijk`` of the case's grid), its segments named in the header."""
+    axes = np.asarray(OBLIQUE).reshape(3, 3) * np.asarray((0.8, 0.9, 2.5))
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing((0.8, 0.9, 2.5))
+    img.SetOrigin(tuple((np.asarray((-10.0, 20.0, 5.0)) + axes @ np.asarray(start_ijk, float)).tolist()))
+    img.SetDirection(OBLIQUE)
+    for n, (value, name) in enumerate(names.items()):
+        for key, text in (("ID", f"Segment_{n + 1}"), ("Name", name), ("LabelValue", str(value)), ("Layer", "0"),
+                          ("Color", "0.2 0.8 0.4")):
+            img.SetMetaData(f"Segment{n}_{key}", text)
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def test_a_segmentation_saved_by_slicer_trains_segments_and_evaluates_by_its_names(case, capsys):
+    """The labels and the truth as Slicer saves segmentations (.seg.nrrd, cropped to the segments): read on
+    the image's grid, the segment names and colours kept by the model, the result written as a .seg.nrrd
+    with them."""
+    d = case["dir"]
+    box = (slice(None), slice(4, 28), slice(6, 34))               # K, J, I: the case's disc lies inside
+    painted = _seg_nrrd(case["lab"][box], d / "painted.seg.nrrd", (6, 4, 0), {1: "tumour"})
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(case["truth"]))
+    assert truth[box].sum() == truth.sum()
+    truth_seg = _seg_nrrd(truth[box], d / "truth.seg.nrrd", (6, 4, 0), {1: "tumour"})
+    assert main(["train", case["image"], "--labels", painted, "--out", str(d / "model"), *TINY]) == 0
+    assert "placed on the image's grid" in capsys.readouterr().err
+    card = json.loads((d / "model" / "model.json").read_text())
+    assert card["classes"] == [{"value": 1, "name": "tumour", "color": [0.2, 0.8, 0.4]}]
+    assert card["summary"]["labelled_slices"] == [2, 6]
+    assert main(["segment", case["image"], "--model", str(d / "model"), "--labels", painted,
+                 "--out", str(d / "result.seg.nrrd"), "--device", "cpu"]) == 0
+    from mismatch.io import segment_names
+
+    assert segment_names(d / "result.seg.nrrd") == {1: {"name": "tumour", "color": [0.2, 0.8, 0.4]}}
+    result = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "result.seg.nrrd")))
+    np.testing.assert_array_equal(result[[2, 6]], case["lab"][[2, 6]])   # the painted slices as painted
+    capsys.readouterr()
+    assert main(["evaluate", "--prediction", str(d / "result.seg.nrrd"), "--truth", truth_seg]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--prediction", str(d / "result.seg.nrrd"), "--truth", case["truth"]]) == 0
+    assert json.loads(capsys.readouterr().out)["iou"] == direct["iou"]
+
+
 def test_a_ct_in_hounsfield_units_is_windowed_by_default_and_an_mri_is_not(case):
     """--hu-window auto (the default, what the panel gets): the disc case's CT values (air at -800 HU) are
     clipped to the CT window the benchmark measures; the same image moved above zero (an MRI's range) is

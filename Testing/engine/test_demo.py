@@ -24,3 +24,6 @@ def test_demo_writes_every_output_and_compares_with_what_a_user_has_for_free(tmp
     assert card["prior"] and card["geometry"]
     assert "shape-based interpolation" in (tmp_path / "report.md").read_text()
     assert results["steps"] == 3
+    from mismatch.io import segment_names
+
+    assert [c["name"] for c in segment_names(tmp_path / "mismatch.seg.nrrd").values()] == ["lungs"]

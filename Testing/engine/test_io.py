@@ -257,11 +257,40 @@ def test_error_channels_on_different_grids(tmp_path, oblique_geometry):
 def test_error_labels_on_different_grid(tmp_path, oblique_geometry):
     g = oblique_geometry
     img = write_sitk(np.zeros(g.shape, np.int16), tmp_path / "img.nrrd", g)
-    small = Geometry((7, 6, 4), g.spacing, g.origin, g.direction)
+    small = Geometry((7, 6, 4), (0.7, 0.9, 3.0), g.origin, g.direction)   # another slice spacing
     lab = write_sitk(np.zeros(small.shape, np.uint8), tmp_path / "lab.nrrd", small)
     _, g_img = read_image([img])
     message = _expect_error([img, lab], lambda: read_labels(lab, g_img), "different grid", "resample", "reference")
     assert "7x6x4" in message and "7x6x5" in message
+
+
+def _block(g: Geometry, start_ijk, size) -> Geometry:
+    """The block of grid ``g`` whose first voxel is ``start_ijk``: a file cropped to its content."""
+    axes = np.asarray(g.direction).reshape(3, 3) * np.asarray(g.spacing)
+    origin = np.asarray(g.origin) + axes @ np.asarray(start_ijk, float)
+    return Geometry(tuple(size), g.spacing, tuple(origin.tolist()), g.direction)
+
+
+def test_labels_on_a_block_of_the_oblique_grid_are_placed_as_they_lie(tmp_path, oblique_geometry):
+    g = oblique_geometry
+    block = _block(g, (2, 1, 3), (4, 3, 2))
+    painted = np.arange(1, 25, dtype=np.uint8).reshape(block.shape)
+    lab = write_sitk(painted, tmp_path / "cropped.nrrd", block)
+    told = []
+    placed = read_labels(lab, g, log=told.append)
+    expected = np.zeros(g.shape, np.uint8)
+    expected[3:5, 1:4, 2:6] = painted
+    np.testing.assert_array_equal(placed, expected)
+    assert "4x3x2-voxel block" in told[0] and "2, 1, 3" in told[0]
+    # a block reaching past the image: the part outside must be background, or it is refused (never dropped)
+    past = _block(g, (5, -1, 4), (4, 3, 2))
+    beyond = np.zeros(past.shape, np.uint8)
+    beyond[0, 1, 0] = 1                       # voxel (5, 0, 4): inside
+    lab = write_sitk(beyond, tmp_path / "past.nrrd", past)
+    assert np.argwhere(read_labels(lab, g)).tolist() == [[4, 0, 5]]
+    beyond[1, 2, 3] = 1                       # voxel (8, 1, 5): i and k outside
+    lab = write_sitk(beyond, tmp_path / "past.nrrd", past)
+    _expect_error([lab], lambda: read_labels(lab, g), "1 labelled voxel", "outside the image")
 
 
 def test_error_labels_non_integer(tmp_path, oblique_geometry):
@@ -300,3 +329,12 @@ def test_check_outputs_not_inputs(tmp_path):
     os.link(inp, hard)
     with pytest.raises(UserError, match="also an input"):
         check_outputs_not_inputs([hard], [inp])
+
+
+def test_a_segmentation_of_overlapping_segments_is_one_clear_error(tmp_path):
+    slicerio = pytest.importorskip("slicerio")
+    overlapping = Path(slicerio.__file__).parent / "data" / "SegmentationOverlapping.seg.nrrd"
+    image = sitk.ReadImage(str(overlapping))
+    assert image.GetNumberOfComponentsPerPixel() == 2
+    _expect_error([overlapping], lambda: read_labels(overlapping, Geometry.from_sitk(image)),
+                  "2 layers", "overlap", "label map")

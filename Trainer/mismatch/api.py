@@ -220,7 +220,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         window = Normalisation.from_dict(init_card.get("normalisation") or {}).hu_window \
             if init_card is not None else auto_window(image)
         config = dataclasses.replace(config, hu_window=window)
-    labels = read_labels(labels_path, geometry)
+    labels = read_labels(labels_path, geometry, log=reporter.log)
     if config.axis == "auto":   # mismatch train's default: the axis the labels were painted along
         from .data import painted_axis
 
@@ -248,8 +248,13 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         classes = load_classes_file(classes_path)
     elif init_card is not None:
         classes = init_card["classes"]
-    else:
+    else:   # a Slicer .seg.nrrd names its segments: the names and colours travel with the model
+        from .io import segment_names
+
         classes = default_classes([int(v) for v in label_values(labels) if v != 0])
+        named = segment_names(labels_path)
+        for c in classes:
+            c.update(named.get(c["value"], {}))
     if not classes:
         raise UserError(f"{labels_path}: the label map is empty (all zero); paint the structure on a few "
                         "slices first, or list all-background labelled slices with --labelled-slices")
@@ -355,8 +360,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     card, networks = load_model(model_dir, device=dev)
     reporter.start("load", total=None)
     image, geometry = read_image(images)
-    truth_arr = read_labels(truth, geometry) if truth else None
-    painted_map = read_labels(labels, geometry) if labels else None
+    truth_arr = read_labels(truth, geometry, log=reporter.log) if truth else None
+    painted_map = read_labels(labels, geometry, log=reporter.log) if labels else None
     _check_channels(card, image)
     if painted_map is None and stored_labels:
         painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
@@ -382,7 +387,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                              outputs=("labels",), stream=streamed, scores=bool(report))
         del mapped, prior
         lut = class_values_lut(card["classes"])
-        write_volume(lut[seg.labels], geometry, out)
+        write_volume(lut[seg.labels], geometry, out, segments=card["classes"])
         seg.labels = None
         for name, path in (("confidence", confidence), ("disagreement", disagreement)):
             if path:
@@ -449,7 +454,7 @@ def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None
     The prediction and the truth must be integer label maps on one grid, the confidence a volume of
     probabilities on that grid: anything else is a :class:`UserError` (an intensity image given by mistake
     would score an IoU of 0 or a meaningless calibration)."""
-    from .io import atomic_output, read_label_volume, read_volume
+    from .io import atomic_output, place_on_grid, read_label_volume, read_volume
     from .metrics import evaluate_confidence, evaluate_arrays
     from .data import axis_index
 
@@ -457,9 +462,8 @@ def evaluate_files(prediction: str, truth: str, *, confidence: str | None = None
         raise UserError("--diagram needs --confidence (the confidence volume from 'mismatch segment')")
     pred, g_pred = read_label_volume(prediction)
     true, g_true = read_label_volume(truth)
-    if not g_pred.same_grid(g_true):
-        raise UserError(f"{prediction} ({g_pred.describe()}) and {truth} ({g_true.describe()}) are not on the "
-                        "same grid; resample one onto the other first")
+    if not g_pred.same_grid(g_true):   # a truth cropped to its segments (a .seg.nrrd) is placed as it lies
+        true = place_on_grid(true, g_true, g_pred, truth, "the prediction")
     ax = axis_index(axis)
     if confidence:
         conf, g_conf = read_volume(confidence)

@@ -91,8 +91,7 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
         write_volume(seg.confidence, geometry, out / f"{method}-confidence.nrrd")
         if method == "mismatch":
             write_volume(seg.disagreement, geometry, out / "mismatch-disagreement.nrrd")
-            with atomic_output(out / "mismatch.seg.nrrd") as tmp:
-                _write_seg_nrrd(seg.labels, geometry, tmp, classes)
+            write_volume(seg.labels, geometry, out / "mismatch.seg.nrrd", segments=classes)
         ev = seg.evaluation
         results["models"][method] = {
             "train_seconds": round(train_s, 1), "segment_seconds": round(seg.seconds, 2),
@@ -125,24 +124,6 @@ def run_demo(out_dir: str = "demo-output", steps: int | None = None, width: int 
     say(f"wrote {out}/: mismatch.seg.nrrd (load in Slicer), *-segmentation.nrrd, *-confidence.nrrd, "
         f"reliability.png, report.md, results.json, model-mismatch/, model-unet-strong/")
     return results
-
-
-def _write_seg_nrrd(labels: np.ndarray, geometry, path: Path, classes: list[dict]) -> None:
-    """A Slicer .seg.nrrd with named, coloured segments (needs slicerio, which the demo has anyway)."""
-    import slicerio
-
-    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.asarray(geometry.spacing, dtype=float)[None, :]
-    ijk_to_lps[:3, 3] = geometry.origin
-    segmentation = {
-        "voxels": np.ascontiguousarray(np.transpose(labels, (2, 1, 0))),  # [I, J, K] as slicerio expects
-        "ijkToLPS": ijk_to_lps,
-        "encoding": "raw",
-        "segments": [{"id": f"Segment_{c['value']}", "labelValue": int(c["value"]), "layer": 0,
-                      "name": c["name"], "color": c["color"]} for c in classes],
-    }
-    slicerio.write_segmentation(str(path), segmentation)
 
 
 def _report(results: dict, grid: str) -> str:

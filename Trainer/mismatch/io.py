@@ -156,7 +156,7 @@ def _read_sitk(path) -> sitk.Image:
                         "and really is that format") from None
 
 
-def _check_3d(image: sitk.Image, path) -> None:
+def _check_3d(image: sitk.Image, path, labels: bool = False) -> None:
     dim = image.GetDimension()
     if dim == 2:
         raise UserError(f"{path}: is a 2D image; MisMatch needs a 3D volume (a stack of slices); "
@@ -165,6 +165,10 @@ def _check_3d(image: sitk.Image, path) -> None:
         raise UserError(f"{path}: is a {dim}D image; split the channels (or time points) into one 3D file "
                         "each and pass them as several IMAGEs")
     ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp != 1 and labels:
+        raise UserError(f"{path}: holds {ncomp} layers of labels (a segmentation whose segments overlap); a label "
+                        "map has one label per voxel: in Slicer, make the segments not overlap (Segment Editor, "
+                        "masking: overwrite all segments) and save again, or export them to a label map")
     if ncomp != 1:
         raise UserError(f"{path}: has {ncomp} components per voxel (a vector or RGB image); split the "
                         "channels into one 3D file each and pass them as several IMAGEs")
@@ -268,26 +272,120 @@ def _smallest_label_dtype(lo: int, hi: int):
     return np.int16 if lo >= -32768 and hi <= 32767 else np.int32
 
 
-def read_labels(path, geometry: Geometry) -> np.ndarray:
+def read_labels(path, geometry: Geometry, log: Callable[[str], None] | None = None) -> np.ndarray:
     """An integer label map ``[K, J, I]`` (uint8, uint16 or int32; values >= 0) on exactly ``geometry``.
 
-    A different grid, non-integer values (e.g. a float probability map) or negative values are a
-    :class:`UserError`. Float files holding whole numbers are accepted and converted.
+    A label map on a block of the image's grid (the same spacing and axes, shifted by whole voxels: a Slicer
+    ``.seg.nrrd``, which is saved cropped to its segments) is placed on the image's grid as it lies
+    (:func:`place_on_grid`; ``log`` is told). Any other grid, labelled voxels outside the image, non-integer
+    values (e.g. a float probability map) or negative values are a :class:`UserError`. Float files holding
+    whole numbers are accepted and converted.
     """
-    array, geo = read_volume(path)
+    array, geo = read_label_volume(path)
     if not geo.same_grid(geometry):
-        raise UserError(f"{path}: the label map is on a different grid than the image: "
-                        + _grid_mismatch("the label map", geo, "the image", geometry)
-                        + "; resample the label map onto the image (in Slicer: export the segmentation to a "
-                        "label map with the image as reference volume)")
-    return check_label_array(array, path)
+        array = place_on_grid(array, geo, geometry, path, "the image", log)
+    return array
 
 
 def read_label_volume(path) -> tuple[np.ndarray, Geometry]:
     """A label map and its own grid (what ``mismatch evaluate`` compares); the value checks of
     :func:`read_labels`."""
-    array, geo = read_volume(path)
-    return check_label_array(array, path), geo
+    image = _read_sitk(path)
+    _check_3d(image, path, labels=True)
+    return check_label_array(sitk.GetArrayFromImage(image), path), Geometry.from_sitk(image)
+
+
+def grid_offset(block: Geometry, grid: Geometry, tolerance: float = 1e-3) -> tuple[int, int, int] | None:
+    """Where ``block``'s voxel (0, 0, 0) lies on ``grid``, as whole voxel indices ``(i, j, k)``, when ``block``
+    is a block of ``grid``: the same spacing and axis directions, its origin on one of ``grid``'s voxel centres
+    (within ``tolerance`` of a voxel). None otherwise (a grid that would need resampling)."""
+    if {"spacing", "direction"} & set(block.differences(grid)):
+        return None
+    axes = np.asarray(grid.direction, float).reshape(3, 3) * np.asarray(grid.spacing, float)[None, :]
+    index = np.linalg.solve(axes, np.asarray(block.origin, float) - np.asarray(grid.origin, float))
+    whole = np.round(index)
+    if np.abs(index - whole).max() > tolerance:
+        return None
+    return tuple(int(v) for v in whole)
+
+
+def place_on_grid(array: np.ndarray, block: Geometry, grid: Geometry, path, grid_name: str,
+                  log: Callable[[str], None] | None = None) -> np.ndarray:
+    """The label map ``array`` (on ``block``) placed on ``grid``, background elsewhere, when ``block`` is a block
+    of ``grid`` (:func:`grid_offset`): nothing is resampled, every voxel keeps its label. A grid that is not
+    such a block, or labelled voxels that would fall outside ``grid``, are a :class:`UserError` (a label is
+    never dropped)."""
+    offset = grid_offset(block, grid)
+    if offset is None:
+        raise UserError(f"{path}: the label map is on a different grid than {grid_name}: "
+                        + _grid_mismatch("the label map", block, grid_name, grid)
+                        + f"; resample the label map onto {grid_name} (in Slicer: export the segmentation to a "
+                        "label map with the image as reference volume)")
+    lo = np.asarray(offset[::-1])                      # numpy order (k, j, i)
+    src_lo = np.clip(-lo, 0, array.shape)
+    src_hi = np.clip(np.asarray(grid.shape) - lo, 0, array.shape)
+    src_hi = np.maximum(src_hi, src_lo)
+    inside = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    outside = int(np.count_nonzero(array)) - int(np.count_nonzero(array[inside]))
+    if outside:
+        raise UserError(f"{path}: {outside} labelled voxel(s) of the label map lie outside {grid_name} "
+                        f"({block.describe()} against {grid.describe()}); is it the label map of this image?")
+    out = np.zeros(grid.shape, dtype=array.dtype)
+    out[tuple(slice(a + o, b + o) for a, b, o in zip(src_lo, src_hi, lo))] = array[inside]
+    if log is not None:
+        size = "x".join(str(s) for s in block.size)
+        log(f"{path}: the label map covers a {size}-voxel block of {grid_name}'s grid (from voxel i, j, k = "
+            f"{', '.join(str(v) for v in offset)}; a .seg.nrrd is saved cropped to its segments): placed on "
+            f"{grid_name}'s grid as it lies, nothing resampled")
+    return out
+
+
+def segment_names(path) -> dict[int, dict]:
+    """``{label value: {"name", "color"}}`` of the segments a Slicer ``.seg.nrrd`` names in its header (one
+    layer of labels); empty for any other file, or a header without them."""
+    if not str(path).lower().endswith(".seg.nrrd"):
+        return {}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    fields: dict[str, dict[str, str]] = {}
+    for key in reader.GetMetaDataKeys():
+        match = re.fullmatch(r"Segment(\d+)_(\w+)", key)
+        if match:
+            fields.setdefault(match.group(1), {})[match.group(2)] = reader.GetMetaData(key)
+    out = {}
+    for entry in fields.values():
+        try:
+            value = int(entry["LabelValue"])
+            if int(entry.get("Layer", "0")) != 0 or value < 1:
+                continue
+            named = {"name": entry["Name"].strip() or f"class_{value}"}
+            color = [float(c) for c in entry.get("Color", "").split()]
+        except (KeyError, ValueError):
+            continue
+        if len(color) == 3 and all(0.0 <= c <= 1.0 for c in color):
+            named["color"] = color
+        out[value] = named
+    return out
+
+
+def _segmentation_header(image: sitk.Image, segments: list[dict]) -> None:
+    """The header fields that make a label map a Slicer segmentation: one layer, a segment per class with
+    its label value, name and colour (what Slicer's own ``.seg.nrrd`` files hold)."""
+    extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    for n, segment in enumerate(segments):
+        color = segment.get("color") or [0.5, 0.5, 0.5]
+        for key, value in (("ID", f"Segment_{int(segment['value'])}"), ("Name", str(segment["name"])),
+                           ("NameAutoGenerated", "0"), ("Color", " ".join(f"{float(c):.6g}" for c in color[:3])),
+                           ("ColorAutoGenerated", "0"), ("LabelValue", str(int(segment["value"]))),
+                           ("Layer", "0"), ("Extent", extent), ("Tags", "Segmentation.Status:inprogress|")):
+            image.SetMetaData(f"Segment{n}_{key}", value)
 
 
 def check_label_array(array: np.ndarray, path) -> np.ndarray:
@@ -327,8 +425,12 @@ def _output_array(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot write an array of dtype {array.dtype}")
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool = False) -> None:
+def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool = False,
+                 segments: list[dict] | None = None) -> None:
     """Write ``array [K, J, I]`` on exactly ``geometry``, the format chosen by the extension of ``path``.
+
+    ``segments`` (classes: ``{"value", "name", "color"}``): a label map written to a ``.seg.nrrd`` becomes a
+    Slicer segmentation with those named, coloured segments (read back by Slicer and by :func:`segment_names`).
 
     Integer arrays (label maps) are written as uint8 if their values fit, else uint16, else int32 (int16 /
     int32 if negative); floats as float32. The parent folder is created. Single-file formats are written to
@@ -344,6 +446,8 @@ def write_volume(array: np.ndarray, geometry: Geometry, path, *, compress: bool 
                          f"expected [K, J, I] = {geometry.shape}")
     image = sitk.GetImageFromArray(_output_array(array))
     geometry.apply_to(image)
+    if segments is not None and str(path).lower().endswith(".seg.nrrd"):
+        _segmentation_header(image, segments)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if _extension(target) in (".mhd", ".nhdr"):
