@@ -38,22 +38,6 @@ from mismatch.prior import PriorSettings  # noqa: E402
 FREE_TOOLS = tuple(FREE) + tuple(CLASSICAL)
 
 
-def prior_labels(prior, shape, axis: int) -> np.ndarray:
-    """Class indices ``[K, J, I]``: painted slices as painted, every other slice the prior's most likely class
-    (background where every class's log-odds is below 0), then the parts not connected to a painted voxel
-    removed."""
-    out = np.zeros(shape, dtype=np.uint8)
-    for s in range(shape[axis]):
-        index = [slice(None)] * 3
-        index[axis] = s
-        if prior.is_labelled(s):
-            out[tuple(index)] = prior.labels(s)
-            continue
-        odds = prior.log_odds(s)
-        out[tuple(index)] = np.where(odds.max(0) > 0, odds.argmax(0) + 1, 0)
-    return prior.keep_connected(out)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, help="a benchmark folder's runs.json")
@@ -79,7 +63,7 @@ def main(argv=None) -> int:
         volume = Normalisation(hu_window=case.window).apply(case.image)
         prior = painted_slice_prior(sparse, labelled, AXIS_NAMES[case.axis], case.spacing, len(case.classes) + 1,
                                     PriorSettings().to_dict(), volume)
-        labels = prior_labels(prior, case.label.shape, case.axis)
+        labels = prior.label_map(case.label.shape)
         seconds = time.monotonic() - t0
         iou = evaluate_arrays(labels, case.label, slices=test, axis=case.axis, classes=list(case.classes))["iou"]
         free = {r["method"]: r["iou"] for r in mine if r["method"] in FREE_TOOLS

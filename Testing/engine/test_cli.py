@@ -100,6 +100,27 @@ def test_train_segment_evaluate_end_to_end(case, capsys):
     assert before == {p: _digest(case[p]) for p in ("image", "labels")}
 
 
+def test_fill_labels_the_unpainted_slices_from_the_painted_ones_without_a_network(case, capsys):
+    """`mismatch fill`: the painted slices as painted, the others from them and the image, in one run with no
+    model; the input files untouched; a label map with nothing painted is one clear error."""
+    d = case["dir"]
+    before = {p: _digest(case[p]) for p in ("image", "labels")}
+    assert main(["fill", case["image"], "--labels", case["labels"], "--out", str(d / "filled.nrrd"),
+                 "--events", str(d / "fill.jsonl")]) == 0
+    end = _events(d / "fill.jsonl")[-1]
+    assert end["event"] == "end" and end["status"] == "completed" and end["labelled_slices"] == [2, 6]
+    filled = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "filled.nrrd")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(case["truth"])).astype(bool)
+    np.testing.assert_array_equal(filled[[2, 6]], case["lab"][[2, 6]])
+    between = filled[3:6].astype(bool), truth[3:6]   # the growing disc between the painted slices
+    assert (between[0] & between[1]).sum() / (between[0] | between[1]).sum() > 0.9
+    assert before == {p: _digest(case[p]) for p in ("image", "labels")}
+    empty = _write(np.zeros_like(case["lab"]), d / "empty.nrrd")
+    capsys.readouterr()
+    assert main(["fill", case["image"], "--labels", empty, "--out", str(d / "f2.nrrd")]) == 2
+    assert "empty" in capsys.readouterr().err and not (d / "f2.nrrd").exists()
+
+
 def _seg_nrrd(array, path, start_ijk, names):
     """A label map saved as Slicer saves a segmentation: a .seg.nrrd cropped to the segments' box (starting
     at voxel ``start_ijk`` of the case's grid), its segments named in the header."""
@@ -143,6 +164,8 @@ def test_a_segmentation_saved_by_slicer_trains_segments_and_evaluates_by_its_nam
     direct = json.loads(capsys.readouterr().out)
     assert main(["evaluate", "--prediction", str(d / "result.seg.nrrd"), "--truth", case["truth"]]) == 0
     assert json.loads(capsys.readouterr().out)["iou"] == direct["iou"]
+    assert main(["fill", case["image"], "--labels", painted, "--out", str(d / "filled.seg.nrrd")]) == 0
+    assert segment_names(d / "filled.seg.nrrd") == {1: {"name": "tumour", "color": [0.2, 0.8, 0.4]}}
 
 
 def test_a_ct_in_hounsfield_units_is_windowed_by_default_and_an_mri_is_not(case):

@@ -423,6 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the memory)")
     _common_device(s)
 
+    f = sub.add_parser("fill", help="fill the unpainted slices from the painted ones, in seconds, no network",
+                       description="What the painted slices say on their own, before any training: every unpainted "
+                                   "slice labelled from the painted shapes around it, grown along the image's "
+                                   "edges and checked against the painted intensities (the prior 'segment "
+                                   "--labels' combines with the network), the painted slices as painted. Seconds "
+                                   "on a CPU; 'mismatch train' then 'segment' do better on tumours and thin "
+                                   "structures (docs/benchmarks.md, \"Before any training\").")
+    f.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s): one per channel (the first one's "
+                                                              "edges and intensities are followed)")
+    f.add_argument("--labels", required=True, metavar="LABELS",
+                   help="the painted label map (0 = background / unpainted; a .seg.nrrd saved by Slicer is fine)")
+    f.add_argument("--out", required=True, metavar="LABELMAP",
+                   help="label map to write (input grid; *.seg.nrrd: a Slicer segmentation with named segments)")
+    f.add_argument("--labelled-slices", type=_slices, metavar="LIST",
+                   help="slices that count as painted even if all background, e.g. 3,7,10-12")
+    f.add_argument("--empty-slices", type=_slices, metavar="LIST",
+                   help="slices you checked and found without the structure")
+    f.add_argument("--axis", choices=["auto", "k", "j", "i"], default="auto",
+                   help="slice axis (default auto: the axis the labels were painted along)")
+    f.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
+                   help="as for train (default auto: a CT in Hounsfield units is clipped to -1000,400)")
+    f.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
+    f.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
+    _threads_option(f)
+
     e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth",
                        description="Foreground IoU and Dice of a label map against a reference on the same grid, "
                                    "and with --confidence the calibration (ECE, MCE; all voxels and the "
@@ -695,6 +720,19 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_fill(args) -> int:
+    from .fill import fill_files
+
+    reporter = _reporter(args)
+    summary = fill_files(args.images, args.labels, args.out, axis=args.axis, hu_window=args.hu_window,
+                         explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                         classes_path=args.classes, reporter=reporter)
+    reporter.end("completed", f"filled label map written to {args.out}", **summary)
+    if args.events != "-":
+        print(f"filled label map written to {args.out} ({summary['seconds']:.1f} s)")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .api import evaluate_files
 
@@ -772,7 +810,7 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "fill": cmd_fill, "evaluate": cmd_evaluate, "demo": cmd_demo,
             "benchmark": cmd_benchmark, "simulate": cmd_simulate}
 
 

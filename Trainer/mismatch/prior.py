@@ -337,6 +337,21 @@ class SlicePrior:
         """``{side: slice}`` for each side whose end :meth:`extend_end` moved past the outermost painted slice."""
         return {side: end for side, end in self.ends.items() if end != self.outermost(side)}
 
+    def label_map(self, shape: Sequence[int]) -> np.ndarray:
+        """What the painted slices say on their own, with no network: class indices ``[K, J, I]``
+        (``shape``), the painted slices as painted, every other slice the class whose log-odds
+        (:meth:`log_odds`) is highest where it is above 0, background elsewhere; then, with
+        ``settings.connected``, only the parts connected to a painted voxel (:meth:`keep_connected`)."""
+        out = np.zeros(tuple(shape), dtype=np.uint8 if self.n_fg < 255 else np.int32)
+        moved = np.moveaxis(out, self.axis, 0)   # a view: writing a slice of it writes ``out``
+        for s in range(moved.shape[0]):
+            if self.is_labelled(s):
+                moved[s] = self.labels(s)
+            else:
+                odds = self.log_odds(s)
+                moved[s] = np.where(odds.max(0) > 0, odds.argmax(0) + 1, 0)
+        return self.keep_connected(out) if self.settings.connected else out
+
     def keep_connected(self, labels: np.ndarray) -> np.ndarray:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
         return keep_connected(labels, self.sparse, self.lab, self.axis)

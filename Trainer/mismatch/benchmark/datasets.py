@@ -435,7 +435,7 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_:
     """A volume of one's own with a label on every slice of the structure (``--files IMAGE LABELS``): the image
     as ``mismatch train`` reads it (a CT in Hounsfield units gets the CT window, as ``--hu-window auto``
     gives it), the label map on its grid, each label value a class. Slices along k."""
-    from ..api import remap_labels
+    from ..classes import remap_labels
     from ..data import auto_window, label_values
     from ..io import read_image, read_labels
 

@@ -216,7 +216,7 @@ def _per_slice_iou(pred: np.ndarray, truth: np.ndarray, slices: Sequence[int], a
 
 def case_classes(case) -> list[dict]:
     """The classes of a benchmark case as a model card lists them (value and name; palette colours)."""
-    from ..api import default_classes
+    from ..classes import default_classes
 
     classes = default_classes(list(case.classes))
     for c in classes:
