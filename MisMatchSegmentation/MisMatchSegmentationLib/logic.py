@@ -18,6 +18,7 @@ own is filled only with ``SegmentRequest.confirm_overwrite`` (the panel asks fir
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -85,7 +86,7 @@ class OverwriteNeedsConfirmation(JobError):
 
 @dataclass
 class Job:
-    kind: str                # "train" or "segment"
+    kind: str                # "train", "fill" or "segment"
     folder: Path
     request: object
     arguments: list
@@ -109,8 +110,6 @@ def checkpoint_step(output: Path | None) -> int | None:
     if not state.is_file():
         return None
     try:
-        import json
-
         return int(json.loads(state.read_text(encoding="utf-8")).get("step", 0))
     except (ValueError, OSError):
         return None
@@ -320,6 +319,64 @@ class MisMatchLogic:
         self._start(job)
         return job
 
+    # -- fill: the painted slices alone, before any training ----------------------------------------------
+    def start_filling(self, request: TrainingRequest, output_segmentation=None, confirm_overwrite: bool = False) -> Job:
+        """Fill the unpainted slices from the painted ones with the engine's ``fill`` (the prior alone: the
+        painted shapes, the image's edges, the painted intensities; no network, seconds) into
+        ``output_segmentation`` (None: a new segmentation node), under the same rules as Segment's outputs."""
+        if self.job is not None:
+            raise JobError("a job is already running: wait for it or cancel it")
+        self._drain_abandoned()
+        outputs = SegmentRequest(volumes=list(request.volumes), model=None, segmentation=request.segmentation,
+                                 output_segmentation=output_segmentation, confirm_overwrite=confirm_overwrite)
+        check_outputs(outputs)  # before anything else: never a step towards overwriting the user's data
+        if not request.volumes or request.volumes[0] is None:
+            raise JobError("choose the input volume")
+        if request.segmentation is None:
+            raise JobError("choose the segmentation with your labels")
+        segment_ids = list(request.segment_ids) or [
+            request.segmentation.GetSegmentation().GetNthSegmentID(n)
+            for n in range(request.segmentation.GetSegmentation().GetNumberOfSegments())]
+        axis = jobfolder.axis_for_orientation(request.volumes[0], request.orientation)
+        folder = self._new_folder("fill")
+        try:
+            files = jobfolder.write_training_inputs(folder, request.volumes, request.segmentation, segment_ids,
+                                                    axis, request.held_out, request.empty_slices)
+            classes = json.loads(files.classes.read_text(encoding="utf-8"))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        arguments = ["fill", *map(str, files.images), "--labels", str(files.labels),
+                     "--out", str(folder / "segmentation.nrrd"), "--classes", str(files.classes), "--axis", axis,
+                     "--labelled-slices", jobfolder.format_slices(files.labelled), "--events", "-"]
+        if files.empty:
+            arguments += ["--empty-slices", jobfolder.format_slices(files.empty)]
+        job = Job("fill", folder, outputs, arguments, card={"classes": classes, "painted": list(files.labelled)})
+        self._start(job)
+        return job
+
+    def _fill_done(self, job: Job, finished: dict) -> str:
+        request: SegmentRequest = job.request
+        reference = request.volumes[0]
+        if not is_alive(reference):
+            raise JobError("the input volume was removed from the scene while filling: nothing was imported")
+        if request.output_segmentation is not None and not is_alive(request.output_segmentation):
+            request.output_segmentation = None
+        check_outputs(request)
+        name = reference.GetName()
+        seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, job.card["classes"],
+                                            request.output_segmentation, name=f"{name} MisMatch segmentation")
+        seg.SetAttribute(OUTPUT_ATTRIBUTE, "segmentation")
+        self.report, self._visited = None, []   # a ranking of an earlier model's segmentation no longer applies
+        self.results = {"segmentation": seg}
+        painted = job.card["painted"]
+        text = f"Filled {name} from {len(painted)} painted slice(s)"
+        elapsed = (finished.get("end") or {}).get("elapsed")
+        if elapsed is not None:
+            text += f" in {format_duration(elapsed)}"
+        return text + (" (no network: the painted shapes, the image's edges and intensities). Train, then Segment, "
+                       "for a model's segmentation: better on tumours and thin structures.")
+
     # -- segmentation -----------------------------------------------------------------------------------
     def start_segmenting(self, request: SegmentRequest) -> Job:
         if self.job is not None:
@@ -416,7 +473,7 @@ class MisMatchLogic:
         job.process = self.runner(self._command(arguments), env=engine_environment(), cwd=str(job.folder),
                                   stop_file=stop_file, log_file=job.log)
         self.job, self.fraction = job, 0.0
-        self.status = ("Training" if job.kind == "train" else "Segmenting") + ": starting the engine..."
+        self.status = {"train": "Training", "fill": "Filling"}.get(job.kind, "Segmenting") + ": starting the engine..."
         job.process.start()
 
     def cancel(self) -> None:
@@ -534,7 +591,8 @@ class MisMatchLogic:
         keep_checkpoint = False
         try:
             if status == "completed":
-                message = self._train_done(job, finished) if job.kind == "train" else self._segment_done(job, finished)
+                done = {"train": self._train_done, "fill": self._fill_done, "segment": self._segment_done}
+                message = done[job.kind](job, finished)
             elif status == "cancelled":
                 step = checkpoint_step(job.output) if job.kind == "train" else None
                 if step is not None:
@@ -597,8 +655,6 @@ class MisMatchLogic:
         return text + ". Press Segment."
 
     def _segment_done(self, job: Job, finished: dict) -> str:
-        import json
-
         request: SegmentRequest = job.request
         reference = request.volumes[0]
         if not is_alive(reference):

@@ -5,10 +5,12 @@ States::
 
     no-input ──volume chosen──▶ ready ──Train──▶ training ──finished──▶ completed | failed
                                   │                 │ Cancel
-                                  └──Segment──▶ segmenting ──Cancel──▶ cancelling ──finished──▶ ready
+                                  ├──Segment──▶ segmenting ──Cancel──▶ cancelling ──finished──▶ ready
+                                  └──Fill──▶ filling (the same, seconds)
 
 ``completed`` and ``failed`` behave like ``ready`` (everything that is possible is enabled again); they only
-keep the last outcome in the status line. Train and Segment turn into Cancel while their job runs. A training
+keep the last outcome in the status line. Train, Fill and Segment turn into Cancel while their job runs. Fill
+needs what Train needs (painted labels) and writes where Segment writes (the output segmentation). A training
 cancelled after its checkpoint was written can be resumed (``set_checkpoint``); the scene closing while a job
 runs puts the panel back to idle at once (``abort``), whatever the engine is still doing.
 """
@@ -24,12 +26,13 @@ class State(str, enum.Enum):
     READY = "ready"
     TRAINING = "training"
     SEGMENTING = "segmenting"
+    FILLING = "filling"
     CANCELLING = "cancelling"
     FAILED = "failed"
     COMPLETED = "completed"
 
 
-RUNNING = (State.TRAINING, State.SEGMENTING, State.CANCELLING)
+RUNNING = (State.TRAINING, State.SEGMENTING, State.FILLING, State.CANCELLING)
 IDLE = (State.READY, State.FAILED, State.COMPLETED)
 
 
@@ -42,11 +45,12 @@ class Button:
 
 @dataclass(frozen=True)
 class PanelView:
-    """What the widget shows: the two main buttons, the other actions, and the status line."""
+    """What the widget shows: the three main buttons, the other actions, and the status line."""
 
     state: State
     train: Button
     segment: Button
+    fill: Button
     next_uncertain: bool
     resume: bool
     save_model: bool
@@ -131,8 +135,14 @@ class PanelStateMachine:
         self.state, self.status, self.notice = State.SEGMENTING, "Segmenting: starting the engine...", ""
         self._changed()
 
+    def start_filling(self) -> None:
+        if not self.view().fill.enabled or self.state in RUNNING:
+            raise TransitionError(f"cannot fill in state {self.state.value}: {self._fill_reason()}")
+        self.state, self.status, self.notice = State.FILLING, "Filling: starting the engine...", ""
+        self._changed()
+
     def request_cancel(self) -> None:
-        if self.state not in (State.TRAINING, State.SEGMENTING):
+        if self.state not in (State.TRAINING, State.SEGMENTING, State.FILLING):
             raise TransitionError(f"nothing to cancel in state {self.state.value}")
         self.state, self.status = State.CANCELLING, "Cancelling: waiting for the engine to stop..."
         self._changed()
@@ -181,8 +191,18 @@ class PanelStateMachine:
         else:
             reason = self._segment_reason()
             segment = Button(idle and not reason, "Segment", reason or "Segment the whole volume with the model")
+        if s == State.FILLING:
+            fill = Button(True, "Cancel", "Stop filling")
+        elif s == State.CANCELLING:
+            fill = Button(False, "Cancelling...", "Waiting for the engine to stop")
+        else:
+            reason = self._fill_reason()
+            fill = Button(idle and not reason, "Fill", reason or (
+                "Fill the unpainted slices from the painted ones in seconds, before any training: the painted "
+                "shapes follow the image's edges and intensities (no network). Train, then Segment, does better "
+                "on tumours and thin structures"))
         return PanelView(
-            state=s, train=train, segment=segment,
+            state=s, train=train, segment=segment, fill=fill,
             next_uncertain=idle and self.has_uncertainty,
             resume=(idle or s == State.NO_INPUT) and self.has_checkpoint,
             save_model=idle and self.has_model,
@@ -196,6 +216,9 @@ class PanelStateMachine:
         if not self.has_volume:
             return "Choose the input volume first"
         return self.labels_reason
+
+    def _fill_reason(self) -> str:
+        return self._train_reason() or self.outputs_reason
 
     def _segment_reason(self) -> str:
         if not self.has_volume:
@@ -213,7 +236,7 @@ class PanelStateMachine:
         elif self.has_model:
             text = "Ready: press Train to (re)train, or Segment to segment the volume."
         else:
-            text = "Ready: press Train."
+            text = "Ready: press Fill for a first segmentation in seconds (no network), or Train for a model."
         return self._with_notice(text)
 
     def _changed(self) -> None:

@@ -77,6 +77,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.copyLogButton.connect("clicked(bool)", self.onCopyLog)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.fillButton.connect("clicked(bool)", self.onFillButton)
         self.ui.nextUncertainButton.connect("clicked(bool)", self.onNextUncertain)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
@@ -207,7 +208,8 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     # -- what the panel shows -------------------------------------------------------------------------
     def _showState(self, view) -> None:
-        for button, state in ((self.ui.trainButton, view.train), (self.ui.segmentButton, view.segment)):
+        for button, state in ((self.ui.trainButton, view.train), (self.ui.segmentButton, view.segment),
+                              (self.ui.fillButton, view.fill)):
             button.text = state.text
             button.toolTip = state.tooltip
             button.enabled = state.enabled
@@ -345,6 +347,32 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.progressBar.value = 0
         self.timer.start()
 
+    def onFillButton(self) -> None:
+        if self.state.state == State.FILLING:
+            self._cancel()
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            request = self.logic.training_request(p, self._device())
+            confirm = False
+            try:
+                check_outputs(SegmentRequest(volumes=request.volumes, model=None, segmentation=p.labelSegmentation,
+                                             output_segmentation=p.outputSegmentation))
+            except OverwriteNeedsConfirmation as exc:
+                if not self.confirm(str(exc)[:1].upper() + str(exc)[1:] + "\n\n" + _("Replace them?")):
+                    self.state.report(_("Not filled: your segmentation was left as it is."))
+                    return
+                confirm = True
+            self.state.start_filling()
+            self.logic.start_filling(request, p.outputSegmentation, confirm_overwrite=confirm)
+        except (JobError, ModelCardError, OSError, RuntimeError) as exc:
+            self._failedToStart(exc)
+            return
+        self.ui.progressBar.value = 0
+        self.timer.start()
+
     def onResumeButton(self) -> None:
         try:
             self.state.start_training(resume=True)
@@ -370,7 +398,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             " " + _("Full log file: {path}").format(path=self.logic.log_path) if self.logic.log_path else ""))
 
     def _failedToStart(self, exc) -> None:
-        if self.state.state in (State.TRAINING, State.SEGMENTING):
+        if self.state.state in (State.TRAINING, State.SEGMENTING, State.FILLING):
             self.state.finish("failed", str(exc))
         else:
             self.state.report(_("Cannot start: ") + str(exc))
@@ -403,7 +431,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.timer.stop()
 
     def _jobDone(self, event) -> None:
-        if self.state.state not in (State.TRAINING, State.SEGMENTING, State.CANCELLING):
+        if self.state.state not in (State.TRAINING, State.SEGMENTING, State.FILLING, State.CANCELLING):
             return  # the panel was re-armed meanwhile (scene closed)
         if self._parameterNode is None:  # no parameter node (module left, scene closing): no results to show
             self.state.finish(event["status"], event["message"])
@@ -413,6 +441,9 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if event["status"] == "completed" and event["job"] == "train":
             self._parameterNode.currentModelPath = str(self.logic.current_model)
             self._parameterNode.modelSource = "Current model"
+        if event["status"] == "completed" and event["job"] == "fill":
+            self._parameterNode.outputSegmentation = self.logic.results["segmentation"]
+            self.state.set_uncertainty(False)   # no ranking comes with a fill
         if event["status"] == "completed" and event["job"] == "segment":
             results = self.logic.results
             with slicer.util.NodeModify(self._parameterNode):

@@ -2,7 +2,8 @@
 
 Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
 
-- ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK);
+- ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK), fill the
+  painted slices copied to the nearest unpainted ones;
 - ``oom``: train runs out of GPU memory while ``--batch-size`` is above 2 and, like the engine, halves its batches
   (a warning ``log`` event) and goes on like ok;
 - ``oom-fail``: train runs out of GPU memory even with one slice per batch: the engine's one-line error, exit 2;
@@ -182,6 +183,32 @@ def segment(args: list[str]) -> int:
     return 0
 
 
+def fill(args: list[str]) -> int:
+    """Like the engine's fill: the painted slices as painted, every other slice a copy of the nearest painted one."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(images_of(args)[0])
+    painted_image = sitk.ReadImage(option(args, "--labels"))
+    if painted_image.GetSize() != image.GetSize():
+        return user_error("--labels is not on the image's grid")
+    painted = sitk.GetArrayFromImage(painted_image)
+    axis = "kji".index(option(args, "--axis", "k"))
+    moved = np.moveaxis(painted, axis, 0)
+    labelled = sorted(set(np.flatnonzero(moved.reshape(moved.shape[0], -1).any(1)).tolist())
+                      | set(slices_of(option(args, "--labelled-slices"))))
+    if not labelled:
+        return user_error(f"{option(args, '--labels')}: the label map is empty (all zero)")
+    emit("start", phase="fill", total=moved.shape[0])
+    nearest = [min(labelled, key=lambda p: abs(p - s)) for s in range(moved.shape[0])]
+    out = sitk.GetImageFromArray(np.moveaxis(moved[nearest], 0, axis).copy())
+    out.CopyInformation(image)
+    sitk.WriteImage(out, option(args, "--out"))
+    emit("end", status="completed", message=f"filled label map written to {option(args, '--out')}", elapsed=0.01,
+         labelled_slices=labelled)
+    return 0
+
+
 def slow(mode: str, args: list[str]) -> int:
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     (LOG / "grandchild.pid").write_text(str(grandchild.pid))
@@ -235,7 +262,7 @@ def main() -> int:
         print("mismatch train: error: labels.nrrd is not on the image grid", file=sys.stderr)
         emit("end", status="failed", message="labels.nrrd is not on the image grid", elapsed=0.0)
         return 2
-    return train(args, mode) if args[0] == "train" else segment(args)
+    return {"train": lambda: train(args, mode), "fill": lambda: fill(args)}.get(args[0], lambda: segment(args))()
 
 
 if __name__ == "__main__":

@@ -416,3 +416,55 @@ def test_structure_goes_on_note():
     assert "down to slice 3 and up to slice 40," in structure_goes_on_note(
         {"structure_goes_on": {"above": 40, "below": 3}})
     assert structure_goes_on_note({}) == structure_goes_on_note(None) == ""
+
+
+def test_fill_writes_the_painted_slices_filled_into_a_new_segmentation_before_any_training(ct_chest, logic_for,
+                                                                                          standin_log):
+    """Fill: the painted slices (held-out ones removed) to the engine's fill, no model; the result in a new
+    segmentation with the user's segment names and colours, the user's own segmentation untouched."""
+    import slicer
+
+    volume, labels = ct_chest
+    ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(2)]
+    before = {s: slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume).copy() for s in ids}
+    logic = logic_for("ok")
+    assert logic.current_model is None
+    job = logic.start_filling(train_request(volume, labels, held_out=[24]))
+    assert logic.status.startswith("Filling")
+    done = logic.wait(timeout=60)[-1]
+    assert (done["job"], done["status"]) == ("fill", "completed"), done["message"]
+    assert done["message"].startswith("Filled CTChest from 2 painted slice(s)") and "no network" in done["message"]
+    args = calls(standin_log)[-1]["args"]
+    assert args[0] == "fill" and args[args.index("--labelled-slices") + 1] == "10,17"
+    assert args[args.index("--axis") + 1] == "k" and "--model" not in args
+    seg = logic.results["segmentation"]
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["right lung", "left lung"]
+    np.testing.assert_allclose(segmentation.GetNthSegment(0).GetColor(), (0.8, 0.4, 0.3))
+    filled = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(0), volume)
+    np.testing.assert_array_equal(filled[13], before[ids[0]][10])    # the stand-in copies the nearest slice
+    assert logic.report is None and logic.current_model is None and not job.folder.exists()
+    for s in ids:
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume), before[s])
+    # again into the same output: the module's own node is replaced without asking
+    logic.start_filling(train_request(volume, labels), seg)
+    assert logic.wait(timeout=60)[-1]["status"] == "completed" and logic.results["segmentation"] is seg
+
+
+def test_fill_never_writes_into_the_users_own_segmentations_without_asking(ct_chest, logic_for, standin_log):
+    import slicer
+
+    from MisMatchSegmentationLib.logic import OverwriteNeedsConfirmation
+
+    volume, labels = ct_chest
+    logic = logic_for("ok")
+    with pytest.raises(jobfolder.JobError, match="holds your labels"):
+        logic.start_filling(train_request(volume, labels), labels)
+    mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my work")
+    mine.GetSegmentation().AddEmptySegment("liver", "liver", (0.5, 0.2, 0.2))
+    with pytest.raises(OverwriteNeedsConfirmation):
+        logic.start_filling(train_request(volume, labels), mine)
+    assert not (standin_log / "calls.jsonl").exists()   # nothing started
+    logic.start_filling(train_request(volume, labels), mine, confirm_overwrite=True)
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+    assert mine.GetSegmentation().GetNthSegment(0).GetName() == "right lung"

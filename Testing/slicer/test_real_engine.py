@@ -62,3 +62,32 @@ def test_train_and_segment_ctchest_with_the_real_engine(ct_chest, engine_availab
     assert found is not None and found[0] not in (10, 17, 24)
     for s in ids:
         np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume), before[s])
+
+
+@pytest.mark.slow
+def test_fill_ctchest_with_the_real_engine(ct_chest, engine_available, tmp_path):
+    """Fill with the real engine: the lungs of the 21 slices between the two painted ones (10, 17; 24 held out)
+    from the painted slices alone, in seconds, with the user's segment names."""
+    import slicer
+
+    from conftest import slicerio_data
+
+    volume, labels = ct_chest
+    ids = [labels.GetSegmentation().GetNthSegmentID(n) for n in range(2)]
+    logic = MisMatchLogic(work_dir=tmp_path / "work", python=sys.executable)
+    logic.start_filling(TrainingRequest(volumes=[volume], segmentation=labels, segment_ids=ids, held_out=[24],
+                                        device="cpu"))
+    done = logic.wait(timeout=240)[-1]
+    assert done["status"] == "completed", done["message"]
+    seg = logic.results["segmentation"]
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["right lung", "left lung"]
+    full = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "full")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(slicerio_data() / "Segmentation.seg.nrrd"))
+    assert storage.ReadData(full)
+    for n, name in enumerate(("right lung", "left lung")):
+        truth = slicer.util.arrayFromSegmentBinaryLabelmap(
+            full, full.GetSegmentation().GetSegmentIdBySegmentName(name), volume)[11:17] > 0
+        got = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(n), volume)[11:17] > 0
+        assert (got & truth).sum() / (got | truth).sum() > 0.85, name

@@ -186,3 +186,28 @@ def test_a_cancel_message_from_the_logic_is_shown():
     m.request_cancel()
     m.finish("cancelled", "Cancelled at step 57: its checkpoint is kept. Press Resume to continue.")
     assert m.status.startswith("Cancelled at step 57") and m.state == State.READY
+
+
+def test_fill_needs_what_train_needs_writes_where_segment_writes_and_turns_into_cancel():
+    m = PanelStateMachine()
+    m.set_inputs(True, "Paint the structure on a few slices first")
+    assert not m.view().fill.enabled and m.view().fill.tooltip == "Paint the structure on a few slices first"
+    m.set_inputs(True, "")
+    assert m.view().fill.enabled and not m.view().segment.enabled   # no model needed
+    assert "Fill" in m.status
+    m.set_outputs("The output segmentation is the one that holds your labels: choose another")
+    assert not m.view().fill.enabled and m.view().fill.tooltip.startswith("The output segmentation")
+    m.set_outputs("")
+    m.start_filling()
+    v = m.view()
+    assert m.state == State.FILLING and (v.fill.enabled, v.fill.text) == (True, "Cancel")
+    assert not v.train.enabled and not v.segment.enabled and not v.edit_inputs and v.progress_visible
+    with pytest.raises(TransitionError):
+        m.start_training()
+    m.request_cancel()
+    assert m.state == State.CANCELLING and not m.view().fill.enabled
+    m.finish("cancelled")
+    assert m.state == State.READY
+    m.start_filling()
+    m.finish("completed", "Filled CT from 3 painted slice(s)")
+    assert m.state == State.COMPLETED and m.view().fill.enabled and m.status.startswith("Filled")

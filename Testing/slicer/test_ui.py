@@ -150,7 +150,7 @@ def test_main_widgets_have_the_classes_slicer_users_expect():
     widgets = ui_widgets()
     expected = {"inputVolumeSelector": "qMRMLNodeComboBox", "labelSegmentationSelector": "qMRMLNodeComboBox",
                 "segmentSelector": "qMRMLSegmentSelectorWidget", "trainButton": "QPushButton",
-                "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+                "segmentButton": "QPushButton", "fillButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
                 "lossPlotWidget": "qMRMLPlotWidget", "reliabilityPlotWidget": "qMRMLPlotWidget",
                 "nextUncertainButton": "QPushButton", "inputsCollapsibleButton": "ctkCollapsibleButton",
                 "stepsSpinBox": "QSpinBox", "deviceComboBox": "QComboBox",
