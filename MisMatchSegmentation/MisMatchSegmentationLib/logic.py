@@ -272,31 +272,41 @@ class MisMatchLogic:
         return self.job is not None or bool(self._abandoned)
 
     # -- training ---------------------------------------------------------------------------------------
-    def start_training(self, request: TrainingRequest) -> Job:
-        if self.job is not None:
-            raise JobError("a job is already running: wait for it or cancel it")
-        self._drain_abandoned()
+    @staticmethod
+    def _check_painting(request: TrainingRequest) -> None:
         if not request.volumes or request.volumes[0] is None:
             raise JobError("choose the input volume")
         if request.segmentation is None:
             raise JobError("choose the segmentation with your labels")
-        segment_ids = list(request.segment_ids) or [
-            request.segmentation.GetSegmentation().GetNthSegmentID(n)
-            for n in range(request.segmentation.GetSegmentation().GetNumberOfSegments())]
+
+    def _write_painting(self, kind: str, request: TrainingRequest):
+        """A new job folder with the images, the painted labels and their classes (``write_training_inputs``):
+        ``(folder, files, slice axis)``; the folder is removed again when writing fails."""
+        segmentation = request.segmentation.GetSegmentation()
+        segment_ids = list(request.segment_ids) or [segmentation.GetNthSegmentID(n)
+                                                    for n in range(segmentation.GetNumberOfSegments())]
         axis = jobfolder.axis_for_orientation(request.volumes[0], request.orientation)
-        init = Path(request.init_model) if request.init_model else None
-        if init is not None:
-            card = modelcard.read_card(init)
-            if modelcard.channel_count(card) != len(request.volumes):
-                raise JobError(f"the model to continue from takes {modelcard.channel_count(card)} channel(s), "
-                               f"but {len(request.volumes)} volume(s) are chosen")
-        folder = self._new_folder("train")
+        folder = self._new_folder(kind)
         try:
             files = jobfolder.write_training_inputs(folder, request.volumes, request.segmentation, segment_ids,
                                                     axis, request.held_out, request.empty_slices)
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        return folder, files, axis
+
+    def start_training(self, request: TrainingRequest) -> Job:
+        if self.job is not None:
+            raise JobError("a job is already running: wait for it or cancel it")
+        self._drain_abandoned()
+        self._check_painting(request)
+        init = Path(request.init_model) if request.init_model else None
+        if init is not None:
+            card = modelcard.read_card(init)
+            if modelcard.channel_count(card) != len(request.volumes):
+                raise JobError(f"the model to continue from takes {modelcard.channel_count(card)} channel(s), "
+                               f"but {len(request.volumes)} volume(s) are chosen")
+        folder, files, axis = self._write_painting("train", request)
         output = self.work_dir / "models" / folder.name.replace("train-", "model-")
         arguments = ["train", *map(str, files.images), "--labels", str(files.labels), "--out", str(output),
                      "--classes", str(files.classes), "--axis", axis,
@@ -330,22 +340,9 @@ class MisMatchLogic:
         outputs = SegmentRequest(volumes=list(request.volumes), model=None, segmentation=request.segmentation,
                                  output_segmentation=output_segmentation, confirm_overwrite=confirm_overwrite)
         check_outputs(outputs)  # before anything else: never a step towards overwriting the user's data
-        if not request.volumes or request.volumes[0] is None:
-            raise JobError("choose the input volume")
-        if request.segmentation is None:
-            raise JobError("choose the segmentation with your labels")
-        segment_ids = list(request.segment_ids) or [
-            request.segmentation.GetSegmentation().GetNthSegmentID(n)
-            for n in range(request.segmentation.GetSegmentation().GetNumberOfSegments())]
-        axis = jobfolder.axis_for_orientation(request.volumes[0], request.orientation)
-        folder = self._new_folder("fill")
-        try:
-            files = jobfolder.write_training_inputs(folder, request.volumes, request.segmentation, segment_ids,
-                                                    axis, request.held_out, request.empty_slices)
-            classes = json.loads(files.classes.read_text(encoding="utf-8"))
-        except Exception:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        self._check_painting(request)
+        folder, files, axis = self._write_painting("fill", request)
+        classes = json.loads(files.classes.read_text(encoding="utf-8"))
         arguments = ["fill", *map(str, files.images), "--labels", str(files.labels),
                      "--out", str(folder / "segmentation.nrrd"), "--classes", str(files.classes), "--axis", axis,
                      "--labelled-slices", jobfolder.format_slices(files.labelled), "--events", "-"]

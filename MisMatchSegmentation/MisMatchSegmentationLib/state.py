@@ -176,31 +176,25 @@ class PanelStateMachine:
     def view(self) -> PanelView:
         s = self.state
         idle = s in IDLE
-        if s == State.TRAINING:
-            train = Button(True, "Cancel", "Stop training at the end of the current step; its checkpoint is kept "
-                                           "and Resume continues from it")
-        elif s == State.CANCELLING:
-            train = Button(False, "Cancelling...", "Waiting for the engine to stop")
-        else:
-            reason = self._train_reason()
-            train = Button(idle and not reason, "Train", reason or "Train on the labelled slices in the background")
-        if s == State.SEGMENTING:
-            segment = Button(True, "Cancel", "Stop segmenting")
-        elif s == State.CANCELLING:
-            segment = Button(False, "Cancelling...", "Waiting for the engine to stop")
-        else:
-            reason = self._segment_reason()
-            segment = Button(idle and not reason, "Segment", reason or "Segment the whole volume with the model")
-        if s == State.FILLING:
-            fill = Button(True, "Cancel", "Stop filling")
-        elif s == State.CANCELLING:
-            fill = Button(False, "Cancelling...", "Waiting for the engine to stop")
-        else:
-            reason = self._fill_reason()
-            fill = Button(idle and not reason, "Fill", reason or (
-                "Fill the unpainted slices from the painted ones in seconds, before any training: the painted "
-                "shapes follow the image's edges and intensities (no network). Train, then Segment, does better "
-                "on tumours and thin structures"))
+
+        def button(running: State, stop: str, text: str, reason: str, does: str) -> Button:
+            """An action's button: Cancel while its job runs, disabled while any job stops, else enabled when
+            idle and nothing is missing (the tooltip says what is, or what the action does)."""
+            if s == running:
+                return Button(True, "Cancel", stop)
+            if s == State.CANCELLING:
+                return Button(False, "Cancelling...", "Waiting for the engine to stop")
+            return Button(idle and not reason, text, reason or does)
+
+        train = button(State.TRAINING, "Stop training at the end of the current step; its checkpoint is kept and "
+                                       "Resume continues from it", "Train", self._train_reason(),
+                       "Train on the labelled slices in the background")
+        segment = button(State.SEGMENTING, "Stop segmenting", "Segment", self._segment_reason(),
+                         "Segment the whole volume with the model")
+        fill = button(State.FILLING, "Stop filling", "Fill", self._fill_reason(),
+                      "Fill the unpainted slices from the painted ones in seconds, before any training: the painted "
+                      "shapes follow the image's edges and intensities (no network). Train, then Segment, does "
+                      "better on tumours and thin structures")
         return PanelView(
             state=s, train=train, segment=segment, fill=fill,
             next_uncertain=idle and self.has_uncertainty,

@@ -308,16 +308,36 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             dialog.close()
 
     def onTrainButton(self) -> None:
-        if self.state.state == State.TRAINING:
+        def start():
+            request = self.logic.training_request(self._parameterNode, self._device())
+            self.state.start_training()
+            self.logic.start_training(request)
+            self.state.set_checkpoint(False)  # a new training starts over: the interrupted one is gone
+        self._startJob(State.TRAINING, start)
+
+    def _replaceConfirmed(self, outputs: SegmentRequest, refused: str) -> bool:
+        """Sets ``outputs.confirm_overwrite`` when the output segmentation is one of the user's own and they agree
+        to replace it; False (with ``refused`` in the status line) when they do not. Other output problems raise
+        :class:`JobError` (the panel shows them)."""
+        try:
+            check_outputs(outputs)
+        except OverwriteNeedsConfirmation as exc:
+            if not self.confirm(str(exc)[:1].upper() + str(exc)[1:] + "\n\n" + _("Replace them?")):
+                self.state.report(refused)
+                return False
+            outputs.confirm_overwrite = True
+        return True
+
+    def _startJob(self, running: State, start) -> None:
+        """Cancel the job of state ``running``, or start one: ``start()`` returns False when it did not start."""
+        if self.state.state == running:
             self._cancel()
             return
         if not self._ensureDependencies():
             return
         try:
-            request = self.logic.training_request(self._parameterNode, self._device())
-            self.state.start_training()
-            self.logic.start_training(request)
-            self.state.set_checkpoint(False)  # a new training starts over: the interrupted one is gone
+            if start() is False:
+                return
         except (JobError, ModelCardError, OSError, RuntimeError) as exc:
             self._failedToStart(exc)
             return
@@ -325,53 +345,25 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.timer.start()
 
     def onSegmentButton(self) -> None:
-        if self.state.state == State.SEGMENTING:
-            self._cancel()
-            return
-        if not self._ensureDependencies():
-            return
-        try:
+        def start():
             request = self.logic.segment_request(self._parameterNode, self._device())
-            try:
-                check_outputs(request)
-            except OverwriteNeedsConfirmation as exc:
-                if not self.confirm(str(exc)[:1].upper() + str(exc)[1:] + "\n\n" + _("Replace them?")):
-                    self.state.report(_("Not segmented: your segmentation was left as it is."))
-                    return
-                request.confirm_overwrite = True
+            if not self._replaceConfirmed(request, _("Not segmented: your segmentation was left as it is.")):
+                return False
             self.state.start_segmenting()
             self.logic.start_segmenting(request)
-        except (JobError, ModelCardError, OSError, RuntimeError) as exc:
-            self._failedToStart(exc)
-            return
-        self.ui.progressBar.value = 0
-        self.timer.start()
+        self._startJob(State.SEGMENTING, start)
 
     def onFillButton(self) -> None:
-        if self.state.state == State.FILLING:
-            self._cancel()
-            return
-        if not self._ensureDependencies():
-            return
-        p = self._parameterNode
-        try:
+        def start():
+            p = self._parameterNode
             request = self.logic.training_request(p, self._device())
-            confirm = False
-            try:
-                check_outputs(SegmentRequest(volumes=request.volumes, model=None, segmentation=p.labelSegmentation,
-                                             output_segmentation=p.outputSegmentation))
-            except OverwriteNeedsConfirmation as exc:
-                if not self.confirm(str(exc)[:1].upper() + str(exc)[1:] + "\n\n" + _("Replace them?")):
-                    self.state.report(_("Not filled: your segmentation was left as it is."))
-                    return
-                confirm = True
+            outputs = SegmentRequest(volumes=request.volumes, model=None, segmentation=p.labelSegmentation,
+                                     output_segmentation=p.outputSegmentation)
+            if not self._replaceConfirmed(outputs, _("Not filled: your segmentation was left as it is.")):
+                return False
             self.state.start_filling()
-            self.logic.start_filling(request, p.outputSegmentation, confirm_overwrite=confirm)
-        except (JobError, ModelCardError, OSError, RuntimeError) as exc:
-            self._failedToStart(exc)
-            return
-        self.ui.progressBar.value = 0
-        self.timer.start()
+            self.logic.start_filling(request, p.outputSegmentation, confirm_overwrite=outputs.confirm_overwrite)
+        self._startJob(State.FILLING, start)
 
     def onResumeButton(self) -> None:
         try:

@@ -24,9 +24,8 @@ from .prior import SlicePrior
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
 
 
-# -- classes ------------------------------------------------------------------------------------------------
+# -- the painted slices' prior ----------------------------------------------------------------------------
 
-# A palette for classes that come without a colour (Slicer's segment colours, roughly).
 def painted_prior(card: dict, painted: np.ndarray, spacing_kji: Sequence[float],
                   explicit_slices: Sequence[int] | None = None, volume: np.ndarray | None = None
                   ) -> SlicePrior | None:

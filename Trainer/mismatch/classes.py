@@ -12,6 +12,7 @@ import numpy as np
 from .data import label_values
 from .errors import UserError
 
+# A palette for classes that come without a colour (Slicer's segment colours, roughly).
 _PALETTE = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.43, 0.72, 0.82),
             (0.86, 0.96, 0.49), (0.56, 0.31, 0.64), (0.98, 0.36, 0.36), (0.25, 0.6, 0.9)]
 
