@@ -133,9 +133,11 @@ class MisMatchSegmentationLogic(ScriptedLoadableModuleLogic, MisMatchLogic):
     def volumes(p) -> list:
         return [v for v in (p.inputVolume, p.secondChannel, p.thirdChannel) if v is not None]
 
-    def training_request(self, p, device: str = "auto") -> TrainingRequest:
+    def training_request(self, p, device: str = "auto", continue_model: bool = True) -> TrainingRequest:
+        """The panel's inputs and training settings; ``continue_model`` False: no model to start from whatever
+        *Start from* says (Fill, which trains nothing)."""
         init = None
-        if p.modelSource == "Current model":
+        if continue_model and p.modelSource == "Current model":
             if self.current_model is None:
                 raise JobError(_("there is no current model to continue from: choose 'New model'"))
             init = self.current_model

@@ -356,7 +356,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def onFillButton(self) -> None:
         def start():
             p = self._parameterNode
-            request = self.logic.training_request(p, self._device())
+            request = self.logic.training_request(p, self._device(), continue_model=False)
             outputs = SegmentRequest(volumes=request.volumes, model=None, segmentation=p.labelSegmentation,
                                      output_segmentation=p.outputSegmentation)
             if not self._replaceConfirmed(outputs, _("Not filled: your segmentation was left as it is.")):
