@@ -193,7 +193,7 @@ class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
     """
 
     TEST_METHODS = ("test_LogicTrainSegment", "test_LogicCancelKeepsCheckpoint", "test_LogicOutputsRefuseInputs",
-                    "test_WidgetTrainProgressDone", "test_WidgetCancel", "test_WidgetSceneClosedMidJob",
+                    "test_WidgetTrainProgressDone", "test_WidgetFill", "test_WidgetCancel", "test_WidgetSceneClosedMidJob",
                     "test_WidgetInstallFailure", "test_WidgetOutputSelectorsRefuseInputs", "test_RealEngine")
 
     def setUp(self):
@@ -260,7 +260,7 @@ class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
             time.sleep(0.02)
 
     def _idle(self, widget) -> bool:
-        return widget.state.state not in (State.TRAINING, State.SEGMENTING, State.CANCELLING)
+        return widget.state.state not in (State.TRAINING, State.SEGMENTING, State.FILLING, State.CANCELLING)
 
     # -- the logic with the stand-in engine ----------------------------------------------------------------
     def test_LogicTrainSegment(self):
@@ -299,6 +299,19 @@ class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(widget._parameterNode.outputSegmentation)
         self.assertIsNotNone(widget._parameterNode.confidenceVolume)
         self.assertTrue(widget.ui.nextUncertainButton.enabled)
+
+    def test_WidgetFill(self):
+        self.delayDisplay("Panel: Fill gives a segmentation from the painted slices, before any model")
+        widget, volume, labels = self._widget("ok")
+        self.assertTrue(widget.ui.fillButton.enabled, widget.ui.fillButton.toolTip)
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        widget.ui.fillButton.click()
+        self._waitFor(lambda: self._idle(widget), what="filling")
+        self.assertEqual(widget.state.state, State.COMPLETED, widget.ui.statusLabel.text)
+        self.assertIn("Filled", widget.ui.statusLabel.text)
+        self.assertIsNotNone(widget._parameterNode.outputSegmentation)
+        self.assertIsNone(widget.logic.current_model)
+        self.assertFalse(widget.ui.nextUncertainButton.enabled)
 
     def test_WidgetCancel(self):
         self.delayDisplay("Panel: Cancel keeps the checkpoint and offers Resume")

@@ -171,7 +171,7 @@ def test_the_in_slicer_test_case_runs_every_flow_without_torch_or_network():
     listed = next(ast.literal_eval(a.value) for a in case.body
                   if isinstance(a, ast.Assign) and ast.unparse(a.targets[0]) == "TEST_METHODS")
     assert sorted(listed) == sorted(tests) and len(tests) >= 8, "runTest must run every test method"
-    for flow in ("Train", "Cancel", "SceneClosed", "InstallFailure", "OutputSelectors"):
+    for flow in ("Train", "Fill", "Cancel", "SceneClosed", "InstallFailure", "OutputSelectors"):
         assert any(flow in name for name in tests), flow
     for name in tests:
         body = ast.unparse(methods[name])
