@@ -344,7 +344,8 @@ class MisMatchLogic:
         folder, files, axis = self._write_painting("fill", request)
         classes = json.loads(files.classes.read_text(encoding="utf-8"))
         arguments = ["fill", *map(str, files.images), "--labels", str(files.labels),
-                     "--out", str(folder / "segmentation.nrrd"), "--classes", str(files.classes), "--axis", axis,
+                     "--out", str(folder / "segmentation.nrrd"), "--report", str(folder / "report.json"),
+                     "--classes", str(files.classes), "--axis", axis,
                      "--labelled-slices", jobfolder.format_slices(files.labelled), "--events", "-"]
         if files.empty:
             arguments += ["--empty-slices", jobfolder.format_slices(files.empty)]
@@ -364,15 +365,22 @@ class MisMatchLogic:
         seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, job.card["classes"],
                                             request.output_segmentation, name=f"{name} MisMatch segmentation")
         seg.SetAttribute(OUTPUT_ATTRIBUTE, "segmentation")
-        self.report, self._visited = None, []   # a ranking of an earlier model's segmentation no longer applies
+        report = job.folder / "report.json"   # the slices worth painting next; an older engine writes none
+        self.report = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+        self.report_axis = (self.report or {}).get("slice_axis") or "k"
+        self._visited = []
         self.results = {"segmentation": seg}
         painted = job.card["painted"]
         text = f"Filled {name} from {len(painted)} painted slice(s)"
         elapsed = (finished.get("end") or {}).get("elapsed")
         if elapsed is not None:
             text += f" in {format_duration(elapsed)}"
-        return text + (" (no network: the painted shapes, the image's edges and intensities). Train, then Segment, "
-                       "for a model's segmentation: better on tumours and thin structures.")
+        text += (" (no network: the painted shapes, the image's edges and intensities). Train, then Segment, for "
+                 "a model's segmentation: better on tumours and thin structures")
+        ranked = (self.report or {}).get("uncertain_slices")
+        if ranked:
+            text += f". Label next: {next_slice_hint(dict(ranked[0], ranking='gap'))} (Next uncertain slice goes there)"
+        return text + "."
 
     # -- segmentation -----------------------------------------------------------------------------------
     def start_segmenting(self, request: SegmentRequest) -> Job:

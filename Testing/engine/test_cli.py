@@ -106,7 +106,11 @@ def test_fill_labels_the_unpainted_slices_from_the_painted_ones_without_a_networ
     d = case["dir"]
     before = {p: _digest(case[p]) for p in ("image", "labels")}
     assert main(["fill", case["image"], "--labels", case["labels"], "--out", str(d / "filled.nrrd"),
-                 "--events", str(d / "fill.jsonl")]) == 0
+                 "--report", str(d / "next.json"), "--events", str(d / "fill.jsonl")]) == 0
+    report = json.loads((d / "next.json").read_text())
+    ranked = [row["slice"] for row in report["uncertain_slices"]]
+    assert report["ranking"] == "gap" and report["slice_axis"] == "k"
+    assert ranked and not {2, 6} & set(ranked) and ranked[0] in (4, 8)   # mid-gap, or 2/3 of the way to the end
     end = _events(d / "fill.jsonl")[-1]
     assert end["event"] == "end" and end["status"] == "completed" and end["labelled_slices"] == [2, 6]
     filled = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "filled.nrrd")))

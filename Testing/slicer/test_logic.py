@@ -435,7 +435,7 @@ def test_fill_writes_the_painted_slices_filled_into_a_new_segmentation_before_an
     assert (done["job"], done["status"]) == ("fill", "completed"), done["message"]
     assert done["message"].startswith("Filled CTChest from 2 painted slice(s)") and "no network" in done["message"]
     args = calls(standin_log)[-1]["args"]
-    assert args[0] == "fill" and args[args.index("--labelled-slices") + 1] == "10,17"
+    assert args[0] == "fill" and args[args.index("--labelled-slices") + 1] == "10,17" and "--report" in args
     assert args[args.index("--axis") + 1] == "k" and "--model" not in args
     seg = logic.results["segmentation"]
     segmentation = seg.GetSegmentation()
@@ -443,7 +443,10 @@ def test_fill_writes_the_painted_slices_filled_into_a_new_segmentation_before_an
     np.testing.assert_allclose(segmentation.GetNthSegment(0).GetColor(), (0.8, 0.4, 0.3))
     filled = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentation.GetNthSegmentID(0), volume)
     np.testing.assert_array_equal(filled[13], before[ids[0]][10])    # the stand-in copies the nearest slice
-    assert logic.report is None and logic.current_model is None and not job.folder.exists()
+    assert logic.current_model is None and not job.folder.exists()
+    assert "Label next: slice 33: it is 16 slices from any painted slice, in the widest unpainted stretch" in \
+        done["message"]
+    assert logic.next_uncertain_slice(volume, labels, ids, jump=False)[0] == 33
     for s in ids:
         np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(labels, s, volume), before[s])
     # again into the same output: the module's own node is replaced without asking

@@ -82,6 +82,8 @@ def test_fill_ctchest_with_the_real_engine(ct_chest, engine_available, tmp_path)
     seg = logic.results["segmentation"]
     segmentation = seg.GetSegmentation()
     assert [segmentation.GetNthSegment(n).GetName() for n in range(2)] == ["right lung", "left lung"]
+    assert "Label next: slice" in done["message"]
+    assert logic.next_uncertain_slice(volume, labels, ids, jump=False)[0] not in (10, 17)
     full = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "full")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(slicerio_data() / "Segmentation.seg.nrrd"))

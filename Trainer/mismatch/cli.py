@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
                    help="as for train (default auto: a CT in Hounsfield units is clipped to -1000,400)")
     f.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
+    f.add_argument("--report", metavar="JSON", help="write the slices worth painting next (the widest unpainted "
+                                                    "stretch of the filled structure first, as segment's gap)")
     f.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
     _threads_option(f)
 
@@ -726,7 +728,7 @@ def cmd_fill(args) -> int:
     reporter = _reporter(args)
     summary = fill_files(args.images, args.labels, args.out, axis=args.axis, hu_window=args.hu_window,
                          explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
-                         classes_path=args.classes, reporter=reporter)
+                         classes_path=args.classes, report=args.report, reporter=reporter)
     reporter.end("completed", f"filled label map written to {args.out}", **summary)
     if args.events != "-":
         print(f"filled label map written to {args.out} ({summary['seconds']:.1f} s)")
