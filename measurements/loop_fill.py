@@ -45,7 +45,7 @@ def fill_round(case, volume, labelled) -> dict:
     filled = prior.label_map(case.label.shape)
     seconds = time.monotonic() - t0
     whole = evaluate_arrays(filled, case.label, axis=case.axis, classes=list(case.classes))["iou"]
-    ranked = next_slices(filled, AXIS_NAMES[case.axis], lab.tolist())["uncertain_slices"]
+    ranked = next_slices(filled, AXIS_NAMES[case.axis], lab.tolist(), prior)["uncertain_slices"]
     return {"iou_volume": whole, "seconds": round(seconds, 3),
             "suggestions": {"gap": int(ranked[0]["slice"]) if ranked else None}}
 

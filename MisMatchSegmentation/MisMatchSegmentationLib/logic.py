@@ -192,7 +192,10 @@ def next_slice_hint(row: dict, labelled=None) -> str:
         distance = min(abs(s - int(x)) for x in labelled)
     if isinstance(distance, int) and distance > 0:
         where = "it is next to a painted slice" if distance == 1 else f"it is {distance} slices from any painted slice"
-        if row.get("beyond_prediction"):   # the prior ended the structure before the network does
+        if row.get("beyond_filled"):   # a fill (no network): the image goes on looking like the painted structure
+            reasons.insert(0, f"{where}, past where the fill ends, but the image there still looks like your "
+                              "painted structure: paint it, or list it under Empty slices if the structure has ended")
+        elif row.get("beyond_prediction"):   # the prior ended the structure before the network does
             reasons.insert(0, f"{where}, past where the segmentation ends, but the network alone still sees the "
                               "structure there: paint it, or list it under Empty slices if the structure has ended")
         elif row.get("structure_goes_on"):   # the segmentation follows the network past the painted slices

@@ -125,6 +125,20 @@ def test_fill_labels_the_unpainted_slices_from_the_painted_ones_without_a_networ
     assert "empty" in capsys.readouterr().err and not (d / "f2.nrrd").exists()
 
 
+def test_fill_report_looks_past_the_fill_where_the_image_goes_on_like_the_painted_structure(tmp_path):
+    """Three slices painted at one end of a disc that runs through the whole volume: the fill ends about half a
+    gap below them, but the image goes on looking like the painted disc, so the first slice to paint next is
+    past the fill's end (beyond_filled), not the next slice at its edge."""
+    image, labels, _ = disc_volume((24, 32, 40), (16, 20), 6, [17, 19, 21], growth=0.0)
+    img, lab = _write(image, tmp_path / "image.nrrd"), _write(labels, tmp_path / "labels.nrrd")
+    assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "f.nrrd"),
+                 "--report", str(tmp_path / "next.json")]) == 0
+    filled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "f.nrrd")))
+    assert not filled[:10].any()           # the fill itself stops near the painted slices
+    first = json.loads((tmp_path / "next.json").read_text())["uncertain_slices"][0]
+    assert first["beyond_filled"] is True and first["slice"] < 12
+
+
 def _seg_nrrd(array, path, start_ijk, names):
     """A label map saved as Slicer saves a segmentation: a .seg.nrrd cropped to the segments' box (starting
     at voxel ``start_ijk`` of the case's grid), its segments named in the header."""

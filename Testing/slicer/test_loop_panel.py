@@ -34,6 +34,10 @@ def test_next_slice_hint_says_why():
     assert next_slice_hint(dict(row, ranking="gap", beyond_prediction=True)).startswith(
         "slice 37: it is 12 slices from any painted slice, past where the segmentation ends, but the network alone "
         "still sees the structure there: paint it, or list it under Empty slices if the structure has ended")
+    fill = {"slice": 37, "disagreement": 0.0, "distance": 12, "ranking": "gap", "beyond_filled": True}
+    assert next_slice_hint(fill) == (
+        "slice 37: it is 12 slices from any painted slice, past where the fill ends, but the image there still "
+        "looks like your painted structure: paint it, or list it under Empty slices if the structure has ended")
     assert next_slice_hint(dict(row, ranking="gap", structure_goes_on=True)).startswith(
         "slice 37: it is 12 slices from any painted slice, past your painted slices, where the network alone sees "
         "the structure go on and the segmentation follows it: check it, or list it under Empty slices")

@@ -70,22 +70,60 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     prior = SlicePrior(mapped, labelled, axis_index(axis), geometry.spacing[::-1], len(classes) + 1,
                        PriorSettings(), image=volume)
     filled = prior.label_map(mapped.shape)
-    del prior, volume, mapped
+    del volume, mapped
     write_volume(class_values_lut(classes)[filled], geometry, out, segments=classes)
     if report:
-        write_text_atomic(report, json.dumps(next_slices(filled, axis, labelled), indent=1) + "\n")
+        write_text_atomic(report, json.dumps(next_slices(filled, axis, labelled, prior), indent=1) + "\n")
     return {"seconds": round(time.monotonic() - t0, 2), "slices": int(filled.shape[axis_index(axis)]),
             "labelled_slices": [int(s) for s in labelled]}
 
 
-def next_slices(filled: np.ndarray, axis: str, labelled: Sequence[int]) -> dict:
+def next_slices(filled: np.ndarray, axis: str, labelled: Sequence[int], prior: SlicePrior | None = None) -> dict:
     """The report of a fill: the unpainted slices ranked by ``gap`` (:func:`mismatch.inference.rank_uncertain_slices`)
-    from each slice's share of filled voxels; no network, so no disagreement (0 on every slice)."""
+    from each slice's share of filled voxels; no network, so no disagreement (0 on every slice). With the
+    ``prior`` that filled them (and its painted intensities), the ranking also looks past the filled
+    structure's ends where the image goes on looking like the painted structure (:func:`intensity_evidence`),
+    as ``segment``'s does where the network alone sees it go on; such rows carry ``beyond_filled``."""
     from .inference import rank_uncertain_slices
 
     a = axis_index(axis)
     fraction = np.count_nonzero(filled, axis=tuple(d for d in range(3) if d != a)) / \
         (filled.size / filled.shape[a])
     scores = [{"slice": s, "foreground_fraction": float(f), "disagreement": 0.0} for s, f in enumerate(fraction)]
-    return {"slice_axis": axis, "ranking": "gap", "filled": True,
-            "uncertain_slices": rank_uncertain_slices(scores, exclude=labelled, ranking="gap")}
+    if prior is not None:
+        for row, evidence in zip(scores, intensity_evidence(prior)):
+            row.update(evidence)
+    ranked = rank_uncertain_slices(scores, exclude=labelled, ranking="gap")
+    for row in ranked:
+        for key in ("network_box_fraction", "network_on_painted"):
+            row.pop(key, None)
+        if row.pop("beyond_prediction", False):
+            row["beyond_filled"] = True
+    return {"slice_axis": axis, "ranking": "gap", "filled": True, "uncertain_slices": ranked}
+
+
+def intensity_evidence(prior: SlicePrior) -> list[dict]:
+    """Per slice, what stands for the network alone in the ``gap`` ranking's look past the structure's end
+    (``network_box_fraction``, ``network_on_painted``: :func:`mismatch.inference.network_continues`), from the
+    image instead: the share of the painted structure's in-plane box whose intensity is likelier inside a
+    painted class than around it (the prior's painted-intensity log-ratios above 0), and the share of those
+    voxels on the outermost painted slice's structure. Empty rows without the painted intensities."""
+    n = prior.src.shape[0]
+    if prior.intensity is None:
+        return [{} for _ in range(n)]
+    from .prior import intensity_bin
+
+    box, bins, ratios = prior.intensity
+    inplane = tuple(b for d, b in enumerate(box) if d != prior.axis)
+    ends = {-1: prior.outermost(-1), 1: prior.outermost(1)}
+    painted = {side: prior.labels(s)[inplane] > 0 for side, s in ends.items()}
+    out = []
+    for s in range(n):
+        values = np.take(prior.image, s, axis=prior.axis)[inplane]
+        looks = ratios[:, intensity_bin(bins, values)].max(0) > 0
+        found = int(np.count_nonzero(looks))
+        side = -1 if s < ends[-1] else 1
+        on = int(np.count_nonzero(looks & painted[side]))
+        out.append({"network_box_fraction": found / looks.size if looks.size else 0.0,
+                    "network_on_painted": on / found if found else 0.0})
+    return out
