@@ -33,8 +33,8 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     the CT window); ``explicit_slices``: slices that count as labelled (painted empty) though all background.
     ``report``: a JSON file with the slices worth painting next, as ``segment --report`` ranks them by default
     (``gap``: the middle of the widest unpainted stretch of the filled structure, or two thirds of the way to its
-    end beyond the outermost painted slice), from the filled label map alone. Returns ``{"seconds", "slices",
-    "labelled_slices"}``."""
+    end beyond the outermost painted slice), from the filled label map and, past its ends, the painted
+    intensities (:func:`next_slices`). Returns ``{"seconds", "slices", "labelled_slices"}``."""
     from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
                      write_text_atomic, write_volume)
 
