@@ -52,7 +52,8 @@ def worker(args) -> None:
     import torch
 
     from mismatch import distributed
-    from mismatch.device import resolve_device, tune_cpu_allocator
+    from mismatch.allocator import tune_cpu_allocator
+    from mismatch.device import resolve_device
     from mismatch.events import Reporter
     from mismatch.train import TrainConfig, fit
 

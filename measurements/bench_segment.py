@@ -84,7 +84,7 @@ def network_only(methods, size: int, width: int, batch: int, repeats: int, devic
     import torch
 
     from bench_speed import time_inference
-    from mismatch.device import tune_cpu_allocator
+    from mismatch.allocator import tune_cpu_allocator
 
     dev = torch.device(device)
     if dev.type == "cpu":

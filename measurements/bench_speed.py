@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
 
 from mismatch.data import TwoStreamSampler  # noqa: E402
-from mismatch.device import resolve_device, tune_cpu_allocator  # noqa: E402
+from mismatch.allocator import tune_cpu_allocator  # noqa: E402
+from mismatch.device import resolve_device  # noqa: E402
 from mismatch.methods import TrainingBatch, make_method  # noqa: E402
 from mismatch.models import build_model, count_parameters  # noqa: E402
 

@@ -61,7 +61,7 @@ def worker(args) -> None:
         from mismatch.cli import apply_threads
 
         apply_threads(threads_wanted)
-    from mismatch.device import tune_cpu_allocator
+    from mismatch.allocator import tune_cpu_allocator
     from mismatch.events import Reporter
     from mismatch.train import fit, preset_config
 

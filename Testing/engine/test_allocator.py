@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mismatch.device import tune_cpu_allocator
+from mismatch.allocator import tune_cpu_allocator
 from mismatch.models import build_model
 
 TRAINER = str(Path(__file__).resolve().parents[2] / "Trainer")
@@ -22,7 +22,7 @@ def _child(code: str, env_extra: dict | None = None) -> str:
 
 
 def test_tuning_is_idempotent_and_can_be_turned_off():
-    code = "from mismatch.device import tune_cpu_allocator as t; print(t(), t())"
+    code = "from mismatch.allocator import tune_cpu_allocator as t; print(t(), t())"
     first, second = _child(code).split()
     assert first == second
     if sys.platform.startswith("linux"):

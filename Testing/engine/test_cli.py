@@ -125,6 +125,17 @@ def test_fill_labels_the_unpainted_slices_from_the_painted_ones_without_a_networ
     assert "empty" in capsys.readouterr().err and not (d / "f2.nrrd").exists()
 
 
+def test_fill_runs_without_loading_torch(case):
+    """The fill needs numpy and scipy only: the command does not import torch (about two seconds of its wait)."""
+    d = case["dir"]
+    code = ("import sys; from mismatch.cli import main; "
+            f"status = main(['fill', {case['image']!r}, '--labels', {case['labels']!r}, '--out', "
+            f"{str(d / 'f.nrrd')!r}, '--report', {str(d / 'r.json')!r}]); print(status, 'torch' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "Trainer"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
+
+
 def test_fill_report_looks_past_the_fill_where_the_image_goes_on_like_the_painted_structure(tmp_path):
     """Three slices painted at one end of a disc that runs through the whole volume: the fill ends about half a
     gap below them, but the image goes on looking like the painted disc, so the first slice to paint next is

@@ -12,7 +12,7 @@ import torch
 from mismatch.benchmark import loop
 from mismatch.benchmark.datasets import Case
 from mismatch.cli import main
-from mismatch.inference import DEFAULT_RANKING, RANKINGS, distance_weight, rank_uncertain_slices
+from mismatch.ranking import DEFAULT_RANKING, RANKINGS, distance_weight, rank_uncertain_slices
 from mismatch.io import Geometry
 from mismatch.modelfile import load_optimizer_moments, optimizer_to_tensors, read_optimizer_state
 from mismatch.models import ArchitectureConfig, SegmentationNetwork

@@ -17,10 +17,11 @@ from .data import Normalisation, auto_window
 from .device import resolve_device
 from .errors import UserError
 from .events import Reporter
-from .inference import DEFAULT_RANKING, RANKINGS, rank_uncertain_slices, segment_volume
+from .inference import segment_volume
 from .modelfile import PaintedSlices, image_fingerprint, load_model, read_optimizer_state, read_painted, save_model
 from .pipeline import build_card, painted_slice_prior
 from .prior import SlicePrior
+from .ranking import DEFAULT_RANKING, RANKINGS, rank_uncertain_slices
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
 
 
@@ -253,7 +254,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
 
     ``ranking``: how the report orders the slices worth labelling next
-    (:data:`~mismatch.inference.RANKINGS`).
+    (:data:`~mismatch.ranking.RANKINGS`).
 
     ``labels``: the painted label map of this volume (what the model was trained from): see
     :func:`painted_prior`. Without it, and with ``stored_labels``, the painted slices the model folder keeps

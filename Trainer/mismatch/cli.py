@@ -284,16 +284,51 @@ def _preset_default(name: str) -> str:
     return "; ".join([f"default {default:g}" if isinstance(default, float) else f"default {default}"] + others)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .inference import CPU_BATCH_PIXELS, DEFAULT_RANKING, RANKINGS
-    from .train import CHECKPOINT_SECONDS, PRESETS, TrainConfig
+def _add_fill(sub) -> None:
+    f = sub.add_parser("fill", help="fill the unpainted slices from the painted ones, in seconds, no network",
+                       description="What the painted slices say on their own, before any training: every unpainted "
+                                   "slice labelled from the painted shapes around it, grown along the image's "
+                                   "edges and checked against the painted intensities (the prior 'segment "
+                                   "--labels' combines with the network), the painted slices as painted. Seconds "
+                                   "on a CPU; 'mismatch train' then 'segment' do better on tumours and thin "
+                                   "structures (docs/benchmarks.md, \"Before any training\").")
+    f.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s): one per channel (the first one's "
+                                                              "edges and intensities are followed)")
+    f.add_argument("--labels", required=True, metavar="LABELS",
+                   help="the painted label map (0 = background / unpainted; a .seg.nrrd saved by Slicer is fine)")
+    f.add_argument("--out", required=True, metavar="LABELMAP",
+                   help="label map to write (input grid; *.seg.nrrd: a Slicer segmentation with named segments)")
+    f.add_argument("--labelled-slices", type=_slices, metavar="LIST",
+                   help="slices that count as painted even if all background, e.g. 3,7,10-12")
+    f.add_argument("--empty-slices", type=_slices, metavar="LIST",
+                   help="slices you checked and found without the structure")
+    f.add_argument("--axis", choices=["auto", "k", "j", "i"], default="auto",
+                   help="slice axis (default auto: the axis the labels were painted along)")
+    f.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
+                   help="as for train (default auto: a CT in Hounsfield units is clipped to -1000,400)")
+    f.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
+    f.add_argument("--report", metavar="JSON", help="write the slices worth painting next (the widest unpainted "
+                                                    "stretch of the filled structure first, as segment's gap)")
+    f.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
+    _threads_option(f)
 
-    d = TrainConfig()
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; for ``command`` ``fill`` only that subcommand, without importing torch (the fill needs
+    none, and importing it is about two seconds of a fill's wait)."""
     parser = _Parser(
         prog="mismatch",
         description="MisMatch semi-supervised segmentation from a few labelled slices (Xu et al., MIDL 2022).")
     parser.add_argument("--version", action="version", version=f"mismatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if command == "fill":
+        _add_fill(sub)
+        return parser
+    from .inference import CPU_BATCH_PIXELS
+    from .ranking import DEFAULT_RANKING, RANKINGS
+    from .train import CHECKPOINT_SECONDS, PRESETS, TrainConfig
+
+    d = TrainConfig()
 
     t = sub.add_parser("train", help="train a model from a volume and a few labelled slices",
                        description="Train on the labelled slices of LABELS (Dice) and on every other slice "
@@ -423,32 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the memory)")
     _common_device(s)
 
-    f = sub.add_parser("fill", help="fill the unpainted slices from the painted ones, in seconds, no network",
-                       description="What the painted slices say on their own, before any training: every unpainted "
-                                   "slice labelled from the painted shapes around it, grown along the image's "
-                                   "edges and checked against the painted intensities (the prior 'segment "
-                                   "--labels' combines with the network), the painted slices as painted. Seconds "
-                                   "on a CPU; 'mismatch train' then 'segment' do better on tumours and thin "
-                                   "structures (docs/benchmarks.md, \"Before any training\").")
-    f.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s): one per channel (the first one's "
-                                                              "edges and intensities are followed)")
-    f.add_argument("--labels", required=True, metavar="LABELS",
-                   help="the painted label map (0 = background / unpainted; a .seg.nrrd saved by Slicer is fine)")
-    f.add_argument("--out", required=True, metavar="LABELMAP",
-                   help="label map to write (input grid; *.seg.nrrd: a Slicer segmentation with named segments)")
-    f.add_argument("--labelled-slices", type=_slices, metavar="LIST",
-                   help="slices that count as painted even if all background, e.g. 3,7,10-12")
-    f.add_argument("--empty-slices", type=_slices, metavar="LIST",
-                   help="slices you checked and found without the structure")
-    f.add_argument("--axis", choices=["auto", "k", "j", "i"], default="auto",
-                   help="slice axis (default auto: the axis the labels were painted along)")
-    f.add_argument("--hu-window", type=_window, default="auto", metavar="LOW,HIGH|auto|none",
-                   help="as for train (default auto: a CT in Hounsfield units is clipped to -1000,400)")
-    f.add_argument("--classes", metavar="CLASSES.json", help="class values, names and colours")
-    f.add_argument("--report", metavar="JSON", help="write the slices worth painting next (the widest unpainted "
-                                                    "stretch of the filled structure first, as segment's gap)")
-    f.add_argument("--events", metavar="FILE|-", help="write JSON-lines progress events to FILE, or - for stdout")
-    _threads_option(f)
+    _add_fill(sub)
 
     e = sub.add_parser("evaluate", help="overlap and calibration of a segmentation against a truth",
                        description="Foreground IoU and Dice of a label map against a reference on the same grid, "
@@ -825,15 +835,16 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = None
     with cancel_on_signals():
         try:
-            parser = build_parser()
+            parser = build_parser(command)
             args = parser.parse_args(argv)
             if not args.command:
                 parser.print_help()
                 return EXIT_USER_ERROR
-            threads_before = apply_threads(getattr(args, "threads", None) or threads)
-            from .device import tune_cpu_allocator
+            if args.command != "fill":   # the fill runs no torch (numpy and scipy): no torch threads to set
+                threads_before = apply_threads(getattr(args, "threads", None) or threads)
+            from .allocator import tune_cpu_allocator
 
-            tune_cpu_allocator()  # faster CPU training and inference; the numbers computed are the same
+            tune_cpu_allocator()  # faster work on large arrays; the numbers computed are the same
             status = COMMANDS[args.command](args)
             if getattr(args, "reporter", None) is not None:
                 args.reporter.close()

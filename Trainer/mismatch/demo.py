@@ -19,7 +19,7 @@ import numpy as np
 from .data import CT_WINDOW, Normalisation, load_ctchest
 from .device import describe, resolve_device
 from .events import Reporter
-from .inference import rank_uncertain_slices
+from .ranking import rank_uncertain_slices
 from .modelfile import save_model
 from .pipeline import train_and_segment
 from .prior import nearest_slice, shape_interpolation

@@ -22,6 +22,7 @@ from .data import Normalisation, auto_window, axis_index, labelled_slices, paint
 from .errors import UserError
 from .events import Reporter
 from .prior import PriorSettings, SlicePrior
+from .ranking import rank_uncertain_slices
 
 
 def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str = "auto",
@@ -79,13 +80,11 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
 
 
 def next_slices(filled: np.ndarray, axis: str, labelled: Sequence[int], prior: SlicePrior | None = None) -> dict:
-    """The report of a fill: the unpainted slices ranked by ``gap`` (:func:`mismatch.inference.rank_uncertain_slices`)
+    """The report of a fill: the unpainted slices ranked by ``gap`` (:func:`mismatch.ranking.rank_uncertain_slices`)
     from each slice's share of filled voxels; no network, so no disagreement (0 on every slice). With the
     ``prior`` that filled them (and its painted intensities), the ranking also looks past the filled
     structure's ends where the image goes on looking like the painted structure (:func:`intensity_evidence`),
     as ``segment``'s does where the network alone sees it go on; such rows carry ``beyond_filled``."""
-    from .inference import rank_uncertain_slices
-
     a = axis_index(axis)
     fraction = np.count_nonzero(filled, axis=tuple(d for d in range(3) if d != a)) / \
         (filled.size / filled.shape[a])
@@ -104,7 +103,7 @@ def next_slices(filled: np.ndarray, axis: str, labelled: Sequence[int], prior: S
 
 def intensity_evidence(prior: SlicePrior) -> list[dict]:
     """Per slice, what stands for the network alone in the ``gap`` ranking's look past the structure's end
-    (``network_box_fraction``, ``network_on_painted``: :func:`mismatch.inference.network_continues`), from the
+    (``network_box_fraction``, ``network_on_painted``: :func:`mismatch.ranking.network_continues`), from the
     image instead: the share of the painted structure's in-plane box whose intensity is likelier inside a
     painted class than around it (the prior's painted-intensity log-ratios above 0), and the share of those
     voxels on the outermost painted slice's structure. Empty rows without the painted intensities."""

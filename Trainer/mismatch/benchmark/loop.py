@@ -14,8 +14,8 @@ seed and *policy* (how the user picks the next slice), a trajectory runs:
    ``mismatch segment --labels``) and records IoU, Dice and ECE on every slice not labelled, the seconds of
    training and segmenting, and the slice each ranking would suggest next.
 
-Policies (:data:`POLICIES`): ``suggested`` (the engine's default ranking, :data:`~mismatch.inference.DEFAULT_RANKING`),
-``suggested-<ranking>`` for each ranking of :data:`~mismatch.inference.RANKINGS` (to compare them), ``even``
+Policies (:data:`POLICIES`): ``suggested`` (the engine's default ranking, :data:`~mismatch.ranking.DEFAULT_RANKING`),
+``suggested-<ranking>`` for each ranking of :data:`~mismatch.ranking.RANKINGS` (to compare them), ``even``
 (the labelled slices evenly spaced over the structure's extent, for each count: the fixed schedule a careful user
 would paint; not nested, each round still starts from the previous model), ``random`` (a random slice of the
 structure's extent) and ``largest-gap`` (the slice of the extent farthest from any labelled one). The extent is
@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..inference import DEFAULT_RANKING, RANKINGS
+from ..ranking import DEFAULT_RANKING, RANKINGS
 from .datasets import even_slices, extent
 from .classical import labelled_slices_only
 from .runner import AXIS_NAMES, Budget, _fmt, check_same_settings, read_json, write_json
@@ -147,8 +147,8 @@ def random_slice(candidates: Sequence[int], labelled: Sequence[int], n_slices: i
 
 
 def suggestions(slice_scores: list[dict], labelled: Sequence[int], two_decoders: bool) -> dict[str, int | None]:
-    """The slice each ranking of :data:`~mismatch.inference.RANKINGS` puts first (None when none is left)."""
-    from ..inference import rank_uncertain_slices
+    """The slice each ranking of :data:`~mismatch.ranking.RANKINGS` puts first (None when none is left)."""
+    from ..ranking import rank_uncertain_slices
 
     out = {}
     for name in RANKINGS:
