@@ -230,7 +230,7 @@ class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
         widget.logic.current_model = None
         self._saved = (widget, install.dependencies_missing, install.ensure_dependencies, widget.errorDisplay,
                        widget.confirm)
-        install.dependencies_missing = lambda *args: False
+        install.dependencies_missing = lambda *args, **kwargs: False
         self.errors, self.questions = [], []
         widget.errorDisplay = lambda text, **kwargs: self.errors.append((text, kwargs))
         widget.confirm = lambda text: self.questions.append(text) or False
@@ -349,7 +349,7 @@ class MisMatchSegmentationTest(ScriptedLoadableModuleTest):
                 raise OSError("No space left on device")
             except OSError as exc:
                 raise install.InstallFailed("PyTorch", exc, install.TORCH_ADVICE) from exc
-        install.dependencies_missing = lambda *args: True
+        install.dependencies_missing = lambda *args, **kwargs: True
         install.ensure_dependencies = failing  # tearDown restores both
         widget.ui.trainButton.click()
         self.assertEqual(len(self.errors), 1)

@@ -168,13 +168,17 @@ def _install_requirements(path: Path, todo: list[str], slicer_module, confirm) -
     return todo
 
 
-def dependencies_missing(version_of=importlib.metadata.version) -> bool:
-    """Whether :func:`ensure_dependencies` has anything to do (the panel shows no dialog otherwise)."""
-    return not torch_installed(version_of) or bool(missing(read_requirements(), version_of))
+def dependencies_missing(version_of=importlib.metadata.version, torch: bool = True) -> bool:
+    """Whether :func:`ensure_dependencies` has anything to do (the panel shows no dialog otherwise); ``torch``
+    False: for a job that runs without it (Fill)."""
+    return (torch and not torch_installed(version_of)) or bool(missing(read_requirements(), version_of))
 
 
-def ensure_dependencies(pytorch_utils=None, slicer_module=None, ask: bool = True, progress=None) -> None:
-    """Everything the engine's child process imports: torch first, then the rest. Raises
-    :class:`InstallDeclined` (the user said no) or :class:`InstallFailed`."""
-    ensure_torch(pytorch_utils, ask=ask, progress=progress)
+def ensure_dependencies(pytorch_utils=None, slicer_module=None, ask: bool = True, progress=None,
+                        torch: bool = True) -> None:
+    """Everything the engine's child process imports: torch first (unless ``torch`` is False: the engine's
+    ``fill`` runs without it), then the rest. Raises :class:`InstallDeclined` (the user said no) or
+    :class:`InstallFailed`."""
+    if torch:
+        ensure_torch(pytorch_utils, ask=ask, progress=progress)
     ensure_requirements(slicer_module=slicer_module, progress=progress)

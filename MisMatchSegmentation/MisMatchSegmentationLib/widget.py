@@ -272,10 +272,11 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         return self.ui.deviceComboBox.currentData or "auto"
 
     # -- actions --------------------------------------------------------------------------------------
-    def _ensureDependencies(self) -> bool:
+    def _ensureDependencies(self, torch: bool = True) -> bool:
         """Install what the engine needs on first use, with a progress dialog that shows pip's output (the torch
-        download is several GB); a failure opens an error dialog that says what failed and what to do."""
-        if not install.dependencies_missing():
+        download is several GB; ``torch`` False: not for a job that runs without it, Fill); a failure opens an
+        error dialog that says what failed and what to do."""
+        if not install.dependencies_missing(torch=torch):
             return True
         dialog = slicer.util.createProgressDialog(windowTitle=_("MisMatch: installing"), maximum=0,
                                                   labelText=_("Preparing the installation..."))
@@ -294,7 +295,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
         try:
             with install.forward_log(line):
-                install.ensure_dependencies(progress=progress)
+                install.ensure_dependencies(progress=progress, torch=torch)
             return True
         except install.InstallDeclined as exc:
             self.state.report(str(exc))
@@ -328,12 +329,13 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             outputs.confirm_overwrite = True
         return True
 
-    def _startJob(self, running: State, start) -> None:
-        """Cancel the job of state ``running``, or start one: ``start()`` returns False when it did not start."""
+    def _startJob(self, running: State, start, torch: bool = True) -> None:
+        """Cancel the job of state ``running``, or start one: ``start()`` returns False when it did not start;
+        ``torch``: whether the job's engine needs torch installed (not Fill)."""
         if self.state.state == running:
             self._cancel()
             return
-        if not self._ensureDependencies():
+        if not self._ensureDependencies(torch=torch):
             return
         try:
             if start() is False:
@@ -363,7 +365,7 @@ class MisMatchSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 return False
             self.state.start_filling()
             self.logic.start_filling(request, p.outputSegmentation, confirm_overwrite=outputs.confirm_overwrite)
-        self._startJob(State.FILLING, start)
+        self._startJob(State.FILLING, start, torch=False)
 
     def onResumeButton(self) -> None:
         try:

@@ -223,3 +223,10 @@ def test_nothing_to_install_means_no_dialog():
         raise importlib.metadata.PackageNotFoundError(name)
     assert install.dependencies_missing(everything) is False
     assert install.dependencies_missing(nothing) is True
+
+    def all_but_torch(name):
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "9.9"
+    assert install.dependencies_missing(all_but_torch) is True
+    assert install.dependencies_missing(all_but_torch, torch=False) is False   # Fill runs without torch
