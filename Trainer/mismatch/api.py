@@ -115,7 +115,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
     torchrun (:mod:`mismatch.distributed`) only rank 0 writes the model folder.
     """
     from . import distributed
-    from .data import axis_index, check_label_values, labelled_slices
+    from .data import axis_index, check_label_values, choose_axis, painted_slices, window_note
     from .device import describe
     from .io import check_outputs_not_inputs, check_writable, finish_interrupted_swap, read_image, read_labels
     from .modelfile import CHECKPOINT_DIR, _model_complete, check_checkpoint, check_model_destination
@@ -164,13 +164,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
             if init_card is not None else auto_window(image)
         config = dataclasses.replace(config, hu_window=window)
     labels = read_labels(labels_path, geometry, log=reporter.log)
-    if config.axis == "auto":   # mismatch train's default: the axis the labels were painted along
-        from .data import painted_axis
-
-        axis, why = painted_axis(labels)
-        if axis != "k":
-            reporter.log(why)
-        config = dataclasses.replace(config, axis=axis)
+    config = dataclasses.replace(config, axis=choose_axis(labels, config.axis, reporter.log))
     extra = []
     for case in unlabelled:
         vol, _ = read_image(case)
@@ -196,10 +190,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         raise UserError(f"--init {init_model}: the model has {len(init_card['classes'])} class(es), the labels "
                         f"{len(classes)}; fine-tune with the same segments")
 
-    labelled = labelled_slices(labels, config.axis, explicit_slices)
-    if len(labelled) == 0:
-        raise UserError(f"{labels_path}: no labelled slice along axis {config.axis}; paint the structure on at "
-                        "least one slice, or list labelled slices with --labelled-slices")
+    labelled = painted_slices(labels, config.axis, explicit_slices, labels_path)
     n_slices = labels.shape[axis_index(config.axis)]
     if len(labelled) == n_slices and not extra and pool is None and method.uses_unlabelled:
         raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
@@ -213,9 +204,8 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
 
     n_total = sum(v.shape[1 + axis_index(config.axis)] for v in volumes)
     if auto and config.hu_window:   # said once every input has passed its checks
-        why = "as the --init model's inputs were" if init_model else "the image looks like a CT in Hounsfield units"
-        reporter.log(f"{why}: clipped to {config.hu_window[0]:g} to {config.hu_window[1]:g} before normalising "
-                     "(--hu-window=LOW,HIGH for another window, --hu-window none for none)")
+        reporter.log(window_note(config.hu_window, "as the --init model's inputs were") if init_model else
+                     window_note(config.hu_window))
     reporter.log(f"{len(labelled)} labelled slice(s) along {config.axis}, {n_total - len(labelled)} "
                  f"unlabelled; training {config.method} on {describe(dev)}"
                  + (f" and {ctx.world_size - 1} more process(es) ({ctx.backend}), the batch split evenly"

@@ -85,6 +85,32 @@ def labelled_slices(labels: np.ndarray, axis: str = "k", explicit: Sequence[int]
     return np.asarray(sorted(found), dtype=np.int64)
 
 
+def choose_axis(labels: np.ndarray, axis: str, log) -> str:
+    """``axis``, or for ``"auto"`` (``--axis auto``) the axis ``labels`` were painted along (:func:`painted_axis`),
+    ``log`` told why when that is not ``k``."""
+    if axis != "auto":
+        return axis
+    axis, why = painted_axis(labels)
+    if axis != "k":
+        log(why)
+    return axis
+
+
+def painted_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, labels_path) -> np.ndarray:
+    """:func:`labelled_slices`; none at all is a :class:`UserError` naming ``labels_path``."""
+    labelled = labelled_slices(labels, axis, explicit)
+    if len(labelled) == 0:
+        raise UserError(f"{labels_path}: no labelled slice along axis {axis}; paint the structure on at least one "
+                        "slice, or list labelled slices with --labelled-slices")
+    return labelled
+
+
+def window_note(window, why: str = "the image looks like a CT in Hounsfield units") -> str:
+    """The log line that says an image is clipped to ``window`` before normalising, and ``why``."""
+    return (f"{why}: clipped to {window[0]:g} to {window[1]:g} before normalising (--hu-window=LOW,HIGH for "
+            "another window, --hu-window none for none)")
+
+
 def label_values(labels: np.ndarray) -> np.ndarray:
     """The distinct values of a label map, sorted, as :func:`numpy.unique` gives them. Integer maps whose
     values span at most 16 (the label maps users paint) are tested a value at a time, a few passes over the

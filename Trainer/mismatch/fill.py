@@ -18,8 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .classes import choose_classes, class_values_lut, remap_labels
-from .data import Normalisation, auto_window, axis_index, labelled_slices, painted_axis
-from .errors import UserError
+from .data import Normalisation, auto_window, axis_index, choose_axis, painted_slices, window_note
 from .events import Reporter
 from .prior import PriorSettings, SlicePrior
 from .ranking import rank_uncertain_slices
@@ -50,21 +49,14 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     labels = read_labels(labels_path, geometry, log=reporter.log)
     classes = choose_classes(labels, labels_path, classes_path)
     mapped = remap_labels(labels, classes)
-    if axis == "auto":
-        axis, why = painted_axis(labels)
-        if axis != "k":
-            reporter.log(why)
+    axis = choose_axis(labels, axis, reporter.log)
     del labels
-    labelled = labelled_slices(mapped, axis, explicit_slices)
-    if len(labelled) == 0:
-        raise UserError(f"{labels_path}: no labelled slice along axis {axis}; paint the structure on at least one "
-                        "slice, or list labelled slices with --labelled-slices")
+    labelled = painted_slices(mapped, axis, explicit_slices, labels_path)
     window = auto_window(image) if hu_window == "auto" else hu_window
     volume = Normalisation(hu_window=tuple(window) if window else None).apply(image[:1])[0]
     del image
     if hu_window == "auto" and window:
-        reporter.log(f"the image looks like a CT in Hounsfield units: clipped to {window[0]:g} to {window[1]:g} "
-                     "before normalising (--hu-window=LOW,HIGH for another window, --hu-window none for none)")
+        reporter.log(window_note(window))
     reporter.log(f"filling {mapped.shape[axis_index(axis)] - len(labelled)} slice(s) along {axis} from "
                  f"{len(labelled)} painted slice(s): no network, the painted slices with the image's edges and "
                  "intensities")
