@@ -356,18 +356,27 @@ class MisMatchLogic:
         self._start(job)
         return job
 
-    def _fill_done(self, job: Job, finished: dict) -> str:
+    @staticmethod
+    def _import_segmentation(job: Job, doing: str):
+        """The job's label map into its output segmentation (a new node for none): ``(input volume, its name,
+        segmentation node)``. The input volume must still be in the scene; an output node removed meanwhile is
+        replaced by a new one, and the output checks run again on what is left."""
         request: SegmentRequest = job.request
         reference = request.volumes[0]
         if not is_alive(reference):
-            raise JobError("the input volume was removed from the scene while filling: nothing was imported")
-        if request.output_segmentation is not None and not is_alive(request.output_segmentation):
-            request.output_segmentation = None
+            raise JobError(f"the input volume was removed from the scene while {doing}: nothing was imported")
+        for key in ("output_segmentation", "confidence_volume", "disagreement_volume"):
+            if getattr(request, key) is not None and not is_alive(getattr(request, key)):
+                setattr(request, key, None)
         check_outputs(request)
         name = reference.GetName()
         seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, job.card["classes"],
                                             request.output_segmentation, name=f"{name} MisMatch segmentation")
         seg.SetAttribute(OUTPUT_ATTRIBUTE, "segmentation")
+        return reference, name, seg
+
+    def _fill_done(self, job: Job, finished: dict) -> str:
+        _, name, seg = self._import_segmentation(job, "filling")
         report = job.folder / "report.json"   # the slices worth painting next; an older engine writes none
         self.report = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
         self.report_axis = (self.report or {}).get("slice_axis") or "k"
@@ -664,18 +673,8 @@ class MisMatchLogic:
 
     def _segment_done(self, job: Job, finished: dict) -> str:
         request: SegmentRequest = job.request
-        reference = request.volumes[0]
-        if not is_alive(reference):
-            raise JobError("the input volume was removed from the scene while segmenting: nothing was imported")
-        # an output node removed meanwhile is replaced by a new one; the checks run again on what is left
-        for key in ("output_segmentation", "confidence_volume", "disagreement_volume"):
-            if getattr(request, key) is not None and not is_alive(getattr(request, key)):
-                setattr(request, key, None)
-        check_outputs(request)
         card = job.card
-        name = reference.GetName()
-        seg = jobfolder.import_segmentation(job.folder / "segmentation.nrrd", reference, card["classes"],
-                                            request.output_segmentation, name=f"{name} MisMatch segmentation")
+        reference, name, seg = self._import_segmentation(job, "segmenting")
         confidence = jobfolder.read_volume_on_grid(job.folder / "confidence.nrrd", reference, request.confidence_volume)
         if request.confidence_volume is None:
             confidence.SetName(f"{name} MisMatch confidence")
@@ -683,7 +682,6 @@ class MisMatchLogic:
                                                      request.disagreement_volume)
         if request.disagreement_volume is None:
             disagreement.SetName(f"{name} MisMatch disagreement")
-        seg.SetAttribute(OUTPUT_ATTRIBUTE, "segmentation")
         confidence.SetAttribute(OUTPUT_ATTRIBUTE, "confidence")
         disagreement.SetAttribute(OUTPUT_ATTRIBUTE, "disagreement")
         _colour_volume(confidence, (0.0, 1.0))
