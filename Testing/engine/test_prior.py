@@ -396,3 +396,28 @@ def test_the_temperature_tempers_the_confidence_and_keeps_every_label(classes):
     assert segs[2.0].confidence[off].mean() < segs[1.0].confidence[off].mean()
     old = {k: v for k, v in PriorSettings(temperature=2.0).to_dict().items() if k != "temperature"}
     assert PriorSettings.from_dict(old).temperature == 1.0
+
+
+def test_past_the_painted_range_the_prior_weighs_beyond_scale_times_more():
+    """Off the painted range the prior's weight in the fusion is ``beyond_scale`` times its weight between
+    the painted slices (1 by default: the same everywhere); settings recorded before it weigh the same
+    everywhere; a larger scale moves the fused probability towards the prior's only there."""
+    sparse = _tube(10, 20)
+    sparse[[11, 12, 13, 14, 16, 17, 18, 19]] = 0
+    st = PriorSettings(beyond_scale=4.0)
+    prior = SlicePrior(sparse, [10, 15, 20], 0, (1.0, 1.0, 1.0), 2, st)
+    assert [prior.weight(s) for s in (10, 12, 20)] == [st.weight] * 3
+    assert [prior.weight(s) for s in (9, 21, 39)] == [4 * st.weight] * 3
+    plain = SlicePrior(sparse, [10, 15, 20], 0, (1.0, 1.0, 1.0), 2)
+    assert PriorSettings().beyond_scale == 1.0 and plain.weight(39) == plain.weight(12)
+    old = {k: v for k, v in st.to_dict().items() if k != "beyond_scale"}
+    assert PriorSettings.from_dict(old).beyond_scale == 1.0
+    assert PriorSettings.from_dict(st.to_dict()) == st
+    torch.manual_seed(0)
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=2, width=4)).eval()
+    volume = np.random.default_rng(3).normal(size=(1, *sparse.shape)).astype(np.float32)
+    segs = {p: segment_volume([net], volume, axis="k", prior=p, outputs=("confidence", "labels"))
+            for p in (plain, prior)}
+    inside, outside = [12, 17], [5, 30]
+    assert np.array_equal(segs[plain].confidence[inside], segs[prior].confidence[inside])
+    assert not np.array_equal(segs[plain].confidence[outside], segs[prior].confidence[outside])

@@ -125,7 +125,7 @@ def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) ->
     with probability 1."""
     eps = 1e-6
     out = torch.empty_like(mean, dtype=torch.float32)
-    w, t = float(prior.settings.weight), float(prior.settings.temperature)
+    t = float(prior.settings.temperature)
     for i, s in enumerate(slices):
         p = mean[i].float()
         if prior.is_labelled(s):
@@ -134,6 +134,7 @@ def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) ->
                 torch.nn.functional.one_hot(painted, p.shape[0]).permute(2, 0, 1).float()
             continue
         lo = torch.from_numpy(prior.log_odds(s)).to(p.device)
+        w = prior.weight(s)
         if binary:
             z = torch.log(p.clamp(eps, 1 - eps)) - torch.log1p(-p.clamp(eps, 1 - eps)) + w * lo
             out[i] = torch.sigmoid(z / t)

@@ -193,6 +193,15 @@ class PriorSettings:
     probabilities. The experts are not independent (the network, the edges and the intensities often see the
     same thing), so their sum is overconfident; a temperature above 1 tempers the confidence without changing
     any label (the most probable class stays the most probable).
+
+    ``beyond_scale``: the prior's weight past the outermost painted slices, as a multiple of ``weight``
+    (:meth:`SlicePrior.weight`). Between painted slices the network interpolates between slices it was
+    trained on; past them it extrapolates to slices unlike any it has seen (smaller cross-sections, the
+    structure's end, other anatomy), while the prior's shrinking shape, its end and the painted intensities
+    say where the structure stops. 1 (the default): the same weight everywhere. No larger value won over the
+    data sets (``docs/benchmarks.md``, "Trusting the prior more past the painted slices"): it removes the
+    network's false positives past a large structure's end (white matter), and the structure the network
+    rightly finds going on past the painted slices (ribs, tumours).
     """
 
     tau_mm: float = 4.0
@@ -212,9 +221,11 @@ class PriorSettings:
     intensity_beta: float = 1.0
     intensity_counts: float = 1000.0
     temperature: float = 1.5
+    beyond_scale: float = 1.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
-               "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature")
+               "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
+               "beyond_scale")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -225,7 +236,7 @@ class PriorSettings:
     #: before it (:meth:`from_dict`)
     _BEFORE = {
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
-        "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0}
+        "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -367,6 +378,14 @@ class SlicePrior:
         _, bins, ratios = self.intensity
         values = np.take(self.image, int(s), axis=self.axis)[inplane][mask]
         return float(ratios[:, intensity_bin(bins, values)].max(0).mean())
+
+    def weight(self, s: int) -> float:
+        """The prior's weight in the fusion on slice ``s``: ``settings.weight``, times ``settings.beyond_scale``
+        past the outermost painted slices."""
+        st = self.settings
+        s = int(s)
+        outside = s < self.lab[0] or s > self.lab[-1]
+        return float(st.weight) * (float(st.beyond_scale) if outside else 1.0)
 
     def interpolated_sdf(self, s: int) -> np.ndarray:
         """``float32 [N, H, W]``: each class's signed distance (mm) on slice ``s``, linear between the painted
