@@ -100,10 +100,10 @@ def main(argv=None) -> int:
                     cells.append(f"{100 * statistics.mean(f):.1f} / {100 * statistics.mean(m):.1f}" if f and m else
                                  (f"{100 * statistics.mean(f):.1f} / –" if f else "–"))
                 if ref:
-                    for name, source, key in (("fill", rows, "policy"), ("mismatch", mine, "policy")):
+                    for name, source in (("fill", rows), ("mismatch", mine)):
                         for seed in range(int(sim["seeds"])):
                             got = sorted((r["n_labelled"], r["iou_volume"]) for r in source
-                                         if r[key] == policy and r["seed"] == seed and r.get("dataset", dataset) == dataset
+                                         if r["policy"] == policy and r["seed"] == seed and r.get("dataset", dataset) == dataset
                                          and r.get("iou_volume") is not None)
                             first = next((n for n, v in got if v >= 0.95 * ref), None)
                             need[name].append(first)

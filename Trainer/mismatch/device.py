@@ -64,8 +64,6 @@ def describe(device: torch.device) -> str:
     return str(device)
 
 
-
-
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation can still get on ``device``, or None where that is not known.
 

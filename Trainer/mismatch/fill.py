@@ -6,7 +6,7 @@ structure shrinking past the outermost painted slice) labels every unpainted sli
 slices stay as painted and only the parts connected to a painted voxel are kept, as ``segment`` does.
 docs/benchmarks.md ("Before any training") measures it: above the free tools on most data sets, level with
 the trained default on large smooth structures painted evenly, 6 to 18 points below it on tumours and thin
-bone. Imports no torch (the optional report ranks with :mod:`mismatch.inference`, which does).
+bone. Imports no torch (the report ranks with the torch-free :mod:`mismatch.ranking`).
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ class PriorSettings:
     trained on; past them it extrapolates to slices unlike any it has seen (smaller cross-sections, the
     structure's end, other anatomy), while the prior's shrinking shape, its end and the painted intensities
     say where the structure stops. 1 (the default): the same weight everywhere. No larger value won over the
-    data sets (``docs/benchmarks.md``, "Trusting the prior more past the painted slices"): it removes the
+    data sets (``docs/benchmarks.md``, "Trusting the prior more only past the painted slices"): it removes the
     network's false positives past a large structure's end (white matter), and the structure the network
     rightly finds going on past the painted slices (ribs, tumours).
     """
