@@ -7,7 +7,7 @@ import torch
 from mismatch.inference import segment_volume
 from mismatch.methods.augment import anatomy_preserving
 from mismatch.models import ArchitectureConfig, SegmentationNetwork
-from mismatch.prior import (PriorSettings, SlicePrior, intensity_bin, keep_connected, nearest_slice,
+from mismatch.prior import (PriorSettings, SlicePrior, boundary_threshold, intensity_bin, keep_connected, nearest_slice,
                             shape_interpolation, signed_distance)
 
 
@@ -421,3 +421,63 @@ def test_past_the_painted_range_the_prior_weighs_beyond_scale_times_more():
     inside, outside = [12, 17], [5, 30]
     assert np.array_equal(segs[plain].confidence[inside], segs[prior].confidence[inside])
     assert not np.array_equal(segs[plain].confidence[outside], segs[prior].confidence[outside])
+
+
+def test_boundary_threshold_finds_the_painted_outlines_intensity_and_how_sharp_it_is():
+    """The logistic fit on the pixels along the painted outlines: the threshold halfway across a clear edge and
+    a steep slope (negative for a structure darker than its surroundings); a flat one where the intensities
+    inside and outside are the same; None for a class not painted."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((5, 40, 40), np.uint8)
+    for k in (1, 3):
+        label[k] = disc((40, 40), (20, 20), 5 + 2 * k)
+    image = np.where(label > 0, 200.0, -800.0) + rng.normal(0, 20, label.shape)
+    (slope, threshold), = boundary_threshold(image, label, [1, 3], 0, 1)
+    assert -450 < threshold < -150 and slope * 500 > 3   # at either side's intensity: over 3 log-odds
+    (dark_slope, dark_threshold), = boundary_threshold(-image, label, [1, 3], 0, 1)
+    assert dark_slope < 0 and 150 < dark_threshold < 450
+    flat = rng.normal(0, 20, label.shape)
+    (flat_slope, _), = boundary_threshold(flat, label, [1, 3], 0, 1)
+    assert abs(flat_slope) * 20 < 0.5   # one standard deviation of the intensities: under half a log-odds
+    assert boundary_threshold(image, label, [1, 3], 0, 2) == [boundary_threshold(image, label, [1, 3], 0, 1)[0],
+                                                               None]
+
+
+def _undecided_network(classes: int) -> SegmentationNetwork:
+    """A MisMatch network whose every decoder says 0.5 (every class equally likely) everywhere."""
+    net = SegmentationNetwork(ArchitectureConfig(name="mismatch", in_channels=1, num_classes=classes, width=4))
+    for decoder in net.decoders:
+        torch.nn.init.zeros_(decoder.classifier.weight)
+        torch.nn.init.zeros_(decoder.classifier.bias)
+    return net.eval()
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_doubt(classes):
+    """A bright disc grows from radius 5 to 9 over slices 2 to 6 but is back to radius 5 on slice 4. With a
+    network in doubt and the shape of the painted slices alone, slice 4 gets the interpolated radius 7; the
+    painted outlines' intensity puts its outline on the image's edge. Off the painted structure's box, and with
+    ``boundary_beta`` 0 (settings recorded before it), nothing changes."""
+    truth = np.zeros((9, 40, 40), np.uint8)
+    for k, r in ((2, 5), (3, 5), (4, 5), (5, 8), (6, 9)):
+        truth[k] = disc((40, 40), (20, 20), r)
+    volume = np.where(truth > 0, 1.0, -1.0)[None].astype(np.float32)
+    sparse = np.zeros_like(truth)
+    sparse[[2, 6]] = truth[[2, 6]]
+    plain = dict(grow_beta=0.0, intensity_beta=0.0, end_penalty=0.0, connected=False)
+    priors = {beta: SlicePrior(sparse, [2, 6], 0, (1.0, 1.0, 1.0), classes,
+                               PriorSettings(boundary_beta=beta, **plain), image=volume[0]) for beta in (0.0, 2.0)}
+    assert priors[0.0].boundary_vote(4) is None and priors[2.0].boundary_vote(4).shape == (classes - 1, 40, 40)
+    segs = {beta: segment_volume([_undecided_network(classes)], volume, axis="k", prior=p, outputs=("labels",))
+            for beta, p in priors.items()}
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    before, after = iou(segs[0.0].labels[4] > 0, truth[4] > 0), iou(segs[2.0].labels[4] > 0, truth[4] > 0)
+    assert before < 0.7 and after > 0.95
+    assert np.array_equal(segs[2.0].labels[[2, 6]], sparse[[2, 6]])
+    filled = {beta: p.label_map(truth.shape) for beta, p in priors.items()}   # mismatch fill: no network
+    assert iou(filled[0.0][4] > 0, truth[4] > 0) < 0.7 and iou(filled[2.0][4] > 0, truth[4] > 0) > 0.95
+    old = {k: v for k, v in PriorSettings(boundary_beta=2.0).to_dict().items() if k != "boundary_beta"}
+    assert PriorSettings.from_dict(old).boundary_beta == 0.0 and PriorSettings().boundary_beta > 0

@@ -26,7 +26,7 @@ from .events import Reporter
 from .grow import painted_box
 from .metrics import OverlapCounter
 from .models import SegmentationNetwork
-from .prior import SlicePrior
+from .prior import SlicePrior, gated_vote
 from .ranking import continuing_stretch
 
 #: at most this many bytes of the networks' outputs computed while finding where the structure ends
@@ -121,8 +121,9 @@ def _top_label(probs: torch.Tensor, binary: bool) -> tuple[torch.Tensor, torch.T
 
 def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) -> torch.Tensor:
     """The mean prediction combined with the painted slices' prior (a product of experts: network log-odds
-    plus the prior's weighted log-odds, divided by its ``temperature``); on a painted slice, the painted labels
-    with probability 1."""
+    plus the prior's weighted log-odds, then the painted outlines' intensity vote where those two leave the
+    label in doubt (:meth:`SlicePrior.boundary_vote`), divided by its ``temperature``); on a painted slice, the
+    painted labels with probability 1."""
     eps = 1e-6
     out = torch.empty_like(mean, dtype=torch.float32)
     t = float(prior.settings.temperature)
@@ -135,12 +136,22 @@ def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) ->
             continue
         lo = torch.from_numpy(prior.log_odds(s)).to(p.device)
         w = prior.weight(s)
+        vote = prior.boundary_vote(s)
+        beta = float(prior.settings.boundary_beta)
         if binary:
             z = torch.log(p.clamp(eps, 1 - eps)) - torch.log1p(-p.clamp(eps, 1 - eps)) + w * lo
+            if vote is not None:
+                z = z + gated_vote(z, torch.from_numpy(vote).to(p.device), beta)
             out[i] = torch.sigmoid(z / t)
         else:
             prior_logp = torch.log_softmax(torch.cat([torch.zeros_like(lo[:1]), lo]), 0)
-            out[i] = torch.softmax((torch.log(p.clamp_min(eps)) + w * prior_logp) / t, 0)
+            logits = torch.log(p.clamp_min(eps)) + w * prior_logp
+            if vote is not None:   # each class against the others, as in the binary case
+                fg = logits[1:]
+                z = fg - torch.stack([torch.logsumexp(torch.cat([logits[:c + 1], logits[c + 2:]]), 0)
+                                      for c in range(fg.shape[0])])
+                logits = torch.cat([logits[:1], fg + gated_vote(z, torch.from_numpy(vote).to(p.device), beta)])
+            out[i] = torch.softmax(logits / t, 0)
     return out
 
 

@@ -202,6 +202,17 @@ class PriorSettings:
     data sets (``docs/benchmarks.md``, "Trusting the prior more only past the painted slices"): it removes the
     network's false positives past a large structure's end (white matter), and the structure the network
     rightly finds going on past the painted slices (ribs, tumours).
+
+    What the painted outlines' intensities say (:func:`boundary_threshold`): the pixels within
+    ``boundary_band`` pixels of each class's painted outline, on either side, are what decides where an outline
+    lies; a logistic fit of "in the class" on their intensity gives the intensity at which the painted
+    outlines lie and how sharply (a steep fit where the structure's edge has a clear contrast: vessels, bone,
+    lungs; a flat one where intensities overlap: most tumours). Over the painted structure's box
+    (:func:`~mismatch.grow.painted_box`), each pixel gets that fit's log-odds (clipped to
+    +-:data:`INTENSITY_CLIP`) times ``boundary_beta``, added after the network's and the rest of the prior's
+    (not scaled by ``weight``) and damped where those are sure (``1 / (1 + (z / BOUNDARY_GATE) ** 2)`` for their
+    combined log-odds ``z``): it moves the outlines that they leave in doubt, onto the painted outlines'
+    intensity, and leaves alone what they agree on (the bright vessels inside painted lungs). 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -222,10 +233,12 @@ class PriorSettings:
     intensity_counts: float = 1000.0
     temperature: float = 1.5
     beyond_scale: float = 1.0
+    boundary_beta: float = 2.0
+    boundary_band: float = 1.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
-               "beyond_scale")
+               "beyond_scale", "boundary_beta", "boundary_band")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -236,7 +249,8 @@ class PriorSettings:
     #: before it (:meth:`from_dict`)
     _BEFORE = {
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
-        "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0}
+        "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
+        "boundary_beta": 0.0, "boundary_band": 1.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -246,7 +260,8 @@ class PriorSettings:
         without them; without ``intensity_counts``, with the histograms as they were then (no counts); without
         ``end_follows_network``, with the end where the painted slices put it; without ``end_intensity``, with
         the end moved by the network's shapes alone; without ``intensity_beyond``, with the intensities in the
-        growing's box only; without ``temperature``, untempered."""
+        growing's box only; without ``temperature``, untempered; without ``boundary_beta``, without the painted
+        outlines' intensities."""
         d = d or {}
         values = {k: float(d[k]) for k in cls._FLOATS if k in d}
         for key in ("connected", "end_follows_network", "end_intensity", "intensity_beyond"):
@@ -322,6 +337,34 @@ class SlicePrior:
                 self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
                                                                self.n_fg, box, st.intensity_counts))
 
+        self.boundary = None   # (box, [(slope, threshold) or None per class]): the painted outlines' intensities
+        if image is not None and st.boundary_beta > 0 and self.n_fg > 0:
+            box = painted_box(self.sparse, self.lab, self.axis)
+            if box is not None:
+                self.image = np.asarray(image)
+                self.boundary = (box, boundary_threshold(self.image, self.sparse, self.lab, self.axis, self.n_fg,
+                                                         st.boundary_band))
+
+    def boundary_vote(self, s: int) -> np.ndarray | None:
+        """The painted outlines' intensity fit on slice ``s`` (:func:`boundary_threshold`): log-odds
+        ``float32 [N, H, W]``, one map per foreground class, clipped to +-:data:`INTENSITY_CLIP`, 0 outside the
+        painted structure's in-plane box (and for a class without a fit); None off the box's slices or without
+        a fit (``settings.boundary_beta`` 0, no image)."""
+        if self.boundary is None:
+            return None
+        box, fits = self.boundary
+        along = box[self.axis]
+        if not along.start <= int(s) < along.stop or all(f is None for f in fits):
+            return None
+        inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
+        values = np.take(self.image, int(s), axis=self.axis)[inplane]
+        out = np.zeros((self.n_fg,) + tuple(self.src.shape[1:]), dtype=np.float32)
+        for c, fit in enumerate(fits):
+            if fit is not None:
+                slope, threshold = fit
+                out[(c,) + inplane] = np.clip(slope * (values - threshold), -INTENSITY_CLIP, INTENSITY_CLIP)
+        return out
+
     def is_labelled(self, s: int) -> bool:
         return int(s) in self.sdfs
 
@@ -360,6 +403,13 @@ class SlicePrior:
                 moved[s] = self.labels(s)
             else:
                 odds = self.log_odds(s)
+                vote = self.boundary_vote(s)
+                if vote is not None:   # as the inference adds it, with no network: the prior's log-odds alone
+                    w = self.weight(s)
+                    logits = np.concatenate([np.zeros_like(odds[:1]), w * odds])
+                    z = np.stack([logits[c + 1] - np.logaddexp.reduce(np.delete(logits, c + 1, axis=0), axis=0)
+                                  for c in range(self.n_fg)])
+                    odds = w * odds + gated_vote(z, vote, self.settings.boundary_beta)
                 moved[s] = np.where(odds.max(0) > 0, odds.argmax(0) + 1, 0)
         return self.keep_connected(out) if self.settings.connected else out
 
@@ -479,6 +529,64 @@ def intensity_log_ratios(image: np.ndarray, sparse: np.ndarray, labelled: Sequen
             ratios[c - 1] = np.clip(np.log(histogram(member, counts * rest)) - np.log(rest),
                                     -INTENSITY_CLIP, INTENSITY_CLIP)
     return bins, ratios
+
+
+#: the painted outlines' intensity vote is damped by ``1 / (1 + (z / BOUNDARY_GATE) ** 2)`` where the network and
+#: the rest of the prior give combined log-odds ``z``: a full vote where they are in doubt, a tenth at 3 x this
+BOUNDARY_GATE = 4.0
+
+
+def gated_vote(z, vote, beta: float):
+    """The painted outlines' vote ``beta * vote`` damped where the other experts' log-odds ``z`` (a class
+    against the rest) are sure: ``/ (1 + (z / BOUNDARY_GATE) ** 2)``. Elementwise: numpy arrays or torch
+    tensors alike (the prior's label map and the inference's fusion add it the same way)."""
+    return beta * vote / (1 + (z / BOUNDARY_GATE) ** 2)
+
+
+def boundary_threshold(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, n_fg: int,
+                       band: float = 1.0, l2: float = 1.0) -> list[tuple[float, float] | None]:
+    """Where, in intensity, the painted outlines lie: per foreground class, a logistic fit of "in the class" on
+    the intensity of the painted slices' pixels within ``band`` pixels of the class's painted outline (inside
+    and outside), ``(slope, threshold)`` with log-odds ``slope * (intensity - threshold)``; None for a class
+    not painted, or painted with no pixel outside it on any slice. The fit is on standardised intensities
+    with an L2 penalty ``l2`` on the slope (the log-odds stay finite where the two sides do not overlap), by
+    Newton's method. A steep fit says the outline follows a clear intensity edge; a flat one (the two sides'
+    intensities overlap, or the class lies between brighter and darker surroundings) says little."""
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    img = np.moveaxis(np.asarray(image), axis, 0)
+    src = np.moveaxis(np.asarray(sparse), axis, 0)
+    fits: list[tuple[float, float] | None] = []
+    for c in range(1, n_fg + 1):
+        xs, ys = [], []
+        for k in lab:
+            member = src[k] == c
+            if not member.any() or member.all():
+                continue
+            near = (ndimage.distance_transform_edt(~member) <= band) & (ndimage.distance_transform_edt(member) <= band)
+            xs.append(img[k][near])
+            ys.append(member[near])
+        x = np.concatenate(xs).astype(np.float64) if xs else np.zeros(0)
+        y = np.concatenate(ys).astype(np.float64) if ys else np.zeros(0)
+        if not x.size or y.min() == y.max():
+            fits.append(None)
+            continue
+        mu, sd = float(x.mean()), float(x.std())
+        if sd <= 0:
+            fits.append(None)
+            continue
+        z = (x - mu) / sd
+        w = np.zeros(2)   # log-odds w[0] * z + w[1]
+        for _ in range(30):
+            p = 0.5 * (1.0 + np.tanh(0.5 * (w[0] * z + w[1])))   # the logistic function, without overflow
+            r = p * (1.0 - p)
+            grad = np.array([((p - y) * z).sum() + l2 * w[0], (p - y).sum()])
+            hess = np.array([[(r * z * z).sum() + l2, (r * z).sum()], [(r * z).sum(), r.sum() + 1e-9]])
+            w = w - np.linalg.solve(hess, grad)
+        if abs(w[0]) < 1e-9:
+            fits.append(None)
+            continue
+        fits.append((float(w[0] / sd), float(mu - w[1] * sd / w[0])))
+    return fits
 
 
 def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
