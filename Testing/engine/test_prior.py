@@ -457,7 +457,8 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     """A bright disc grows from radius 5 to 9 over slices 2 to 6 but is back to radius 5 on slice 4. With a
     network in doubt and the shape of the painted slices alone, slice 4 gets the interpolated radius 7; the
     painted outlines' intensity puts its outline on the image's edge. Off the painted structure's box, and with
-    ``boundary_beta`` 0 (settings recorded before it), nothing changes."""
+    ``boundary_beta`` 0 (settings recorded before it), nothing changes; the prior's label map alone (``mismatch
+    fill``) does not use it."""
     truth = np.zeros((9, 40, 40), np.uint8)
     for k, r in ((2, 5), (3, 5), (4, 5), (5, 8), (6, 9)):
         truth[k] = disc((40, 40), (20, 20), r)
@@ -477,7 +478,7 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     before, after = iou(segs[0.0].labels[4] > 0, truth[4] > 0), iou(segs[2.0].labels[4] > 0, truth[4] > 0)
     assert before < 0.7 and after > 0.95
     assert np.array_equal(segs[2.0].labels[[2, 6]], sparse[[2, 6]])
-    filled = {beta: p.label_map(truth.shape) for beta, p in priors.items()}   # mismatch fill: no network
-    assert iou(filled[0.0][4] > 0, truth[4] > 0) < 0.7 and iou(filled[2.0][4] > 0, truth[4] > 0) > 0.95
+    filled = {beta: p.label_map(truth.shape) for beta, p in priors.items()}   # mismatch fill: without it
+    assert np.array_equal(filled[0.0], filled[2.0])
     old = {k: v for k, v in PriorSettings(boundary_beta=2.0).to_dict().items() if k != "boundary_beta"}
     assert PriorSettings.from_dict(old).boundary_beta == 0.0 and PriorSettings().boundary_beta > 0
