@@ -456,8 +456,8 @@ def _undecided_network(classes: int) -> SegmentationNetwork:
 def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_doubt(classes):
     """A bright disc grows from radius 5 to 9 over slices 2 to 6 but is back to radius 5 on slice 4. With a
     network in doubt and the shape of the painted slices alone, slice 4 gets the interpolated radius 7; the
-    painted outlines' intensity puts its outline on the image's edge. Off the painted structure's box, and with
-    ``boundary_beta`` 0 (settings recorded before it), nothing changes; the prior's label map alone (``mismatch
+    painted outlines' intensity puts its outline on the image's edge. Past the outermost painted slices it only
+    votes against the structure; with ``boundary_beta`` 0 (settings recorded before it) nothing changes; the prior's label map alone (``mismatch
     fill``) does not use it."""
     truth = np.zeros((9, 40, 40), np.uint8)
     for k, r in ((2, 5), (3, 5), (4, 5), (5, 8), (6, 9)):
@@ -469,6 +469,7 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     priors = {beta: SlicePrior(sparse, [2, 6], 0, (1.0, 1.0, 1.0), classes,
                                PriorSettings(boundary_beta=beta, **plain), image=volume[0]) for beta in (0.0, 2.0)}
     assert priors[0.0].boundary_vote(4) is None and priors[2.0].boundary_vote(4).shape == (classes - 1, 40, 40)
+    assert priors[2.0].boundary_vote(1).max() == 0 and priors[2.0].boundary_vote(1).min() < 0   # past: only against
     segs = {beta: segment_volume([_undecided_network(classes)], volume, axis="k", prior=p, outputs=("labels",))
             for beta, p in priors.items()}
 
