@@ -457,8 +457,8 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     """A bright disc grows from radius 5 to 9 over slices 2 to 6 but is back to radius 5 on slice 4. With a
     network in doubt and the shape of the painted slices alone, slice 4 gets the interpolated radius 7; the
     painted outlines' intensity puts its outline on the image's edge. Past the outermost painted slices it only
-    votes against the structure; with ``boundary_beta`` 0 (settings recorded before it) nothing changes; the prior's label map alone (``mismatch
-    fill``) does not use it."""
+    votes against the structure; with ``boundary_beta`` 0 (settings recorded before it) nothing changes; the
+    prior's label map alone (``mismatch fill``) does not use it."""
     truth = np.zeros((9, 40, 40), np.uint8)
     for k, r in ((2, 5), (3, 5), (4, 5), (5, 8), (6, 9)):
         truth[k] = disc((40, 40), (20, 20), r)

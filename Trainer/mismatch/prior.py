@@ -208,11 +208,13 @@ class PriorSettings:
     lies; a logistic fit of "in the class" on their intensity gives the intensity at which the painted
     outlines lie and how sharply (a steep fit where the structure's edge has a clear contrast: vessels, bone,
     lungs; a flat one where intensities overlap: most tumours). Over the painted structure's box
-    (:func:`~mismatch.grow.painted_box`; past the outermost painted slices only against a class), each pixel gets that fit's log-odds (clipped to
-    +-:data:`INTENSITY_CLIP`) times ``boundary_beta``, added after the network's and the rest of the prior's
-    (not scaled by ``weight``) and damped where those are sure (``1 / (1 + (z / BOUNDARY_GATE) ** 2)`` for their
-    combined log-odds ``z``): it moves the outlines that they leave in doubt, onto the painted outlines'
-    intensity, and leaves alone what they agree on (the bright vessels inside painted lungs). 0 turns it off.
+    (:func:`~mismatch.grow.painted_box`; past the outermost painted slices only against a class), each pixel
+    gets that fit's log-odds (clipped to +-:data:`INTENSITY_CLIP`) times ``boundary_beta``, added after the
+    network's and the rest of the prior's (not scaled by ``weight``) and damped where those are sure
+    (``1 / (1 + (z / BOUNDARY_GATE) ** 2)`` for their combined log-odds ``z``): it moves the outlines that they
+    leave in doubt onto the painted outlines' intensity, and leaves alone what they agree on (the bright
+    vessels inside painted lungs). The inference adds it (:func:`mismatch.inference.segment_volume`); the
+    prior's label map alone (``mismatch fill``) does not (:meth:`SlicePrior.label_map`). 0 turns it off.
     """
 
     tau_mm: float = 4.0
