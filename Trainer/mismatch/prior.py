@@ -326,6 +326,7 @@ class SlicePrior:
         self.ends = {-1: int(self.lab[0]), 1: int(self.lab[-1])}
         self.edges = None       # (box, margins [N, *box]) of the image's edges
         self.intensity = None   # (box, bin edges, log-ratios [N, bins]) of the painted voxels' intensities
+        self.image = None if image is None else np.asarray(image)   # kept, not copied, for the intensity votes
         st = self.settings
         if image is not None and st.weight > 0 and self.n_fg > 0 and (st.grow_beta > 0 or st.intensity_beta > 0):
             beyond = int(np.ceil(st.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
@@ -335,17 +336,16 @@ class SlicePrior:
             if st.intensity_beta > 0:   # the growing's box, found once
                 box = self.edges[0] if self.edges else painted_box(self.sparse, self.lab, self.axis, beyond)
             if box is not None:
-                self.image = np.asarray(image)
                 self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
                                                                self.n_fg, box, st.intensity_counts))
 
         self.boundary = None   # (box, [(slope, threshold) or None per class]): the painted outlines' intensities
         if image is not None and st.boundary_beta > 0 and self.n_fg > 0:
             box = painted_box(self.sparse, self.lab, self.axis)
-            if box is not None:
-                self.image = np.asarray(image)
-                self.boundary = (box, boundary_threshold(self.image, self.sparse, self.lab, self.axis, self.n_fg,
-                                                         st.boundary_band))
+            fits = [] if box is None else boundary_threshold(self.image, self.sparse, self.lab, self.axis, self.n_fg,
+                                                             st.boundary_band)
+            if any(f is not None for f in fits):
+                self.boundary = (box, fits)
 
     def boundary_vote(self, s: int) -> np.ndarray | None:
         """The painted outlines' intensity fit on slice ``s`` (:func:`boundary_threshold`): log-odds
@@ -359,7 +359,7 @@ class SlicePrior:
             return None
         box, fits = self.boundary
         along = box[self.axis]
-        if not along.start <= int(s) < along.stop or all(f is None for f in fits):
+        if not along.start <= int(s) < along.stop:
             return None
         between = self.lab[0] < int(s) < self.lab[-1]
         inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
