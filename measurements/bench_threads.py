@@ -8,9 +8,11 @@ issue 10 (a fair share of a busy CPU).
 OpenMP's default active waiting), the environment cleared of ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` and
 ``KMP_BLOCKTIME``. ``after``: what ``mismatch`` does now -- :func:`mismatch.cli.configure_threads` before
 torch is imported (the physical cores, passive waiting) and :func:`mismatch.cli.apply_threads`.
-``loaded``: ``--load`` other processes (default: one per physical core) spin in a pure-Python loop for
-the whole run, the way another CPU job (or 3D Slicer itself) competes for the cores; ``idle``: nothing
-else started (close other programs first).
+``spin-N``: as ``after``, with ``GOMP_SPINCOUNT=N`` (GNU OpenMP, which Linux builds of torch use: a thread
+that has finished its share spins about N iterations, roughly N / 100000 ms, before it sleeps; it overrides
+the passive policy's 0 and the default 300000). ``loaded``: ``--load`` other processes (default: one per
+physical core) spin in a pure-Python loop for the whole run, the way another CPU job (or 3D Slicer itself)
+competes for the cores; ``idle``: nothing else started (close other programs first).
 
 Each (setting, condition) pair is a fresh process that trains MisMatch with the default preset (what a
 user gets: width 16, 128-pixel patches, batch 4 + 4) on a synthetic 32 x 160 x 160 volume for
@@ -36,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Trainer"))
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
 
 
 def synthetic(seed: int = 0):
@@ -51,10 +53,12 @@ def synthetic(seed: int = 0):
 def worker(args) -> None:
     """One run in a fresh process: thread settings, then torch, then ``warmup + steps`` timed steps."""
     threads_wanted = None
-    if args.setting == "after":
+    if args.setting == "after" or args.setting.startswith("spin-"):
         from mismatch.cli import configure_threads
 
         threads_wanted, _ = configure_threads()          # before torch is imported, as `mismatch` does
+        if args.setting.startswith("spin-"):
+            os.environ["GOMP_SPINCOUNT"] = args.setting.split("-", 1)[1]
     import torch
 
     if threads_wanted is not None:
@@ -81,9 +85,17 @@ def worker(args) -> None:
     per_step = [b - a for a, b in zip([start] + times[:-1], times)][args.warmup:]
     Path(args.worker).write_text(json.dumps({
         "setting": args.setting, "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)")
+        + (f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else ""),
         "steps": len(per_step), "median_s": statistics.median(per_step), "mean_s": statistics.fmean(per_step),
         "total_s": sum(per_step)}))
+
+
+def setting_name(text: str) -> str:
+    """``before``, ``after`` or ``spin-N`` (N a whole number of spins)."""
+    if text in ("before", "after") or (text.startswith("spin-") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use before, after or spin-N (e.g. spin-10000)")
 
 
 def start_load(n: int) -> list[subprocess.Popen]:
@@ -146,12 +158,13 @@ def main() -> None:
     p.add_argument("--patch-size", type=int, default=128)
     p.add_argument("--load", type=int, default=physical_cores(),
                    help=f"busy processes on the loaded machine (default: the physical cores, {physical_cores()})")
-    p.add_argument("--settings", nargs="+", default=["before", "after"], choices=["before", "after"])
+    p.add_argument("--settings", nargs="+", default=["before", "after"], type=setting_name,
+                   help="before, after, spin-N (default: before after)")
     p.add_argument("--conditions", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is stopped (default 900)")
     p.add_argument("--out", help="also write the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--setting", default="after", choices=["before", "after"], help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="after", type=setting_name, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
