@@ -470,6 +470,7 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
                                PriorSettings(boundary_beta=beta, **plain), image=volume[0]) for beta in (0.0, 2.0)}
     assert priors[0.0].boundary_vote(4) is None and priors[2.0].boundary_vote(4).shape == (classes - 1, 40, 40)
     assert priors[2.0].boundary_vote(1).max() == 0 and priors[2.0].boundary_vote(1).min() < 0   # past: only against
+    assert priors[0.0].image is None and priors[2.0].image is not None   # the volume held only for a vote
     segs = {beta: segment_volume([_undecided_network(classes)], volume, axis="k", prior=p, outputs=("labels",))
             for beta, p in priors.items()}
 

@@ -326,7 +326,7 @@ class SlicePrior:
         self.ends = {-1: int(self.lab[0]), 1: int(self.lab[-1])}
         self.edges = None       # (box, margins [N, *box]) of the image's edges
         self.intensity = None   # (box, bin edges, log-ratios [N, bins]) of the painted voxels' intensities
-        self.image = None if image is None else np.asarray(image)   # kept, not copied, for the intensity votes
+        image = None if image is None else np.asarray(image)
         st = self.settings
         if image is not None and st.weight > 0 and self.n_fg > 0 and (st.grow_beta > 0 or st.intensity_beta > 0):
             beyond = int(np.ceil(st.grow_reach * self.gap_mm / self.dz)) if self.gap_mm else 0
@@ -336,16 +336,19 @@ class SlicePrior:
             if st.intensity_beta > 0:   # the growing's box, found once
                 box = self.edges[0] if self.edges else painted_box(self.sparse, self.lab, self.axis, beyond)
             if box is not None:
-                self.intensity = (box, *intensity_log_ratios(self.image, self.sparse, self.lab, self.axis,
-                                                               self.n_fg, box, st.intensity_counts))
+                self.intensity = (box, *intensity_log_ratios(image, self.sparse, self.lab, self.axis,
+                                                          self.n_fg, box, st.intensity_counts))
 
         self.boundary = None   # (box, [(slope, threshold) or None per class]): the painted outlines' intensities
         if image is not None and st.boundary_beta > 0 and self.n_fg > 0:
             box = painted_box(self.sparse, self.lab, self.axis)
-            fits = [] if box is None else boundary_threshold(self.image, self.sparse, self.lab, self.axis, self.n_fg,
-                                                             st.boundary_band)
+            fits = [] if box is None else boundary_threshold(image, self.sparse, self.lab, self.axis, self.n_fg,
+                                                        st.boundary_band)
             if any(f is not None for f in fits):
                 self.boundary = (box, fits)
+        # kept (not copied) only for the intensity votes that read it per slice: without them the caller's
+        # volume is not held (segment_volume frees it before the connectivity pass)
+        self.image = image if self.intensity is not None or self.boundary is not None else None
 
     def boundary_vote(self, s: int) -> np.ndarray | None:
         """The painted outlines' intensity fit on slice ``s`` (:func:`boundary_threshold`): log-odds
