@@ -305,3 +305,36 @@ def test_files_of_ones_own_are_a_data_set(tmp_path, capsys):
                  "--alpha-sweep"]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.nrrd" in err and "Traceback" not in err
+
+
+def test_files_sliced_along_another_axis(tmp_path, capsys):
+    """``--axis`` slices a volume of one's own along j or i: a structure on 2 of 6 k-slices cannot give 3
+    labelled slices along k (one clear error that names --axis), and along i it can; the data set's name says
+    the axis, so that runs along two axes never pass for each other. ``--axis`` without ``--files`` is an
+    error."""
+    import SimpleITK as sitk
+
+    from mismatch.benchmark.datasets import files_datasets, load_dataset
+
+    k, j, i = np.mgrid[:6, :16, :30]
+    slab = (k >= 2) & (k <= 3) & (abs(j - 8) <= 4) & (i >= 4) & (i <= 25)
+    image = np.where(slab, 100.0, 0.0).astype(np.float32) + np.random.default_rng(0).normal(0, 5, slab.shape)
+    paths = []
+    for name, array in (("mri.nii.gz", image.astype(np.float32)), ("truth.nrrd", slab.astype(np.uint8))):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+        paths.append(str(tmp_path / name))
+
+    assert list(files_datasets([paths], axis="i")) == ["file-mri-axis-i"]
+    (case,) = load_dataset("file-mri-axis-i", **files_datasets([paths], axis="i")["file-mri-axis-i"])
+    assert case.axis == 2
+
+    args = ["--files", *paths, "--methods", "nearest-slice", "--labelled", "3", "--seeds", "1", "--alpha-sweep"]
+    capsys.readouterr()
+    assert main(["benchmark", "--out", str(tmp_path / "k"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "--axis" in err and "Traceback" not in err
+    assert main(["benchmark", "--out", str(tmp_path / "i"), "--axis", "i", *args]) == 0
+    runs = json.loads((tmp_path / "i" / "runs.json").read_text())["runs"]
+    assert [(r["dataset"], r["n_slices"], len(r["labelled_slices"])) for r in runs] == [("file-mri-axis-i", 30, 3)]
+    assert main(["benchmark", "--out", str(tmp_path / "x"), "--axis", "j", "--datasets", "ctchest-lungs"]) == 2
+    assert "--files" in capsys.readouterr().err

@@ -536,13 +536,20 @@ def _files_option(p) -> None:
                    help="a volume of your own with its structure labelled on every slice (a label map on the "
                         "image's grid), as data set file-<image name>; repeat for more (with --datasets: beside "
                         "those)")
+    p.add_argument("--axis", choices=["k", "j", "i"],
+                   help="the slice axis of the --files volumes, along which slices are labelled and tested: k (the "
+                        "default: the file's slice direction), j or i (e.g. a structure that lies on few k-slices); "
+                        "the named data sets keep their own")
 
 
 def _with_files(args) -> tuple[list[str] | None, dict[str, dict]]:
     """``--datasets`` with the ``--files`` data sets added, and their options."""
     from .benchmark.datasets import files_datasets
 
-    files = files_datasets(args.files or [])
+    if args.axis and not args.files:
+        raise UserError("--axis is the slice axis of the --files volumes; the named data sets keep their own. "
+                        "Give --files IMAGE LABELS, or leave --axis out")
+    files = files_datasets(args.files or [], axis=args.axis or "k")
     if not files:
         return args.datasets, {}
     return (args.datasets or []) + list(files), files

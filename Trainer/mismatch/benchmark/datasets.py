@@ -414,29 +414,33 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
 FILES_PREFIX = "file-"
 
 
-def files_datasets(pairs: Sequence[Sequence[str]]) -> dict[str, dict]:
+def files_datasets(pairs: Sequence[Sequence[str]], axis: str = "k") -> dict[str, dict]:
     """``{data set name: options}`` for ``--files IMAGE LABELS`` pairs: ``file-<image file name>`` (``-2``,
-    ``-3`` ... where two images share a name), options for :func:`load_files`."""
+    ``-3`` ... where two images share a name; ``-axis-j`` / ``-axis-i`` added when sliced along ``axis`` j or
+    i, so that runs along two axes never pass for each other in one results folder), options for
+    :func:`load_files`."""
     from ..io import _extension
 
     out: dict[str, dict] = {}
+    suffix = "" if axis == "k" else f"-axis-{axis}"
     for image, labels in pairs:
         stem = Path(image).name
         stem = stem[: len(stem) - len(_extension(stem))]
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "image"
-        name, n = FILES_PREFIX + stem, 2
+        name, n = FILES_PREFIX + stem + suffix, 2
         while name in out:
-            name, n = f"{FILES_PREFIX}{stem}-{n}", n + 1
-        out[name] = {"image": str(image), "labels": str(labels)}
+            name, n = f"{FILES_PREFIX}{stem}-{n}{suffix}", n + 1
+        out[name] = {"image": str(image), "labels": str(labels), **({"axis": axis} if suffix else {})}
     return out
 
 
-def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_: Any) -> list[Case]:
+def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", axis: str = "k", **_: Any) -> list[Case]:
     """A volume of one's own with a label on every slice of the structure (``--files IMAGE LABELS``): the image
     as ``mismatch train`` reads it (a CT in Hounsfield units gets the CT window, as ``--hu-window auto``
-    gives it), the label map on its grid, each label value a class. Slices along k."""
+    gives it), the label map on its grid, each label value a class. Slices along ``axis`` (k, j or i of the
+    image grid; ``--axis``)."""
     from ..classes import remap_labels
-    from ..data import auto_window, label_values
+    from ..data import AXES, auto_window, label_values
     from ..io import read_image, read_labels
 
     img, geometry = read_image(image)
@@ -448,7 +452,9 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", **_:
     if len(values) > 255:
         raise UserError(f"{labels}: {len(values)} label values; the benchmark takes at most 255 classes")
     classes = remap_labels(lab, [{"value": v} for v in values]).astype(np.uint8, copy=False)
-    return [Case(name, img, classes, geometry, axis=0, window=auto_window(img),
+    if axis not in AXES:
+        raise UserError(f"unknown slice axis {axis!r}; choose one of {', '.join(AXES)}")
+    return [Case(name, img, classes, geometry, axis=AXES[axis], window=auto_window(img),
                  classes={i: f"label {v}" for i, v in enumerate(values, start=1)},
                  source=f"{Path(image).name} with the labels of {Path(labels).name} (--files)")]
 
@@ -535,8 +541,9 @@ def draw_split(label: np.ndarray, axis: int, n_labelled: int, seed: int, n_test:
     label = np.asarray(label)
     candidates = extent(label, axis, min_fraction)
     if n_labelled < 1 or n_labelled > len(candidates):
-        raise UserError(f"cannot draw {n_labelled} labelled slices: only {len(candidates)} slices have enough "
-                        "foreground")
+        raise UserError(f"cannot draw {n_labelled} labelled slices: only {len(candidates)} slices along the slice "
+                        "axis have enough foreground (at least a tenth of the largest cross-section); ask for fewer "
+                        "(--labelled), or slice a volume of your own along another axis (--axis j or i)")
     rng = np.random.default_rng(seed)
     order = rng.permutation(candidates)   # drawn for both placements: n_test's draw comes after it
     if placement == "even":
