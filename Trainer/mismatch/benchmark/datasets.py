@@ -440,9 +440,10 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", axis
     gives it), the label map on its grid, each label value a class. Slices along ``axis`` (k, j or i of the
     image grid; ``--axis``)."""
     from ..classes import remap_labels
-    from ..data import AXES, auto_window, label_values
+    from ..data import auto_window, axis_index, label_values
     from ..io import read_image, read_labels
 
+    ax = axis_index(axis)   # a bad name is an error before any file is read
     img, geometry = read_image(image)
     lab = read_labels(labels, geometry)
     values = [int(v) for v in label_values(lab) if v != 0]
@@ -452,9 +453,7 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", axis
     if len(values) > 255:
         raise UserError(f"{labels}: {len(values)} label values; the benchmark takes at most 255 classes")
     classes = remap_labels(lab, [{"value": v} for v in values]).astype(np.uint8, copy=False)
-    if axis not in AXES:
-        raise UserError(f"unknown slice axis {axis!r}; choose one of {', '.join(AXES)}")
-    return [Case(name, img, classes, geometry, axis=AXES[axis], window=auto_window(img),
+    return [Case(name, img, classes, geometry, axis=ax, window=auto_window(img),
                  classes={i: f"label {v}" for i, v in enumerate(values, start=1)},
                  source=f"{Path(image).name} with the labels of {Path(labels).name} (--files)")]
 
