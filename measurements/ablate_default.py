@@ -6,7 +6,8 @@
 
 For each data set and seed, trains ``--method`` twice on the same labelled-slice draw
 (:func:`mismatch.benchmark.datasets.draw_split`), once with the default preset and once with the
-variant's method options on top of it, and scores both the way ``mismatch benchmark`` does (the product's
+variant's settings on top of it (JSON: the method's options, or fields of :class:`mismatch.train.TrainConfig`
+such as ``alpha``, the consistency weight, or ``unlabelled_batch_size``), and scores both the way ``mismatch benchmark`` does (the product's
 segmentation: with the painted slices for MisMatch; IoU on every unlabelled slice). The seeds default to
 100 and 101 so that choices made with this script are not tuned on the benchmark's draws (seeds 0 to 4).
 Prints a Markdown table with the paired differences and a two-sided sign test, and writes every run to
@@ -88,18 +89,31 @@ def main(argv: list[str] | None = None) -> int:
 
     name, options = args.variant[0], json.loads(args.variant[1])
 
+    from dataclasses import fields
+
+    from mismatch.train import TrainConfig
+
     @dataclass
     class Variant(BenchmarkConfig):
         method_options: dict = field(default_factory=dict)
+        settings: dict = field(default_factory=dict)   # TrainConfig fields, e.g. {"unlabelled_batch_size": 2}
 
         def train_config(self, method, **overrides):
-            return super().train_config(method, method_options=dict(self.method_options), **overrides)
+            return super().train_config(method, method_options=dict(self.method_options),
+                                        **{**overrides, **self.settings})
+
+    # the variant's keys: the consistency weight and TrainConfig's own fields set the training, the rest are
+    # the method's options
+    train_fields = {f.name for f in fields(TrainConfig)} - {"method_options"}
+    alpha = options.pop("alpha", None)
+    settings = {k: options.pop(k) for k in list(options) if k in train_fields}
 
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
     budget = {"steps": args.steps} if args.steps else {}
     configs = {"default": Variant(datasets=args.datasets, methods=[args.method], **budget),
-               name: Variant(datasets=args.datasets, methods=[args.method], method_options=options, **budget)}
+               name: Variant(datasets=args.datasets, methods=[args.method], method_options=options, settings=settings,
+                             **({"alpha": float(alpha)} if alpha is not None else {}), **budget)}
     for dataset in args.datasets:
         for seed in args.seeds:
             for variant, config in configs.items():
