@@ -3,6 +3,7 @@
     python measurements/ablate_prior.py --variant no-end '{"end_penalty": 0}' [--variant NAME JSON ...] \
         [--datasets ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 mni152-gm synthetic-vessels-lung]
         [--labelled 3] [--placement random] [--seeds 100 101] [--out prior-ablation.json] [--cache DIR]
+        [--train '{"alpha": 1.0}']
 
 The prior acts when a volume is segmented, not when it is trained, so each variant is scored on the same
 networks: for each data set and seed, MisMatch is trained once at the default preset on a labelled-slice
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="training steps (default: the preset's; fewer only to try the script)")
     ap.add_argument("--cache", help="a folder that keeps the trained networks, so that trying other variants on "
                                     "the same draws does not train them again")
+    ap.add_argument("--train", default="{}", metavar="JSON",
+                    help="training settings on top of the default (fields of mismatch.train.TrainConfig, e.g. "
+                         "'{\"alpha\": 1.0}'): the prior's variants on networks trained otherwise")
     ap.add_argument("--gfs-beta", type=float, nargs="*", default=[], metavar="B",
                     help="probe: Grow from seeds as a third expert with these log-odds (needs slicer-core)")
     args = ap.parse_args(argv)
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchmarkConfig(datasets=args.datasets, methods=["mismatch"], placement=args.placement,
                              **({"steps": args.steps} if args.steps else {}))
     default_prior = config.train_config("mismatch").prior
+    train = json.loads(args.train)
     for dataset in args.datasets:
         for seed in args.seeds:
             def same_draw(r, dataset=dataset, seed=seed):
@@ -107,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                 volume = norm.apply(case.image)
                 axis = AXIS_NAMES[case.axis]
                 t0 = time.monotonic()
-                cached = Path(args.cache) / f"{case.name}-{args.placement}-{args.labelled}-{seed}.pt" \
+                tag = "".join(f"-{k}{v}" for k, v in sorted(train.items()))
+                cached = Path(args.cache) / f"{case.name}-{args.placement}-{args.labelled}-{seed}{tag}.pt" \
                     if args.cache else None
                 if cached is not None and cached.exists():
                     networks, train_s = torch.load(cached, weights_only=False)
                 else:
                     networks = fit([volume], sparse, labelled, len(case.classes) + 1,
-                                   config.train_config("mismatch", seed=seed, axis=axis, checkpoint_every=10 ** 9),
+                                   config.train_config("mismatch", seed=seed, axis=axis, checkpoint_every=10 ** 9,
+                                                       **train),
                                    reporter=Reporter(progress_bar=False, quiet=True)).networks()
                     train_s = time.monotonic() - t0
                     if cached is not None:
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, (iou, settings) in scores.items():
                     done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
                                  "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
-                                 "variant": variant, "prior": settings, "iou": float(iou),
+                                 "variant": variant, "prior": settings, "train": train, "iou": float(iou),
                                  **ece.get(variant, {}), "train_seconds": round(train_s, 1)})
                     print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
             out.write_text(json.dumps(done, indent=1))
