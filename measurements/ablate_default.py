@@ -7,9 +7,10 @@
 For each data set and seed, trains ``--method`` twice on the same labelled-slice draw
 (:func:`mismatch.benchmark.datasets.draw_split`), once with the default preset and once with the
 variant's settings on top of it (JSON: the method's options, or fields of :class:`mismatch.train.TrainConfig`
-such as ``alpha``, the consistency weight, or ``unlabelled_batch_size``), and scores both the way ``mismatch benchmark`` does (the product's
-segmentation: with the painted slices for MisMatch; IoU on every unlabelled slice). The seeds default to
-100 and 101 so that choices made with this script are not tuned on the benchmark's draws (seeds 0 to 4).
+such as ``alpha``, the consistency weight, or ``unlabelled_batch_size``), and scores both the way
+``mismatch benchmark`` does (the product's segmentation: with the painted slices for MisMatch; IoU on every
+unlabelled slice). The seeds default to 100 and 101 so that choices made with this script are not tuned on
+the benchmark's draws (seeds 0 to 4).
 Prints a Markdown table with the paired differences and a two-sided sign test, and writes every run to
 ``--out`` (finished pairs are kept: running again resumes). One torch job at a time on a small CPU.
 """
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads(out.read_text()) if out.exists() else []
     budget = {"steps": args.steps} if args.steps else {}
     configs = {"default": Variant(datasets=args.datasets, methods=[args.method], **budget),
-               name: Variant(datasets=args.datasets, methods=[args.method], method_options=options, settings=settings,
-                             **({"alpha": float(alpha)} if alpha is not None else {}), **budget)}
+               name: Variant(datasets=args.datasets, methods=[args.method], method_options=options,
+                             settings=settings, **({"alpha": float(alpha)} if alpha is not None else {}), **budget)}
     for dataset in args.datasets:
         for seed in args.seeds:
             for variant, config in configs.items():

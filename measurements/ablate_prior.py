@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         for seed in args.seeds:
             def same_draw(r, dataset=dataset, seed=seed):
-                return (r["dataset"], r["seed"], r["placement"], r["n_labelled"]) == \
-                    (dataset, seed, args.placement, args.labelled)
+                return (r["dataset"], r["seed"], r["placement"], r["n_labelled"], r.get("train", {})) == \
+                    (dataset, seed, args.placement, args.labelled, train)
 
             if set(variants) | set(probes) <= {r["variant"] for r in done if same_draw(r)}:
                 continue
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{dataset} seed {seed} {labelled.tolist()} {variant}: IoU {iou:.3f}", flush=True)
             out.write_text(json.dumps(done, indent=1))
     runs = [r for r in done if r["placement"] == args.placement and r["n_labelled"] == args.labelled
-            and r["dataset"] in args.datasets and r["seed"] in args.seeds]
+            and r["dataset"] in args.datasets and r["seed"] in args.seeds and r.get("train", {}) == train]
     names = [v for v in list(variants) + probes if v != "default"]
     print(f"\n{args.labelled} labelled slices, placement {args.placement}\n")
     paired_table(runs, names)
