@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return super().train_config(method, method_options=dict(self.method_options),
                                         **{**overrides, **self.settings})
 
-    # the variant's keys: the consistency weight and TrainConfig's own fields set the training, the rest are
-    # the method's options
+    # the variant's keys: TrainConfig's own fields (alpha among them; they win over the run's own alpha) set the
+    # training, the rest are the method's options
     train_fields = {f.name for f in fields(TrainConfig)} - {"method_options"}
-    alpha = options.pop("alpha", None)
     settings = {k: options.pop(k) for k in list(options) if k in train_fields}
 
     out = Path(args.out)
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = {"steps": args.steps} if args.steps else {}
     configs = {"default": Variant(datasets=args.datasets, methods=[args.method], **budget),
                name: Variant(datasets=args.datasets, methods=[args.method], method_options=options,
-                             settings=settings, **({"alpha": float(alpha)} if alpha is not None else {}), **budget)}
+                             settings=settings, **budget)}
     for dataset in args.datasets:
         for seed in args.seeds:
             for variant, config in configs.items():
