@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,9 @@ def main() -> int:
     ap.add_argument("--out", help="also write the figures as JSON")
     ap.add_argument("--slab", help="read the slab from this .npz (written by --save-slab) instead of nilearn")
     ap.add_argument("--save-slab", help="write the slab to this .npz and stop")
+    ap.add_argument("--train-args", default="", metavar="ARGS",
+                    help="options added to the first `mismatch train` (e.g. '--unlabelled-batch-size 4': a "
+                         "setting other than the default, timed on the same host)")
     args = ap.parse_args()
 
     if args.slab:
@@ -114,7 +118,7 @@ def main() -> int:
         write(image, tmp / "t1.nrrd")
         write(sparse, tmp / "painted.nrrd")
         t_train = run("train", tmp / "t1.nrrd", "--labels", tmp / "painted.nrrd", "--out", tmp / "model",
-                      "--seed", args.seed)
+                      "--seed", args.seed, *shlex.split(args.train_args))
         t_segment = run("segment", tmp / "t1.nrrd", "--model", tmp / "model", "--labels", tmp / "painted.nrrd",
                         "--out", tmp / "seg.nrrd", "--report", tmp / "report.json")
         card = json.loads((tmp / "model" / "model.json").read_text())
@@ -123,6 +127,7 @@ def main() -> int:
         result = {"volume": list(image.shape), "labelled_slices": labelled.tolist(), "device": args.device,
                   "train_seconds": round(t_train, 1), "segment_seconds": round(t_segment, 1),
                   "total_seconds": round(t_train + t_segment, 1), "steps": card["summary"]["steps"],
+                  **({"train_args": args.train_args} if args.train_args else {}),
                   "iou_unlabelled": round(iou, 4)}
         if args.retrain:
             report = json.loads((tmp / "report.json").read_text())

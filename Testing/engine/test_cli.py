@@ -485,3 +485,24 @@ def test_context_trains_segments_and_is_kept_by_init(case, capsys):
     plain = json.loads((d / "m3" / "model.json").read_text())
     assert plain["architecture"]["context"] == 0 and plain["format_version"] == 1   # readable as before
     capsys.readouterr()
+
+
+def test_two_unlabelled_slices_a_step_by_default_and_as_many_as_labelled_for_the_paper():
+    """The default's unlabelled batch (2) reaches a run from the command line when the option is not given;
+    ``0`` and ``--preset paper`` mean as many as the labelled batch; a benchmark records the setting, so that
+    runs made with another unlabelled batch are not resumed into the same results."""
+    from mismatch.benchmark.runner import BenchmarkConfig
+    from mismatch.cli import build_parser
+    from mismatch.train import preset_config
+
+    def configured(*argv):
+        args = build_parser().parse_args(["train", "img.nrrd", "--labels", "l.nrrd", "--out", "m", *argv])
+        return preset_config(args.preset, args.method, batch_size=args.batch_size,
+                             unlabelled_batch_size=args.unlabelled_batch_size)
+
+    assert configured().unlabelled_batch_size == 2
+    assert configured("--unlabelled-batch-size", "0").unlabelled_batch_size == 0
+    assert configured("--preset", "paper").unlabelled_batch_size == 0
+    assert configured("--preset", "paper", "--unlabelled-batch-size", "3").unlabelled_batch_size == 3
+    assert BenchmarkConfig().budget_settings()["unlabelled_batch_size"] == 2
+    assert "unlabelled_batch_size" not in BenchmarkConfig(preset="paper").budget_settings()

@@ -350,8 +350,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help=f"labelled slices per step ({_preset_default('batch_size')}); under torchrun the global "
                         "batch, split evenly over the processes (a multiple of their number)")
-    t.add_argument("--unlabelled-batch-size", type=_non_negative_int, default=0, help="unlabelled slices per step "
-                                                                        "(default: --batch-size; global too)")
+    t.add_argument("--unlabelled-batch-size", type=_non_negative_int,
+                   help=f"unlabelled slices per step, 0: as many as --batch-size "
+                        f"({_preset_default('unlabelled_batch_size')}); under torchrun global too")
     t.add_argument("--patch-size", type=int,
                    help=f"square random patches of this side; 0 = whole slices; a slice side shorter than the "
                         f"patch is taken whole ({_preset_default('patch_size')})")
