@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 4              # labelled slices per step
     # unlabelled slices per step (0: as many as batch_size). Two beside the four labelled ones, not four: at the
     # paper's consistency weight the unlabelled half of the step changed no segmentation measurably in 180
-    # steps, and two make a step 0.66 of the time (docs/benchmarks.md, "Fewer unlabelled patches a step")
+    # steps, and with two the training takes 0.77 of the time (docs/benchmarks.md, "Fewer unlabelled patches")
     unlabelled_batch_size: int = 2
     patch_size: int = 128            # square random patches; 0 = whole slices
     lr: float = 2e-3
