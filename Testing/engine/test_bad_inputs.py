@@ -168,6 +168,35 @@ def test_a_patch_larger_than_the_slice_trains_on_unpadded_slices(case, capsys, m
     assert json.loads((out / "model.json").read_text())["training"]["patch_size"] == 256
 
 
+def test_the_first_half_of_the_steps_trains_on_the_smaller_early_patches(case, monkeypatch):
+    import mismatch.data
+
+    shapes = []
+    real = mismatch.data.TwoStreamSampler.labelled_batch
+
+    def spy(self, batch_size):
+        x, y = real(self, batch_size)
+        shapes.append(tuple(x.shape[-2:]))
+        return x, y
+
+    monkeypatch.setattr(mismatch.data.TwoStreamSampler, "labelled_batch", spy)
+    out = case["dir"] / "early"
+    tiny = ["--width", "4", "--batch-size", "2", "--device", "cpu", "--steps", "4"]
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(out), *tiny,
+                 "--patch-size", "24", "--early-patch-size", "16"]) == 0
+    assert shapes == [(16, 16)] * 2 + [(24, 24)] * 2, shapes
+    assert json.loads((out / "model.json").read_text())["training"]["early_patch_size"] == 16
+    shapes.clear()   # 0: the full patch from the first step
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(case["dir"] / "full"), *tiny,
+                 "--patch-size", "24", "--early-patch-size", "0"]) == 0
+    assert shapes == [(24, 24)] * 4, shapes
+
+
+def test_an_early_patch_too_small_is_one_line_before_any_work(case, capsys):
+    _bad(["train", case["image"], "--labels", case["labels"], "--out", str(case["dir"] / "m"), *TINY,
+          "--early-patch-size", "8"], capsys, "--early-patch-size 8", "at least 16")
+
+
 def _checkpoint_left(case, monkeypatch) -> Path:
     """A run whose checkpoint (step 2 of 3) is left behind: the model write never happens."""
     import mismatch.api

@@ -16,7 +16,7 @@ from mismatch.ranking import DEFAULT_RANKING, RANKINGS, distance_weight, rank_un
 from mismatch.io import Geometry
 from mismatch.modelfile import load_optimizer_moments, optimizer_to_tensors, read_optimizer_state
 from mismatch.models import ArchitectureConfig, SegmentationNetwork
-from mismatch.train import WARM_START, TrainConfig, warm_start_config
+from mismatch.train import WARM_START, TrainConfig, patch_size_at, preset_config, warm_start_config
 
 TINY = dict(steps=3, width=4, batch_size=2, patch_size=0, lr=2e-3, device="cpu")
 
@@ -169,6 +169,16 @@ def test_warm_start_config_is_a_fraction_of_the_first_training():
     assert warm.alpha_rampup == 0 and first.steps == 200   # a new object
     assert warm_start_config(first, {"steps_fraction": 0.5}).steps == 100
     assert warm_start_config(TrainConfig(steps=1)).steps == 1
+
+
+def test_only_a_first_training_starts_on_the_smaller_patches():
+    first = TrainConfig(steps=180)
+    assert [patch_size_at(s, first) for s in (0, 89, 90, 179)] == [96, 96, 128, 128]
+    warm = warm_start_config(first)   # the network has the coarse shape already: full patches throughout
+    assert {patch_size_at(s, warm) for s in range(warm.steps)} == {128}
+    assert patch_size_at(0, preset_config("paper")) == 176              # the paper's recipe is unchanged
+    assert patch_size_at(0, TrainConfig(patch_size=0)) is None          # whole slices stay whole
+    assert patch_size_at(0, TrainConfig(patch_size=64)) == 64           # never larger than the patch
 
 
 def _write(array, path):

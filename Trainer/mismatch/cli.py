@@ -356,6 +356,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--patch-size", type=int,
                    help=f"square random patches of this side; 0 = whole slices; a slice side shorter than the "
                         f"patch is taken whole ({_preset_default('patch_size')})")
+    t.add_argument("--early-patch-size", type=_non_negative_int, metavar="SIDE",
+                   help="train the first half of the steps on smaller patches of this side, at about half the "
+                        "cost a step; 0 = the full patch from the first step "
+                        f"({_preset_default('early_patch_size')})")
     t.add_argument("--lr", type=_positive_float, help=f"AdamW learning rate ({_preset_default('lr')})")
     t.add_argument("--context", type=_non_negative_int, metavar="N",
                    help="give the network each slice with N neighbouring slices on either side as extra channels "
@@ -654,12 +658,13 @@ def _train(args, ctx) -> int:
 
     config = preset_config(
         args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
-        unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size, lr=args.lr,
-        context=args.context, alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
+        unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size,
+        early_patch_size=args.early_patch_size, lr=args.lr, context=args.context, alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     check_patch_size(config.patch_size)
+    check_patch_size(config.early_patch_size, "--early-patch-size")
     if args.init and args.warm_start:
         from .train import warm_start_config
 

@@ -46,6 +46,11 @@ class TrainConfig:
     # steps, and with two the training takes 0.77 of the time (docs/benchmarks.md, "Fewer unlabelled patches")
     unlabelled_batch_size: int = 2
     patch_size: int = 128            # square random patches; 0 = whole slices
+    # the first ``early_patch_fraction`` of the steps on smaller patches of ``early_patch_size`` (0: off; only
+    # when smaller than ``patch_size``): the coarse shape is learnt as well from them at about half the cost a
+    # step, the later steps see the full patch (docs/benchmarks.md, "Smaller patches first")
+    early_patch_size: int = 96
+    early_patch_fraction: float = 0.5
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: float = 0.05             # fraction of steps with a linear learning-rate warm-up, then cosine decay
@@ -89,7 +94,7 @@ PRESETS: dict[str, dict] = {
                                    "sup2": {"cross_entropy": True}}},
     # as many unlabelled patches a step as labelled ones, as this project first trained the paper's method
     "paper": {"config": {"width": 24, "patch_size": 176, "lr": 1e-3, "steps": 300, "prior": None,
-                         "unlabelled_batch_size": 0},
+                         "unlabelled_batch_size": 0, "early_patch_size": 0},
               "method_options": {}},
 }
 
@@ -112,7 +117,8 @@ def preset_config(preset: str = "default", method: str = "mismatch", **overrides
 #: (``optimizer.safetensors``). Fractions of the run's own steps and learning rate (the preset's, or the ones
 #: given). Measured against training from scratch by ``mismatch simulate --scratch`` and
 #: ``measurements/ablate_warm.py`` (docs/loop.md).
-WARM_START: dict[str, float] = {"steps_fraction": 0.2, "lr_fraction": 0.5, "warmup": 0.1, "alpha_rampup": 0.0}
+WARM_START: dict[str, float] = {"steps_fraction": 0.2, "lr_fraction": 0.5, "warmup": 0.1, "alpha_rampup": 0.0,
+                                "early_patch_fraction": 0.0}
 
 
 def warm_start_config(config: TrainConfig, settings: dict | None = None) -> TrainConfig:
@@ -123,7 +129,8 @@ def warm_start_config(config: TrainConfig, settings: dict | None = None) -> Trai
     w = {**WARM_START, **(settings or {})}
     return replace(config, steps=max(1, math.ceil(w["steps_fraction"] * config.steps)),
                    lr=float(w["lr_fraction"] * config.lr), warmup=float(w["warmup"]),
-                   alpha_rampup=float(w["alpha_rampup"]))
+                   alpha_rampup=float(w["alpha_rampup"]),
+                   early_patch_fraction=float(w.get("early_patch_fraction", config.early_patch_fraction)))
 
 
 class StopRequest:
@@ -167,6 +174,17 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warm
     t = (step - warm) / max(1, config.steps - warm)
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def patch_size_at(step: int, config: TrainConfig) -> int | None:
+    """The training patch side at (0-based) ``step``: ``early_patch_size`` for the first
+    ``early_patch_fraction`` of the steps when it is smaller than ``patch_size``, then ``patch_size``; None
+    for whole slices."""
+    full = config.patch_size or None
+    early = config.early_patch_size
+    if full and early and early < full and step < int(config.early_patch_fraction * config.steps):
+        return early
+    return full
 
 
 def snapshot_steps(config: TrainConfig) -> list[int]:
@@ -374,6 +392,7 @@ def _halve_batches(run: TrainingRun, ctx: distributed.Context, device: torch.dev
 def _one_step(run: TrainingRun, config: TrainConfig, device: torch.device, batch_sum=None) -> tuple[float, dict]:
     """One optimiser step on the next batch; the loss and its terms on this process. ``batch_sum``: the sum
     over processes for the losses' batch sums (:attr:`mismatch.distributed.Context.batch_sum`)."""
+    run.sampler.patch = patch_size_at(run.step, config)
     xl, yl = run.sampler.labelled_batch(run.batch_l)
     xu = run.sampler.unlabelled_batch(run.batch_u) if run.method.uses_unlabelled else None
     xl, yl, xu = common_size(xl, yl, xu)   # whole slices of volumes of different sizes

@@ -75,13 +75,18 @@ class Budget:
     def budget_settings(self) -> dict:
         """The budget as MisMatch trains at it (the preset's value where no override is given): the part of
         the settings that a resumed ``runs.json`` or ``loop.json`` must share."""
+        from ..train import patch_size_at
+
         c = self.train_config("mismatch")
         unlabelled = c.unlabelled_batch_size or c.batch_size
         return {"preset": self.preset, "steps": c.steps, "width": c.width, "batch_size": c.batch_size,
                 "patch_size": c.patch_size, "lr": c.lr,
                 # absent: runs made before they existed (as many unlabelled slices a step as labelled ones)
                 **({"unlabelled_batch_size": unlabelled} if unlabelled != c.batch_size else {}),
-                **({"context": c.context} if c.context else {})}
+                **({"context": c.context} if c.context else {}),
+                # absent: runs made before it existed (the full patch from the first step)
+                **({"early_patch": [c.early_patch_size, c.early_patch_fraction]}
+                   if patch_size_at(0, c) != (c.patch_size or None) else {})}
 
 
 def check_same_settings(path: Path, recorded: dict | None, key: str, settings: dict, made: str) -> None:
