@@ -149,26 +149,8 @@ def test_train_never_replaces_a_folder_of_other_files(case, capsys):
     assert (case["dir"] / "image.nrrd").exists() and not (case["dir"] / "model.json").exists()
 
 
-def test_a_patch_larger_than_the_slice_trains_on_unpadded_slices(case, capsys, monkeypatch):
-    import mismatch.data
-
-    shapes = []
-    real = mismatch.data.TwoStreamSampler.labelled_batch
-
-    def spy(self, batch_size):
-        x, y = real(self, batch_size)
-        shapes.append(x.shape[-2:])
-        return x, y
-
-    monkeypatch.setattr(mismatch.data.TwoStreamSampler, "labelled_batch", spy)
-    out = case["dir"] / "big-patch"
-    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(out), "--steps", "2",
-                 "--width", "4", "--batch-size", "2", "--device", "cpu", "--patch-size", "256"]) == 0
-    assert shapes and all(tuple(s) == (32, 40) for s in shapes), shapes   # the slice, not 256 x 256
-    assert json.loads((out / "model.json").read_text())["training"]["patch_size"] == 256
-
-
-def test_the_first_half_of_the_steps_trains_on_the_smaller_early_patches(case, monkeypatch):
+def _labelled_batch_shapes(monkeypatch) -> list[tuple[int, int]]:
+    """A list that receives the ``(H, W)`` of every labelled batch the training draws from now on."""
     import mismatch.data
 
     shapes = []
@@ -180,6 +162,20 @@ def test_the_first_half_of_the_steps_trains_on_the_smaller_early_patches(case, m
         return x, y
 
     monkeypatch.setattr(mismatch.data.TwoStreamSampler, "labelled_batch", spy)
+    return shapes
+
+
+def test_a_patch_larger_than_the_slice_trains_on_unpadded_slices(case, capsys, monkeypatch):
+    shapes = _labelled_batch_shapes(monkeypatch)
+    out = case["dir"] / "big-patch"
+    assert main(["train", case["image"], "--labels", case["labels"], "--out", str(out), "--steps", "2",
+                 "--width", "4", "--batch-size", "2", "--device", "cpu", "--patch-size", "256"]) == 0
+    assert shapes and all(tuple(s) == (32, 40) for s in shapes), shapes   # the slice, not 256 x 256
+    assert json.loads((out / "model.json").read_text())["training"]["patch_size"] == 256
+
+
+def test_the_first_half_of_the_steps_trains_on_the_smaller_early_patches(case, monkeypatch):
+    shapes = _labelled_batch_shapes(monkeypatch)
     out = case["dir"] / "early"
     tiny = ["--width", "4", "--batch-size", "2", "--device", "cpu", "--steps", "4"]
     assert main(["train", case["image"], "--labels", case["labels"], "--out", str(out), *tiny,

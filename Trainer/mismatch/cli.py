@@ -659,12 +659,13 @@ def _train(args, ctx) -> int:
     config = preset_config(
         args.preset, args.method, steps=args.steps, width=args.width, batch_size=args.batch_size,
         unlabelled_batch_size=args.unlabelled_batch_size, patch_size=args.patch_size,
-        early_patch_size=args.early_patch_size, lr=args.lr, context=args.context, alpha=args.alpha, alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
+        early_patch_size=args.early_patch_size, lr=args.lr, context=args.context, alpha=args.alpha,
+        alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
         snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     check_patch_size(config.patch_size)
-    check_patch_size(config.early_patch_size, "--early-patch-size")
+    check_patch_size(config.early_patch_size, "--early-patch-size", zero="the full patch from the first step")
     if args.init and args.warm_start:
         from .train import warm_start_config
 

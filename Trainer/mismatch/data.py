@@ -57,12 +57,11 @@ def parse_slice_list(text: str) -> list[int]:
     return parse_slices(text, f"slice list {text!r}", error=UserError)
 
 
-def check_patch_size(patch_size: int | None, option: str = "--patch-size") -> None:
-    """A :class:`UserError` unless ``patch_size`` is None (the preset's), 0 (whole slices, or for
-    ``--early-patch-size`` none) or at least 16."""
+def check_patch_size(patch_size: int | None, option: str = "--patch-size", zero: str = "whole slices") -> None:
+    """A :class:`UserError` unless the patch side ``patch_size`` given by ``option`` is None (the preset's),
+    0 (what ``zero`` says it means) or at least 16."""
     if patch_size is not None and (patch_size < 0 or 0 < patch_size < 16):
-        zero = "0 (the full patch from the first step)" if option == "--early-patch-size" else "0 (whole slices)"
-        raise UserError(f"{option} {patch_size}: use {zero} or at least 16")
+        raise UserError(f"{option} {patch_size}: use 0 ({zero}) or at least 16")
 
 
 def labelled_slices(labels: np.ndarray, axis: str = "k", explicit: Sequence[int] | None = None) -> np.ndarray:
