@@ -20,11 +20,16 @@ segmentations run again). One torch job at a time on a small CPU.
 with the same painted slices as the benchmark seeds it, as a third expert beside the network and the prior:
 ``B`` log-odds for the structure where it grows the structure, ``-B`` where it grows background (variants
 ``gfs-B``), and Grow from seeds alone (``grow-from-seeds``) for comparison.
+
+``--network-clip C ...`` (a probe, not a product setting; binary data sets): the network's log-odds clipped to
+``+-C`` before the prior is added (variants ``clip-C``), so that a confident network cannot outvote the prior
+by more than ``C``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                          "'{\"alpha\": 1.0}'): the prior's variants on networks trained otherwise")
     ap.add_argument("--gfs-beta", type=float, nargs="*", default=[], metavar="B",
                     help="probe: Grow from seeds as a third expert with these log-odds (needs slicer-core)")
+    ap.add_argument("--network-clip", type=float, nargs="*", default=[], metavar="C",
+                    help="probe: the network's log-odds clipped to +-C before the prior is added (binary data sets)")
     args = ap.parse_args(argv)
 
     from mismatch.cli import configure_threads
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return lo + (self.beta / self.settings.weight) * votes
 
     variants = {"default": {}, **{name: json.loads(options) for name, options in (args.variant or [])}}
-    probes = [f"gfs-{b:g}" for b in args.gfs_beta] + (["grow-from-seeds"] if args.gfs_beta else [])
+    probes = [f"gfs-{b:g}" for b in args.gfs_beta] + (["grow-from-seeds"] if args.gfs_beta else []) + \
+        [f"clip-{c:g}" for c in args.network_clip]
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
     config = BenchmarkConfig(datasets=args.datasets, methods=["mismatch"], placement=args.placement,
@@ -153,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                             sparse, labelled, case.axis, case.spacing, len(case.classes) + 1,
                             PriorSettings.from_dict(default_prior), grown=grown, beta=beta))
                         scores[f"gfs-{beta:g}"] = (iou, default_prior)
+                for c in args.network_clip:
+                    with network_clipped(c):
+                        iou, ece[f"clip-{c:g}"] = score(painted_slice_prior(
+                            sparse, labelled, axis, case.spacing, len(case.classes) + 1, default_prior, volume))
+                    scores[f"clip-{c:g}"] = (iou, default_prior)
                 for variant, (iou, settings) in scores.items():
                     done.append({"dataset": dataset, "case": case.name, "seed": seed, "placement": args.placement,
                                  "n_labelled": args.labelled, "labelled_slices": labelled.tolist(),
@@ -181,6 +194,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{v}: mean ECE in the band {100 * sum(band) / len(band):.2f} % over {len(band)} runs")
     print(f"\ncommand: python measurements/ablate_prior.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     return 0
+
+
+@contextlib.contextmanager
+def network_clipped(c: float):
+    """Within it, the segmentation adds the prior to the network's log-odds clipped to ``+-c`` (binary models)."""
+    import torch
+
+    import mismatch.inference as inference
+
+    fuse = inference._fuse
+
+    def clipped(mean, prior, slices, binary):
+        if binary:
+            mean = torch.sigmoid(torch.logit(mean.float().clamp(1e-6, 1 - 1e-6)).clamp(-c, c))
+        return fuse(mean, prior, slices, binary)
+
+    inference._fuse = clipped
+    try:
+        yield
+    finally:
+        inference._fuse = fuse
 
 
 if __name__ == "__main__":
