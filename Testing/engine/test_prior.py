@@ -338,6 +338,35 @@ def test_the_end_does_not_move_for_a_shape_without_the_painted_intensities():
     assert (seg.labels[:20] > 0).sum() > 2 * organ > 0   # marked down to slice 3, not 12
 
 
+
+def test_a_share_of_the_painted_slices_intensity_support_is_needed_for_the_end_to_move():
+    """Past a tumour's end a network that has never seen a slice without it may still mark its place, on tissue
+    with some of its intensities: weaker support than on the painted slice is not the structure going on."""
+    label = _tube(20, 37)
+    place = disc((24, 24), (12, 12), 6)
+    image = np.zeros(label.shape, np.float32)
+    image[:, 2:22, 19:23] = 0.4                                       # painted as background beside the tube
+    below = np.where(np.arange(24)[:, None] % 2 == 0, 0.9, 0.4) * np.ones((1, 24))  # half as the tube, half not
+    image[3:20][:, place] = below[place]
+    image[label > 0] = 0.9
+    painted = [28, 31, 34]
+    sparse = np.zeros_like(label)
+    sparse[painted] = label[painted]
+    ends, below_tube = {}, {}
+    for share in (0.0, 0.5):
+        prior = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(end_intensity_share=share),
+                           image=image)
+        whole = (slice(None), slice(None))
+        assert 0 < prior.intensity_support(10, whole, place) < 0.5 * prior.intensity_support(28, whole, place)
+        seg = segment_volume([_SeesTheTubesPlace()], image[None], axis="k", prior=prior, outputs=("labels",))
+        ends[share], below_tube[share] = seg.extended_ends, int((seg.labels[:20] > 0).sum())
+    assert ends == {0.0: {-1: 3}, 0.5: {-1: 20}}   # with the share: as far as the tube goes, not its place below
+    assert np.array_equal(seg.labels[20:] > 0, label[20:] > 0)
+    assert below_tube[0.0] == 17 * place.sum() > 2 * below_tube[0.5]   # the end penalty from 20 on, not from 3
+    # a model card from before the setting segments as it did: no share
+    old = {k: v for k, v in PriorSettings(end_intensity_share=0.5).to_dict().items() if k != "end_intensity_share"}
+    assert PriorSettings.from_dict(old).end_intensity_share == 0.0
+
 def test_past_the_growing_box_the_intensities_vote_only_against():
     image, label = _lung_over_liver()
     image[5, 10:14, 10:14] = 0.9                 # something as dark as the tube far below it (bowel gas)

@@ -299,6 +299,16 @@ class VolumeInference:
                 out["network_intensity"] = support
         return out
 
+    def _intensity_floor(self, s: int, mask: torch.Tensor) -> float:
+        """On the outermost painted slice ``s``: the least intensity support the network's foreground past it
+        must have for the structure to go on there, the prior's ``end_intensity_share`` of that support on ``s``
+        itself (0 without a share or an intensity model)."""
+        share = self.prior.settings.end_intensity_share
+        if share <= 0 or not self.prior.settings.end_intensity:
+            return 0.0
+        support = self.prior.intensity_support(s, self.score_box[1:], mask.numpy())
+        return share * support if support is not None and support > 0 else 0.0
+
     def _batch(self, start: int, vol_v: np.ndarray, fmt: torch.memory_format) -> list[torch.Tensor]:
         """Each decoder's probabilities for the batch of slices from ``start``: computed before and kept
         (:meth:`_find_ends`), or now."""
@@ -321,14 +331,15 @@ class VolumeInference:
         return mask, mask.float().mean((1, 2)).tolist()
 
     def _outward(self, side: int, painted: int, vol_v: np.ndarray,
-                 fmt: torch.memory_format) -> Iterator[tuple[float, float, float, float | None]]:
+                 fmt: torch.memory_format) -> Iterator[tuple[float, float, float, float | None, float]]:
         """From the painted slice ``painted`` outwards on ``side``, one slice at a time, as far as the caller
-        reads: ``(reference, fraction, on_painted, intensity)``, the network alone's fraction of the painted box
-        on the painted slice and on this one, its share on the painted structure and its intensities' support
-        (:func:`~mismatch.ranking.network_continues`'s arguments). Batches are run as needed and kept for the pass while the kept
-        ones take at most :data:`END_CACHE_BYTES`."""
+        reads: ``(reference, fraction, on_painted, intensity, floor)``, the network alone's fraction of the
+        painted box on the painted slice and on this one, its share on the painted structure, its intensities'
+        support and the least support that counts (:meth:`_intensity_floor`;
+        :func:`~mismatch.ranking.network_continues`'s arguments). Batches are run as needed and kept for the pass
+        while the kept ones take at most :data:`END_CACHE_BYTES`."""
         bs, n = self.batch_size, self.n_slices
-        reference = None
+        reference, floor = None, 0.0
         start = (painted // bs) * bs
         while 0 <= start < n:
             per_decoder = self._batch(start, vol_v, fmt)
@@ -340,10 +351,11 @@ class VolumeInference:
             for s in (range(start, stop) if side > 0 else range(stop - 1, start - 1, -1)):
                 if s == painted:
                     reference = fraction[s - start]
+                    floor = self._intensity_floor(s, mask[s - start])
                 elif side * (s - painted) > 0:
                     on = self._on_painted(s, mask[s - start])
                     yield reference, fraction[s - start], on.get("network_on_painted", 0.0), \
-                        on.get("network_intensity")
+                        on.get("network_intensity"), floor
             start += side * bs
 
     def _find_ends(self, vol_v: np.ndarray, fmt: torch.memory_format) -> None:

@@ -73,20 +73,22 @@ GAP_CONTINUE_FACTOR = 2.0
 GAP_CONTINUE_OVERLAP = 0.3
 
 
-def network_continues(reference: float, fraction: float, on_painted: float, intensity: float | None = None) -> bool:
+def network_continues(reference: float, fraction: float, on_painted: float, intensity: float | None = None,
+                      floor: float = 0.0) -> bool:
     """Whether the network alone sees, on a slice past the painted range, the structure of the outermost
     painted slice go on: its foreground in the painted structure's box (``fraction``) within
     :data:`GAP_CONTINUE_FACTOR` of its own on that painted slice (``reference``), at least
     :data:`GAP_CONTINUE_OVERLAP` of it on that slice's painted structure (``on_painted``), and, when
     ``intensity`` (:meth:`~mismatch.prior.SlicePrior.intensity_support`) is given, with the painted
-    structure's intensities (at least :data:`~mismatch.prior.END_INTENSITY_MIN`)."""
+    structure's intensities (at least :data:`~mismatch.prior.END_INTENSITY_MIN` and ``floor``: the inference's
+    share of that support on the painted slice itself, ``PriorSettings.end_intensity_share``)."""
     return reference / GAP_CONTINUE_FACTOR <= fraction <= reference * GAP_CONTINUE_FACTOR \
-        and on_painted >= GAP_CONTINUE_OVERLAP and (intensity is None or intensity >= END_INTENSITY_MIN)
+        and on_painted >= GAP_CONTINUE_OVERLAP and (intensity is None or intensity >= max(END_INTENSITY_MIN, floor))
 
 
 def continuing_stretch(outward: Iterable[tuple]) -> int:
     """How many slices, read outwards from an outermost painted slice, the network alone sees its structure go
-    on: ``outward`` yields ``(reference, fraction, on_painted[, intensity])`` per slice
+    on: ``outward`` yields ``(reference, fraction, on_painted[, intensity[, floor]])`` per slice
     (:func:`network_continues`'s arguments; a reference of 0 or None: nothing on the painted slice, no
     stretch), and is read no further than the first slice where it does not."""
     stretch = 0
