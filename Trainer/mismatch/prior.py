@@ -168,7 +168,7 @@ class PriorSettings:
     ``end_intensity_share``: and at least this share of the support that the network's foreground has on the
     outermost painted slice itself (0: any support above :data:`END_INTENSITY_MIN`). Past a brain tumour's end,
     painted in the coronal view, a network that has never seen a slice without the tumour marks its place for
-    20 slices on tissue with a little of its intensities (support 0.03 to 0.18 against 0.66 next to the painted
+    24 slices on tissue with a little of its intensities (support 0.03 to 0.18 against 0.66 next to the painted
     slice); half the painted slice's support stops the end where the tumour's intensities stop.
 
     What the image's edges say (:mod:`mismatch.grow`): the painted voxels, structure and background, grown
