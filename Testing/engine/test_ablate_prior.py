@@ -1,21 +1,14 @@
 """measurements/ablate_prior.py's --network-clip probe: the network's log-odds capped before the prior is added,
 and the engine's fusion left as it was afterwards."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from measurement_scripts import load_script
 
 import mismatch.inference as inference
 
-SCRIPT = Path(__file__).resolve().parents[2] / "measurements" / "ablate_prior.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ablate_prior_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ablate_prior")
 
 
 def test_network_clipped_caps_binary_log_odds_and_restores_the_fusion(monkeypatch):

@@ -1,19 +1,12 @@
 """measurements/export_dataset.py: a benchmark data set written as files reads back as ``--files`` reads it."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "measurements" / "export_dataset.py"
+from measurement_scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("export_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("export_dataset")
 
 
 def test_exported_data_set_reads_back_as_files_along_another_axis(tmp_path):
