@@ -91,6 +91,29 @@ def test_mni152_white_matter_is_brighter_than_grey_and_apart_from_it():
     with pytest.raises(ValueError, match="tissue"):
         datasets.load_mni152_gm(tissue="csf")
 
+
+@pytest.mark.skipif(not has("nilearn"), reason="nilearn is not installed")
+def test_mni152_tissue_is_grey_and_white_matter_as_two_classes():
+    (both,) = load_dataset("mni152-tissue", downsample=4)
+    (wm,) = load_dataset("mni152-wm", downsample=4)
+    (gm,) = load_dataset("mni152-gm", downsample=4)
+    _check_case(both, n_classes=2)
+    assert both.name == "mni152-tissue" and both.classes == {1: "grey matter", 2: "white matter"}
+    assert np.array_equal(both.image, gm.image)
+    assert np.array_equal(both.label == 2, wm.label > 0)
+    assert np.array_equal(both.label == 1, (gm.label > 0) & (wm.label == 0))
+
+
+@pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")
+def test_ctchest_lungs_spine_ribs_is_three_classes_of_the_single_class_sets():
+    (case,) = load_dataset("ctchest-lungs-spine-ribs")
+    _check_case(case, n_classes=3)
+    assert case.classes == {1: "lungs", 2: "vertebral column", 3: "ribs"}
+    for c, name in ((1, "ctchest-lungs"), (2, "ctchest-spine"), (3, "ctchest-ribs")):
+        (single,) = load_dataset(name)
+        assert np.array_equal(case.image, single.image) and case.window == single.window
+        assert np.array_equal(case.label == c, single.label > 0)
+
 def test_pyradiomics_missing_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "no-such-folder")

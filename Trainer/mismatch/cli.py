@@ -508,9 +508,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmark-output", metavar="DIR",
                    help="folder for results.md, the figures and runs.json (default benchmark-output)")
     b.add_argument("--datasets", nargs="+", metavar="NAME",
-                   help="ctchest-lungs, ctchest-lungs-lr, ctchest-spine, ctchest-ribs, mni152-gm, mni152-wm, "
-                        "pyradiomics-brain1, pyradiomics-breast1, synthetic-vessels, synthetic-vessels-lung "
-                        "(default: ctchest-lungs)")
+                   help="ctchest-lungs, ctchest-lungs-lr, ctchest-spine, ctchest-ribs, ctchest-lungs-spine-ribs, "
+                        "mni152-gm, mni152-wm, mni152-tissue, pyradiomics-brain1, pyradiomics-breast1, "
+                        "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
     _files_option(b)
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")

@@ -14,10 +14,13 @@ name                     what
                          class): a small bone structure on every slice, beside ribs of the same intensity.
 ``ctchest-ribs``         the same CT with its ribs: thin bone arcs in many parts on every slice, a quarter to a
                          third of a slice's rib voxels on rib in the next (10 mm) slice.
+``ctchest-lungs-spine-ribs``  the same CT with three classes painted at once: lungs = 1, vertebral column = 2,
+                         ribs = 3.
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
 ``mni152-wm``            as ``mni152-gm``, with white matter = the shipped WM probability map > 0.5.
+``mni152-tissue``        as ``mni152-gm``, grey matter = 1 and white matter = 2 (brain tissue, two classes).
 ``pyradiomics-brain1``   pyradiomics 3.0.1's ``brain1`` case (T1 post-contrast MRI, 25x256x256, tumour on 7
                          k-slices; slice axis k) from its source distribution (see below).
 ``pyradiomics-breast1``  pyradiomics 3.0.1's ``breast1`` case (breast MRI crop, 21x120x45 [K, J, I], lesion on
@@ -191,6 +194,24 @@ def load_ctchest_ribs(**_: Any) -> list[Case]:
     return load_ctchest_segment(["ribs"], "ctchest-ribs", "ribs")
 
 
+def load_ctchest_lungs_spine_ribs(**_: Any) -> list[Case]:
+    """``ctchest-lungs-spine-ribs``: CTChest4 with lungs = 1, vertebral column = 2 and ribs = 3 (a voxel in two
+    segments takes the later class). Axis k."""
+    groups = {"lungs": ["right lung", "left lung"],
+              "vertebral column": ["cervical vertebral column", "thoracic vertebral column",
+                                   "lumbar vertebral column"],
+              "ribs": ["ribs"]}
+    ct, masks = _ctchest(*(s for segments in groups.values() for s in segments))
+    label = np.zeros(masks[0].shape, dtype=np.uint8)
+    n = 0
+    for c, segments in enumerate(groups.values(), start=1):
+        label[np.logical_or.reduce(masks[n:n + len(segments)])] = c
+        n += len(segments)
+    return [Case("ctchest-lungs-spine-ribs", _array(ct).astype(np.float32)[None], label, Geometry.from_sitk(ct),
+                 axis=0, window=CT_WINDOW, classes=dict(enumerate(groups, start=1)),
+                 source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
+
+
 def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", **_: Any) -> list[Case]:
     """``mni152-gm`` / ``mni152-wm``: MNI152 2009 T1 template, grey (white) matter = the GM (WM)
     probability > 0.5 (after block averaging).
@@ -198,22 +219,25 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
     Args:
         downsample: block-average factor (1 = the shipped 1 mm grid, 197x233x189).
         crop: crop to the brain's bounding box (template > 0) plus 2 voxels.
-        tissue: ``"gm"`` or ``"wm"``.
+        tissue: ``"gm"``, ``"wm"`` or ``"both"`` (``mni152-tissue``: grey matter = 1, white matter = 2).
     """
-    if tissue not in ("gm", "wm"):
-        raise ValueError(f"tissue must be 'gm' or 'wm', not {tissue!r}")
-    name = f"mni152-{tissue}"
+    if tissue not in ("gm", "wm", "both"):
+        raise ValueError(f"tissue must be 'gm', 'wm' or 'both', not {tissue!r}")
+    name = "mni152-tissue" if tissue == "both" else f"mni152-{tissue}"
+    maps = ("gm", "wm") if tissue == "both" else (tissue,)
     try:
         from nilearn import datasets as nilearn_datasets
     except ImportError as exc:
         raise UserError(f"{name} needs nilearn: pip install nilearn") from exc
     t1 = nilearn_datasets.load_mni152_template(resolution=1)  # the files shipped in the wheel, no download
-    gm = getattr(nilearn_datasets, f"load_mni152_{tissue}_template")(resolution=1)
-    if not np.allclose(t1.affine, gm.affine) or t1.shape != gm.shape:
-        raise UserError(f"nilearn's MNI152 T1 and {tissue.upper()} templates are not on the same grid")
-    # nibabel arrays are [x, y, z] (RAS); ours are [K, J, I] = [z, y, x], geometry in LPS.
+    probs = []
+    for m in maps:
+        template = getattr(nilearn_datasets, f"load_mni152_{m}_template")(resolution=1)
+        if not np.allclose(t1.affine, template.affine) or t1.shape != template.shape:
+            raise UserError(f"nilearn's MNI152 T1 and {m.upper()} templates are not on the same grid")
+        # nibabel arrays are [x, y, z] (RAS); ours are [K, J, I] = [z, y, x], geometry in LPS.
+        probs.append(np.asarray(template.get_fdata(), dtype=np.float32).transpose(2, 1, 0))
     image = np.asarray(t1.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
-    prob = np.asarray(gm.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
     affine = np.asarray(t1.affine, dtype=float)
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -227,17 +251,20 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
         lo = np.maximum(nz.min(0) - 2, 0)
         hi = np.minimum(nz.max(0) + 3, image.shape)
         image = image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        prob = prob[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        probs = [p[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] for p in probs]
     f = int(downsample)
     if f < 1:
         raise ValueError("downsample must be >= 1")
     geom = _geometry_after_crop_and_downsample(geom, lo, image.shape, f)
     image = _block_mean(image, f).astype(np.float32)
-    label = (_block_mean(prob, f) > 0.5).astype(np.uint8)
+    label = np.zeros(image.shape, dtype=np.uint8)
+    for c, p in enumerate(probs, start=1):   # probabilities of tissues summing to at most 1: one above 0.5
+        label[_block_mean(p, f) > 0.5] = c
+    names = {"gm": "grey matter", "wm": "white matter"}
     return [Case(name, image[None], label, geom, axis=0, window=None,
-                 classes={1: "grey matter" if tissue == "gm" else "white matter"},
-                 source=f"nilearn MNI152 2009 templates (T1, {tissue.upper()} probability); MNI template "
-                        "copyright notice kept by nilearn")]
+                 classes={c: names[m] for c, m in enumerate(maps, start=1)},
+                 source=f"nilearn MNI152 2009 templates (T1, {' and '.join(m.upper() for m in maps)} probability); "
+                        "MNI template copyright notice kept by nilearn")]
 
 
 def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -401,8 +428,10 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
     "ctchest-lungs-lr": load_ctchest_lungs_lr,
     "ctchest-spine": load_ctchest_spine,
     "ctchest-ribs": load_ctchest_ribs,
+    "ctchest-lungs-spine-ribs": load_ctchest_lungs_spine_ribs,
     "mni152-gm": load_mni152_gm,
     "mni152-wm": partial(load_mni152_gm, tissue="wm"),
+    "mni152-tissue": partial(load_mni152_gm, tissue="both"),
     "pyradiomics-brain1": load_pyradiomics_brain1,
     "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,
