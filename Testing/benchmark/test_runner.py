@@ -338,3 +338,34 @@ def test_files_sliced_along_another_axis(tmp_path, capsys):
     assert [(r["dataset"], r["n_slices"], len(r["labelled_slices"])) for r in runs] == [("file-mri-axis-i", 30, 3)]
     assert main(["benchmark", "--out", str(tmp_path / "x"), "--axis", "j", "--datasets", "ctchest-lungs"]) == 2
     assert "--files" in capsys.readouterr().err
+
+
+def test_several_classes_record_each_class_iou_and_the_report_shows_them(tmp_path):
+    """A data set of two classes: every run (a free tool and a trained one) records each class's IoU by name,
+    whose mean is the headline IoU, and results.md gains a per-class table; a one-class data set has none."""
+    import SimpleITK as sitk
+
+    k, j, i = np.mgrid[:10, :24, :28]
+    left = ((j - 12) ** 2 + (i - 8) ** 2 <= 16) & (k >= 1) & (k <= 8)
+    right = ((j - 12) ** 2 + (i - 20) ** 2 <= (3 + k % 2) ** 2) & (k >= 2) & (k <= 7)
+    image = np.where(left, 60.0, np.where(right, 200.0, 0.0)).astype(np.float32)
+    image += np.random.default_rng(0).normal(0, 5, image.shape).astype(np.float32)
+    label = (left * 1 + right * 2).astype(np.uint8)
+    paths = []
+    for name, array in (("two.nrrd", image), ("two-label.nrrd", label)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--out", str(out), "--files", *paths, "--methods", "nearest-slice", "mismatch",
+                 "--labelled", "3", "--seeds", "1", "--placement", "even", "--alpha-sweep", "--steps", "2",
+                 "--width", "4", "--patch-size", "0", "--batch-size", "2", "--devices", "cpu"]) == 0
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"nearest-slice", "mismatch"}
+    for r in runs:
+        assert set(r["class_iou"]) == {"label 1", "label 2"}
+        assert np.mean(list(r["class_iou"].values())) == pytest.approx(r["iou"])
+    text = (out / "results.md").read_text()
+    assert "## Each class" in text and "| label 2 |" in text
+
+    from mismatch.benchmark.tables import class_table
+    assert class_table([{**r, "class_iou": None} for r in runs]) == "_No runs with several classes._"

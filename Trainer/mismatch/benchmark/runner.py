@@ -269,7 +269,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
             seconds = time.monotonic() - t0
             ev = evaluate_arrays(pred, case.label, slices=test.tolist(), axis=case.axis,
                                  classes=list(case.classes))
-            result.update(iou=ev["iou"], dice=ev["dice"], ece_all=None, ece_band=None, params=0,
+            result.update(iou=ev["iou"], dice=ev["dice"], **_class_iou(ev, case), ece_all=None, ece_band=None, params=0,
                           ms_per_slice=1000 * seconds / n_slices, train_seconds=0.0, seconds=round(seconds, 6),
                           per_slice_iou=_per_slice_iou(pred, case.label, test, case.axis), device="cpu")
             results.append(result)
@@ -303,7 +303,7 @@ def run_one(spec: dict, config: BenchmarkConfig, device: str = "auto") -> list[d
                               else [])
         calibration = {name: ev[name]["calibration"]["band"] for name in outputs}
         result.update(
-            iou=mean["iou"], dice=mean["dice"], ece_all=mean["calibration"]["all"]["ece"],
+            iou=mean["iou"], dice=mean["dice"], **_class_iou(mean, case), ece_all=mean["calibration"]["all"]["ece"],
             ece_band=mean["calibration"]["band"]["ece"], params=count_parameters(nets[0]),
             ms_per_slice=1000 * seg.seconds / n_slices, train_seconds=round(train_seconds, 2),
             seconds=round(train_seconds + seg.seconds, 3),
@@ -449,6 +449,15 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, *, log: C
     return data
 
 
+def _class_iou(evaluation: dict, case) -> dict:
+    """``{"class_iou": {class name: IoU}}`` from an evaluation's per-class overlap, for a case with more than one
+    class (the headline ``iou`` is their mean); nothing for one class."""
+    if len(case.classes) < 2:
+        return {}
+    per = evaluation["classes"]
+    return {"class_iou": {name: per[str(c)]["iou"] for c, name in case.classes.items() if str(c) in per}}
+
+
 def run_placement(data: dict) -> str:
     """How the labelled slices of the runs in ``data`` (runs.json) were placed; "random" for runs made before
     the placement was recorded."""
@@ -533,7 +542,7 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
     """``results.md`` with Table 1, the ECE, the decoders, the ablation and the alpha sweep, and the figures
     ``fig4-reliability-<data set>.png`` and ``fig5-ece-iou-<data set>.png``, from ``data["runs"]`` alone."""
     from ..plots import ece_vs_iou, iou_vs_labelled, reliability_diagram
-    from .tables import DISPLAY_NAMES, METHOD_ORDER, baseline_table, prior_table, results_table
+    from .tables import DISPLAY_NAMES, METHOD_ORDER, baseline_table, class_table, prior_table, results_table
 
     out = Path(out_dir)
     runs = data["runs"]
@@ -564,6 +573,10 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               results_table(main) if main else "_No runs._", ""]
     lines += ["## Against the best free baseline", "", baseline_table(main, BASELINES) if main else "_No runs._",
               ""]
+    if any(r.get("class_iou") for r in main):
+        lines += ["## Each class", "",
+                  "Data sets with several classes: each class's IoU (pooled over the test slices of a run), mean ± "
+                  "std over runs; Table 1's IoU is their mean.", "", class_table(main), ""]
     panels: dict = {}
     for r in sorted(main, key=lambda r: METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99):
         panels.setdefault(r["dataset"], {}).setdefault(r["method"], {}).setdefault(r["n_labelled"], []).append(

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 
 from .stats import mann_whitney_p, mean_std
 
-__all__ = ["results_table", "validate_runs", "baseline_rows", "baseline_table", "run_seconds",
+__all__ = ["results_table", "validate_runs", "baseline_rows", "baseline_table", "class_table", "run_seconds",
            "REQUIRED_KEYS", "DISPLAY_NAMES", "METHOD_ORDER", "MISSING", "BASELINES"]
 
 REQUIRED_KEYS = ("method", "dataset", "n_labelled", "seed", "iou")
@@ -315,4 +315,25 @@ def prior_table(runs: Iterable[dict[str, Any]], digits: int = 1) -> str:
                     f"| {dataset} | {n} | {method} | {a[0] * 100:.{digits}f} ± {a[1] * 100:.{digits}f} | "
                     f"{g[0] * 100:.{digits}f} ± {g[1] * 100:.{digits}f} | {(g[0] - a[0]) * 100:+.{digits}f} | "
                     f"{_fmt_p(mann_whitney_p(guided, alone))} | {ea * 100:.{digits}f} / {eg * 100:.{digits}f} |")
+    return "\n".join(lines)
+
+
+def class_table(runs: Iterable[dict[str, Any]], digits: int = 1) -> str:
+    """Markdown: each class's IoU (``class_iou`` of the runs), mean ± std over runs, per data set, labelled
+    count and method; data sets whose runs record no ``class_iou`` (one class) are left out."""
+    runs = [r for r in validate_runs(runs) if r.get("class_iou")]
+    if not runs:
+        return "_No runs with several classes._"
+    lines = ["| data set | labelled | method | class | IoU % |", "|---|---:|---|---|---:|"]
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        rs = [r for r in runs if r["dataset"] == dataset]
+        classes = list(dict.fromkeys(c for r in rs for c in r["class_iou"]))
+        for n in sorted({int(r["n_labelled"]) for r in rs}):
+            for method in _ordered_methods([r for r in rs if int(r["n_labelled"]) == n]):
+                same = [r for r in rs if int(r["n_labelled"]) == n and r["method"] == method]
+                for c in classes:
+                    values = [float(r["class_iou"][c]) for r in same
+                              if r["class_iou"].get(c) is not None and not _isnan(r["class_iou"][c])]
+                    text, _ = _fmt_mean_std(values, 100, digits)
+                    lines.append(f"| {dataset} | {n} | {DISPLAY_NAMES.get(method, method)} | {c} | {text} |")
     return "\n".join(lines)
