@@ -301,3 +301,15 @@ def test_even_placement_spaces_the_slices_over_the_extent_for_every_seed():
     assert np.array_equal(draw_split(label, 0, 3, seed=4)[0], draw_split(label, 0, 3, seed=4, placement="random")[0])
     with pytest.raises(UserError, match="placement"):
         draw_split(label, axis=0, n_labelled=3, seed=0, placement="clustered")
+
+
+def test_the_extent_of_several_classes_keeps_each_small_class_own_extent():
+    """A large class on slices 10-19 and a small one on 0-29: the small one's slices count (the union
+    cross-section would drop them, its few voxels under a tenth of the large class's), so evenly spaced
+    paintings cover both structures; one class is as before."""
+    label = np.zeros((30, 20, 20), dtype=np.uint8)
+    label[10:20, 2:18, 2:18] = 1
+    label[:, 0, 0] = 2
+    assert extent(label == 1, 0).tolist() == list(range(10, 20))
+    assert extent(label, 0).tolist() == list(range(30))
+    assert even_slices(extent(label, 0), 3, 30) == [4, 14, 24]   # the centres of three parts of 0-29

@@ -507,11 +507,19 @@ PLACEMENTS = ("random", "even")
 
 def extent(label: np.ndarray, axis: int, min_fraction: float = 0.1) -> np.ndarray:
     """The slices where the structure is: cross-section at least ``min_fraction`` of the largest (the
-    candidates :func:`draw_split` places labelled slices on)."""
-    counts = (np.asarray(label) != 0).sum(axis=tuple(a for a in range(label.ndim) if a != axis))
-    if counts.max() == 0:
+    candidates :func:`draw_split` places labelled slices on). With several classes, the slices where any
+    class has at least that fraction of its own largest cross-section: a small structure painted beside a
+    large one (the spine beside the lungs) keeps its own extent, as a user covering every structure paints."""
+    label = np.asarray(label)
+    other = tuple(a for a in range(label.ndim) if a != axis)
+    values = [v for v in np.unique(label) if v != 0]
+    if not values:
         raise UserError("the label map is empty: nothing to draw labelled slices from")
-    return np.flatnonzero(counts >= max(1.0, min_fraction * counts.max()))
+    found = np.zeros(label.shape[axis], dtype=bool)
+    for v in values:
+        counts = (label == v).sum(axis=other)
+        found |= counts >= max(1.0, min_fraction * counts.max())
+    return np.flatnonzero(found)
 
 
 def even_slices(candidates: Sequence[int], n: int, n_slices: int) -> list[int]:

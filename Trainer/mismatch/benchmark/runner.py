@@ -561,7 +561,8 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               "without it count)" if versions == {SPLIT_VERSION} else
               "the slices not labelled; in runs made before split version 2 only those with foreground")
     placed = ("evenly spaced over the structure's extent (the slices where its cross-section is at least a "
-              "tenth of the largest), the same slices for every seed: the seed varies the training alone, so the "
+              "tenth of the largest; with several classes, where any class's is a tenth of its own largest), the "
+              "same slices for every seed: the seed varies the training alone, so the "
               "standard deviation over seeds is the run-to-run spread on the same painted slices"
               if run_placement(data) == "even" else
               "drawn at random for each seed among the slices where the structure's cross-section is at least a "
