@@ -8,7 +8,7 @@ from mismatch.inference import segment_volume
 from mismatch.methods.augment import anatomy_preserving
 from mismatch.models import ArchitectureConfig, SegmentationNetwork
 from mismatch.prior import (PriorSettings, SlicePrior, boundary_threshold, intensity_bin, keep_connected, nearest_slice,
-                            shape_interpolation, signed_distance)
+                            painted_pieces, shape_interpolation, signed_distance)
 
 
 def disc(shape, centre, radius):
@@ -110,6 +110,32 @@ def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class()
     out = keep_connected(pred, sparse, [4], axis=0)
     assert out[3, 3, 3] == 1 and out[0, 15, 15] == 0 and out[5, 10, 2] == 2
     assert (out == 1).sum() == (pred[2:8, 2:6, 2:6] == 1).sum()
+
+
+def test_a_class_painted_in_many_pieces_keeps_its_parts_that_touch_no_painted_voxel():
+    """Ribs-like: a dozen small arcs on each painted slice that move between slices. With ``many_parts`` at or
+    below the painted pieces a slice, the pieces of the slices between that touch no painted voxel are kept;
+    above it (or 0), dropped as before; a class in one piece is dropped either way; a model card without the
+    setting keeps the behaviour it was made with."""
+    pred = np.zeros((9, 40, 40), np.uint8)
+    sparse = np.zeros_like(pred)
+    for s in (0, 8):
+        for n in range(12):
+            sparse[s, 3 * n + 1, 2:4] = 1       # 12 separate pieces on each painted slice
+    pred[(0, 8), :, :] = sparse[(0, 8), :, :]
+    pred[4, 1:38:3, 30:32] = 1                  # arcs of a slice between, touching no painted voxel
+    pred[2:6, 10:14, 20:24] = 2                 # class 2: one painted piece, a part apart from it
+    sparse[0, 30:34, 30:34] = 2
+    pred[0, 30:34, 30:34] = 2
+    assert painted_pieces(sparse[[0, 8]], 1, 0) == 12.0 and painted_pieces(sparse[[0, 8]], 2, 0) == 1.0
+    kept = keep_connected(pred, sparse, [0, 8], axis=0, many_parts=12)
+    assert (kept[4] == 1).sum() == (pred[4] == 1).sum()
+    assert (kept[2:6] == 2).sum() == 0
+    for many in (0, 13):
+        assert (keep_connected(pred, sparse, [0, 8], axis=0, many_parts=many)[4] == 1).sum() == 0
+    assert PriorSettings().many_parts == 12
+    old = {k: v for k, v in PriorSettings().to_dict().items() if k != "many_parts"}
+    assert PriorSettings.from_dict(old).many_parts == 0.0
 
 
 def test_keep_connected_matches_labelling_the_whole_volume():

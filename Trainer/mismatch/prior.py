@@ -151,7 +151,11 @@ class PriorSettings:
     sharp one. Beyond the outermost labelled slice the shape also shrinks by ``shrink_rate * rate`` mm per mm
     (it has to end somewhere). ``weight`` scales the prior's log-odds before they are added to the
     network's. ``connected``: keep only the parts of each class connected in 3D to its painted voxels
-    (:func:`keep_connected`). ``default_rate`` is used when a single slice is painted.
+    (:func:`keep_connected`), except for a class painted in at least ``many_parts`` separate pieces a painted
+    slice on average (0: no exception): ribs, a dozen or more arcs on every slice that move from one slice to
+    the next, leave many arcs of the slices between the painted ones touching no painted voxel, and the
+    connected parts alone lost a fifth of them (``docs/benchmarks.md``, "Structures in many pieces").
+    ``default_rate`` is used when a single slice is painted.
 
     Where the structure ends: painted slices spread over a structure, as the README advises, leave about
     half a gap (the mean distance between painted slices) beyond the outermost ones. Beyond
@@ -243,10 +247,11 @@ class PriorSettings:
     boundary_beta: float = 2.0
     boundary_band: float = 1.0
     end_intensity_share: float = 0.5
+    many_parts: float = 12.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
-               "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share")
+               "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -258,7 +263,7 @@ class PriorSettings:
     _BEFORE = {
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
-        "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0}
+        "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -427,7 +432,7 @@ class SlicePrior:
 
     def keep_connected(self, labels: np.ndarray) -> np.ndarray:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
-        return keep_connected(labels, self.sparse, self.lab, self.axis)
+        return keep_connected(labels, self.sparse, self.lab, self.axis, self.settings.many_parts)
 
     def intensity_support(self, s: int, inplane: tuple[slice, ...], mask: np.ndarray) -> float | None:
         """How much the voxels ``mask`` of slice ``s`` (a boolean array over the in-plane box ``inplane`` of
@@ -601,15 +606,26 @@ def boundary_threshold(image: np.ndarray, sparse: np.ndarray, labelled: Sequence
     return fits
 
 
-def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0) -> np.ndarray:
+def painted_pieces(painted: np.ndarray, c: int, axis: int) -> float:
+    """The mean number of separate pieces (2D 4-connected parts) of class ``c`` on the painted slices of
+    ``painted`` (the painted slices stacked along ``axis``) that hold it; 0 where none does."""
+    counts = [ndimage.label(p)[1] for p in np.moveaxis(painted == c, axis, 0) if p.any()]
+    return float(np.mean(counts)) if counts else 0.0
+
+
+def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
+                   many_parts: float = 0.0) -> np.ndarray:
     """``pred`` with, for each class, only the 3D-connected (6-neighbour) parts that touch a painted voxel of
-    that class. A class painted nowhere is kept as predicted. Each class's parts are found within the
-    bounding box of its predicted voxels (no part reaches beyond it), not over the whole volume."""
+    that class. A class painted nowhere is kept as predicted, and so is one painted in ``many_parts`` or more
+    pieces a painted slice on average (:func:`painted_pieces`; 0: none is). Each class's parts are found within
+    the bounding box of its predicted voxels (no part reaches beyond it), not over the whole volume."""
     lab = _check(sparse, labelled, axis)
     sparse = np.asarray(sparse)
     out = np.array(pred, copy=True)
     painted = np.take(sparse, lab, axis=axis)
     for c in [int(v) for v in label_values(pred) if v != 0]:
+        if many_parts > 0 and painted_pieces(painted, c, axis) >= many_parts:
+            continue
         mask = pred == c
         box = _bounding_box(mask)
         m = mask[box]
