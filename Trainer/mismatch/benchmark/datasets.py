@@ -201,12 +201,12 @@ def load_ctchest_lungs_spine_ribs(**_: Any) -> list[Case]:
               "vertebral column": ["cervical vertebral column", "thoracic vertebral column",
                                    "lumbar vertebral column"],
               "ribs": ["ribs"]}
-    ct, masks = _ctchest(*(s for segments in groups.values() for s in segments))
+    names = [s for segments in groups.values() for s in segments]
+    ct, masks = _ctchest(*names)
+    found = dict(zip(names, masks))
     label = np.zeros(masks[0].shape, dtype=np.uint8)
-    n = 0
     for c, segments in enumerate(groups.values(), start=1):
-        label[np.logical_or.reduce(masks[n:n + len(segments)])] = c
-        n += len(segments)
+        label[np.logical_or.reduce([found[s] for s in segments])] = c
     return [Case("ctchest-lungs-spine-ribs", _array(ct).astype(np.float32)[None], label, Geometry.from_sitk(ct),
                  axis=0, window=CT_WINDOW, classes=dict(enumerate(groups, start=1)),
                  source="slicerio data/CTChest4.nrrd + Segmentation.seg.nrrd (MIT)")]
