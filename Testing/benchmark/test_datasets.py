@@ -114,6 +114,21 @@ def test_ctchest_lungs_spine_ribs_is_three_classes_of_the_single_class_sets():
         assert np.array_equal(case.image, single.image) and case.window == single.window
         assert np.array_equal(case.label == c, single.label > 0)
 
+
+@pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")
+def test_synthetic_lesion_in_the_lungs_of_the_vessels_volume():
+    (case,) = load_dataset("synthetic-lesion-lung")
+    _check_case(case)
+    (vessels,) = load_dataset("synthetic-vessels-lung")
+    assert case.synthetic and "SYNTHETIC" in case.source and case.classes == {1: "lesion (synthetic)"}
+    assert case.image.shape == vessels.image.shape and case.geometry == vessels.geometry   # the same CT grid
+    present = np.flatnonzero(case.label.any(axis=(1, 2)))
+    assert 6 <= len(present) <= 16 and present[0] > 5 and present[-1] < case.label.shape[0] - 6
+    assert np.array_equal(present, np.arange(present[0], present[-1] + 1))   # one stretch of slices
+    (again,) = load_dataset("synthetic-lesion-lung")
+    assert np.array_equal(case.image, again.image) and np.array_equal(case.label, again.label)
+
+
 def test_pyradiomics_missing_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "REPO_DATA_DIR", tmp_path / "no-such-folder")

@@ -1,10 +1,11 @@
-"""The SYNTHETIC vessel phantom: determinism, connectivity, radii, label against tubes, intensities, mask."""
+"""The SYNTHETIC phantoms: the vessel tree (determinism, connectivity, radii, label against tubes, intensities,
+mask) and the lesion (determinism, one part inside the mask, reaching its edge, slices past both ends)."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from mismatch.benchmark.phantom import MURRAY_RATIO, segment_distance, vessel_phantom
+from mismatch.benchmark.phantom import MURRAY_RATIO, lesion_phantom, segment_distance, vessel_phantom
 
 SHAPE, SPACING = (40, 64, 64), (1.0, 0.8, 0.8)
 
@@ -113,3 +114,42 @@ def test_bad_arguments():
         vessel_phantom(shape=(20, 20, 20), root_radius_mm=0.2)
     with pytest.raises(ValueError):
         vessel_phantom(shape=(20, 20, 20), mask=np.zeros((20, 20, 20), bool))
+
+
+def _lungs(shape=(40, 48, 48)):
+    k, j, i = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    mask = ((k - 20) / 18.0) ** 2 + ((j - 24) / 21.0) ** 2 + ((i - 24) / 21.0) ** 2 <= 1.0
+    return np.where(mask, -850.0, 40.0).astype(np.float32), mask
+
+
+@pytest.mark.parametrize("pleural", [True, False])
+def test_lesion_one_part_in_the_mask_with_slices_past_its_ends(pleural):
+    ct, mask = _lungs()
+    spacing = (1.5, 1.0, 1.0)
+    image, label, info = lesion_phantom(ct, mask, spacing, seed=2, radius_mm=(7.0, 8.0), pleural=pleural,
+                                        noise_hu=0.0, blur_voxels=0.0)
+    again = lesion_phantom(ct, mask, spacing, seed=2, radius_mm=(7.0, 8.0), pleural=pleural, noise_hu=0.0,
+                           blur_voxels=0.0)
+    assert np.array_equal(image, again[0]) and np.array_equal(label, again[1])
+    assert info["synthetic"] and info["pleural"] == pleural and 7.0 <= info["radius_mm"] <= 8.0
+    _, n = ndimage.label(label, structure=np.ones((3, 3, 3)))
+    assert n == 1
+    assert not label[~ndimage.binary_dilation(mask)].any()
+    first, last = info["slices"]
+    assert label[first].any() and label[last].any() and not label[:first].any() and not label[last + 1:].any()
+    assert first > 0 and last < label.shape[0] - 1
+    # soft-tissue intensities inside; the given CT kept away from it
+    assert image[label > 0].mean() > -450
+    far = ~ndimage.binary_dilation(label > 0, iterations=3)
+    assert np.array_equal(image[far], ct[far])
+    # pleural: the lesion reaches the mask's edge (meets the wall); otherwise it stays inside
+    edge = ndimage.binary_dilation(~mask, iterations=2)
+    assert bool((label.astype(bool) & edge).any()) == pleural
+
+
+def test_lesion_bad_arguments():
+    ct, mask = _lungs((12, 12, 12))
+    with pytest.raises(ValueError, match="no place"):
+        lesion_phantom(ct, mask, (1.0, 1.0, 1.0), radius_mm=(30.0, 31.0))
+    with pytest.raises(ValueError, match="one 3D shape"):
+        lesion_phantom(ct, mask[:-1], (1.0, 1.0, 1.0))

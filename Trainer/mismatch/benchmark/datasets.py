@@ -28,6 +28,9 @@ name                     what
 ``synthetic-vessels``    the SYNTHETIC vessel phantom (:func:`mismatch.benchmark.phantom.vessel_phantom`) in
                          a synthetic parenchyma background; ``in_lungs=True`` places it inside CTChest4's lungs
                          (resampled to ``lung_spacing``; the CT's own vessels are then present but unlabelled).
+``synthetic-lesion-lung``  a SYNTHETIC lobulated soft-tissue lesion (:func:`~mismatch.benchmark.phantom.
+                         lesion_phantom`, a stand-in for a lung tumour) in the same resampled CT, reaching the
+                         pleura: about 25 mm across, on 11 of the 115 slices (2.5 mm).
 =======================  ==============================================================================
 
 Every loader returns a list of :class:`Case`: image ``float32 [C, K, J, I]``, label ``uint8 [K, J, I]``
@@ -365,6 +368,30 @@ def load_pyradiomics_breast1(data_dir: str | os.PathLike | None = None, **_: Any
     return _load_pyradiomics("breast1", 2, "breast MRI", "lesion", data_dir)
 
 
+def _ctchest_lungs_resampled(spacing_kji: Sequence[float]) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """CTChest4 (HU, linear) and its lungs (nearest) resampled to ``spacing_kji`` mm, keeping the physical
+    extent, and cropped to the lungs plus 3 voxels: ``(ct [K, J, I] float32, lungs bool, geometry)``."""
+    ct, right, left = _ctchest_with_lungs()
+    lungs = sitk.GetImageFromArray((right | left).astype(np.uint8))
+    lungs.CopyInformation(ct)
+    new_spacing = tuple(float(s) for s in spacing_kji[::-1])  # (I, J, K)
+    new_size = [int(round(sz * sp / ns)) for sz, sp, ns in zip(ct.GetSize(), ct.GetSpacing(), new_spacing)]
+    ref = sitk.Image(new_size, sitk.sitkFloat32)
+    ref.SetSpacing(new_spacing)
+    ref.SetDirection(ct.GetDirection())
+    # keep the physical extent: first voxel centre moved by half the spacing change
+    shift = np.asarray(ct.GetDirection()).reshape(3, 3) @ ((np.asarray(new_spacing) - ct.GetSpacing()) / 2)
+    ref.SetOrigin(tuple(float(o) for o in np.asarray(ct.GetOrigin()) + shift))
+    ct_r = _array(sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, -1000.0))
+    mask_r = _array(sitk.Resample(lungs, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
+    nz = np.argwhere(mask_r)
+    lo = np.maximum(nz.min(0) - 3, 0)
+    hi = np.minimum(nz.max(0) + 4, mask_r.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    geom = _geometry_after_crop_and_downsample(Geometry.from_sitk(ref), lo, ct_r[box].shape, 1)
+    return ct_r[box], mask_r[box], geom
+
+
 def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequence[int] = (64, 128, 128),
                            spacing: Sequence[float] = (1.0, 0.7, 0.7),
                            lung_spacing: Sequence[float] = (2.5, 1.5, 1.5), **phantom_args: Any) -> list[Case]:
@@ -387,38 +414,37 @@ def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequenc
                         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
         name = "synthetic-vessels"
     else:
-        ct, right, left = _ctchest_with_lungs()
-        lungs = sitk.GetImageFromArray((right | left).astype(np.uint8))
-        lungs.CopyInformation(ct)
-        new_spacing = tuple(float(s) for s in lung_spacing[::-1])  # (I, J, K)
-        new_size = [int(round(sz * sp / ns)) for sz, sp, ns in zip(ct.GetSize(), ct.GetSpacing(), new_spacing)]
-        ref = sitk.Image(new_size, sitk.sitkFloat32)
-        ref.SetSpacing(new_spacing)
-        ref.SetDirection(ct.GetDirection())
-        # keep the physical extent: first voxel centre moved by half the spacing change
-        shift = np.asarray(ct.GetDirection()).reshape(3, 3) @ ((np.asarray(new_spacing) - ct.GetSpacing()) / 2)
-        ref.SetOrigin(tuple(float(o) for o in np.asarray(ct.GetOrigin()) + shift))
-        ct_r = _array(sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear,
-                                    -1000.0))
-        mask_r = _array(sitk.Resample(lungs, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
-        nz = np.argwhere(mask_r)
-        lo = np.maximum(nz.min(0) - 3, 0)
-        hi = np.minimum(nz.max(0) + 4, mask_r.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        ct_r, mask_r, geom = _ctchest_lungs_resampled(lung_spacing)
         # The lungs are thin and the grid coarse (the thinnest tube is sqrt(3)/2 * 2.5 mm): shorter, more
         # persistent tubes and three roots give trees of 3 to 4 generations.
         for key, value in (("root_radius_mm", 4.0), ("length_factor", (3.0, 6.0)), ("max_tries", 30),
                            ("n_roots", 3)):
             phantom_args.setdefault(key, value)
-        image, label, info = vessel_phantom(spacing=lung_spacing, seed=seed, background=ct_r[box],
-                                            mask=mask_r[box], **phantom_args)
-        geom = _geometry_after_crop_and_downsample(Geometry.from_sitk(ref), lo, image.shape, 1)
+        image, label, info = vessel_phantom(spacing=lung_spacing, seed=seed, background=ct_r, mask=mask_r,
+                                            **phantom_args)
         name = "synthetic-vessels-lung"
     info = {k: v for k, v in info.items() if k != "occupancy"}
     return [Case(name, image[None].astype(np.float32), label.astype(np.uint8), geom, axis=0, window=CT_WINDOW,
                  classes={1: "vessel (synthetic)"}, synthetic=True,
                  source="SYNTHETIC vessel phantom (mismatch.benchmark.phantom)"
                         + (" inside slicerio CTChest4's lungs" if in_lungs else ""),
+                 extra={"phantom": info})]
+
+
+def load_synthetic_lesion(seed: int = 0, lung_spacing: Sequence[float] = (2.5, 1.5, 1.5),
+                          **phantom_args: Any) -> list[Case]:
+    """``synthetic-lesion-lung``: a SYNTHETIC lobulated soft-tissue lesion (a stand-in for a lung tumour, which
+    no installable package ships with a label) in CTChest4's lungs resampled to ``lung_spacing`` mm and
+    cropped to the lungs as for ``synthetic-vessels-lung``; it reaches the pleura, where the chest wall has
+    its intensities (:func:`~mismatch.benchmark.phantom.lesion_phantom`). Binary, deterministic per ``seed``.
+    """
+    from .phantom import lesion_phantom
+
+    ct_r, mask_r, geom = _ctchest_lungs_resampled(lung_spacing)
+    image, label, info = lesion_phantom(ct_r, mask_r, lung_spacing, seed=seed, **phantom_args)
+    return [Case("synthetic-lesion-lung", image[None].astype(np.float32), label.astype(np.uint8), geom, axis=0,
+                 window=CT_WINDOW, classes={1: "lesion (synthetic)"}, synthetic=True,
+                 source="SYNTHETIC lesion phantom (mismatch.benchmark.phantom) inside slicerio CTChest4's lungs",
                  extra={"phantom": info})]
 
 
@@ -436,6 +462,7 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
     "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,
     "synthetic-vessels-lung": lambda **kw: load_synthetic_vessels(in_lungs=True, **kw),
+    "synthetic-lesion-lung": load_synthetic_lesion,
 }
 
 

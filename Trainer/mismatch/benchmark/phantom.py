@@ -1,11 +1,13 @@
-"""A SYNTHETIC vessel phantom: a branching tree of tubes with CT-like intensities.
+"""SYNTHETIC phantoms with CT-like intensities: a branching tree of vessels (:func:`vessel_phantom`) and a
+lobulated lesion drawn into a real CT (:func:`lesion_phantom`).
 
 There is no real vessel ground truth in any package these machines can install, so the vessel case of the
 benchmark uses this generator, and every result computed on it must be called synthetic (the data set
-name is ``synthetic-vessels``).
+name is ``synthetic-vessels``). The lesion stands in for a tumour in a CT, which no installable package
+ships with a label (``synthetic-lesion-lung``); the same rule applies.
 
-Model
------
+Vessel model
+------------
 Each root starts a binary tree of straight tubes (capsules: cylinders with spherical caps, so consecutive
 tubes join without gaps). At each bifurcation the two children get radius ``parent * ratio`` with
 ``ratio`` about 0.79 (Murray's law for a symmetric split: r1^3 + r2^3 = r0^3 gives 2^(-1/3) = 0.794),
@@ -35,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["vessel_phantom", "segment_distance", "MURRAY_RATIO"]
+__all__ = ["vessel_phantom", "lesion_phantom", "segment_distance", "MURRAY_RATIO"]
 
 MURRAY_RATIO = 2.0 ** (-1.0 / 3.0)  # 0.794: symmetric bifurcation under Murray's law
 
@@ -264,4 +266,94 @@ def vessel_phantom(shape: Sequence[int] = (64, 128, 128),
             "vessel_hu": levels.tolist(), "spacing": spacing_a.tolist(), "shape": list(shape), "seed": seed,
             "n_roots": n_roots, "min_radius_mm": float(min_radius_mm), "radius_ratio": radius_ratio,
             "occupancy": occupancy}
+    return image, label, info
+
+
+def lesion_phantom(background: np.ndarray, mask: np.ndarray, spacing: Sequence[float], seed: int = 0,
+                   radius_mm: tuple[float, float] = (12.0, 16.0),
+                   lobes: int = 4,
+                   roughness_mm: float = 1.5,
+                   lesion_hu: tuple[float, float] = (20.0, 60.0),
+                   texture_hu: float = 15.0,
+                   noise_hu: float = 25.0,
+                   blur_voxels: float = 0.5,
+                   pleural: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A SYNTHETIC lobulated soft-tissue lesion (a stand-in for a lung tumour) drawn into a real CT.
+
+    The lesion is the union of a central sphere (0.75 of the radius ``R``, drawn in ``radius_mm``) and
+    ``lobes`` smaller spheres (0.35 to 0.6 ``R``) centred 0.3 to 0.6 ``R`` away in random directions, its
+    surface roughened by a smooth random field of standard deviation ``roughness_mm``, and kept within the
+    ``mask`` grown by one voxel: with ``pleural`` its centre lies 0.5 to 0.9 ``R`` from the mask's edge, so
+    it reaches the pleura and meets the chest wall or the mediastinum, whose soft tissue has the lesion's
+    intensities (the hard case for growing from painted voxels); without, at least ``R`` + 2 mm inside.
+    Its centre is at least ``1.2 R`` from the first and last slice, so that slices past both of its ends
+    exist. Image formation as :func:`vessel_phantom`'s: partial-volume occupancy from the signed distance,
+    an intensity drawn in ``lesion_hu`` with a smooth texture of ``texture_hu``, a Gaussian blur of
+    ``blur_voxels`` and noise of ``noise_hu`` over the whole volume.
+
+    Args:
+        background: real CT ``float [K, J, I]`` in HU; mask: boolean ``[K, J, I]`` (the lungs);
+        spacing: ``(K, J, I)`` mm. Everything random comes from ``numpy.random.default_rng(seed)``.
+
+    Returns:
+        ``(image, label, info)``: ``image`` float32 HU, ``label`` uint8 (1 = lesion; one 26-connected
+        component), ``info`` with ``centre_mm`` (physical ``(k, j, i)`` from voxel (0, 0, 0)), ``radius_mm``,
+        ``lesion_hu``, ``slices`` (first and last slice with the lesion), ``spacing``, ``shape``, ``seed``,
+        ``pleural``, ``synthetic`` = True.
+    """
+    rng = np.random.default_rng(seed)
+    spacing_a = np.asarray(spacing, dtype=float)
+    background = np.asarray(background, dtype=np.float32)
+    allowed = np.asarray(mask, dtype=bool)
+    if spacing_a.shape != (3,) or (spacing_a <= 0).any():
+        raise ValueError("spacing must be three positive numbers (K, J, I) in mm")
+    if background.ndim != 3 or allowed.shape != background.shape:
+        raise ValueError(f"background {background.shape} and mask {allowed.shape} must be one 3D shape")
+    shape = background.shape
+    r_mm = float(rng.uniform(*radius_mm))
+    edt = ndimage.distance_transform_edt(allowed, sampling=spacing_a)
+    k_margin = int(math.ceil(1.2 * r_mm / spacing_a[0]))
+    near = (edt >= 0.5 * r_mm) & (edt <= 0.9 * r_mm) if pleural else edt >= r_mm + 2.0
+    near[:k_margin] = near[shape[0] - k_margin:] = False
+    candidates = np.argwhere(near)
+    if len(candidates) == 0:
+        raise ValueError(f"no place in the mask for a lesion of radius {r_mm:.1f} mm")
+    centre = candidates[rng.integers(len(candidates))] * spacing_a
+
+    spheres = [(centre, 0.75 * r_mm)]
+    for _ in range(lobes):
+        direction = _unit(rng.normal(size=3))
+        spheres.append((centre + direction * rng.uniform(0.3, 0.6) * r_mm, rng.uniform(0.35, 0.6) * r_mm))
+    # the signed distance (mm) in a box around the lesion; +inf elsewhere
+    reach = 1.6 * r_mm + 3 * roughness_mm
+    lo = np.maximum(np.floor((centre - reach) / spacing_a).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / spacing_a).astype(int) + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, spacing_a)], indexing="ij"), -1)
+    sd_box = np.min([np.linalg.norm(grid - c, axis=-1) - r for c, r in spheres], axis=0)
+    field = ndimage.gaussian_filter(rng.normal(size=sd_box.shape), sigma=3.0 / spacing_a)
+    sd_box += field * (roughness_mm / max(float(field.std()), 1e-6))
+    sdist = np.full(shape, np.inf, dtype=np.float64)
+    sdist[box] = sd_box
+    sdist[~ndimage.binary_dilation(allowed, iterations=1)] = np.inf   # not into the chest wall
+    h = float(spacing_a.mean())
+    occupancy = np.clip(0.5 - sdist / h, 0.0, 1.0).astype(np.float32)
+    parts, n = ndimage.label(occupancy >= 0.5, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        raise ValueError("the lesion fell outside the mask")
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones(shape), parts, range(1, n + 1))))
+    occupancy[(parts != largest) & (parts > 0)] = 0.0   # one lesion: stray bits cut by the mask are dropped
+    label = (parts == largest).astype(np.uint8)
+
+    level = float(rng.uniform(*lesion_hu))
+    texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=2.0)
+    texture *= texture_hu / max(float(texture.std()), 1e-6)
+    image = occupancy * (level + texture) + (1.0 - occupancy) * background
+    if blur_voxels > 0:
+        image = ndimage.gaussian_filter(image, sigma=blur_voxels)
+    image = (image + rng.normal(scale=noise_hu, size=shape)).astype(np.float32)
+    ks = np.flatnonzero(label.any(axis=(1, 2)))
+    info = {"name": "synthetic-lesion", "synthetic": True, "centre_mm": centre.tolist(), "radius_mm": r_mm,
+            "lesion_hu": level, "slices": [int(ks[0]), int(ks[-1])], "spacing": spacing_a.tolist(),
+            "shape": list(shape), "seed": seed, "pleural": pleural}
     return image, label, info
