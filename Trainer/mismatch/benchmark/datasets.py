@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..data import CT_WINDOW, ctchest_segments
+from ..data import CT_WINDOW, ctchest_segments, label_values
 from ..errors import UserError
 from ..io import Geometry
 
@@ -496,7 +496,7 @@ def load_files(image: str, labels: str, name: str = FILES_PREFIX + "image", axis
     gives it), the label map on its grid, each label value a class. Slices along ``axis`` (k, j or i of the
     image grid; ``--axis``)."""
     from ..classes import remap_labels
-    from ..data import auto_window, axis_index, label_values
+    from ..data import auto_window, axis_index
     from ..io import read_image, read_labels
 
     ax = axis_index(axis)   # a bad name is an error before any file is read
@@ -539,7 +539,7 @@ def extent(label: np.ndarray, axis: int, min_fraction: float = 0.1) -> np.ndarra
     large one (the spine beside the lungs) keeps its own extent, as a user covering every structure paints."""
     label = np.asarray(label)
     other = tuple(a for a in range(label.ndim) if a != axis)
-    values = [v for v in np.unique(label) if v != 0]
+    values = [v for v in label_values(label) if v != 0]
     if not values:
         raise UserError("the label map is empty: nothing to draw labelled slices from")
     found = np.zeros(label.shape[axis], dtype=bool)

@@ -99,6 +99,25 @@ class _Tree:
         return True
 
 
+def _texture(rng: np.random.Generator, shape: Sequence[int], std_hu: float) -> np.ndarray:
+    """A smooth random field (float32 noise, Gaussian-filtered with sigma 2 voxels) of standard deviation
+    ``std_hu``."""
+    texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=2.0)
+    texture *= std_hu / max(float(texture.std()), 1e-6)
+    return texture
+
+
+def _scan(occupancy: np.ndarray, inside: np.ndarray | float, background: np.ndarray, blur_voxels: float,
+          noise_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """The phantoms' image formation: ``occupancy * inside + (1 - occupancy) * background`` (partial volume),
+    a Gaussian blur of ``blur_voxels`` (the scanner's point spread; none at 0), then Gaussian noise of
+    ``noise_hu``; float32."""
+    image = occupancy * inside + (1.0 - occupancy) * background
+    if blur_voxels > 0:
+        image = ndimage.gaussian_filter(image, sigma=blur_voxels)
+    return (image + rng.normal(scale=noise_hu, size=image.shape)).astype(np.float32)
+
+
 def vessel_phantom(shape: Sequence[int] = (64, 128, 128),
                    spacing: Sequence[float] = (1.0, 0.7, 0.7),
                    seed: int = 0,
@@ -249,16 +268,8 @@ def vessel_phantom(shape: Sequence[int] = (64, 128, 128),
 
     levels = rng.uniform(*vessel_hu, size=n_roots).astype(np.float32)
     vessel = np.where(owner >= 0, levels[np.maximum(owner, 0)], 0.0).astype(np.float32)
-    if background is None:
-        texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=2.0)
-        texture *= 20.0 / max(float(texture.std()), 1e-6)
-        bg = (background_hu + texture).astype(np.float32)
-    else:
-        bg = background
-    image = occupancy * vessel + (1.0 - occupancy) * bg
-    if blur_voxels > 0:
-        image = ndimage.gaussian_filter(image, sigma=blur_voxels)
-    image = (image + rng.normal(scale=noise_hu, size=shape)).astype(np.float32)
+    bg = (background_hu + _texture(rng, shape, 20.0)).astype(np.float32) if background is None else background
+    image = _scan(occupancy, vessel, bg, blur_voxels, noise_hu, rng)
 
     segments = [{"start": s["start"].tolist(), "end": s["end"].tolist(), "radius": s["radius"],
                  "depth": s["depth"], "root": s["root"], "parent": s["parent"]} for s in tree.segments]
@@ -341,17 +352,12 @@ def lesion_phantom(background: np.ndarray, mask: np.ndarray, spacing: Sequence[f
     parts, n = ndimage.label(occupancy >= 0.5, structure=np.ones((3, 3, 3)))
     if n == 0:
         raise ValueError("the lesion fell outside the mask")
-    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones(shape), parts, range(1, n + 1))))
+    largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
     occupancy[(parts != largest) & (parts > 0)] = 0.0   # one lesion: stray bits cut by the mask are dropped
     label = (parts == largest).astype(np.uint8)
 
     level = float(rng.uniform(*lesion_hu))
-    texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=2.0)
-    texture *= texture_hu / max(float(texture.std()), 1e-6)
-    image = occupancy * (level + texture) + (1.0 - occupancy) * background
-    if blur_voxels > 0:
-        image = ndimage.gaussian_filter(image, sigma=blur_voxels)
-    image = (image + rng.normal(scale=noise_hu, size=shape)).astype(np.float32)
+    image = _scan(occupancy, level + _texture(rng, shape, texture_hu), background, blur_voxels, noise_hu, rng)
     ks = np.flatnonzero(label.any(axis=(1, 2)))
     info = {"name": "synthetic-lesion", "synthetic": True, "centre_mm": centre.tolist(), "radius_mm": r_mm,
             "lesion_hu": level, "slices": [int(ks[0]), int(ks[-1])], "spacing": spacing_a.tolist(),
