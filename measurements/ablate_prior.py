@@ -2,6 +2,7 @@
 
     python measurements/ablate_prior.py --variant no-end '{"end_penalty": 0}' [--variant NAME JSON ...] \
         [--datasets ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 mni152-gm synthetic-vessels-lung]
+        [--files IMAGE LABELS ...]
         [--labelled 3] [--placement random] [--seeds 100 101] [--out prior-ablation.json] [--cache DIR]
         [--train '{"alpha": 1.0}']
 
@@ -43,12 +44,18 @@ sys.path.insert(0, str(ROOT / "measurements"))
 from ablate_default import paired_table  # noqa: E402
 
 
+DEFAULT_DATASETS = ("ctchest-lungs", "pyradiomics-brain1", "pyradiomics-breast1", "mni152-gm", "synthetic-vessels-lung")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                     help="a name and the prior settings (JSON) that the variant sets on top of the default")
-    ap.add_argument("--datasets", nargs="+", default=["ctchest-lungs", "pyradiomics-brain1", "pyradiomics-breast1",
-                                                      "mni152-gm", "synthetic-vessels-lung"])
+    ap.add_argument("--datasets", nargs="+", default=None,
+                    help="benchmark data sets (default: ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 "
+                         "mni152-gm synthetic-vessels-lung; none when --files is given)")
+    ap.add_argument("--files", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"),
+                    help="also a volume of one's own with a label on every slice (as mismatch benchmark --files)")
     ap.add_argument("--labelled", type=int, default=3)
     ap.add_argument("--placement", choices=["random", "even"], default="random")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from mismatch.benchmark.datasets import draw_split
+    from mismatch.benchmark.datasets import draw_split, files_datasets
     from mismatch.benchmark.classical import labelled_slices_only, run_in_subprocess
     from mismatch.benchmark.runner import AXIS_NAMES, BenchmarkConfig, _cases
     from mismatch.data import Normalisation
@@ -100,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         [f"clip-{c:g}" for c in args.network_clip]
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
+    files = files_datasets(args.files)
+    if args.datasets is None:
+        args.datasets = [] if files else list(DEFAULT_DATASETS)
+    args.datasets += [d for d in files if d not in args.datasets]
     config = BenchmarkConfig(datasets=args.datasets, methods=["mismatch"], placement=args.placement,
+                             dataset_options=files,
                              **({"steps": args.steps} if args.steps else {}))
     default_prior = config.train_config("mismatch").prior
     train = json.loads(args.train)

@@ -127,6 +127,12 @@ def test_synthetic_lesion_in_the_lungs_of_the_vessels_volume():
     assert np.array_equal(present, np.arange(present[0], present[-1] + 1))   # one stretch of slices
     (again,) = load_dataset("synthetic-lesion-lung")
     assert np.array_equal(case.image, again.image) and np.array_equal(case.label, again.label)
+    (fine,) = load_dataset("synthetic-lesion-lung-fine")   # the same lesion on a clinical CT's pixel
+    _check_case(fine)
+    assert fine.name == "synthetic-lesion-lung-fine" and fine.geometry.spacing == (0.75, 0.75, 2.5)
+    assert fine.label.shape[0] == case.label.shape[0] and fine.label.shape[1] > 1.9 * case.label.shape[1]
+    on = np.flatnonzero(fine.label.any(axis=(1, 2)))   # drawn anew on the finer grid: about the same slices
+    assert abs(len(on) - len(present)) <= 1 and abs(int(on[0]) - int(present[0])) <= 2
 
 
 def test_pyradiomics_missing_says_how_to_get_it(tmp_path, monkeypatch):

@@ -23,3 +23,28 @@ def test_network_clipped_caps_binary_log_odds_and_restores_the_fusion(monkeypatc
     clipped = torch.logit(seen[0]).flatten()
     assert torch.allclose(clipped, torch.tensor([2.0, 2.0, 0.0, -2.0]), atol=1e-5)
     assert torch.equal(seen[1], probs)
+
+
+def test_files_are_ablated_as_the_benchmark_names_them(tmp_path):
+    """``--files IMAGE LABELS``: a volume of one's own, named as ``mismatch benchmark --files`` names it, scored
+    with the default prior and each variant (and only it, when no ``--datasets`` are given)."""
+    import json
+
+    import numpy as np
+
+    from mismatch.io import Geometry, write_volume
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[1:7, 8:16, 6:18] = 1
+    image = (label * 2.0 + rng.normal(0, 0.3, label.shape)).astype(np.float32)
+    geometry = Geometry((24, 24, 8), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    write_volume(image, geometry, tmp_path / "mine.nrrd")
+    write_volume(label, geometry, tmp_path / "mine-label.nrrd")
+    out = tmp_path / "ablation.json"
+    assert _script().main(["--files", str(tmp_path / "mine.nrrd"), str(tmp_path / "mine-label.nrrd"),
+                           "--placement", "even", "--labelled", "2", "--seeds", "100", "--steps", "2",
+                           "--variant", "reach1", '{"boundary_reach": 1}', "--out", str(out)]) in (0, None)
+    rows = json.loads(out.read_text())
+    assert {(r["dataset"], r["variant"]) for r in rows} == {("file-mine", "default"), ("file-mine", "reach1")}
+    assert all(0.0 <= r["iou"] <= 1.0 for r in rows)

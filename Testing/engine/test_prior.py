@@ -539,3 +539,31 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     assert np.array_equal(filled[0.0], filled[2.0])
     old = {k: v for k, v in PriorSettings(boundary_beta=2.0).to_dict().items() if k != "boundary_beta"}
     assert PriorSettings.from_dict(old).boundary_beta == 0.0 and PriorSettings().boundary_beta > 0
+
+
+def test_the_painted_outlines_intensity_votes_for_a_class_only_next_to_what_looks_outside_it():
+    """A bright lesion touches a bright wall (the chest wall under a lung tumour): the painted outlines' fit says
+    "bright is inside", which is true across the lesion's edge with the dark lung and says nothing where it meets
+    the wall. With ``boundary_reach`` the vote for the class stands only within that many pixels of a pixel that
+    the fit calls outside: on the lesion's rim next to the lung, not deep in the wall; the vote against the class
+    is unchanged. Settings recorded before it (no ``boundary_reach``) vote everywhere."""
+    shape = (5, 40, 40)
+    truth = np.zeros(shape, np.uint8)
+    for k in range(1, 4):
+        truth[k] = disc((40, 40), (20, 14), 6)
+    wall = np.zeros(shape, bool)
+    wall[:, :, :10] = True                     # the wall: as bright as the lesion, to the lesion's left
+    image = np.where((truth > 0) | wall, 1.0, -1.0).astype(np.float32)
+    sparse = np.zeros_like(truth)
+    sparse[[1, 3]] = truth[[1, 3]]
+    votes = {reach: SlicePrior(sparse, [1, 3], 0, (1.0, 1.0, 1.0), 2,
+                               PriorSettings(boundary_reach=reach), image=image).boundary_vote(2)[0]
+             for reach in (0.0, 1.0)}
+    assert votes[0.0][20, 6] > 1 and votes[1.0][20, 6] == 0        # deep in the wall: only without the reach
+    assert votes[1.0][12, 9] > 1                                     # the wall's surface next to the lung: kept
+    assert votes[1.0][20, 20] > 1 and votes[1.0][20, 19] > 1         # the lesion's rim next to the lung: kept
+    assert votes[1.0][20, 14] == 0                                   # the lesion's middle: no edge near
+    dark = votes[0.0] < 0
+    assert np.array_equal(votes[0.0][dark], votes[1.0][dark])        # against the class: the same
+    old = {k: v for k, v in PriorSettings(boundary_reach=1.0).to_dict().items() if k != "boundary_reach"}
+    assert PriorSettings.from_dict(old).boundary_reach == 0.0

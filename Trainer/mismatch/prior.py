@@ -224,6 +224,11 @@ class PriorSettings:
     leave in doubt onto the painted outlines' intensity, and leaves alone what they agree on (the bright
     vessels inside painted lungs). The inference adds it (:func:`mismatch.inference.segment_volume`); the
     prior's label map alone (``mismatch fill``) does not (:meth:`SlicePrior.label_map`). 0 turns it off.
+    ``boundary_reach``: between the painted slices, the vote for a class stands only within that many pixels of
+    a pixel that the fit calls outside it (next to an intensity edge); elsewhere only the vote against it does
+    (0: everywhere). Where the structure meets tissue of its own intensity (a lung tumour on the chest wall) the
+    fit says "inside" across that tissue, and voting for the structure there grew it into the wall
+    (``docs/benchmarks.md``, "The outline vote only next to an edge").
     """
 
     tau_mm: float = 4.0
@@ -248,10 +253,12 @@ class PriorSettings:
     boundary_band: float = 1.0
     end_intensity_share: float = 0.5
     many_parts: float = 12.0
+    boundary_reach: float = 1.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
-               "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts")
+               "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
+               "boundary_reach")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -263,7 +270,8 @@ class PriorSettings:
     _BEFORE = {
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
-        "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0}
+        "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
+        "boundary_reach": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -382,8 +390,12 @@ class SlicePrior:
         for c, fit in enumerate(fits):
             if fit is not None:
                 slope, threshold = fit
-                out[(c,) + inplane] = np.clip(slope * (values - threshold), -INTENSITY_CLIP,
-                                              INTENSITY_CLIP if between else 0.0)
+                vote = np.clip(slope * (values - threshold), -INTENSITY_CLIP, INTENSITY_CLIP if between else 0.0)
+                reach = int(round(self.settings.boundary_reach))
+                if reach > 0 and between:   # for the class only next to what looks like outside it
+                    edge = ndimage.minimum_filter(vote, size=2 * reach + 1, mode="nearest") < 0
+                    vote = np.where((vote > 0) & ~edge, np.float32(0), vote)
+                out[(c,) + inplane] = vote
         return out
 
     def is_labelled(self, s: int) -> bool:

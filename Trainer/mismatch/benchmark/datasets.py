@@ -31,6 +31,8 @@ name                     what
 ``synthetic-lesion-lung``  a SYNTHETIC lobulated soft-tissue lesion (:func:`~mismatch.benchmark.phantom.
                          lesion_phantom`, a stand-in for a lung tumour) in the same resampled CT, reaching the
                          pleura: about 25 mm across, on 11 of the 115 slices (2.5 mm).
+``synthetic-lesion-lung-fine``  the same lesion in the same lungs resampled to 0.75 mm in-plane (a clinical
+                         CT's pixel; 408 x 282 pixels a slice, larger than the training patch), 2.5 mm slices.
 =======================  ==============================================================================
 
 Every loader returns a list of :class:`Case`: image ``float32 [C, K, J, I]``, label ``uint8 [K, J, I]``
@@ -432,7 +434,7 @@ def load_synthetic_vessels(seed: int = 0, in_lungs: bool = False, shape: Sequenc
 
 
 def load_synthetic_lesion(seed: int = 0, lung_spacing: Sequence[float] = (2.5, 1.5, 1.5),
-                          **phantom_args: Any) -> list[Case]:
+                          name: str = "synthetic-lesion-lung", **phantom_args: Any) -> list[Case]:
     """``synthetic-lesion-lung``: a SYNTHETIC lobulated soft-tissue lesion (a stand-in for a lung tumour, which
     no installable package ships with a label) in CTChest4's lungs resampled to ``lung_spacing`` mm and
     cropped to the lungs as for ``synthetic-vessels-lung``; it reaches the pleura, where the chest wall has
@@ -442,7 +444,7 @@ def load_synthetic_lesion(seed: int = 0, lung_spacing: Sequence[float] = (2.5, 1
 
     ct_r, mask_r, geom = _ctchest_lungs_resampled(lung_spacing)
     image, label, info = lesion_phantom(ct_r, mask_r, lung_spacing, seed=seed, **phantom_args)
-    return [Case("synthetic-lesion-lung", image[None].astype(np.float32), label.astype(np.uint8), geom, axis=0,
+    return [Case(name, image[None].astype(np.float32), label.astype(np.uint8), geom, axis=0,
                  window=CT_WINDOW, classes={1: "lesion (synthetic)"}, synthetic=True,
                  source="SYNTHETIC lesion phantom (mismatch.benchmark.phantom) inside slicerio CTChest4's lungs",
                  extra={"phantom": info})]
@@ -463,6 +465,8 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
     "synthetic-vessels": load_synthetic_vessels,
     "synthetic-vessels-lung": lambda **kw: load_synthetic_vessels(in_lungs=True, **kw),
     "synthetic-lesion-lung": load_synthetic_lesion,
+    "synthetic-lesion-lung-fine": partial(load_synthetic_lesion, lung_spacing=(2.5, 0.75, 0.75),
+                                          name="synthetic-lesion-lung-fine"),
 }
 
 
