@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                     help="a name and the prior settings (JSON) that the variant sets on top of the default")
     ap.add_argument("--datasets", nargs="+", default=None,
-                    help="benchmark data sets (default: ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 "
-                         "mni152-gm synthetic-vessels-lung; none when --files is given)")
+                    help=f"benchmark data sets (default: {' '.join(DEFAULT_DATASETS)}; none when --files is given)")
     ap.add_argument("--files", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"),
                     help="also a volume of one's own with a label on every slice (as mismatch benchmark --files)")
     ap.add_argument("--labelled", type=int, default=3)

@@ -387,11 +387,11 @@ class SlicePrior:
         inplane = tuple(b for a, b in enumerate(box) if a != self.axis)
         values = np.take(self.image, int(s), axis=self.axis)[inplane]
         out = np.zeros((self.n_fg,) + tuple(self.src.shape[1:]), dtype=np.float32)
+        reach = int(round(self.settings.boundary_reach))
         for c, fit in enumerate(fits):
             if fit is not None:
                 slope, threshold = fit
                 vote = np.clip(slope * (values - threshold), -INTENSITY_CLIP, INTENSITY_CLIP if between else 0.0)
-                reach = int(round(self.settings.boundary_reach))
                 if reach > 0 and between:   # for the class only next to what looks like outside it
                     edge = ndimage.minimum_filter(vote, size=2 * reach + 1, mode="nearest") < 0
                     vote = np.where((vote > 0) & ~edge, np.float32(0), vote)
