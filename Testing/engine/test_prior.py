@@ -539,6 +539,9 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     assert np.array_equal(filled[0.0], filled[2.0])
     old = {k: v for k, v in PriorSettings(boundary_beta=2.0).to_dict().items() if k != "boundary_beta"}
     assert PriorSettings.from_dict(old).boundary_beta == 0.0 and PriorSettings().boundary_beta > 0
+    # the weight a card records is the one it segments with: cards written at 2, before the default became 3
+    assert PriorSettings().boundary_beta == 3.0
+    assert PriorSettings.from_dict({**PriorSettings().to_dict(), "boundary_beta": 2.0}).boundary_beta == 2.0
 
 
 def test_the_painted_outlines_intensity_votes_for_a_class_only_next_to_what_looks_outside_it():
