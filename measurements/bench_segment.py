@@ -11,7 +11,10 @@ steps at the default preset and ``--width``: a real model, so that the label map
 and the files written are those of a real run; its accuracy is not the point), then runs, in a child
 process each time, as a user does:
 
-* ``bare``: ``mismatch segment CT --model M --out seg.nrrd --device cpu`` (or ``--device cuda``)
+* ``bare``: ``mismatch segment CT --model M --out seg.nrrd --no-labels --device cpu`` (or ``--device cuda``):
+  the label map of the network alone (without ``--no-labels`` the model folder's painted slices, those of the
+  long volume it was trained on, would apply to that volume only, and the difference of the two lengths
+  would count the painted slices' passes as slices)
 * ``panel``: the same with ``--labels painted.nrrd --confidence --disagreement --report``, what the Slicer
   panel asks for.
 
@@ -76,6 +79,8 @@ def segment_command(work: Path, length: int, model: Path, mode: str, device: str
     if mode == "panel":
         cmd += ["--labels", str(work / f"painted{length}.nrrd"), "--confidence", str(out / "confidence.nrrd"),
                 "--disagreement", str(out / "disagreement.nrrd"), "--report", str(out / "report.json")]
+    else:   # the network alone: the model folder's painted slices would apply to the long volume only (they
+        cmd += ["--no-labels"]   # are those of the volume it was trained on), not to the short one
     return cmd
 
 
