@@ -79,8 +79,8 @@ def segment_command(work: Path, length: int, model: Path, mode: str, device: str
     if mode == "panel":
         cmd += ["--labels", str(work / f"painted{length}.nrrd"), "--confidence", str(out / "confidence.nrrd"),
                 "--disagreement", str(out / "disagreement.nrrd"), "--report", str(out / "report.json")]
-    else:   # the network alone: the model folder's painted slices would apply to the long volume only (they
-        cmd += ["--no-labels"]   # are those of the volume it was trained on), not to the short one
+    else:   # the network alone (see "bare" above: the model's painted slices fit the long volume only)
+        cmd += ["--no-labels"]
     return cmd
 
 
