@@ -2,7 +2,7 @@
 
     python measurements/ablate_prior.py --variant no-end '{"end_penalty": 0}' [--variant NAME JSON ...] \
         [--datasets ctchest-lungs pyradiomics-brain1 pyradiomics-breast1 mni152-gm synthetic-vessels-lung]
-        [--files IMAGE LABELS ...]
+        [--files IMAGE LABELS ...] [--axis k|j|i]
         [--labelled 3] [--placement random] [--seeds 100 101] [--out prior-ablation.json] [--cache DIR]
         [--train '{"alpha": 1.0}']
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"benchmark data sets (default: {' '.join(DEFAULT_DATASETS)}; none when --files is given)")
     ap.add_argument("--files", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"),
                     help="also a volume of one's own with a label on every slice (as mismatch benchmark --files)")
+    ap.add_argument("--axis", choices=["k", "j", "i"], default="k",
+                    help="slice the --files volumes along this axis of the image grid (as mismatch benchmark --axis)")
     ap.add_argument("--labelled", type=int, default=3)
     ap.add_argument("--placement", choices=["random", "even"], default="random")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         [f"clip-{c:g}" for c in args.network_clip]
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else []
-    files = files_datasets(args.files)
+    files = files_datasets(args.files, axis=args.axis)
     if args.datasets is None:
         args.datasets = [] if files else list(DEFAULT_DATASETS)
     args.datasets += [d for d in files if d not in args.datasets]
