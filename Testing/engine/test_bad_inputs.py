@@ -240,6 +240,11 @@ def test_segment_checks_every_output_before_the_inference(case, model, capsys, r
     _bad([*seg, "--out", str(case["dir"] / "s.nrrd"), "--report", str(read_only / "r.json")], capsys, "--report")
     _bad([*seg, "--out", str(case["dir"] / "s.png")], capsys, "unsupported file type")
     _bad([*seg, "--out", str(case["dir"])], capsys, "is a folder")
+    # two outputs on one path: the one written last would replace the other
+    _bad([*seg, "--out", str(case["dir"] / "s.nrrd"), "--confidence", str(case["dir"] / "s.nrrd")], capsys,
+         "two outputs")
+    _bad([*seg, "--out", str(case["dir"] / "s.nrrd"), "--disagreement", str(case["dir"] / "sub" / ".." / "s.nrrd")],
+         capsys, "two outputs")
     assert not (case["dir"] / "s.nrrd").exists()
 
 

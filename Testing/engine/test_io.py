@@ -329,6 +329,8 @@ def test_check_outputs_not_inputs(tmp_path):
     os.link(inp, hard)
     with pytest.raises(UserError, match="also an input"):
         check_outputs_not_inputs([hard], [inp])
+    with pytest.raises(UserError, match="two outputs"):
+        check_outputs_not_inputs([tmp_path / "seg.nrrd", None, tmp_path / "seg.nrrd"], [inp])
 
 
 def test_a_segmentation_of_overlapping_segments_is_one_clear_error(tmp_path):

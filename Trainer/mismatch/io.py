@@ -667,11 +667,13 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs_not_inputs(outputs: Iterable, inputs: Iterable) -> None:
-    """:class:`UserError` if an output path is (or resolves to, or is a hard link of) an input file.
+    """:class:`UserError` if an output path is (or resolves to, or is a hard link of) an input file, or if two
+    outputs are the same file (the one written last would replace the other).
 
     ``None`` / empty entries are ignored. Called before anything is written, so the user's files are safe.
     """
     ins = [Path(p) for p in inputs if p]
+    seen: list[Path] = []
     for out in outputs:
         if not out:
             continue
@@ -679,3 +681,8 @@ def check_outputs_not_inputs(outputs: Iterable, inputs: Iterable) -> None:
             if _same_file(Path(out), inp):
                 raise UserError(f"{out}: is also an input ({inp}); choose another output path "
                                 "(input files are never overwritten)")
+        for other in seen:
+            if _same_file(Path(out), other):
+                raise UserError(f"{out}: is given for two outputs ({other} too); give each output its own path "
+                                "(one would replace the other)")
+        seen.append(Path(out))
