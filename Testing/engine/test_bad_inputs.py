@@ -254,7 +254,30 @@ def test_segment_labels_on_another_grid_and_slices_without_labels(case, model, c
     _bad([*seg, "--labels", other], capsys, "different grid")
     _bad([*seg, "--empty-slices", "3"], capsys, "need --labels")
     _bad([*seg, "--labels", case["labels"], "--empty-slices", "40"], capsys, "40")
+    _bad([*seg, "--labels", case["labels"], "--empty-slices", "0,6"], capsys, "slice 6", "--empty-slices",
+         "painted voxels")
     assert not (case["dir"] / "s.nrrd").exists()
+
+
+def test_a_constant_image_is_refused_before_training(case, capsys):
+    flat = _write(np.full((10, 32, 40), -1000, np.int16), case["dir"] / "flat.nrrd")
+    _bad(["train", flat, "--labels", case["labels"], "--out", str(case["dir"] / "m"), *TINY], capsys,
+         "flat.nrrd", "every voxel is -1000", "nothing to learn")
+    assert not (case["dir"] / "m").exists()
+
+
+def test_a_painted_slice_listed_as_empty_is_refused_before_any_work(case, capsys):
+    """Slice 6 is painted: listing it as empty says the opposite, so train and fill refuse it in one line and
+    write nothing (the panel refuses the same, jobfolder.check_empty_slices)."""
+    labels = case["labels"]
+    _bad(["train", case["image"], "--labels", labels, "--out", str(case["dir"] / "m"), *TINY,
+          "--empty-slices", "0,6"], capsys, "slice 6", "painted voxels", "--empty-slices")
+    assert not (case["dir"] / "m").exists()
+    _bad(["fill", case["image"], "--labels", labels, "--out", str(case["dir"] / "f.nrrd"), "--empty-slices", "6-8"],
+         capsys, "slice 6", "painted voxels")
+    assert not (case["dir"] / "f.nrrd").exists()
+    assert main(["fill", case["image"], "--labels", labels, "--out", str(case["dir"] / "f.nrrd"),
+                 "--empty-slices", "0,9"]) == 0
 
 
 def test_a_card_whose_channels_or_classes_disagree_with_the_network_is_refused(case, model, capsys):

@@ -100,7 +100,7 @@ class _SpilledVolume:
 
 def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
                 unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
-                classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
+                empty_slices: Sequence[int] | None = None, classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
                 resume: bool = False, reporter: Reporter | None = None, stop: StopRequest | None = None,
                 unlabelled_manifest: str | None = None, cache_volumes: int = 8,
                 cache_bytes: int | None = None, checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> dict:
@@ -143,6 +143,11 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         check_output()
     reporter.start("load", total=None)
     image, geometry = read_image(images)
+    for path, channel in zip(images, image):
+        low, high = float(channel.min()), float(channel.max())
+        if low == high:   # e.g. a new empty volume chosen by mistake: minutes of training that learn nothing
+            raise UserError(f"{path}: every voxel is {low:g}, so there is nothing to learn from; give the image "
+                            "the structure was painted on")
     init_state, init_optimizer, init_card = None, None, None
     if init_model:
         init_card, nets = load_model(init_model)
@@ -190,7 +195,7 @@ def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: T
         raise UserError(f"--init {init_model}: the model has {len(init_card['classes'])} class(es), the labels "
                         f"{len(classes)}; fine-tune with the same segments")
 
-    labelled = painted_slices(labels, config.axis, explicit_slices, labels_path)
+    labelled = painted_slices(labels, config.axis, explicit_slices, labels_path, empty=empty_slices)
     n_slices = labels.shape[axis_index(config.axis)]
     if len(labelled) == n_slices and not extra and pool is None and method.uses_unlabelled:
         raise UserError(f"every slice of {labels_path} is labelled, so there is nothing for the semi-supervised "
@@ -239,8 +244,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                   disagreement: str | None = None, report: str | None = None, truth: str | None = None,
                   eval_slices: Sequence[int] | None = None, batch_size: int = 8, device: str = "auto",
                   reporter: Reporter | None = None, labels: str | None = None,
-                  explicit_slices: Sequence[int] | None = None, ranking: str = DEFAULT_RANKING,
-                  stored_labels: bool = True) -> dict:
+                  explicit_slices: Sequence[int] | None = None, empty_slices: Sequence[int] | None = None,
+                  ranking: str = DEFAULT_RANKING, stored_labels: bool = True) -> dict:
     """Segment IMAGE(s) with a model folder and write the outputs on the input grid.
 
     ``ranking``: how the report orders the slices worth labelling next
@@ -255,7 +260,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     volumes in memory: the confidence and the disagreement, when asked for, are streamed to temporary files
     beside their destinations and read back one at a time to be written; the image is freed before the
     painted slices' connectivity pass."""
-    from .data import axis_index
+    from .data import axis_index, check_empty_slices
     from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
                      write_text_atomic, write_volume)
 
@@ -273,7 +278,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
                 check_extension(path)
     if eval_slices is not None and truth is None:
         raise UserError("--eval-slices needs --truth (the label map to evaluate against)")
-    if explicit_slices and not labels:
+    if (explicit_slices or empty_slices) and not labels:
         raise UserError("--labelled-slices / --empty-slices need --labels (the painted label map)")
     if ranking not in RANKINGS:
         raise UserError(f"--ranking {ranking}: choose one of {', '.join(RANKINGS)}")
@@ -284,6 +289,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     truth_arr = read_labels(truth, geometry, log=reporter.log) if truth else None
     painted_map = read_labels(labels, geometry, log=reporter.log) if labels else None
     _check_channels(card, image)
+    if painted_map is not None:
+        check_empty_slices(painted_map, card["slice_axis"], empty_slices, labels)
     if painted_map is None and stored_labels:
         painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
     volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass

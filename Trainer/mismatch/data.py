@@ -97,8 +97,22 @@ def choose_axis(labels: np.ndarray, axis: str, log) -> str:
     return axis
 
 
-def painted_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, labels_path) -> np.ndarray:
-    """:func:`labelled_slices`; none at all is a :class:`UserError` naming ``labels_path``."""
+def check_empty_slices(labels: np.ndarray, axis: str, empty: Sequence[int] | None, labels_path) -> None:
+    """A :class:`UserError` naming ``labels_path`` when a slice listed as empty (``--empty-slices``) has painted
+    voxels: the two say opposite things, and which one the user meant is theirs to say."""
+    ax = axis_index(axis)
+    n = labels.shape[ax]
+    for s in sorted(set(int(s) for s in empty or ())):
+        if 0 <= s < n and np.any(take_slice(labels, axis, s)):
+            raise UserError(f"{labels_path}: slice {s} along axis {axis} is listed in --empty-slices but has painted "
+                            "voxels; unpaint it, or take it out of --empty-slices")
+
+
+def painted_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, labels_path,
+                   empty: Sequence[int] | None = None) -> np.ndarray:
+    """:func:`labelled_slices`; none at all is a :class:`UserError` naming ``labels_path``, and so is a slice of
+    ``empty`` (also in ``explicit``) with painted voxels (:func:`check_empty_slices`)."""
+    check_empty_slices(labels, axis, empty, labels_path)
     labelled = labelled_slices(labels, axis, explicit)
     if len(labelled) == 0:
         raise UserError(f"{labels_path}: no labelled slice along axis {axis}; paint the structure on at least one "

@@ -25,7 +25,8 @@ from .ranking import rank_uncertain_slices
 
 
 def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str = "auto",
-               hu_window="auto", explicit_slices: Sequence[int] | None = None, classes_path: str | None = None,
+               hu_window="auto", explicit_slices: Sequence[int] | None = None,
+               empty_slices: Sequence[int] | None = None, classes_path: str | None = None,
                report: str | None = None, reporter: Reporter | None = None) -> dict:
     """Fill the unpainted slices of IMAGE(s) from the painted label map ``labels_path`` and write the label map
     ``out`` on the image's grid (a ``*.seg.nrrd`` with named segments). ``axis`` and ``hu_window`` as for
@@ -51,7 +52,7 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     mapped = remap_labels(labels, classes)
     axis = choose_axis(labels, axis, reporter.log)
     del labels
-    labelled = painted_slices(mapped, axis, explicit_slices, labels_path)
+    labelled = painted_slices(mapped, axis, explicit_slices, labels_path, empty=empty_slices)
     window = auto_window(image) if hu_window == "auto" else hu_window
     volume = Normalisation(hu_window=tuple(window) if window else None).apply(image[:1])[0]
     del image
