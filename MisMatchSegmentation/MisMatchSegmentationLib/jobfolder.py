@@ -240,6 +240,17 @@ def check_channels(volumes: list) -> None:
                            "resample it onto the first volume first (Resample Image (BRAINS) module)")
 
 
+def check_not_constant(volumes: list) -> None:
+    """A :class:`JobError` for an input volume whose voxels all hold one value (e.g. a new empty volume chosen by
+    mistake): training on it would run for minutes and learn nothing (the engine refuses it too)."""
+    check_channels(volumes)
+    for volume in volumes:
+        low, high = volume.GetImageData().GetScalarRange()
+        if low == high:
+            raise JobError(f"{volume.GetName()} is constant (every voxel is {low:g}), so there is nothing to learn "
+                           "from: choose the volume you painted on as the input")
+
+
 def write_images(volumes: list, folder: Path) -> list[Path]:
     check_channels(volumes)
     folder.mkdir(parents=True, exist_ok=True)

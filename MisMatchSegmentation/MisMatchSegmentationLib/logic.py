@@ -309,6 +309,7 @@ class MisMatchLogic:
             if modelcard.channel_count(card) != len(request.volumes):
                 raise JobError(f"the model to continue from takes {modelcard.channel_count(card)} channel(s), "
                                f"but {len(request.volumes)} volume(s) are chosen")
+        jobfolder.check_not_constant(request.volumes)   # fill works on any image; training needs one to learn from
         folder, files, axis = self._write_painting("train", request)
         output = self.work_dir / "models" / folder.name.replace("train-", "model-")
         arguments = ["train", *map(str, files.images), "--labels", str(files.labels), "--out", str(output),

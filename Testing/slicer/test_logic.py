@@ -271,6 +271,29 @@ def test_wrong_empty_slices_stop_training_before_the_engine_starts(ct_chest, log
     assert list((tmp_path / "work" / "jobs").iterdir()) == []
 
 
+def test_training_on_a_constant_volume_stops_before_the_engine_starts_but_fill_runs(ct_chest, logic_for, standin_log,
+                                                                                  tmp_path):
+    """A new, empty volume chosen as the input by mistake: training would learn nothing for minutes, so it stops
+    with one message (first or second channel); Fill, which interpolates the painted shapes, still runs."""
+    import slicer
+
+    volume, labels = ct_chest
+    flat = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "New volume")
+    flat.CopyOrientation(volume)
+    slicer.util.updateVolumeFromArray(flat, np.zeros(slicer.util.arrayFromVolume(volume).shape, np.int16))
+    logic = logic_for("ok")
+    for volumes in ([flat], [volume, flat]):
+        request = train_request(volume, labels)
+        request.volumes = volumes
+        with pytest.raises(jobfolder.JobError, match=r"^New volume is constant \(every voxel is 0\), so there is "
+                                                     "nothing to learn from: choose the volume you painted on"):
+            logic.start_training(request)
+    assert not logic.running and not (standin_log / "calls.jsonl").exists()
+    assert not list((tmp_path / "work").glob("jobs/*"))
+    logic.start_filling(train_request(flat, labels))
+    assert logic.wait(timeout=60)[-1]["status"] == "completed"
+
+
 def test_segment_passes_the_painted_labels_without_the_held_out_slices(ct_chest, logic_for, standin_log):
     import SimpleITK as sitk
     import slicer
