@@ -100,7 +100,8 @@ class _SpilledVolume:
 
 def train_files(images: Sequence[str], labels_path: str, out_dir: str, config: TrainConfig, *,
                 unlabelled: Sequence[Sequence[str]] = (), explicit_slices: Sequence[int] | None = None,
-                empty_slices: Sequence[int] | None = None, classes_path: str | None = None, init_model: str | None = None, device: str = "auto",
+                empty_slices: Sequence[int] | None = None, classes_path: str | None = None,
+                init_model: str | None = None, device: str = "auto",
                 resume: bool = False, reporter: Reporter | None = None, stop: StopRequest | None = None,
                 unlabelled_manifest: str | None = None, cache_volumes: int = 8,
                 cache_bytes: int | None = None, checkpoint_seconds: float | None = CHECKPOINT_SECONDS) -> dict:
