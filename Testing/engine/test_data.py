@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mismatch.data import (AXES, Normalisation, TwoStreamSampler, axis_index, check_label_values, context_slices,
-                           labelled_slices, load_ctchest, parse_slice_list, place_on_grid, slice_with_context,
-                           take_slice)
+                           labelled_slices, load_ctchest, painted_slices, parse_slice_list, place_on_grid,
+                           slice_with_context, take_slice)
 from mismatch.errors import UserError
 from mismatch.io import Geometry
 
@@ -50,6 +50,17 @@ def test_labelled_slices_by_content_and_explicit():
         labelled_slices(labels, "i", explicit=[4])
     with pytest.raises(UserError, match="outside"):
         labelled_slices(labels, "j", explicit=[-1])
+
+
+def test_painted_slices_count_the_empty_slices_as_labelled_and_refuse_a_painted_one():
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[2, 1, 1] = 1
+    assert painted_slices(labels, "k", None, "labels.nrrd", empty=[0, 5]).tolist() == [0, 2, 5]
+    assert painted_slices(labels, "k", [3], "labels.nrrd", empty=[3, 0]).tolist() == [0, 2, 3]
+    with pytest.raises(UserError, match="slice 2 along axis k is listed in --empty-slices"):
+        painted_slices(labels, "k", None, "labels.nrrd", empty=[2])
+    with pytest.raises(UserError, match="no labelled slice"):
+        painted_slices(np.zeros_like(labels), "k", None, "labels.nrrd")
 
 
 def test_take_slice_is_a_view():

@@ -292,6 +292,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     _check_channels(card, image)
     if painted_map is not None:
         check_empty_slices(painted_map, card["slice_axis"], empty_slices, labels)
+        explicit_slices = list(explicit_slices or ()) + list(empty_slices or ())
     if painted_map is None and stored_labels:
         painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
     volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass

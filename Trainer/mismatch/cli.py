@@ -675,7 +675,7 @@ def _train(args, ctx) -> int:
     reporter = _reporter(args, quiet=not ctx.is_main)
     with stop_on_signals(StopRequest(args.stop_file)) as stop:
         card = train_files(args.images, args.labels, args.out, config, unlabelled=unlabelled,
-                           explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                           explicit_slices=args.labelled_slices,
                            empty_slices=args.empty_slices,
                            classes_path=args.classes,
                            init_model=args.init, device=str(ctx.device) if ctx.distributed else args.device,
@@ -739,7 +739,7 @@ def cmd_segment(args) -> int:
                             disagreement=args.disagreement, report=args.report, truth=args.truth,
                             eval_slices=args.eval_slices, batch_size=args.batch_size, device=args.device,
                             reporter=reporter, labels=args.labels,
-                            explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                            explicit_slices=args.labelled_slices,
                             empty_slices=args.empty_slices,
                             ranking=args.ranking, stored_labels=not args.no_labels)
     reporter.end("completed", f"segmentation written to {args.out}", **summary)
@@ -753,7 +753,7 @@ def cmd_fill(args) -> int:
 
     reporter = _reporter(args)
     summary = fill_files(args.images, args.labels, args.out, axis=args.axis, hu_window=args.hu_window,
-                         explicit_slices=(args.labelled_slices or []) + (args.empty_slices or []),
+                         explicit_slices=args.labelled_slices,
                          empty_slices=args.empty_slices,
                          classes_path=args.classes, report=args.report, reporter=reporter)
     reporter.end("completed", f"filled label map written to {args.out}", **summary)

@@ -110,10 +110,11 @@ def check_empty_slices(labels: np.ndarray, axis: str, empty: Sequence[int] | Non
 
 def painted_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, labels_path,
                    empty: Sequence[int] | None = None) -> np.ndarray:
-    """:func:`labelled_slices`; none at all is a :class:`UserError` naming ``labels_path``, and so is a slice of
-    ``empty`` (also in ``explicit``) with painted voxels (:func:`check_empty_slices`)."""
+    """:func:`labelled_slices`, the slices of ``explicit`` and of ``empty`` (``--empty-slices``: checked and found
+    without the structure) counted as labelled; none at all is a :class:`UserError` naming ``labels_path``, and
+    so is a slice of ``empty`` with painted voxels (:func:`check_empty_slices`)."""
     check_empty_slices(labels, axis, empty, labels_path)
-    labelled = labelled_slices(labels, axis, explicit)
+    labelled = labelled_slices(labels, axis, list(explicit or ()) + list(empty or ()))
     if len(labelled) == 0:
         raise UserError(f"{labels_path}: no labelled slice along axis {axis}; paint the structure on at least one "
                         "slice, or list labelled slices with --labelled-slices")
