@@ -12,6 +12,7 @@ import torch
 from mismatch.benchmark import loop
 from mismatch.benchmark.datasets import Case
 from mismatch.cli import main
+from mismatch.errors import UserError
 from mismatch.ranking import DEFAULT_RANKING, RANKINGS, distance_weight, rank_uncertain_slices
 from mismatch.io import Geometry
 from mismatch.modelfile import load_optimizer_moments, optimizer_to_tensors, read_optimizer_state
@@ -283,6 +284,22 @@ def test_simulation_runs_every_round_resumes_and_reports(tmp_path, monkeypatch):
     assert len(again["rounds"]) == len(rounds)
     with pytest.raises(Exception, match="other training settings"):
         loop.run_simulation(_config(steps=4), tmp_path, cases=cases, log=lambda m: None)
+
+
+def test_an_even_start_gives_every_policy_the_evenly_spaced_first_slices(tmp_path):
+    case = tiny_case()
+    config = _config(start=[2], policies=["suggested", "even"], reference=False, start_placement="even")
+    data = loop.run_simulation(config, tmp_path, cases={"tiny": [case]}, log=lambda m: None)
+    first = {r["policy"]: r for r in data["rounds"] if r["init"] == "first"}
+    even2 = loop.even_slices(loop.extent(case.label, 0), 2, 12)
+    assert first["suggested"]["labelled_slices"] == first["even"]["labelled_slices"] == even2
+    assert first["suggested"]["shared_name"] == first["even"]["shared_name"]   # one training for both
+    assert "evenly spaced over the structure's extent for every policy" in (tmp_path / "results.md").read_text()
+    with pytest.raises(Exception, match="other training settings"):   # not mixed with drawn starts
+        loop.run_simulation(_config(start=[2], policies=["suggested"], reference=False), tmp_path,
+                            cases={"tiny": [case]}, log=lambda m: None)
+    with pytest.raises(UserError, match="start-placement"):
+        loop.check_config(_config(start_placement="middle"), ["tiny"])
 
 
 def test_an_interrupted_simulation_loses_at_most_the_round_in_progress(tmp_path, monkeypatch):

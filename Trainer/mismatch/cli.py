@@ -578,6 +578,9 @@ def _simulate_parser(sub) -> None:
     v.add_argument("--methods", nargs="+", metavar="NAME", help="methods (default: mismatch unet-strong)")
     v.add_argument("--start", nargs="+", type=_positive_int, metavar="K0",
                    help="labelled slices of the first round (default 1 3)")
+    v.add_argument("--start-placement", choices=("draw", "even"),
+                   help="the first round's slices for every policy but even: draw (at random over the structure, "
+                        "as the benchmark draws them; the default) or even (evenly spaced, as the README advises)")
     v.add_argument("--max-labelled", type=_positive_int, metavar="N",
                    help="labelled slices of the last round (default 10)")
     v.add_argument("--seeds", type=_positive_int, help="draws of the first slices and training seeds (default 5)")
@@ -832,6 +835,7 @@ def cmd_simulate(args) -> int:
     datasets, files = _with_files(args)
     options = {"datasets": datasets, "dataset_options": files or None, "methods": args.methods, "start": args.start,
                "max_labelled": args.max_labelled, "seeds": args.seeds, "policies": args.policies,
+               "start_placement": args.start_placement,
                **_budget_values(args), "data_dir": args.data_dir, "device": args.device}
     config = LoopConfig(**{k: v for k, v in options.items() if v is not None}, warm=warm, scratch=args.scratch,
                         reference=not args.no_reference)

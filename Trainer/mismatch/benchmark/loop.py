@@ -5,7 +5,8 @@ retrain from the last model. This module plays the user. For each data set, meth
 seed and *policy* (how the user picks the next slice), a trajectory runs:
 
 1. round 0: ``K0`` labelled slices (the benchmark's draw, :func:`~mismatch.benchmark.datasets.draw_split`,
-   for every policy but ``even``), trained from scratch at the run's budget (the preset's);
+   for every policy but ``even``; with ``start_placement="even"``, ``K0`` evenly spaced slices for every
+   policy: the painting the README advises), trained from scratch at the run's budget (the preset's);
 2. every later round adds the true labels of one slice chosen by the policy, and trains again, starting
    from the previous round's model with the warm-start settings (:func:`mismatch.train.warm_start_config`);
    with ``scratch`` the same labelled slices are also trained from scratch, for comparison (not used by the
@@ -61,6 +62,8 @@ REFERENCE_METHOD = "unet-strong"
 #: 51.8 %, the synthetic vessels 0.0 %, a brain tumour 0.0 to 15.5 %), at five times it fits them (89.5 and
 #: 89.2 %), so that "95 % of the reference" is a real ceiling
 REFERENCE_STEPS_FACTOR = 5
+#: where the first round's slices lie (``--start-placement``)
+START_PLACEMENTS = ("draw", "even")
 #: the share of the reference's IoU a policy has to reach ("slices needed")
 TARGET = 0.95
 
@@ -83,6 +86,8 @@ class LoopConfig(Budget):
     dataset_options: dict[str, dict] = field(default_factory=dict)
     data_dir: str | None = None
     device: str = "auto"
+    # the first round's slices for every policy but ``even``: "draw" (the benchmark's random draw) or "even"
+    start_placement: str = "draw"
 
     def warm_config(self, method: str, **overrides):
         from ..train import warm_start_config
@@ -95,7 +100,8 @@ class LoopConfig(Budget):
 
         w = self.warm_config("mismatch")
         return {**self.budget_settings(), "warm": {**WARM_START, **self.warm}, "warm_steps": w.steps,
-                "warm_lr": w.lr}
+                "warm_lr": w.lr, **({"start_placement": self.start_placement} if self.start_placement != "draw"
+                                    else {})}
 
 
 def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None:
@@ -114,6 +120,8 @@ def check_config(config: LoopConfig, extra_datasets: Sequence[str] = ()) -> None
                and d not in config.dataset_options]
     if unknown:
         raise UserError(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    if config.start_placement not in START_PLACEMENTS:
+        raise UserError(f"--start-placement {config.start_placement}: choose {' or '.join(START_PLACEMENTS)}")
     if not config.start or min(config.start) < 1:
         raise UserError("--start: give labelled-slice counts of at least 1")
     if config.max_labelled < max(config.start):
@@ -276,8 +284,8 @@ def trajectory_key(r: dict) -> str:
     return "|".join(str(r[k]) for k in ("dataset", "case", "method", "k0", "seed", "policy"))
 
 
-def _start_kind(policy: str) -> str:
-    return "even" if policy == "even" else "draw"
+def _start_kind(policy: str, placement: str = "draw") -> str:
+    return "even" if policy == "even" or placement == "even" else "draw"
 
 
 # -- the simulation -------------------------------------------------------------------------------------------
@@ -361,7 +369,7 @@ def _run_trajectory(spec: dict, case, volume, candidates, config: LoopConfig, da
                     key=lambda r: r["n_labelled"])
     axis = AXIS_NAMES[case.axis]
     seed = spec["seed"]
-    start = _start_kind(spec["policy"])
+    start = _start_kind(spec["policy"], config.start_placement)
     shared_name = "|".join(str(spec[k]) for k in ("dataset", "case", "method", "k0", "seed")) + f"|start-{start}"
 
     def describe(n: int, init: str) -> str:
@@ -543,6 +551,11 @@ def write_report(data: dict, out_dir: str | os.PathLike) -> Path:
               f"curve divided by the rounds. Slices needed: the fewest labelled slices with IoU >= {TARGET:.0%} of "
               "the reference (a strong U-Net trained on every slice, network alone, evaluated on every slice); "
               "'>N' where a run never reached it.", ""]
+    placement = (cfg.get("simulation") or {}).get("start_placement", "draw")
+    lines += [("The first round's slices: evenly spaced over the structure's extent for every policy (the painting "
+               "the README advises)." if placement == "even" else
+               "The first round's slices: drawn at random over the structure's extent (the benchmark's draw), "
+               "for every policy but `even`, which starts from its own evenly spaced slices."), ""]
     if any(r.get("synthetic") for r in rounds):
         lines += ["Data sets named `synthetic-*` are SYNTHETIC (the generated vessel phantom).", ""]
     if refs:
