@@ -45,6 +45,7 @@ def parts_ms(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, f
     samples: dict[str, list[float]] = {}
     started: dict[str, float] = {}
     parts = {"encoder": net.encoder, **{f"decoder {i} ({d.kind})": d for i, d in enumerate(net.decoders)}}
+
     def start(name):
         return lambda module, inputs: started.__setitem__(name, time.perf_counter())
 

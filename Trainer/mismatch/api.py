@@ -261,7 +261,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     volumes in memory: the confidence and the disagreement, when asked for, are streamed to temporary files
     beside their destinations and read back one at a time to be written; the image is freed before the
     painted slices' connectivity pass."""
-    from .data import axis_index, check_empty_slices
+    from .data import axis_index, with_empty_slices
     from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
                      write_text_atomic, write_volume)
 
@@ -291,8 +291,7 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     painted_map = read_labels(labels, geometry, log=reporter.log) if labels else None
     _check_channels(card, image)
     if painted_map is not None:
-        check_empty_slices(painted_map, card["slice_axis"], empty_slices, labels)
-        explicit_slices = list(explicit_slices or ()) + list(empty_slices or ())
+        explicit_slices = with_empty_slices(painted_map, card["slice_axis"], explicit_slices, empty_slices, labels)
     if painted_map is None and stored_labels:
         painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
     volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass

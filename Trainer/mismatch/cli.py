@@ -562,7 +562,7 @@ def _with_files(args) -> tuple[list[str] | None, dict[str, dict]]:
 
 def _simulate_parser(sub) -> None:
     """``mismatch simulate``: the annotate-and-retrain loop played by a simulated user (docs/loop.md)."""
-    from .benchmark.loop import BASE_POLICIES, POLICIES
+    from .benchmark.loop import BASE_POLICIES, POLICIES, START_PLACEMENTS
 
     v = sub.add_parser(
         "simulate", help="the annotate-and-retrain loop with a simulated user, per slice-picking policy",
@@ -578,7 +578,7 @@ def _simulate_parser(sub) -> None:
     v.add_argument("--methods", nargs="+", metavar="NAME", help="methods (default: mismatch unet-strong)")
     v.add_argument("--start", nargs="+", type=_positive_int, metavar="K0",
                    help="labelled slices of the first round (default 1 3)")
-    v.add_argument("--start-placement", choices=("draw", "even"),
+    v.add_argument("--start-placement", choices=START_PLACEMENTS,
                    help="the first round's slices for every policy but even: draw (at random over the structure, "
                         "as the benchmark draws them; the default) or even (evenly spaced, as the README advises)")
     v.add_argument("--max-labelled", type=_positive_int, metavar="N",

@@ -108,13 +108,21 @@ def check_empty_slices(labels: np.ndarray, axis: str, empty: Sequence[int] | Non
                             "voxels; unpaint it, or take it out of --empty-slices")
 
 
+def with_empty_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, empty: Sequence[int] | None,
+                      labels_path) -> list[int]:
+    """The slices that count as labelled beside the painted ones: ``explicit`` and ``empty`` (``--empty-slices``:
+    checked and found without the structure), once :func:`check_empty_slices` has found none of ``empty``
+    painted."""
+    check_empty_slices(labels, axis, empty, labels_path)
+    return list(explicit or ()) + list(empty or ())
+
+
 def painted_slices(labels: np.ndarray, axis: str, explicit: Sequence[int] | None, labels_path,
                    empty: Sequence[int] | None = None) -> np.ndarray:
-    """:func:`labelled_slices`, the slices of ``explicit`` and of ``empty`` (``--empty-slices``: checked and found
-    without the structure) counted as labelled; none at all is a :class:`UserError` naming ``labels_path``, and
-    so is a slice of ``empty`` with painted voxels (:func:`check_empty_slices`)."""
-    check_empty_slices(labels, axis, empty, labels_path)
-    labelled = labelled_slices(labels, axis, list(explicit or ()) + list(empty or ()))
+    """:func:`labelled_slices`, the slices of ``explicit`` and of ``empty`` counted as labelled
+    (:func:`with_empty_slices`); none at all is a :class:`UserError` naming ``labels_path``, and so is a slice
+    of ``empty`` with painted voxels."""
+    labelled = labelled_slices(labels, axis, with_empty_slices(labels, axis, explicit, empty, labels_path))
     if len(labelled) == 0:
         raise UserError(f"{labels_path}: no labelled slice along axis {axis}; paint the structure on at least one "
                         "slice, or list labelled slices with --labelled-slices")
