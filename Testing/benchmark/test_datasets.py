@@ -89,7 +89,21 @@ def test_mni152_white_matter_is_brighter_than_grey_and_apart_from_it():
     assert wm.image[0][wm.label > 0].mean() > gm.image[0][gm.label > 0].mean()   # T1: white brighter than grey
     assert (wm.label.astype(bool) & gm.label.astype(bool)).mean() < 0.01
     with pytest.raises(ValueError, match="tissue"):
-        datasets.load_mni152_gm(tissue="csf")
+        datasets.load_mni152_gm(tissue="bone")
+
+
+@pytest.mark.skipif(not has("nilearn"), reason="nilearn is not installed")
+def test_mni152_csf_is_dark_apart_from_grey_and_white_matter_and_in_many_pieces():
+    (csf,) = load_dataset("mni152-csf", downsample=2)
+    (gm,) = load_dataset("mni152-gm", downsample=2)
+    (wm,) = load_dataset("mni152-wm", downsample=2)
+    _check_case(csf)
+    assert csf.name == "mni152-csf" and csf.classes == {1: "cerebrospinal fluid (derived)"}
+    assert np.array_equal(csf.image, gm.image)
+    fluid = csf.label > 0
+    assert csf.image[0][fluid].mean() < gm.image[0][gm.label > 0].mean()   # T1: fluid darker than grey matter
+    assert (fluid & ((gm.label > 0) | (wm.label > 0))).sum() < 0.05 * fluid.sum()   # apart but for 2 mm blocks
+    assert 4000 < fluid.sum() < 10000 and (fluid.sum((1, 2)) > 0).sum() > 60   # on most of the 78 slices
 
 
 @pytest.mark.skipif(not has("nilearn"), reason="nilearn is not installed")
@@ -102,6 +116,15 @@ def test_mni152_tissue_is_grey_and_white_matter_as_two_classes():
     assert np.array_equal(both.image, gm.image)
     assert np.array_equal(both.label == 2, wm.label > 0)
     assert np.array_equal(both.label == 1, (gm.label > 0) & (wm.label == 0))
+
+
+@pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")
+def test_ctchest_tissue_is_the_soft_tissue_segment():
+    (case,) = load_dataset("ctchest-tissue")
+    _check_case(case)
+    assert case.name == "ctchest-tissue" and case.classes == {1: "soft tissue"}
+    hu = np.median(case.image[0][case.label > 0])
+    assert -150 < hu < 150 and (case.label.sum((1, 2)) > 0).all()   # soft tissue, on every slice
 
 
 @pytest.mark.skipif(not has("slicerio"), reason="slicerio is not installed")

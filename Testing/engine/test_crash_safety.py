@@ -23,7 +23,6 @@ import SimpleITK as sitk
 import torch
 
 from discs import disc_volume
-from mismatch.cli import main
 from mismatch.errors import UserError
 from mismatch.io import swap_names
 from mismatch.modelfile import load_checkpoint, load_model, read_card, save_checkpoint, save_model

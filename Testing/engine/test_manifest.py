@@ -9,7 +9,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from discs import disc_volume
 from mismatch.cli import main

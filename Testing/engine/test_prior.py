@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from mismatch.inference import segment_volume
 from mismatch.methods.augment import anatomy_preserving
 from mismatch.models import ArchitectureConfig, SegmentationNetwork
-from mismatch.prior import (PriorSettings, SlicePrior, boundary_threshold, intensity_bin, keep_connected, nearest_slice,
-                            painted_pieces, shape_interpolation, signed_distance)
+from mismatch.prior import (PriorSettings, SlicePrior, boundary_threshold, intensity_bin, joined_parts_per_slice,
+                            keep_connected, nearest_slice, painted_pieces, shape_interpolation, signed_distance)
 
 
 def disc(shape, centre, radius):
@@ -138,10 +139,41 @@ def test_a_class_painted_in_many_pieces_keeps_its_parts_that_touch_no_painted_vo
     assert PriorSettings.from_dict(old).many_parts == 0.0
 
 
+def test_pieces_that_join_in_3d_make_one_structure_whose_parts_apart_are_dropped():
+    """A spine painted sagittally: a dozen pieces on each painted slice (the processes), but the prediction joins
+    them in 3D into one part. Counted in separate parts of the prediction, not in pieces of the painted section,
+    the class is one structure: a part touching no painted voxel is dropped, as for any class in few pieces. The
+    ribs-like case (each piece a part of its own) keeps such parts."""
+    pred = np.zeros((9, 40, 40), np.uint8)
+    sparse = np.zeros_like(pred)
+    for s in (0, 8):
+        for n in range(12):
+            sparse[s, 3 * n + 1, 2:4] = 1       # 12 separate pieces on each painted slice
+    pred[(0, 8), :, :] = sparse[(0, 8), :, :]
+    pred[1:8, 1:36, 2:4] = 1                    # the slices between join every piece into one part
+    pred[4, 30:34, 30:34] = 1                   # a part apart
+    lab = [0, 8]
+    assert painted_pieces(sparse[lab], 1, 0) == 12.0
+    parts, _ = ndimage.label(pred == 1)
+    assert joined_parts_per_slice(parts, sparse == 1, 0) == 1.0
+    out = keep_connected(pred, sparse, lab, axis=0, many_parts=12, joined_parts=4)
+    assert out[4, 31, 31] == 0 and (out[1:8, 1:36, 2:4] == 1).all()
+    assert keep_connected(pred, sparse, lab, axis=0, many_parts=12)[4, 31, 31] == 1   # the rule before
+
+    ribs = np.zeros_like(pred)
+    ribs[(0, 8), :, :] = sparse[(0, 8), :, :]
+    ribs[4, 1:38:3, 30:32] = 1                  # arcs between, each apart: 12 parts a painted slice
+    parts, _ = ndimage.label(ribs == 1)
+    assert joined_parts_per_slice(parts, sparse == 1, 0) == 12.0
+    kept = keep_connected(ribs, sparse, lab, axis=0, many_parts=12, joined_parts=4)
+    assert (kept[4] == 1).sum() == (ribs[4] == 1).sum() == 13 * 2
+    old = {k: v for k, v in PriorSettings().to_dict().items() if k != "joined_parts"}
+    assert PriorSettings.from_dict(old).joined_parts == 0.0
+
+
 def test_keep_connected_matches_labelling_the_whole_volume():
     """The parts are found in each class's bounding box: the same result as labelling the whole volume, on
     random label maps, painted slices along every axis, classes painted or not."""
-    from scipy import ndimage
 
     def whole_volume(pred, sparse, lab, axis):
         out = pred.copy()

@@ -509,8 +509,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="folder for results.md, the figures and runs.json (default benchmark-output)")
     b.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="ctchest-lungs, ctchest-lungs-lr, ctchest-spine, ctchest-ribs, ctchest-lungs-spine-ribs, "
-                        "mni152-gm, mni152-wm, mni152-tissue, pyradiomics-brain1, pyradiomics-breast1, "
-                        "synthetic-vessels, synthetic-vessels-lung (default: ctchest-lungs)")
+                        "ctchest-tissue, mni152-gm, mni152-wm, mni152-tissue, mni152-csf, pyradiomics-brain1, "
+                        "pyradiomics-breast1, synthetic-vessels, synthetic-vessels-lung, synthetic-lesion-lung, "
+                        "synthetic-lesion-lung-fine (default: ctchest-lungs)")
     _files_option(b)
     b.add_argument("--labelled", nargs="+", type=_positive_int, metavar="N",
                    help="labelled-slice counts (default 3 5 10; --quick: 3)")

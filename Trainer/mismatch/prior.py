@@ -152,9 +152,11 @@ class PriorSettings:
     (it has to end somewhere). ``weight`` scales the prior's log-odds before they are added to the
     network's. ``connected``: keep only the parts of each class connected in 3D to its painted voxels
     (:func:`keep_connected`), except for a class painted in at least ``many_parts`` separate pieces a painted
-    slice on average (0: no exception): ribs, a dozen or more arcs on every slice that move from one slice to
-    the next, leave many arcs of the slices between the painted ones touching no painted voxel, and the
-    connected parts alone lost a fifth of them (``docs/benchmarks.md``, "Structures in many pieces").
+    slice on average (0: no exception) that lie in at least ``joined_parts`` separate parts of the segmentation
+    (0: however many): ribs, a dozen or more arcs on every slice that move from one slice to the next, leave
+    many arcs of the slices between the painted ones touching no painted voxel, and the connected parts alone
+    lost a fifth of them (``docs/benchmarks.md``, "Structures in many pieces"); the pieces of a structure
+    that the segmentation joins in 3D (a spine painted sagittally: its processes) make one structure.
     ``default_rate`` is used when a single slice is painted.
 
     Where the structure ends: painted slices spread over a structure, as the README advises, leave about
@@ -256,11 +258,14 @@ class PriorSettings:
     end_intensity_share: float = 0.5
     many_parts: float = 12.0
     boundary_reach: float = 1.0
+    # 4 since the spine painted on 3 sagittal slices: its sections' 16 pieces lie in 2 parts of the prediction,
+    # the ribs' in 8 to 12 (docs/benchmarks.md, "Pieces that join in 3D")
+    joined_parts: float = 4.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
                "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
-               "boundary_reach")
+               "boundary_reach", "joined_parts")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -273,7 +278,7 @@ class PriorSettings:
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
-        "boundary_reach": 0.0}
+        "boundary_reach": 0.0, "joined_parts": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -446,7 +451,8 @@ class SlicePrior:
 
     def keep_connected(self, labels: np.ndarray) -> np.ndarray:
         """:func:`keep_connected` of a ``[K, J, I]`` segmentation with these painted slices."""
-        return keep_connected(labels, self.sparse, self.lab, self.axis, self.settings.many_parts)
+        return keep_connected(labels, self.sparse, self.lab, self.axis, self.settings.many_parts,
+                              self.settings.joined_parts)
 
     def intensity_support(self, s: int, inplane: tuple[slice, ...], mask: np.ndarray) -> float | None:
         """How much the voxels ``mask`` of slice ``s`` (a boolean array over the in-plane box ``inplane`` of
@@ -627,18 +633,30 @@ def painted_pieces(painted: np.ndarray, c: int, axis: int) -> float:
     return float(np.mean(counts)) if counts else 0.0
 
 
+def joined_parts_per_slice(parts: np.ndarray, seeds: np.ndarray, axis: int) -> float:
+    """How many separate 3D ``parts`` (a labelled array, as ``scipy.ndimage.label`` gives) the ``seeds`` of a
+    slice along ``axis`` lie in, on average over the slices that hold seeds (0 where none does)."""
+    counts = [np.unique(p[s]).size for p, s in zip(np.moveaxis(parts, axis, 0), np.moveaxis(seeds, axis, 0))
+              if s.any()]
+    return float(np.mean(counts)) if counts else 0.0
+
+
 def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int = 0,
-                   many_parts: float = 0.0) -> np.ndarray:
+                   many_parts: float = 0.0, joined_parts: float = 0.0) -> np.ndarray:
     """``pred`` with, for each class, only the 3D-connected (6-neighbour) parts that touch a painted voxel of
     that class. A class painted nowhere is kept as predicted, and so is one painted in ``many_parts`` or more
-    pieces a painted slice on average (:func:`painted_pieces`; 0: none is). Each class's parts are found within
-    the bounding box of its predicted voxels (no part reaches beyond it), not over the whole volume."""
+    pieces a painted slice on average (:func:`painted_pieces`; 0: none is) whose pieces lie, a painted slice on
+    average, in ``joined_parts`` or more separate parts of ``pred`` (:func:`joined_parts_per_slice`; 0: not
+    asked): the ribs, each piece a rib of its own, and not the spine painted sagittally, whose processes are a
+    dozen pieces of a section joined in 3D into one column. Each class's parts are found within the bounding
+    box of its predicted voxels (no part reaches beyond it), not over the whole volume."""
     lab = _check(sparse, labelled, axis)
     sparse = np.asarray(sparse)
     out = np.array(pred, copy=True)
     painted = np.take(sparse, lab, axis=axis)
     for c in [int(v) for v in label_values(pred) if v != 0]:
-        if many_parts > 0 and painted_pieces(painted, c, axis) >= many_parts:
+        pieces = many_parts > 0 and painted_pieces(painted, c, axis) >= many_parts
+        if pieces and joined_parts <= 0:
             continue
         mask = pred == c
         box = _bounding_box(mask)
@@ -650,10 +668,13 @@ def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int]
         seeds[tuple(source)] = sparse[tuple(inside)] == c
         seeds &= m
         if not seeds.any():
-            if (painted == c).any():
+            if (painted == c).any() and not pieces:
                 out[mask] = 0
             continue
         comp, _ = ndimage.label(m)
+        if pieces:
+            if joined_parts_per_slice(comp, seeds, axis) >= joined_parts:
+                continue
         keep = np.unique(comp[seeds])
         out[box][~np.isin(comp, keep) & m] = 0
     return out

@@ -16,11 +16,17 @@ name                     what
                          third of a slice's rib voxels on rib in the next (10 mm) slice.
 ``ctchest-lungs-spine-ribs``  the same CT with three classes painted at once: lungs = 1, vertebral column = 2,
                          ribs = 3.
+``ctchest-tissue``       the same CT with its segment "tissue": the soft tissue of the chest wall and the
+                         mediastinum, a large structure in 6 to 40 pieces a slice.
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
 ``mni152-wm``            as ``mni152-gm``, with white matter = the shipped WM probability map > 0.5.
 ``mni152-tissue``        as ``mni152-gm``, grey matter = 1 and white matter = 2 (brain tissue, two classes).
+``mni152-csf``           as ``mni152-gm``, with the cerebrospinal fluid spaces: a label *derived* from the templates,
+                         not drawn by a person (inside the brain mask eroded by 3 mm, neither GM nor WM > 0.5,
+                         darker than the 15th percentile of the T1 there; the two largest connected parts: the
+                         ventricles and the sulci joined to them). Thin and in many pieces on a slice.
 ``pyradiomics-brain1``   pyradiomics 3.0.1's ``brain1`` case (T1 post-contrast MRI, 25x256x256, tumour on 7
                          k-slices; slice axis k) from its source distribution (see below).
 ``pyradiomics-breast1``  pyradiomics 3.0.1's ``breast1`` case (breast MRI crop, 21x120x45 [K, J, I], lesion on
@@ -58,6 +64,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ..data import CT_WINDOW, ctchest_segments, label_values
 from ..errors import UserError
@@ -199,6 +206,11 @@ def load_ctchest_ribs(**_: Any) -> list[Case]:
     return load_ctchest_segment(["ribs"], "ctchest-ribs", "ribs")
 
 
+def load_ctchest_tissue(**_: Any) -> list[Case]:
+    """``ctchest-tissue``: CTChest4 with its segment "tissue" (the chest wall's and mediastinum's soft tissue)."""
+    return load_ctchest_segment(["tissue"], "ctchest-tissue", "soft tissue")
+
+
 def load_ctchest_lungs_spine_ribs(**_: Any) -> list[Case]:
     """``ctchest-lungs-spine-ribs``: CTChest4 with lungs = 1, vertebral column = 2 and ribs = 3 (a voxel in two
     segments takes the later class). Axis k."""
@@ -224,12 +236,13 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
     Args:
         downsample: block-average factor (1 = the shipped 1 mm grid, 197x233x189).
         crop: crop to the brain's bounding box (template > 0) plus 2 voxels.
-        tissue: ``"gm"``, ``"wm"`` or ``"both"`` (``mni152-tissue``: grey matter = 1, white matter = 2).
+        tissue: ``"gm"``, ``"wm"``, ``"both"`` (``mni152-tissue``: grey matter = 1, white matter = 2) or
+            ``"csf"`` (``mni152-csf``, derived from the T1, GM and WM templates and the brain mask).
     """
-    if tissue not in ("gm", "wm", "both"):
-        raise ValueError(f"tissue must be 'gm', 'wm' or 'both', not {tissue!r}")
+    if tissue not in ("gm", "wm", "both", "csf"):
+        raise ValueError(f"tissue must be 'gm', 'wm', 'both' or 'csf', not {tissue!r}")
     name = "mni152-tissue" if tissue == "both" else f"mni152-{tissue}"
-    maps = ("gm", "wm") if tissue == "both" else (tissue,)
+    maps = ("gm", "wm") if tissue in ("both", "csf") else (tissue,)
     try:
         from nilearn import datasets as nilearn_datasets
     except ImportError as exc:
@@ -243,6 +256,9 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
         # nibabel arrays are [x, y, z] (RAS); ours are [K, J, I] = [z, y, x], geometry in LPS.
         probs.append(np.asarray(template.get_fdata(), dtype=np.float32).transpose(2, 1, 0))
     image = np.asarray(t1.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
+    if tissue == "csf":
+        mask = np.asarray(nilearn_datasets.load_mni152_brain_mask(resolution=1).get_fdata()).transpose(2, 1, 0) > 0
+        probs = [_csf(image, mask, *probs)]
     affine = np.asarray(t1.affine, dtype=float)
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -265,11 +281,22 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
     label = np.zeros(image.shape, dtype=np.uint8)
     for c, p in enumerate(probs, start=1):   # probabilities of tissues summing to at most 1: one above 0.5
         label[_block_mean(p, f) > 0.5] = c
-    names = {"gm": "grey matter", "wm": "white matter"}
+    names = {"gm": "grey matter", "wm": "white matter", "csf": "cerebrospinal fluid (derived)"}
+    maps = ("csf",) if tissue == "csf" else maps
     return [Case(name, image[None], label, geom, axis=0, window=None,
                  classes={c: names[m] for c, m in enumerate(maps, start=1)},
                  source=f"nilearn MNI152 2009 templates (T1, {' and '.join(m.upper() for m in maps)} probability); "
                         "MNI template copyright notice kept by nilearn")]
+
+
+def _csf(t1: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """``mni152-csf``'s label at 1 mm, as 0 / 1 floats: inside ``brain`` eroded by 3 voxels, neither ``gm`` nor
+    ``wm`` above 0.5, ``t1`` below its 15th percentile there; the two largest 6-connected parts."""
+    inside = ndimage.binary_erosion(brain, iterations=3)
+    csf = inside & (gm < 0.5) & (wm < 0.5) & (t1 < np.percentile(t1[inside], 15))
+    parts, n = ndimage.label(csf)
+    sizes = np.bincount(parts.ravel(), minlength=n + 1)[1:]
+    return np.isin(parts, 1 + np.argsort(sizes)[::-1][:2]).astype(np.float32)
 
 
 def data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -457,9 +484,11 @@ DATASETS: dict[str, Callable[..., list[Case]]] = {
     "ctchest-spine": load_ctchest_spine,
     "ctchest-ribs": load_ctchest_ribs,
     "ctchest-lungs-spine-ribs": load_ctchest_lungs_spine_ribs,
+    "ctchest-tissue": load_ctchest_tissue,
     "mni152-gm": load_mni152_gm,
     "mni152-wm": partial(load_mni152_gm, tissue="wm"),
     "mni152-tissue": partial(load_mni152_gm, tissue="both"),
+    "mni152-csf": partial(load_mni152_gm, tissue="csf"),
     "pyradiomics-brain1": load_pyradiomics_brain1,
     "pyradiomics-breast1": load_pyradiomics_breast1,
     "synthetic-vessels": load_synthetic_vessels,

@@ -24,12 +24,15 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..errors import Cancelled, UserError
 from .tables import BASELINES  # what a user can have instead of the default model (the report's bar)
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 #: learned methods in table order
 LEARNED = ["unet", "unet-strong", "sup2", "mt", "fixmatch", "cct", "mta", "morph", "mm-a", "mm-b", "mm-c",
@@ -65,7 +68,7 @@ class Budget:
     lr: float | None = None
     context: int | None = None
 
-    def train_config(self, method: str, **overrides) -> "TrainConfig":
+    def train_config(self, method: str, **overrides) -> TrainConfig:
         """The training settings of ``method`` at this budget."""
         from ..train import preset_config
 
