@@ -17,7 +17,7 @@ name                     what
 ``ctchest-lungs-spine-ribs``  the same CT with three classes painted at once: lungs = 1, vertebral column = 2,
                          ribs = 3.
 ``ctchest-tissue``       the same CT with its segment "tissue": the soft tissue of the chest wall and the
-                         mediastinum, a large structure in 6 to 40 pieces a slice.
+                         mediastinum, a large structure in 3 to 52 pieces a slice.
 ``mni152-gm``            nilearn's MNI152 2009 T1 template (skull-stripped, 1 mm) with grey matter =
                          the shipped GM probability map > 0.5. Cropped to the brain, optional block
                          downsampling (``downsample=2`` by default, for speed).
