@@ -113,17 +113,24 @@ def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class()
     assert (out == 1).sum() == (pred[2:8, 2:6, 2:6] == 1).sum()
 
 
-def test_a_class_painted_in_many_pieces_keeps_its_parts_that_touch_no_painted_voxel():
-    """Ribs-like: a dozen small arcs on each painted slice that move between slices. With ``many_parts`` at or
-    below the painted pieces a slice, the pieces of the slices between that touch no painted voxel are kept;
-    above it (or 0), dropped as before; a class in one piece is dropped either way; a model card without the
-    setting keeps the behaviour it was made with."""
+def _twelve_pieces_painted() -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, sparse)`` of shape 9 x 40 x 40: class 1 painted on slices 0 and 8 in 12 separate pieces each,
+    ``pred`` holding the painted slices as painted and nothing between."""
     pred = np.zeros((9, 40, 40), np.uint8)
     sparse = np.zeros_like(pred)
     for s in (0, 8):
         for n in range(12):
             sparse[s, 3 * n + 1, 2:4] = 1       # 12 separate pieces on each painted slice
     pred[(0, 8), :, :] = sparse[(0, 8), :, :]
+    return pred, sparse
+
+
+def test_a_class_painted_in_many_pieces_keeps_its_parts_that_touch_no_painted_voxel():
+    """Ribs-like: a dozen small arcs on each painted slice that move between slices. With ``many_parts`` at or
+    below the painted pieces a slice, the pieces of the slices between that touch no painted voxel are kept;
+    above it (or 0), dropped as before; a class in one piece is dropped either way; a model card without the
+    setting keeps the behaviour it was made with."""
+    pred, sparse = _twelve_pieces_painted()
     pred[4, 1:38:3, 30:32] = 1                  # arcs of a slice between, touching no painted voxel
     pred[2:6, 10:14, 20:24] = 2                 # class 2: one painted piece, a part apart from it
     sparse[0, 30:34, 30:34] = 2
@@ -144,12 +151,7 @@ def test_pieces_that_join_in_3d_make_one_structure_whose_parts_apart_are_dropped
     them in 3D into one part. Counted in separate parts of the prediction, not in pieces of the painted section,
     the class is one structure: a part touching no painted voxel is dropped, as for any class in few pieces. The
     ribs-like case (each piece a part of its own) keeps such parts."""
-    pred = np.zeros((9, 40, 40), np.uint8)
-    sparse = np.zeros_like(pred)
-    for s in (0, 8):
-        for n in range(12):
-            sparse[s, 3 * n + 1, 2:4] = 1       # 12 separate pieces on each painted slice
-    pred[(0, 8), :, :] = sparse[(0, 8), :, :]
+    pred, sparse = _twelve_pieces_painted()
     pred[1:8, 1:36, 2:4] = 1                    # the slices between join every piece into one part
     pred[4, 30:34, 30:34] = 1                   # a part apart
     lab = [0, 8]
@@ -160,8 +162,7 @@ def test_pieces_that_join_in_3d_make_one_structure_whose_parts_apart_are_dropped
     assert out[4, 31, 31] == 0 and (out[1:8, 1:36, 2:4] == 1).all()
     assert keep_connected(pred, sparse, lab, axis=0, many_parts=12)[4, 31, 31] == 1   # the rule before
 
-    ribs = np.zeros_like(pred)
-    ribs[(0, 8), :, :] = sparse[(0, 8), :, :]
+    ribs, _ = _twelve_pieces_painted()
     ribs[4, 1:38:3, 30:32] = 1                  # arcs between, each apart: 12 parts a painted slice
     parts, _ = ndimage.label(ribs == 1)
     assert joined_parts_per_slice(parts, sparse == 1, 0) == 12.0

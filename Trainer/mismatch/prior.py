@@ -672,9 +672,8 @@ def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int]
                 out[mask] = 0
             continue
         comp, _ = ndimage.label(m)
-        if pieces:
-            if joined_parts_per_slice(comp, seeds, axis) >= joined_parts:
-                continue
+        if pieces and joined_parts_per_slice(comp, seeds, axis) >= joined_parts:
+            continue
         keep = np.unique(comp[seeds])
         out[box][~np.isin(comp, keep) & m] = 0
     return out

@@ -242,14 +242,15 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
     if tissue not in ("gm", "wm", "both", "csf"):
         raise ValueError(f"tissue must be 'gm', 'wm', 'both' or 'csf', not {tissue!r}")
     name = "mni152-tissue" if tissue == "both" else f"mni152-{tissue}"
-    maps = ("gm", "wm") if tissue in ("both", "csf") else (tissue,)
+    read = ("gm", "wm") if tissue in ("both", "csf") else (tissue,)   # the probability maps read
+    maps = ("csf",) if tissue == "csf" else read                        # the classes, in label order
     try:
         from nilearn import datasets as nilearn_datasets
     except ImportError as exc:
         raise UserError(f"{name} needs nilearn: pip install nilearn") from exc
     t1 = nilearn_datasets.load_mni152_template(resolution=1)  # the files shipped in the wheel, no download
     probs = []
-    for m in maps:
+    for m in read:
         template = getattr(nilearn_datasets, f"load_mni152_{m}_template")(resolution=1)
         if not np.allclose(t1.affine, template.affine) or t1.shape != template.shape:
             raise UserError(f"nilearn's MNI152 T1 and {m.upper()} templates are not on the same grid")
@@ -282,10 +283,9 @@ def load_mni152_gm(downsample: int = 2, crop: bool = True, tissue: str = "gm", *
     for c, p in enumerate(probs, start=1):   # probabilities of tissues summing to at most 1: one above 0.5
         label[_block_mean(p, f) > 0.5] = c
     names = {"gm": "grey matter", "wm": "white matter", "csf": "cerebrospinal fluid (derived)"}
-    maps = ("csf",) if tissue == "csf" else maps
     return [Case(name, image[None], label, geom, axis=0, window=None,
                  classes={c: names[m] for c, m in enumerate(maps, start=1)},
-                 source=f"nilearn MNI152 2009 templates (T1, {' and '.join(m.upper() for m in maps)} probability); "
+                 source=f"nilearn MNI152 2009 templates (T1, {' and '.join(m.upper() for m in read)} probability); "
                         "MNI template copyright notice kept by nilearn")]
 
 
