@@ -101,6 +101,51 @@ def test_boundary_rate_measures_how_fast_the_outline_moves():
     assert 0.8 < prior.rate < 1.2
 
 
+def test_bulge_rate_measures_how_far_a_shape_reaches_past_both_its_painted_neighbours():
+    """A cone's middle section lies inside its larger neighbour: it reaches past neither (rate 0); a barrel's
+    middle section reaches 4 mm past both neighbours' outlines over 4 mm of the slice axis (rate about 1); a
+    class on fewer than three painted slices, or absent from an outer one, has no measure."""
+    spacing = (2.0, 1.0, 1.0)
+    cone = np.zeros((9, 60, 60), np.uint8)
+    for s, r in ((0, 8), (2, 12), (4, 16)):
+        cone[s] = disc((60, 60), (30, 30), r)
+    assert SlicePrior(cone, [0, 2, 4], 0, spacing, 2).bulge == [0.0]
+    barrel = cone.copy()
+    barrel[0] = barrel[4] = disc((60, 60), (30, 30), 12)
+    barrel[2] = disc((60, 60), (30, 30), 16)
+    assert 0.8 < SlicePrior(barrel, [0, 2, 4], 0, spacing, 2).bulge[0] < 1.2
+    assert SlicePrior(barrel, [0, 2], 0, spacing, 2).bulge == [None]
+    barrel[4] = 0
+    assert SlicePrior(barrel, [0, 2, 4], 0, spacing, 2).bulge == [None]
+
+
+def test_what_both_painted_neighbours_call_outside_the_structure_votes_against_it_in_between():
+    """Between two painted slices, a pixel outside the structure on both votes against it, more the farther
+    it lies past the nearer outline (in units of the painted slices' own bulge), not inside either outline
+    and not past the outermost painted slices; off (``agree_beta`` 0, settings recorded before it) it adds
+    nothing; a class painted in many pieces (ribs: its pieces do not match from slice to slice) gets no vote."""
+    sparse = np.zeros((20, 40, 40), np.uint8)
+    for s, r in ((6, 8), (8, 10), (10, 8)):
+        sparse[s] = disc((40, 40), (20, 20), r)
+    spacing = (1.0, 1.0, 1.0)
+    on = SlicePrior(sparse, [6, 8, 10], 0, spacing, 2, PriorSettings(agree_beta=2.0))
+    off = SlicePrior(sparse, [6, 8, 10], 0, spacing, 2, PriorSettings(agree_beta=0.0))
+    assert PriorSettings.from_dict({k: v for k, v in PriorSettings(agree_beta=2.0).to_dict().items()
+                                    if k != "agree_beta"}).agree_beta == 0.0
+    added = on.weight(7) * (on.log_odds(7) - off.log_odds(7))[0]
+    assert added[20, 20] == 0 and added[20, 20 + 9] == 0             # inside the smaller neighbour's outline
+    assert added[20, 20 + 12] < added[20, 20 + 11] < 0               # past both: against, more farther out
+    assert added.min() == pytest.approx(-2.0 * 4.0)                   # at most agree_beta x the clip
+    assert np.array_equal(on.log_odds(12), off.log_odds(12))         # past the painted range: nothing
+    ribs = np.zeros((20, 40, 40), np.uint8)
+    for s in (6, 8, 10):
+        ribs[s, 2::3, 2::3] = 1                                       # 169 pieces a slice
+    many = SlicePrior(ribs, [6, 8, 10], 0, spacing, 2, PriorSettings(agree_beta=2.0))
+    assert many.bulge == [None]
+    assert np.array_equal(many.log_odds(7), SlicePrior(ribs, [6, 8, 10], 0, spacing, 2,
+                                                       PriorSettings(agree_beta=0.0)).log_odds(7))
+
+
 def test_keep_connected_drops_parts_not_touching_painted_voxels_of_their_class():
     pred = np.zeros((10, 20, 20), np.uint8)
     pred[2:8, 2:6, 2:6] = 1        # touches the painted voxels on slice 4

@@ -231,6 +231,18 @@ class PriorSettings:
     (0: everywhere). Where the structure meets tissue of its own intensity (a lung tumour on the chest wall) the
     fit says "inside" across that tissue, and voting for the structure there grew it into the wall
     (``docs/benchmarks.md``, "The outline vote only next to an edge").
+
+    What the painted slices on both sides agree on (:meth:`SlicePrior.agreement`): between two painted slices, a
+    pixel outside a class on both lies outside it in between too, unless the class bulges past both outlines
+    there. How far a class does is measured on the painted slices themselves (:func:`bulge_rates`: each middle
+    one of three consecutive painted slices against the two around it); a pixel past both outlines by more
+    than that gets up to ``agree_beta`` times :data:`INTENSITY_CLIP` log-odds against the class (after
+    ``weight``). Where the structure meets tissue of its own intensity (a lung lesion on the chest wall, a
+    vertebra on its neighbours) neither the edges nor the intensities separate them, and the shape term above
+    is too soft to at a few pixels; painted slices close together then say where the outline lies. It needs
+    three painted slices holding the class and acts only between painted slices; a class in ``many_parts`` or
+    more pieces gets none (ribs: an arc between two painted slices lies outside both slices' arcs). 0 turns it
+    off.
     """
 
     tau_mm: float = 4.0
@@ -261,11 +273,15 @@ class PriorSettings:
     # 4 since the spine painted on 3 sagittal slices: its sections' 16 pieces lie in 2 parts of the prediction,
     # the ribs' in 8 to 12 (docs/benchmarks.md, "Pieces that join in 3D")
     joined_parts: float = 4.0
+    # 2 since a lesion on the chest wall painted on 5 slices a slice apart grew into the wall (docs/benchmarks.md,
+    # "What both painted neighbours call outside")
+    agree_beta: float = 2.0
+    agree_pixels: float = 4.0
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
                "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
-               "boundary_reach", "joined_parts")
+               "boundary_reach", "joined_parts", "agree_beta", "agree_pixels")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -278,7 +294,8 @@ class PriorSettings:
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
-        "boundary_reach": 0.0, "joined_parts": 0.0}
+        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0,
+        "agree_pixels": 4.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -319,6 +336,28 @@ def boundary_rate(sdfs: dict[int, np.ndarray], dz: float, pixel: float = 1.0) ->
     return float(np.median(rates)) if rates else None
 
 
+def bulge_rates(sdfs: dict[int, np.ndarray], src: np.ndarray, labelled: np.ndarray, dz: float,
+                q: float = 99.0) -> list[float | None]:
+    """For each class, how far (mm per mm along the slice axis) it reaches past the outlines of the painted
+    slices around it, measured on the painted slices themselves: for each three consecutive painted slices
+    holding the class, the middle one's pixels of the class outside it on both others, by the smaller of their
+    two distances; the ``q``-th percentile of those distances over all the middle slice's pixels of the class
+    (0 where it lies inside either), divided by the mean distance from the middle slice to the other two; the
+    largest over the triples. None for a class with no such three painted slices."""
+    keys = sorted(int(k) for k in labelled)
+    n = len(next(iter(sdfs.values()))) if sdfs else 0
+    out: list[float | None] = [None] * n
+    for a, m, b in zip(keys, keys[1:], keys[2:]):
+        for c in range(n):
+            inside = src[m] == c + 1
+            if not inside.any() or sdfs[a][c].min() >= 0 or sdfs[b][c].min() >= 0:
+                continue
+            past = np.maximum(np.minimum(sdfs[a][c][inside], sdfs[b][c][inside]), 0.0)
+            rate = float(np.percentile(past, q)) / (0.5 * (b - a) * dz)
+            out[c] = rate if out[c] is None else max(out[c], rate)
+    return out
+
+
 class SlicePrior:
     """Prior log-odds from the labelled slices, computed a slice at a time (no volume-sized float array).
 
@@ -345,6 +384,12 @@ class SlicePrior:
         self.below, self.above, self.dist = _neighbours(self.src.shape[0], self.lab)
         measured = boundary_rate(self.sdfs, self.dz, max(self.sp2))
         self.rate = self.settings.default_rate if measured is None else measured
+        # how far each class reaches past its painted neighbours' outlines (bulge_rates); None for a class in
+        # many pieces, whose pieces do not match from one painted slice to the next (ribs), and without agree_beta
+        many = self.settings.many_parts
+        self.bulge = [None if many > 0 and painted_pieces(self.src[self.lab], c + 1, 0) >= many else b
+                      for c, b in enumerate(bulge_rates(self.sdfs, self.src, self.lab, self.dz))] \
+            if self.settings.agree_beta > 0 else [None] * self.n_fg
         # the mean distance (mm) between painted slices; None with one painted slice
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
         # the slices the end penalty counts from, below and above: the outermost painted ones unless moved
@@ -480,6 +525,23 @@ class SlicePrior:
         s = int(s)
         return _interpolated(self.sdfs, s, int(self.below[s]), int(self.above[s]))
 
+    def agreement(self, below: int, above: int) -> np.ndarray:
+        """``float32 [N, H, W]``, for the slices between the painted slices ``below`` and ``above``: where a pixel
+        lies outside a class on both, minus its smaller distance (mm) to that class's outline on the two, in
+        units of how far the class may reach past both outlines at the middle of the gap (the larger of
+        :attr:`rate` and the class's :attr:`bulge`, times half the gap, and at least one pixel: an outline is
+        known to a pixel), clipped to -:data:`INTENSITY_CLIP`; 0 elsewhere and for a class without a bulge."""
+        a, b = self.sdfs[int(below)], self.sdfs[int(above)]
+        half = 0.5 * (int(above) - int(below)) * self.dz
+        out = np.zeros(a.shape, dtype=np.float32)
+        pixel = max(self.sp2)
+        for c, bulge in enumerate(self.bulge):
+            if bulge is not None:
+                scale = max(max(self.rate, bulge) * half, pixel)
+                if scale <= self.settings.agree_pixels * pixel:
+                    out[c] = -np.clip(np.minimum(a[c], b[c]) / scale, 0.0, INTENSITY_CLIP)
+        return out
+
     def log_odds(self, s: int) -> np.ndarray:
         st = self.settings
         s = int(s)
@@ -496,6 +558,8 @@ class SlicePrior:
             beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach    # gaps past where it may still go on
             if beyond > 0:
                 lo_odds = lo_odds - st.end_penalty * beyond / st.weight
+        if st.agree_beta > 0 and not outside and lo != hi and st.weight > 0:
+            lo_odds += (st.agree_beta / st.weight) * self.agreement(lo, hi)
         if self.edges is not None:
             box, margins = self.edges
             along = box[self.axis]
