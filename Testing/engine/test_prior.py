@@ -137,6 +137,8 @@ def test_what_both_painted_neighbours_call_outside_the_structure_votes_against_i
     assert added[20, 20 + 12] < added[20, 20 + 11] < 0               # past both: against, more farther out
     assert added.min() == pytest.approx(-2.0 * 4.0)                   # at most agree_beta x the clip
     assert np.array_equal(on.log_odds(12), off.log_odds(12))         # past the painted range: nothing
+    long_gap = SlicePrior(sparse, [6, 8, 10], 0, spacing, 2, PriorSettings(agree_beta=2.0, agree_pixels=0.5))
+    assert np.array_equal(long_gap.log_odds(7), off.log_odds(7))     # the unit above agree_pixels: nothing
     ribs = np.zeros((20, 40, 40), np.uint8)
     for s in (6, 8, 10):
         ribs[s, 2::3, 2::3] = 1                                       # 169 pieces a slice
