@@ -239,10 +239,11 @@ class PriorSettings:
     than that gets up to ``agree_beta`` times :data:`INTENSITY_CLIP` log-odds against the class (after
     ``weight``). Where the structure meets tissue of its own intensity (a lung lesion on the chest wall, a
     vertebra on its neighbours) neither the edges nor the intensities separate them, and the shape term above
-    is too soft to at a few pixels; painted slices close together then say where the outline lies. It needs
-    three painted slices holding the class and acts only between painted slices; a class in ``many_parts`` or
-    more pieces gets none (ribs: an arc between two painted slices lies outside both slices' arcs). 0 turns it
-    off.
+    is too soft to separate them at a few pixels; painted slices close together then say where the outline lies.
+    It needs three painted slices holding the class and acts only between painted slices, on a gap where that
+    reach is at most ``agree_pixels`` pixels (across a longer gap new pieces appear that no outline moved to: a
+    vessel's branch); a class in ``many_parts`` or more pieces gets none (ribs: an arc between two painted
+    slices lies outside both slices' arcs). 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -294,8 +295,7 @@ class PriorSettings:
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
-        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0,
-        "agree_pixels": 4.0}
+        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -530,7 +530,8 @@ class SlicePrior:
         lies outside a class on both, minus its smaller distance (mm) to that class's outline on the two, in
         units of how far the class may reach past both outlines at the middle of the gap (the larger of
         :attr:`rate` and the class's :attr:`bulge`, times half the gap, and at least one pixel: an outline is
-        known to a pixel), clipped to -:data:`INTENSITY_CLIP`; 0 elsewhere and for a class without a bulge."""
+        known to a pixel), clipped to -:data:`INTENSITY_CLIP`; 0 elsewhere, for a class without a bulge and where
+        that unit is above ``settings.agree_pixels`` pixels."""
         a, b = self.sdfs[int(below)], self.sdfs[int(above)]
         half = 0.5 * (int(above) - int(below)) * self.dz
         out = np.zeros(a.shape, dtype=np.float32)
