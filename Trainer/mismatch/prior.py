@@ -384,12 +384,13 @@ class SlicePrior:
         self.below, self.above, self.dist = _neighbours(self.src.shape[0], self.lab)
         measured = boundary_rate(self.sdfs, self.dz, max(self.sp2))
         self.rate = self.settings.default_rate if measured is None else measured
-        # how far each class reaches past its painted neighbours' outlines (bulge_rates); None for a class in
-        # many pieces, whose pieces do not match from one painted slice to the next (ribs), and without agree_beta
-        many = self.settings.many_parts
-        self.bulge = [None if many > 0 and painted_pieces(self.src[self.lab], c + 1, 0) >= many else b
-                      for c, b in enumerate(bulge_rates(self.sdfs, self.src, self.lab, self.dz))] \
-            if self.settings.agree_beta > 0 else [None] * self.n_fg
+        # how far each class reaches past its painted neighbours' outlines (bulge_rates); None without agree_beta
+        # and for a class in many pieces, whose pieces do not match from one painted slice to the next (ribs)
+        self.bulge: list[float | None] = [None] * self.n_fg
+        if self.settings.agree_beta > 0:
+            painted = self.src[self.lab]
+            self.bulge = [None if in_many_pieces(painted, c + 1, 0, self.settings.many_parts) else b
+                          for c, b in enumerate(bulge_rates(self.sdfs, self.src, self.lab, self.dz))]
         # the mean distance (mm) between painted slices; None with one painted slice
         self.gap_mm = float(np.mean(np.diff(self.lab))) * self.dz if len(self.lab) > 1 else None
         # the slices the end penalty counts from, below and above: the outermost painted ones unless moved
@@ -698,6 +699,12 @@ def painted_pieces(painted: np.ndarray, c: int, axis: int) -> float:
     return float(np.mean(counts)) if counts else 0.0
 
 
+def in_many_pieces(painted: np.ndarray, c: int, axis: int, many_parts: float) -> bool:
+    """Whether class ``c`` is painted in ``many_parts`` or more pieces a painted slice on average
+    (:func:`painted_pieces`); never with ``many_parts`` 0."""
+    return many_parts > 0 and painted_pieces(painted, c, axis) >= many_parts
+
+
 def joined_parts_per_slice(parts: np.ndarray, seeds: np.ndarray, axis: int) -> float:
     """How many separate 3D ``parts`` (a labelled array, as ``scipy.ndimage.label`` gives) the ``seeds`` of a
     slice along ``axis`` lie in, on average over the slices that hold seeds (0 where none does)."""
@@ -720,7 +727,7 @@ def keep_connected(pred: np.ndarray, sparse: np.ndarray, labelled: Sequence[int]
     out = np.array(pred, copy=True)
     painted = np.take(sparse, lab, axis=axis)
     for c in [int(v) for v in label_values(pred) if v != 0]:
-        pieces = many_parts > 0 and painted_pieces(painted, c, axis) >= many_parts
+        pieces = in_many_pieces(painted, c, axis, many_parts)
         if pieces and joined_parts <= 0:
             continue
         mask = pred == c
