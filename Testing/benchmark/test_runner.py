@@ -33,6 +33,9 @@ def test_plan_counts_main_runs_and_the_alpha_sweep():
     assert len(sweep) == 3 and {s["alpha"] for s in sweep} == {0.0} and {s["n_labelled"] for s in sweep} == {2}
     assert all(s["alpha"] is None for s in main_runs if s["method"] == "unet")
     assert len({run_key(s) for s in specs}) == len(specs)
+    # no MisMatch asked for: no sweep of it (the free baselines alone train nothing)
+    assert {s["method"] for s in plan_runs(tiny_config(methods=["nearest-slice", "threshold-islands"]))} == \
+        {"nearest-slice", "threshold-islands"}
 
 
 def test_unknown_method_is_a_user_error():
@@ -148,7 +151,7 @@ def _cylinder_case():
 def test_default_methods_hold_the_free_baselines_and_the_strong_unet():
     from mismatch.methods import METHODS
 
-    assert runner.FREE == ["nearest-slice", "shape-interpolation"]
+    assert runner.FREE == ["nearest-slice", "shape-interpolation", "threshold-islands"]
     assert runner.LEARNED.index("unet-strong") == runner.LEARNED.index("unet") + 1
     assert BenchmarkConfig().methods == runner.LEARNED + runner.FREE + runner.CLASSICAL
     specs = plan_runs(BenchmarkConfig(datasets=["tiny-rod"], labelled=[2], seeds=1, alpha_sweep=[]))
@@ -160,8 +163,8 @@ def test_default_methods_hold_the_free_baselines_and_the_strong_unet():
 
 
 def test_free_baselines_count_false_positives_on_empty_slices(tmp_path, monkeypatch):
-    """Both free baselines copy the rod beyond the outermost labelled slices, onto the 4 slices without it:
-    test = the 10 unlabelled slices, 6 with the rod and 4 without, so the pooled IoU is 6 / 10 exactly
+    """The two interpolating baselines copy the rod beyond the outermost labelled slices, onto the 4 slices
+    without it: test = the 10 unlabelled slices, 6 with the rod and 4 without, so the pooled IoU is 6 / 10 exactly
     (1.0 if only the slices with foreground were tested)."""
     import mismatch.prior as prior
     from mismatch.benchmark import datasets
@@ -181,7 +184,8 @@ def test_free_baselines_count_false_positives_on_empty_slices(tmp_path, monkeypa
                          alpha_sweep=[], seeds=2, patch_size=32)
     data = run_benchmark(config, tmp_path, log=lambda m: None)
     free = [r for r in data["runs"] if r["method"] in runner.FREE]
-    assert len(free) == 4 and {r["method"] for r in free} == set(runner.FREE)
+    assert len(free) == 6 and {r["method"] for r in free} == set(runner.FREE)
+    free = [r for r in free if r["method"] != "threshold-islands"]
     for r in free:
         assert r["n_test"] == 10 and set(r["test_slices"]) == set(range(12)) - set(r["labelled_slices"])
         assert {0, 1, 10, 11} <= set(r["test_slices"])
@@ -195,11 +199,15 @@ def test_free_baselines_count_false_positives_on_empty_slices(tmp_path, monkeypa
     text = (tmp_path / "results.md").read_text()
     assert "| Nearest labelled slice (copy) |" in text and "| Shape-based interpolation |" in text
     assert "## Against the best free baseline" in text
-    assert "| 2 | best baseline: Nearest labelled slice (copy) | 60.0 ± 0.0 | ref. | ref. |" in text
+    # the rod is brighter than all else: thresholding it and keeping what touches the painted voxels finds it
+    # whole, and nothing on the empty slices
+    threshold = [r["iou"] for r in data["runs"] if r["method"] == "threshold-islands"]
+    assert len(threshold) == 2 and min(threshold) > 0.99
+    assert f"| 2 | best baseline: Threshold + Islands | {100 * np.mean(threshold):.1f} ±" in text
     assert "every slice that is not labelled" in text
     line = next(l for l in text.splitlines() if l.startswith("| 2 | MisMatch |"))
     diff = float(line.split("|")[4])
-    assert diff == pytest.approx(100 * np.mean([r["iou"] for r in mm]) - 60.0, abs=0.051)
+    assert diff == pytest.approx(100 * (np.mean([r["iou"] for r in mm]) - np.mean(threshold)), abs=0.051)
 
 
 def test_runs_tested_on_other_slices_are_not_mixed(tmp_path):

@@ -109,11 +109,11 @@ def test_the_prior_votes_with_the_grown_structure_only_when_asked_and_given_the_
     image, label = tilted_tube()
     labelled = [4, 12, 20]
     sparse = np.where(np.isin(np.arange(24), labelled)[:, None, None], label, 0)
-    settings = PriorSettings(grow_beta=4.0, intensity_beta=0.0)
+    settings = PriorSettings(grow_beta=4.0, intensity_beta=0.0, range_beta=0.0)
     voting = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings, image=image)
     blind = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, settings)
-    off = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2, PriorSettings(grow_beta=0.0, intensity_beta=0.0),
-                     image=image)
+    off = SlicePrior(sparse, labelled, 0, (1.0, 1.0, 1.0), 2,
+                     PriorSettings(grow_beta=0.0, intensity_beta=0.0, range_beta=0.0), image=image)
     s = 8                                                      # the tube has moved off the painted shapes
     vote = (voting.log_odds(s) - blind.log_odds(s))[0] * settings.weight
     assert np.array_equal(off.log_odds(s), blind.log_odds(s))

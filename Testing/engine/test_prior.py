@@ -600,7 +600,7 @@ def test_the_painted_outlines_intensity_moves_the_outline_where_the_rest_is_in_d
     volume = np.where(truth > 0, 1.0, -1.0)[None].astype(np.float32)
     sparse = np.zeros_like(truth)
     sparse[[2, 6]] = truth[[2, 6]]
-    plain = dict(grow_beta=0.0, intensity_beta=0.0, end_penalty=0.0, connected=False)
+    plain = dict(grow_beta=0.0, intensity_beta=0.0, end_penalty=0.0, connected=False, range_beta=0.0)
     priors = {beta: SlicePrior(sparse, [2, 6], 0, (1.0, 1.0, 1.0), classes,
                                PriorSettings(boundary_beta=beta, **plain), image=volume[0]) for beta in (0.0, 2.0)}
     assert priors[0.0].boundary_vote(4) is None and priors[2.0].boundary_vote(4).shape == (classes - 1, 40, 40)

@@ -244,6 +244,14 @@ class PriorSettings:
     reach is at most ``agree_pixels`` pixels (across a longer gap new pieces appear that no outline moved to: a
     vessel's branch); a class in ``many_parts`` or more pieces gets none (ribs: an arc between two painted
     slices lies outside both slices' arcs). 0 turns it off.
+
+    Where an intensity range is the structure (:func:`intensity_range`): when one range of intensities
+    reproduces a class's painted voxels on the painted slices with an IoU of at least ``range_iou`` (white or
+    grey matter on a T1 template, the soft tissue of a CT; not a tumour, a vessel or bone beside bone, whose
+    best range reproduces a fifth to three quarters of the painting), every voxel in that range gets
+    ``range_beta`` log-odds for the class and every other voxel ``range_beta`` against it (after ``weight``),
+    on every slice: what the Segment Editor's Threshold effect with that range, then Islands, gives, with the
+    network and the rest of the prior deciding where they are sure. 0 turns it off.
     """
 
     tau_mm: float = 4.0
@@ -278,11 +286,15 @@ class PriorSettings:
     # "What both painted neighbours call outside")
     agree_beta: float = 2.0
     agree_pixels: float = 4.0
+    # 4 since white and grey matter of the MNI152 template, labels that follow its intensity, were behind Slicer's
+    # Threshold + Islands (docs/benchmarks.md, "Where an intensity range is the structure")
+    range_beta: float = 4.0
+    range_iou: float = 0.9
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
                "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
-               "boundary_reach", "joined_parts", "agree_beta", "agree_pixels")
+               "boundary_reach", "joined_parts", "agree_beta", "agree_pixels", "range_beta", "range_iou")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -295,7 +307,7 @@ class PriorSettings:
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
-        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0}
+        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0, "range_beta": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -418,9 +430,17 @@ class SlicePrior:
                                                         st.boundary_band)
             if any(f is not None for f in fits):
                 self.boundary = (box, fits)
+        # (low, high) per class where an intensity range reproduces its painting (intensity_range), else None
+        self.ranges: list[tuple[float, float] | None] = [None] * self.n_fg
+        if image is not None and st.range_beta > 0 and st.weight > 0:
+            for c in range(self.n_fg):
+                found = intensity_range(image, self.sparse, self.lab, self.axis, c + 1)
+                if found is not None and found[2] >= st.range_iou:
+                    self.ranges[c] = found[:2]
         # kept (not copied) only for the intensity votes that read it per slice: without them the caller's
         # volume is not held (segment_volume frees it before the connectivity pass)
-        self.image = image if self.intensity is not None or self.boundary is not None else None
+        needed = self.intensity is not None or self.boundary is not None or any(r is not None for r in self.ranges)
+        self.image = image if needed else None
 
     def boundary_vote(self, s: int) -> np.ndarray | None:
         """The painted outlines' intensity fit on slice ``s`` (:func:`boundary_threshold`): log-odds
@@ -578,6 +598,12 @@ class SlicePrior:
                 at = intensity_bin(bins, np.take(self.image, s, axis=self.axis)[inplane])
                 votes = ratios[:, at] if inside else np.minimum(ratios[:, at], 0.0)
                 lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * votes
+        if any(r is not None for r in self.ranges):
+            values = np.take(self.image, s, axis=self.axis)
+            for c, r in enumerate(self.ranges):
+                if r is not None:
+                    inside = (values >= r[0]) & (values < r[1])
+                    lo_odds[c] += np.where(inside, st.range_beta, -st.range_beta) / st.weight
         return lo_odds.astype(np.float32)
 
 
@@ -690,6 +716,52 @@ def boundary_threshold(image: np.ndarray, sparse: np.ndarray, labelled: Sequence
             continue
         fits.append((float(w[0] / sd), float(mu - w[1] * sd / w[0])))
     return fits
+
+
+#: intensity levels a bound of :func:`intensity_range` can sit at (between the image's 0.1st and 99.9th percentiles)
+RANGE_BINS = 256
+
+
+def best_range(values: np.ndarray, member: np.ndarray, edges: np.ndarray) -> tuple[float, float, float]:
+    """The range ``(low, high, iou)`` of intensities whose mask ``low <= value < high`` best matches ``member``
+    (bool, one per ``values``): ``low`` and ``high`` among ``edges`` or open (-inf / inf), ``iou`` the mask's
+    IoU with ``member`` over ``values``. Exhaustive over every pair of bounds, from cumulative histograms."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    member = np.asarray(member, dtype=bool).ravel()
+    if not member.any():
+        raise ValueError("no member voxel: the class is not painted")
+    bounds = np.concatenate([[-np.inf], np.asarray(edges, dtype=np.float64), [np.inf]])
+    at = np.searchsorted(bounds, values, side="right") - 1            # value in [bounds[at], bounds[at + 1])
+    n = len(bounds) - 1
+    inside = np.concatenate([[0], np.cumsum(np.bincount(at[member], minlength=n))])   # members below bounds[k]
+    outside = np.concatenate([[0], np.cumsum(np.bincount(at[~member], minlength=n))])
+    tp = inside[None, :] - inside[:, None]    # [i, j]: members in [bounds[i], bounds[j])
+    fp = outside[None, :] - outside[:, None]
+    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)   # low below high
+    iou = np.full(valid.shape, -1.0)
+    iou[valid] = tp[valid] / (member.sum() + fp[valid])
+    i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+    return float(bounds[i]), float(bounds[j]), float(iou[i, j])
+
+
+def range_edges(image: np.ndarray) -> np.ndarray:
+    """The :data:`RANGE_BINS` + 1 intensity levels of :func:`best_range` for ``image``: evenly spaced between its
+    0.1st and 99.9th percentiles (from at most ~1M voxels)."""
+    image = np.asarray(image)
+    step = max(1, int(np.ceil((image.size / 1e6) ** (1 / 3))))
+    lo, hi = np.percentile(image[::step, ::step, ::step], [0.1, 99.9])
+    return np.linspace(lo, hi if hi > lo else lo + 1.0, RANGE_BINS + 1)
+
+
+def intensity_range(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, c: int
+                    ) -> tuple[float, float, float] | None:
+    """The intensity range that best reproduces class ``c``'s painted voxels on the painted slices
+    (:func:`best_range` over those slices' every pixel): ``(low, high, iou)``; None where ``c`` is not painted."""
+    lab = np.unique(np.asarray(labelled, dtype=np.int64))
+    member = np.take(np.asarray(sparse), lab, axis=axis) == c
+    if not member.any():
+        return None
+    return best_range(np.take(np.asarray(image), lab, axis=axis), member, range_edges(image))
 
 
 def painted_pieces(painted: np.ndarray, c: int, axis: int) -> float:

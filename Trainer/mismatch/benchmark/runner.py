@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 #: learned methods in table order
 LEARNED = ["unet", "unet-strong", "sup2", "mt", "fixmatch", "cct", "mta", "morph", "mm-a", "mm-b", "mm-c",
            "mismatch"]
-#: non-learned baselines from :mod:`mismatch.prior` (numpy + scipy): in-process, always run
-FREE = ["nearest-slice", "shape-interpolation"]
+#: non-learned baselines from :mod:`mismatch.prior` and :mod:`mismatch.benchmark.threshold` (numpy + scipy):
+#: in-process, always run
+FREE = ["nearest-slice", "shape-interpolation", "threshold-islands"]
 #: Slicer's Segment Editor effects, run when slicer-core is installed
 CLASSICAL = ["slicer-fill-between", "slicer-grow-from-seeds"]
 #: the methods of a benchmark run when none are named
@@ -152,8 +153,8 @@ def run_key(spec: dict) -> str:
 def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None = None) -> list[dict]:
     """The list of run specifications (dicts), main table first, then the alpha sweep.
 
-    The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count;
-    the run at the default alpha is shared with the main table. A method this engine does not know is a
+    The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count, when
+    MisMatch is among the methods; the run at the default alpha is shared with the main table. A method this engine does not know is a
     :class:`UserError`.
     """
     from ..methods import METHODS
@@ -172,7 +173,7 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
                         continue
                     specs.append({"dataset": dataset, "method": method, "n_labelled": n, "seed": seed,
                                   "alpha": config.alpha if _uses_unlabelled(method) else None, "group": "main"})
-    if config.alpha_sweep and config.datasets:
+    if config.alpha_sweep and config.datasets and "mismatch" in config.methods:   # MisMatch's own sweep
         dataset, n = config.datasets[0], min(config.labelled)
         for alpha in config.alpha_sweep:
             if "mismatch" in config.methods and abs(alpha - config.alpha) < 1e-12:
@@ -186,12 +187,15 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
 def free_baseline(method: str, sparse: np.ndarray, labelled: Sequence[int], case) -> np.ndarray:
     """The prediction of a free baseline (:data:`FREE`) from the labelled slices ``sparse`` of ``case``."""
     from ..prior import nearest_slice, shape_interpolation
+    from .threshold import threshold_islands
 
     if method == "nearest-slice":
         return nearest_slice(sparse, labelled, axis=case.axis)
     if method == "shape-interpolation":
         return shape_interpolation(sparse, labelled, axis=case.axis, spacing=case.spacing,
                                    num_classes=len(case.classes) + 1)
+    if method == "threshold-islands":
+        return threshold_islands(case.image[0], sparse, labelled, axis=case.axis)
     raise ValueError(f"{method!r} is not a free baseline ({', '.join(FREE)})")
 
 

@@ -56,6 +56,7 @@ MISSING = "–"
 DISPLAY_NAMES = {
     "nearest-slice": "Nearest labelled slice (copy)",
     "shape-interpolation": "Shape-based interpolation",
+    "threshold-islands": "Threshold + Islands",
     "slicer-fill-between": "Slicer: Fill between slices",
     "slicer-grow-from-seeds": "Slicer: Grow from seeds",
     "unet": "Sup1 (U-Net)",
@@ -75,8 +76,8 @@ DISPLAY_NAMES = {
 #: of appearance.
 METHOD_ORDER = list(DISPLAY_NAMES)
 #: what a user can have instead of the default model: the best of these (mean IoU) is the bar in baseline_table
-BASELINES = ["nearest-slice", "shape-interpolation", "slicer-fill-between", "slicer-grow-from-seeds", "unet",
-             "unet-strong"]
+BASELINES = ["nearest-slice", "shape-interpolation", "threshold-islands", "slicer-fill-between",
+             "slicer-grow-from-seeds", "unet", "unet-strong"]
 
 
 def validate_runs(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
