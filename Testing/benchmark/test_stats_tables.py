@@ -134,7 +134,8 @@ def test_baseline_table_lines():
     assert "| 5 | MisMatch | 70.0 ± 0.0 | +14.5 | 0.221 | 12.0 | – |" in table  # 2 vs 2, one side tied
     assert "| 10 | no baseline in these runs |" in table
     assert "| 10 | MisMatch | 80.0 ± 0.0 | – | – | – | – |" in table
-    assert "Nearest labelled slice (copy), Shape-based interpolation, Slicer: Fill between slices" in table
+    assert "Nearest labelled slice (copy), Shape-based interpolation, Threshold + Islands, Slicer: Fill between slices" \
+        in table
     assert baseline_table([]) == "_No runs._"
     # the existing Table 1 shows the free baselines first
     names = [line.split("|")[1].strip() for line in results_table(_baseline_runs()).splitlines()
