@@ -7,7 +7,7 @@ import pytest
 from mismatch.benchmark.runner import FREE
 from mismatch.benchmark.tables import BASELINES
 from mismatch.benchmark.threshold import threshold_islands
-from mismatch.prior import PriorSettings, SlicePrior, best_range, intensity_range
+from mismatch.prior import PriorSettings, SlicePrior, best_range, intensity_ranges
 
 
 def ball(shape, centre, radius):
@@ -55,7 +55,7 @@ def test_the_prior_votes_for_an_intensity_range_only_where_it_reproduces_the_pai
     image, truth = volume_with_a_bright_ball()
     sparse = np.zeros_like(truth)
     sparse[[6, 14]] = truth[[6, 14]]
-    low, high, iou = intensity_range(image, sparse, [6, 14], 0, 1)
+    (low, high, iou), = intensity_ranges(image, sparse, [6, 14], 0, 1)
     assert iou > 0.95 and 0.1 < low < 0.8 and high > 1.0
     on = SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), image)
     off = SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_beta=0.0), image)

@@ -245,7 +245,7 @@ class PriorSettings:
     vessel's branch); a class in ``many_parts`` or more pieces gets none (ribs: an arc between two painted
     slices lies outside both slices' arcs). 0 turns it off.
 
-    Where an intensity range is the structure (:func:`intensity_range`): when one range of intensities
+    Where an intensity range is the structure (:func:`intensity_ranges`): when one range of intensities
     reproduces a class's painted voxels on the painted slices with an IoU of at least ``range_iou`` (white or
     grey matter on a T1 template, the soft tissue of a CT; not a tumour, a vessel or bone beside bone, whose
     best range reproduces a fifth to three quarters of the painting), every voxel in that range gets
@@ -430,13 +430,11 @@ class SlicePrior:
                                                         st.boundary_band)
             if any(f is not None for f in fits):
                 self.boundary = (box, fits)
-        # (low, high) per class where an intensity range reproduces its painting (intensity_range), else None
+        # (low, high) per class where an intensity range reproduces its painting (intensity_ranges), else None
         self.ranges: list[tuple[float, float] | None] = [None] * self.n_fg
-        if image is not None and st.range_beta > 0 and st.weight > 0:
-            for c in range(self.n_fg):
-                found = intensity_range(image, self.sparse, self.lab, self.axis, c + 1)
-                if found is not None and found[2] >= st.range_iou:
-                    self.ranges[c] = found[:2]
+        if image is not None and st.range_beta > 0 and st.weight > 0 and self.n_fg > 0:
+            self.ranges = [None if r is None or r[2] < st.range_iou else r[:2]
+                           for r in intensity_ranges(image, self.sparse, self.lab, self.axis, self.n_fg)]
         # kept (not copied) only for the intensity votes that read it per slice: without them the caller's
         # volume is not held (segment_volume frees it before the connectivity pass)
         needed = self.intensity is not None or self.boundary is not None or any(r is not None for r in self.ranges)
@@ -718,7 +716,7 @@ def boundary_threshold(image: np.ndarray, sparse: np.ndarray, labelled: Sequence
     return fits
 
 
-#: intensity levels a bound of :func:`intensity_range` can sit at (between the image's 0.1st and 99.9th percentiles)
+#: intensity levels a bound of :func:`best_range` can sit at (between the image's 0.1st and 99.9th percentiles)
 RANGE_BINS = 256
 
 
@@ -753,15 +751,16 @@ def range_edges(image: np.ndarray) -> np.ndarray:
     return np.linspace(lo, hi if hi > lo else lo + 1.0, RANGE_BINS + 1)
 
 
-def intensity_range(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, c: int
-                    ) -> tuple[float, float, float] | None:
-    """The intensity range that best reproduces class ``c``'s painted voxels on the painted slices
-    (:func:`best_range` over those slices' every pixel): ``(low, high, iou)``; None where ``c`` is not painted."""
+def intensity_ranges(image: np.ndarray, sparse: np.ndarray, labelled: Sequence[int], axis: int, n_fg: int
+                     ) -> list[tuple[float, float, float] | None]:
+    """For each class 1 to ``n_fg``, the intensity range that best reproduces its painted voxels on the painted
+    slices (:func:`best_range` over those slices' every pixel): ``(low, high, iou)``; None for a class not
+    painted. The levels (:func:`range_edges`) and the painted slices' intensities are read once for all."""
     lab = np.unique(np.asarray(labelled, dtype=np.int64))
-    member = np.take(np.asarray(sparse), lab, axis=axis) == c
-    if not member.any():
-        return None
-    return best_range(np.take(np.asarray(image), lab, axis=axis), member, range_edges(image))
+    painted = np.take(np.asarray(sparse), lab, axis=axis)
+    values = np.take(np.asarray(image), lab, axis=axis)
+    edges = range_edges(image)
+    return [best_range(values, painted == c, edges) if (painted == c).any() else None for c in range(1, n_fg + 1)]
 
 
 def painted_pieces(painted: np.ndarray, c: int, axis: int) -> float:

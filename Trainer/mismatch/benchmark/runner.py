@@ -154,8 +154,8 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
     """The list of run specifications (dicts), main table first, then the alpha sweep.
 
     The alpha sweep trains MisMatch at each alpha on the first data set and the smallest labelled count, when
-    MisMatch is among the methods; the run at the default alpha is shared with the main table. A method this engine does not know is a
-    :class:`UserError`.
+    MisMatch is among the methods; the run at the default alpha is shared with the main table. A method this
+    engine does not know is a :class:`UserError`.
     """
     from ..methods import METHODS
 
@@ -176,7 +176,7 @@ def plan_runs(config: BenchmarkConfig, available: Callable[[str], bool] | None =
     if config.alpha_sweep and config.datasets and "mismatch" in config.methods:   # MisMatch's own sweep
         dataset, n = config.datasets[0], min(config.labelled)
         for alpha in config.alpha_sweep:
-            if "mismatch" in config.methods and abs(alpha - config.alpha) < 1e-12:
+            if abs(alpha - config.alpha) < 1e-12:
                 continue  # the main table's run
             for seed in range(config.seeds):
                 specs.append({"dataset": dataset, "method": "mismatch", "n_labelled": n, "seed": seed,

@@ -29,7 +29,7 @@ def threshold_islands(image: np.ndarray, labels: np.ndarray, labelled_slices: Se
     channel), ``labels`` the painted label map (only ``labelled_slices`` are read). ``many_parts`` and
     ``joined_parts``: :func:`~mismatch.prior.keep_connected`'s rule for a class in many pieces (default: the
     product's, :class:`~mismatch.prior.PriorSettings`)."""
-    from ..prior import PriorSettings, _check, intensity_range, keep_connected
+    from ..prior import PriorSettings, _check, intensity_ranges, keep_connected
 
     image = np.asarray(image)
     labels = np.asarray(labels)
@@ -43,8 +43,9 @@ def threshold_islands(image: np.ndarray, labels: np.ndarray, labelled_slices: Se
     index = [slice(None)] * 3
     index[axis] = lab
     out = np.zeros(labels.shape, dtype=labels.dtype)
+    ranges = intensity_ranges(image, labels, lab, axis, int(painted.max()))
     for c in [int(v) for v in np.unique(painted) if v != 0]:   # one segment at a time, as a user thresholds
-        low, high, _ = intensity_range(image, labels, lab, axis, c)
+        low, high, _ = ranges[c - 1]
         mask = ((image >= low) & (image < high)).astype(np.uint8)
         mask[tuple(index)] = painted == c
         mask = keep_connected(mask, (labels == c).astype(np.uint8), lab, axis, many_parts, joined_parts)
