@@ -139,8 +139,10 @@ def test_fill_runs_without_loading_torch(case):
 def test_fill_report_looks_past_the_fill_where_the_image_goes_on_like_the_painted_structure(tmp_path):
     """Three slices painted at one end of a disc that runs through the whole volume: the fill ends about half a
     gap below them, but the image goes on looking like the painted disc, so the first slice to paint next is
-    past the fill's end (beyond_filled), not the next slice at its edge."""
+    past the fill's end (beyond_filled), not the next slice at its edge. A strip of the disc's intensity, painted
+    as background, keeps the disc from being an intensity range (which the fill would follow to the end)."""
     image, labels, _ = disc_volume((24, 32, 40), (16, 20), 6, [17, 19, 21], growth=0.0)
+    image[:, 2:4, 2:14] = 40.0
     img, lab = _write(image, tmp_path / "image.nrrd"), _write(labels, tmp_path / "labels.nrrd")
     assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "f.nrrd"),
                  "--report", str(tmp_path / "next.json")]) == 0

@@ -73,8 +73,44 @@ def test_the_prior_votes_for_an_intensity_range_only_where_it_reproduces_the_pai
                                                            PriorSettings(range_beta=0.0), flat).log_odds(10))
 
 
+def test_past_the_end_the_range_decides_instead_of_the_shape_and_the_end_penalty():
+    """A bright column through all 40 slices, painted on three slices bunched at one end (30, 32, 34): far past
+    the painted range the range votes for the column (the shape's extrapolation and the end penalty give way);
+    within ``range_far`` gaps of the end, and for a painting no range reproduces, nothing changes."""
+    rng = np.random.default_rng(3)
+    shape = (40, 24, 24)
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    truth = np.broadcast_to(((yy - 12) ** 2 + (xx - 12) ** 2 <= 25)[None], shape).astype(np.uint8)
+    image = (rng.normal(0.0, 0.02, shape) + truth).astype(np.float32)
+    sparse = np.zeros_like(truth)
+    painted = [30, 32, 34]
+    sparse[painted] = truth[painted]
+    settings = PriorSettings()
+    assert settings.range_beyond > 0
+    on = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, settings, image)
+    off = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_beyond=0.0), image)
+    far = on.log_odds(5)[0]
+    beta = settings.range_beta * settings.range_beyond / settings.weight
+    inside = (image[5] >= on.ranges[0][0]) & (image[5] < on.ranges[0][1])
+    assert np.array_equal(inside, truth[5] > 0)
+    assert np.allclose(far[inside], beta) and (far[~inside] <= -beta).all()   # four times the range's vote
+    assert (off.log_odds(5)[0] < 0).all()                                     # without it: cut off
+    filled = on.label_map(shape)[:28] > 0                   # the fill goes on to the end (give or take a noise voxel)
+    assert filled[truth[:28] > 0].all() and (filled & (truth[:28] == 0)).sum() <= 2
+    assert not (off.label_map(shape)[:20] > 0).any()
+    # a slice past the outermost painted one but within end_reach + range_far gaps of it: as before
+    assert np.array_equal(on.log_odds(29), off.log_odds(29))
+    # a painting that no intensity range reproduces: as before, far past the end too
+    flat = rng.normal(0.0, 0.05, shape).astype(np.float32)
+    assert np.array_equal(SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, settings, flat).log_odds(5),
+                          SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_beyond=0.0),
+                                     flat).log_odds(5))
+
+
 def test_settings_recorded_before_the_range_vote_segment_without_it():
     recorded = PriorSettings().to_dict()
     recorded.pop("range_beta")
+    recorded.pop("range_beyond")
     assert PriorSettings.from_dict(recorded).range_beta == 0.0
+    assert PriorSettings.from_dict(recorded).range_beyond == 0.0
     assert PriorSettings.from_dict(None).range_beta == PriorSettings().range_beta > 0

@@ -251,7 +251,13 @@ class PriorSettings:
     best range reproduces a fifth to three quarters of the painting), every voxel in that range gets
     ``range_beta`` log-odds for the class and every other voxel ``range_beta`` against it (after ``weight``),
     on every slice: what the Segment Editor's Threshold effect with that range, then Islands, gives, with the
-    network and the rest of the prior deciding where they are sure. 0 turns it off.
+    network and the rest of the prior deciding where they are sure. 0 turns it off. Past the structure's end,
+    more than ``range_far`` gaps between painted slices past where the end penalty starts (``end_reach``), that
+    range decides for such a class instead of the shape extrapolated from the outermost painted slice and the end
+    penalty (both assume the structure ends within a gap or so of its painted range, which does not hold for a
+    tissue painted on slices bunched in one part of the volume): the shape term is 0 there and the range votes
+    ``range_beyond`` times ``range_beta``, so that the structure goes on as far as thresholding and the 3D
+    connection to the painted voxels take it. 0 turns this off.
     """
 
     tau_mm: float = 4.0
@@ -290,11 +296,16 @@ class PriorSettings:
     # Threshold + Islands (docs/benchmarks.md, "Where an intensity range is the structure")
     range_beta: float = 4.0
     range_iou: float = 0.9
+    # 4 and 0.5 since grey and white matter and soft tissue painted on slices bunched in one part of the volume
+    # were cut off past the painted range where thresholding went on (docs/benchmarks.md, "Past the end, the range")
+    range_beyond: float = 4.0
+    range_far: float = 0.5
 
     _FLOATS = ("tau_mm", "tau_rate", "shrink_rate", "weight", "default_rate", "end_reach", "end_penalty",
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
                "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
-               "boundary_reach", "joined_parts", "agree_beta", "agree_pixels", "range_beta", "range_iou")
+               "boundary_reach", "joined_parts", "agree_beta", "agree_pixels", "range_beta", "range_iou",
+               "range_beyond", "range_far")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -307,7 +318,8 @@ class PriorSettings:
         "end_follows_network": False, "end_intensity": False, "intensity_beyond": False, "end_penalty": 0.0,
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
-        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0, "range_beta": 0.0}
+        "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0, "range_beta": 0.0,
+        "range_beyond": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -569,15 +581,19 @@ class SlicePrior:
         sdf = self.interpolated_sdf(s)
         d_mm = float(self.dist[s]) * self.dz
         outside = lo < 0 or hi < 0   # beyond the outermost labelled slice
+        beyond = 0.0   # gaps past where the structure may still go on, past the end
+        if outside and self.gap_mm:
+            past = (self.ends[-1] - s) if lo < 0 else (s - self.ends[1])   # slices past the end
+            beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach
+        # classes whose intensity range decides here instead of the shape's extrapolation and the end penalty
+        far = np.array([r is not None for r in self.ranges]) & (st.range_beyond > 0) & (beyond > st.range_far)
         if outside:
             sdf = sdf + st.shrink_rate * self.rate * d_mm
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
         lo_odds = -sdf / tau
-        if outside and self.gap_mm and st.end_penalty > 0 and st.weight > 0:
-            past = (self.ends[-1] - s) if lo < 0 else (s - self.ends[1])   # slices past the end
-            beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach    # gaps past where it may still go on
-            if beyond > 0:
-                lo_odds = lo_odds - st.end_penalty * beyond / st.weight
+        lo_odds[far] = 0.0
+        if beyond > 0 and st.end_penalty > 0 and st.weight > 0:
+            lo_odds = lo_odds - np.where(far, 0.0, st.end_penalty * beyond / st.weight)[:, None, None]
         if st.agree_beta > 0 and not outside and lo != hi and st.weight > 0:
             lo_odds += (st.agree_beta / st.weight) * self.agreement(lo, hi)
         if self.edges is not None:
@@ -601,7 +617,8 @@ class SlicePrior:
             for c, r in enumerate(self.ranges):
                 if r is not None:
                     inside = (values >= r[0]) & (values < r[1])
-                    lo_odds[c] += np.where(inside, st.range_beta, -st.range_beta) / st.weight
+                    beta = st.range_beta * (st.range_beyond if far[c] else 1.0)
+                    lo_odds[c] += np.where(inside, beta, -beta) / st.weight
         return lo_odds.astype(np.float32)
 
 
