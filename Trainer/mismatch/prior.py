@@ -447,9 +447,10 @@ class SlicePrior:
         if image is not None and st.range_beta > 0 and st.weight > 0 and self.n_fg > 0:
             self.ranges = [None if r is None or r[2] < st.range_iou else r[:2]
                            for r in intensity_ranges(image, self.sparse, self.lab, self.axis, self.n_fg)]
+        self.ranged = np.array([r is not None for r in self.ranges], dtype=bool)   # the classes that have one
         # kept (not copied) only for the intensity votes that read it per slice: without them the caller's
         # volume is not held (segment_volume frees it before the connectivity pass)
-        needed = self.intensity is not None or self.boundary is not None or any(r is not None for r in self.ranges)
+        needed = self.intensity is not None or self.boundary is not None or self.ranged.any()
         self.image = image if needed else None
 
     def boundary_vote(self, s: int) -> np.ndarray | None:
@@ -586,7 +587,7 @@ class SlicePrior:
             past = (self.ends[-1] - s) if lo < 0 else (s - self.ends[1])   # slices past the end
             beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach
         # classes whose intensity range decides here instead of the shape's extrapolation and the end penalty
-        far = np.array([r is not None for r in self.ranges]) & (st.range_beyond > 0) & (beyond > st.range_far)
+        far = self.ranged & (st.range_beyond > 0) & (beyond > st.range_far)
         if outside:
             sdf = sdf + st.shrink_rate * self.rate * d_mm
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
@@ -612,13 +613,12 @@ class SlicePrior:
                 at = intensity_bin(bins, np.take(self.image, s, axis=self.axis)[inplane])
                 votes = ratios[:, at] if inside else np.minimum(ratios[:, at], 0.0)
                 lo_odds[(slice(None),) + inplane] += (st.intensity_beta / st.weight) * votes
-        if any(r is not None for r in self.ranges):
+        if self.ranged.any():
             values = np.take(self.image, s, axis=self.axis)
-            for c, r in enumerate(self.ranges):
-                if r is not None:
-                    inside = (values >= r[0]) & (values < r[1])
-                    beta = st.range_beta * (st.range_beyond if far[c] else 1.0)
-                    lo_odds[c] += np.where(inside, beta, -beta) / st.weight
+            for c in np.flatnonzero(self.ranged):
+                low, high = self.ranges[c]
+                beta = st.range_beta * (st.range_beyond if far[c] else 1.0)
+                lo_odds[c] += np.where((values >= low) & (values < high), beta, -beta) / st.weight
         return lo_odds.astype(np.float32)
 
 
