@@ -152,6 +152,27 @@ def test_fill_report_looks_past_the_fill_where_the_image_goes_on_like_the_painte
     assert first["beyond_filled"] is True and first["slice"] < 12
 
 
+def test_fill_says_when_an_intensity_range_is_the_structure_and_an_empty_slice_stops_it(tmp_path, capsys):
+    """A disc of one intensity through the whole volume, painted on three slices at one end: one intensity range
+    reproduces the painting, so the fill follows it to the volume's end, and the command says so, with the
+    range in the image's units (between the background's -800 and the disc's 40 HU) and how to stop it; a slice
+    marked empty where the disc goes on stops it there (the range no longer reproduces the painted slices)."""
+    image, labels, disc = disc_volume((24, 32, 40), (16, 20), 6, [17, 19, 21], growth=0.0)
+    img, lab = _write(image, tmp_path / "image.nrrd"), _write(labels, tmp_path / "labels.nrrd")
+    capsys.readouterr()
+    assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "f.nrrd")]) == 0
+    err = capsys.readouterr().err
+    note = next(line for line in err.splitlines() if "reproduce the painted slices" in line)
+    low = float(note.split("the intensities ")[1].split(" to ")[0])
+    assert note.startswith("class_1: ") and -800 < low < 40 and "mark a slice there as empty" in note
+    filled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "f.nrrd"))) > 0
+    assert filled[:5].sum() >= 0.9 * disc[:5].sum()                # far past the painted slices, the range holds
+    assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "g.nrrd"), "--empty-slices", "12"]) == 0
+    assert "reproduce the painted slices" not in capsys.readouterr().err
+    stopped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "g.nrrd"))) > 0
+    assert not stopped[:13].any() and stopped[17:22].any()
+
+
 def _seg_nrrd(array, path, start_ijk, names):
     """A label map saved as Slicer saves a segmentation: a .seg.nrrd cropped to the segments' box (starting
     at voxel ``start_ijk`` of the case's grid), its segments named in the header."""

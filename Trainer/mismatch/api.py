@@ -20,7 +20,7 @@ from .events import Reporter
 from .inference import segment_volume
 from .modelfile import PaintedSlices, image_fingerprint, load_model, read_optimizer_state, read_painted, save_model
 from .pipeline import build_card, painted_slice_prior
-from .prior import SlicePrior
+from .prior import SlicePrior, intensity_range_notes
 from .ranking import DEFAULT_RANKING, RANKINGS, rank_uncertain_slices
 from .train import CHECKPOINT_SECONDS, StopRequest, TrainConfig
 
@@ -52,13 +52,13 @@ def _check_channels(card: dict, image: np.ndarray) -> None:
                         "were given; pass one file per channel, in the same order as for training")
 
 
-def _normalise_in_place(card: dict, image: np.ndarray) -> np.ndarray:
+def _normalise_in_place(card: dict, image: np.ndarray, stats: list | None = None) -> np.ndarray:
     """``image [C, K, J, I]`` (float32) normalised as the card says, into itself: one channel's normalised
     copy at a time exists beside it, not a second volume. The same numbers as
-    :meth:`~mismatch.data.Normalisation.apply` (which treats each channel on its own)."""
+    :meth:`~mismatch.data.Normalisation.apply` (which treats each channel on its own; ``stats`` as there)."""
     norm = Normalisation.from_dict(card["normalisation"])
     for c in range(image.shape[0]):
-        image[c] = norm.apply(image[c:c + 1])[0]
+        image[c] = norm.apply(image[c:c + 1], stats)[0]
     return image
 
 
@@ -294,7 +294,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         explicit_slices = with_empty_slices(painted_map, card["slice_axis"], explicit_slices, empty_slices, labels)
     if painted_map is None and stored_labels:
         painted_map, explicit_slices = _stored_painted(model_dir, card, image, geometry, reporter)
-    volume = [_normalise_in_place(card, image)]   # handed over: freed before the connectivity pass
+    stats: list = []
+    volume = [_normalise_in_place(card, image, stats)]   # handed over: freed before the connectivity pass
     del image
     prior = None
     if painted_map is not None:
@@ -302,6 +303,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         if prior is None:
             raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
                             "leave --labels out")
+        for note in intensity_range_notes(prior, card["classes"], *stats[0]):
+            reporter.log(note)
     del painted_map
     painted = [int(s) for s in prior.lab] if prior is not None else []
     mapped = remap_labels(truth_arr, card["classes"]) if truth_arr is not None else None

@@ -230,8 +230,10 @@ class Normalisation:
 
     hu_window: tuple[float, float] | None = None
 
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """``[C, K, J, I]`` -> a new float32 array of the same shape; a constant channel becomes zeros."""
+    def apply(self, image: np.ndarray, stats: list | None = None) -> np.ndarray:
+        """``[C, K, J, I]`` -> a new float32 array of the same shape; a constant channel becomes zeros.
+        ``stats``: a list that gets each channel's ``(mean, std)`` appended, so that a normalised value ``v``
+        is ``v * std + mean`` in the image's units (within the window)."""
         lo_hi = intensity_window(self.hu_window)
         out = np.empty(image.shape, dtype=np.float32)
         for c in range(image.shape[0]):
@@ -239,9 +241,9 @@ class Normalisation:
             np.copyto(ch, image[c], casting="unsafe")
             if lo_hi is not None:
                 np.clip(ch, lo_hi[0], lo_hi[1], out=ch)
-            if ch.size == 0:
-                continue
-            _, std = centre_channel(ch)
+            mean, std = centre_channel(ch) if ch.size else (0.0, 0.0)
+            if stats is not None:
+                stats.append((mean, std))
             if std > 0:
                 ch *= np.float32(1.0 / std)
             else:

@@ -20,7 +20,7 @@ import numpy as np
 from .classes import choose_classes, class_values_lut, remap_labels
 from .data import Normalisation, auto_window, axis_index, choose_axis, painted_slices, window_note
 from .events import Reporter
-from .prior import PriorSettings, SlicePrior
+from .prior import PriorSettings, SlicePrior, intensity_range_notes
 from .ranking import rank_uncertain_slices
 
 
@@ -54,7 +54,8 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     del labels
     labelled = painted_slices(mapped, axis, explicit_slices, labels_path, empty=empty_slices)
     window = auto_window(image) if hu_window == "auto" else hu_window
-    volume = Normalisation(hu_window=tuple(window) if window else None).apply(image[:1])[0]
+    stats: list = []
+    volume = Normalisation(hu_window=tuple(window) if window else None).apply(image[:1], stats)[0]
     del image
     if hu_window == "auto" and window:
         reporter.log(window_note(window))
@@ -63,6 +64,8 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
                  "intensities")
     prior = SlicePrior(mapped, labelled, axis_index(axis), geometry.spacing[::-1], len(classes) + 1,
                        PriorSettings(), image=volume)
+    for note in intensity_range_notes(prior, classes, *stats[0]):
+        reporter.log(note)
     filled = prior.label_map(mapped.shape)
     del volume, mapped
     write_volume(class_values_lut(classes)[filled], geometry, out, segments=classes)

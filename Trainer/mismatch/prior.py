@@ -444,9 +444,11 @@ class SlicePrior:
                 self.boundary = (box, fits)
         # (low, high) per class where an intensity range reproduces its painting (intensity_ranges), else None
         self.ranges: list[tuple[float, float] | None] = [None] * self.n_fg
+        self.range_ious: list[float | None] = [None] * self.n_fg   # how well each class's range reproduces it
         if image is not None and st.range_beta > 0 and st.weight > 0 and self.n_fg > 0:
-            self.ranges = [None if r is None or r[2] < st.range_iou else r[:2]
-                           for r in intensity_ranges(image, self.sparse, self.lab, self.axis, self.n_fg)]
+            fits = intensity_ranges(image, self.sparse, self.lab, self.axis, self.n_fg)
+            self.ranges = [None if r is None or r[2] < st.range_iou else r[:2] for r in fits]
+            self.range_ious = [None if r is None else r[2] for r in fits]
         self.ranged = np.array([r is not None for r in self.ranges], dtype=bool)   # the classes that have one
         # kept (not copied) only for the intensity votes that read it per slice: without them the caller's
         # volume is not held (segment_volume frees it before the connectivity pass)
@@ -620,6 +622,29 @@ class SlicePrior:
                 beta = st.range_beta * (st.range_beyond if far[c] else 1.0)
                 lo_odds[c] += np.where((values >= low) & (values < high), beta, -beta) / st.weight
         return lo_odds.astype(np.float32)
+
+
+def intensity_range_notes(prior: SlicePrior, classes: Sequence[dict], mean: float = 0.0, std: float = 1.0
+                          ) -> list[str]:
+    """One line for the user per class whose painting one intensity range reproduces (``prior.ranges``): the
+    range in the image's units (the prior's image is normalised as ``(value - mean) / std``), how well it
+    reproduces the painted slices, what the segmentation does with it past them, and how to stop it where it
+    runs on into tissue of the same intensity (a slice marked empty there: its pixels in the range then count
+    against the range's IoU, and it is a painted slice of background the structure does not cross)."""
+    def units(v: float) -> str:
+        return "the lowest" if v == -np.inf else "the highest" if v == np.inf else f"{v * std + mean:.4g}"
+
+    notes = []
+    for c, (r, iou) in enumerate(zip(prior.ranges, prior.range_ious)):
+        if r is None:
+            continue
+        name = classes[c].get("name", f"class {c + 1}") if c < len(classes) else f"class {c + 1}"
+        notes.append(f"{name}: the intensities {units(r[0])} to {units(r[1])} reproduce the painted slices "
+                     f"(IoU {iou:.2f} on them), so the segmentation follows that range, far past the painted "
+                     "slices too, as far as it stays connected to the painted voxels (as Threshold + Islands "
+                     "would); where it runs on into tissue of the same intensity, mark a slice there as empty "
+                     "(--empty-slices; the panel's Empty slices)")
+    return notes
 
 
 #: ``end_intensity``: the least :meth:`SlicePrior.intensity_support` of the network's foreground on a slice past the
