@@ -171,6 +171,12 @@ def test_fill_says_when_an_intensity_range_is_the_structure_and_an_empty_slice_s
     assert "reproduce the painted slices" not in capsys.readouterr().err
     stopped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "g.nrrd"))) > 0
     assert not stopped[:13].any() and stopped[17:22].any()
+    # segment with the painted slices says the same (its network is a tiny one here; the note is the prior's)
+    assert main(["train", img, "--labels", lab, "--out", str(tmp_path / "model"), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["segment", img, "--model", str(tmp_path / "model"), "--labels", lab,
+                 "--out", str(tmp_path / "s.nrrd"), "--device", "cpu"]) == 0
+    assert note in capsys.readouterr().err
 
 
 def _seg_nrrd(array, path, start_ijk, names):
