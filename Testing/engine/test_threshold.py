@@ -7,7 +7,7 @@ import pytest
 from mismatch.benchmark.runner import FREE
 from mismatch.benchmark.tables import BASELINES
 from mismatch.benchmark.threshold import threshold_islands
-from mismatch.prior import PriorSettings, SlicePrior, best_range, intensity_ranges
+from mismatch.prior import PriorSettings, SlicePrior, best_range, intensity_range_notes, intensity_ranges
 
 
 def ball(shape, centre, radius):
@@ -114,3 +114,18 @@ def test_settings_recorded_before_the_range_vote_segment_without_it():
     assert PriorSettings.from_dict(recorded).range_beta == 0.0
     assert PriorSettings.from_dict(recorded).range_beyond == 0.0
     assert PriorSettings.from_dict(None).range_beta == PriorSettings().range_beta > 0
+
+
+def test_the_note_gives_the_range_in_the_images_units_and_only_for_a_class_that_has_one():
+    image, truth = volume_with_a_bright_ball()
+    sparse = np.zeros_like(truth)
+    sparse[[6, 14]] = truth[[6, 14]]
+    prior = SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), image)
+    low, high = prior.ranges[0]
+    assert high == np.inf                                  # the ball is the brightest: the range is open above
+    note, = intensity_range_notes(prior, [{"name": "ball"}], mean=100.0, std=2.0)
+    assert note.startswith(f"ball: the intensities from {low * 2.0 + 100.0:.4g} up reproduce the painted slices")
+    assert f"IoU {prior.range_ious[0]:.2f}" in note and "mark a slice there as empty" in note
+    flat = np.random.default_rng(1).normal(0.0, 0.05, image.shape).astype(np.float32)
+    assert intensity_range_notes(SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), flat),
+                                 [{"name": "ball"}]) == []

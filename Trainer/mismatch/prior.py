@@ -632,14 +632,18 @@ def intensity_range_notes(prior: SlicePrior, classes: Sequence[dict], mean: floa
     runs on into tissue of the same intensity (a slice marked empty there: its pixels in the range then count
     against the range's IoU, and it is a painted slice of background the structure does not cross)."""
     def units(v: float) -> str:
-        return "the lowest" if v == -np.inf else "the highest" if v == np.inf else f"{v * std + mean:.4g}"
+        return f"{v * std + mean:.4g}"
 
     notes = []
     for c, (r, iou) in enumerate(zip(prior.ranges, prior.range_ious)):
         if r is None:
             continue
         name = classes[c].get("name", f"class {c + 1}") if c < len(classes) else f"class {c + 1}"
-        notes.append(f"{name}: the intensities {units(r[0])} to {units(r[1])} reproduce the painted slices "
+        low, high = (np.isfinite(v) for v in r)
+        span = (f"the intensities {units(r[0])} to {units(r[1])}" if low and high else
+                f"the intensities from {units(r[0])} up" if low else
+                f"the intensities up to {units(r[1])}" if high else "every intensity")
+        notes.append(f"{name}: {span} reproduce the painted slices "
                      f"(IoU {iou:.2f} on them), so the segmentation follows that range, far past the painted "
                      "slices too, as far as it stays connected to the painted voxels (as Threshold + Islands "
                      "would); where it runs on into tissue of the same intensity, mark a slice there as empty "
