@@ -2,7 +2,7 @@
 
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 8 --snapshots 5 \
         [--labelled 3] [--out FILE.json]
-    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--out FILE.json]
+    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--steps N] [--out FILE.json]
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 10 --snapshots 1 --flips
 
 The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flips", action="store_true",
                     help="also segment with the last snapshot's prediction averaged over mirrored slices "
                          "(test-time flips: left-right, and all four of left-right and up-down)")
+    ap.add_argument("--steps", type=int, help="training steps of each network (default: the preset's)")
     ap.add_argument("--out", help="write the IoUs as JSON")
     args = ap.parse_args(argv)
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         group: list = []
         for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+            cfg.steps = args.steps or cfg.steps
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
                          reporter=Reporter(progress_bar=False, quiet=True))
             group += fitted.networks()[-1:]
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             ious.update({"last snapshot, left-right flip averaged": [], "last snapshot, 4 flips averaged": []})
         for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
+            cfg.steps = args.steps or cfg.steps
             cfg.snapshots = args.snapshots
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
                          reporter=Reporter(progress_bar=False, quiet=True))
