@@ -102,6 +102,13 @@ class Job:
     notes: list[str] = field(default_factory=list)
 
 
+def engine_notes(finished: dict) -> list[str]:
+    """The sentences the engine's ``end`` event carries for the user (``notes``: e.g. that an intensity range of
+    the image decides a class and how to stop it); none from an engine that writes none."""
+    notes = (finished.get("end") or {}).get("notes") or []
+    return [str(n) for n in notes] if isinstance(notes, list) else []
+
+
 def checkpoint_step(output: Path | None) -> int | None:
     """The step of the resumable checkpoint the engine wrote into a model folder when it was cancelled."""
     if output is None:
@@ -390,6 +397,8 @@ class MisMatchLogic:
             text += f" in {format_duration(elapsed)}"
         text += (" (no network: the painted shapes, the image's edges and intensities). Train, then Segment, for "
                  "a model's segmentation: better on tumours and thin structures")
+        for note in engine_notes(finished):
+            text += f"; {note}"
         ranked = (self.report or {}).get("uncertain_slices")
         if ranked:
             text += f". Label next: {next_slice_hint(dict(ranked[0], ranking='gap'))} (Next uncertain slice goes there)"
@@ -704,7 +713,7 @@ class MisMatchLogic:
                 text += f"; ECE on held-out slices {jobfolder.format_slices(job.evaluated)}: {ece:.3f}"
         elif request.held_out:
             text += "; the held-out slices hold none of the model's classes, so there is no reliability diagram"
-        for note in job.notes:
+        for note in job.notes + engine_notes(finished):
             text += f"; {note}"
         removed = removed_slices(self.report)
         if removed:

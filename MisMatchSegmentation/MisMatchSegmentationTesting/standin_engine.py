@@ -3,7 +3,7 @@
 Usage: ``python standin_engine.py MODE COMMAND [contract arguments]``. Modes:
 
 - ``ok``: train writes a model folder, segment writes every output on the image's grid (SimpleITK), fill the
-  painted slices copied to the nearest unpainted ones;
+  painted slices copied to the nearest unpainted ones (its ``end`` event with one of the engine's ``notes``);
 - ``oom``: train runs out of GPU memory while ``--batch-size`` is above 2 and, like the engine, halves its batches
   (a warning ``log`` event) and goes on like ok;
 - ``oom-fail``: train runs out of GPU memory even with one slice per batch: the engine's one-line error, exit 2;
@@ -212,7 +212,7 @@ def fill(args: list[str]) -> int:
                                                               "ranking": "gap", "filled": True,
                                                               "uncertain_slices": rows}))
     emit("end", status="completed", message=f"filled label map written to {option(args, '--out')}", elapsed=0.01,
-         labelled_slices=labelled)
+         labelled_slices=labelled, notes=["a note of the stand-in's fill for the user"])
     return 0
 
 

@@ -160,9 +160,11 @@ def test_fill_says_when_an_intensity_range_is_the_structure_and_an_empty_slice_s
     image, labels, disc = disc_volume((24, 32, 40), (16, 20), 6, [17, 19, 21], growth=0.0)
     img, lab = _write(image, tmp_path / "image.nrrd"), _write(labels, tmp_path / "labels.nrrd")
     capsys.readouterr()
-    assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "f.nrrd")]) == 0
+    assert main(["fill", img, "--labels", lab, "--out", str(tmp_path / "f.nrrd"),
+                 "--events", str(tmp_path / "fill.jsonl")]) == 0
     err = capsys.readouterr().err
     note = next(line for line in err.splitlines() if "reproduce the painted slices" in line)
+    assert _events(tmp_path / "fill.jsonl")[-1]["notes"] == [note]      # for the panel, in the end event
     low = float(note.split("the intensities from ")[1].split(" up ")[0])   # the disc is the brightest: open above
     assert note.startswith("class_1: ") and -800 < low < 40 and "mark a slice there as empty" in note
     filled = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "f.nrrd"))) > 0

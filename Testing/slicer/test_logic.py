@@ -441,6 +441,15 @@ def test_structure_goes_on_note():
     assert structure_goes_on_note({}) == structure_goes_on_note(None) == ""
 
 
+def test_engine_notes_are_the_end_events_sentences_for_the_user():
+    from MisMatchSegmentationLib.logic import engine_notes
+
+    assert engine_notes({"end": {"notes": ["grey matter: the intensities 0.48 to 0.76 ..."]}}) == \
+        ["grey matter: the intensities 0.48 to 0.76 ..."]
+    assert engine_notes({"end": {}}) == engine_notes({"end": None}) == engine_notes({}) == []
+    assert engine_notes({"end": {"notes": "not a list"}}) == []
+
+
 def test_fill_writes_the_painted_slices_filled_into_a_new_segmentation_before_any_training(ct_chest, logic_for,
                                                                                           standin_log):
     """Fill: the painted slices (held-out ones removed) to the engine's fill, no model; the result in a new
@@ -457,6 +466,7 @@ def test_fill_writes_the_painted_slices_filled_into_a_new_segmentation_before_an
     done = logic.wait(timeout=60)[-1]
     assert (done["job"], done["status"]) == ("fill", "completed"), done["message"]
     assert done["message"].startswith("Filled CTChest from 2 painted slice(s)") and "no network" in done["message"]
+    assert "; a note of the stand-in's fill for the user" in done["message"]   # the engine's end event's notes
     args = calls(standin_log)[-1]["args"]
     assert args[0] == "fill" and args[args.index("--labelled-slices") + 1] == "10,17" and "--report" in args
     assert args[args.index("--axis") + 1] == "k" and "--model" not in args

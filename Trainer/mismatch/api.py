@@ -297,13 +297,14 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
     stats: list = []
     volume = [_normalise_in_place(card, image, stats)]   # handed over: freed before the connectivity pass
     del image
-    prior = None
+    prior, notes = None, []
     if painted_map is not None:
         prior = painted_prior(card, painted_map, geometry.spacing[::-1], explicit_slices, volume=volume[0])
         if prior is None:
             raise UserError(f"--labels {labels}: no painted slice; paint the structure on a few slices, or "
                             "leave --labels out")
-        for note in intensity_range_notes(prior, card["classes"], *stats[0]):
+        notes = intensity_range_notes(prior, card["classes"], *stats[0])
+        for note in notes:
             reporter.log(note)
     del painted_map
     painted = [int(s) for s in prior.lab] if prior is not None else []
@@ -333,6 +334,8 @@ def segment_files(images: Sequence[str], model_dir: str, out: str, *, confidence
         for spilled in streamed.values():
             spilled.close()
     summary = {"seconds": round(seg.seconds, 2), "slices": geometry.shape[axis_index(card["slice_axis"])]}
+    if notes:   # the painted slices' intensity ranges that decide (intensity_range_notes), for the panel
+        summary["notes"] = notes
     if report:
         labelled = list(card.get("summary", {}).get("labelled_slices", [])) + painted
         two = len(card["architecture"].get("decoders", [])) >= 2

@@ -35,7 +35,8 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
     ``report``: a JSON file with the slices worth painting next, as ``segment --report`` ranks them by default
     (``gap``: the middle of the widest unpainted stretch of the filled structure, or two thirds of the way to its
     end beyond the outermost painted slice), from the filled label map and, past its ends, the painted
-    intensities (:func:`next_slices`). Returns ``{"seconds", "slices", "labelled_slices"}``."""
+    intensities (:func:`next_slices`). Returns ``{"seconds", "slices", "labelled_slices"}``, and ``"notes"`` where an
+    intensity range decides a class (:func:`mismatch.prior.intensity_range_notes`, also logged)."""
     from .io import (check_extension, check_outputs_not_inputs, check_writable, read_image, read_labels,
                      write_text_atomic, write_volume)
 
@@ -64,15 +65,19 @@ def fill_files(images: Sequence[str], labels_path: str, out: str, *, axis: str =
                  "intensities")
     prior = SlicePrior(mapped, labelled, axis_index(axis), geometry.spacing[::-1], len(classes) + 1,
                        PriorSettings(), image=volume)
-    for note in intensity_range_notes(prior, classes, *stats[0]):
+    notes = intensity_range_notes(prior, classes, *stats[0])
+    for note in notes:
         reporter.log(note)
     filled = prior.label_map(mapped.shape)
     del volume, mapped
     write_volume(class_values_lut(classes)[filled], geometry, out, segments=classes)
     if report:
         write_text_atomic(report, json.dumps(next_slices(filled, axis, labelled, prior), indent=1) + "\n")
-    return {"seconds": round(time.monotonic() - t0, 2), "slices": int(filled.shape[axis_index(axis)]),
-            "labelled_slices": [int(s) for s in labelled]}
+    summary = {"seconds": round(time.monotonic() - t0, 2), "slices": int(filled.shape[axis_index(axis)]),
+               "labelled_slices": [int(s) for s in labelled]}
+    if notes:   # the painted slices' intensity ranges that decide (intensity_range_notes), for the panel
+        summary["notes"] = notes
+    return summary
 
 
 def next_slices(filled: np.ndarray, axis: str, labelled: Sequence[int], prior: SlicePrior | None = None) -> dict:
