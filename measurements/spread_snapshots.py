@@ -2,7 +2,8 @@
 
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 8 --snapshots 5 \
         [--labelled 3] [--out FILE.json]
-    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--steps N] [--out FILE.json]
+    python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 5 --ensemble 3 [--steps N] \
+        [--out FILE.json]
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 10 --snapshots 1 --flips
 
 The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
