@@ -69,25 +69,28 @@ def arrays():
 CONFIG = dict(method="mismatch", steps=6, width=4, batch_size=1, patch_size=16, checkpoint_every=2, seed=0)
 
 
-def _fit(arrays, folder, resume=False, **kw):
+def _fit(arrays, folder, resume=False, average_span=0.0, **kw):
     vol, labels = arrays
-    return fit([vol], labels, np.array([1, 4]), 2, TrainConfig(**CONFIG), checkpoint_dir=folder, resume=resume,
-               checkpoint_seconds=None, **kw)
+    return fit([vol], labels, np.array([1, 4]), 2, TrainConfig(**CONFIG, average_span=average_span),
+               checkpoint_dir=folder, resume=resume, checkpoint_seconds=None, **kw)
 
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_kill_after_any_rename_of_a_checkpoint_resumes_to_the_uninterrupted_result(arrays, tmp_path, monkeypatch):
-    reference = _fit(arrays, tmp_path / "reference").snapshots[-1]
+# average_span 0.5: the weights of steps 4 to 6 are averaged, so the checkpoint of step 4 holds an average begun
+@pytest.mark.parametrize("average_span", [0.0, 0.5])
+def test_a_kill_after_any_rename_of_a_checkpoint_resumes_to_the_uninterrupted_result(arrays, tmp_path, monkeypatch,
+                                                                                     average_span):
+    reference = _fit(arrays, tmp_path / "reference", average_span=average_span).snapshots[-1]
     n, seen = 0, []
     while True:
         n += 1
         folder = tmp_path / f"kill{n}" / "checkpoint"
         with killed_after_replace(n, monkeypatch) as calls:
             try:
-                _fit(arrays, folder)
+                _fit(arrays, folder, average_span=average_span)
                 finished = True
             except Killed:
                 finished = False
@@ -95,10 +98,10 @@ def test_a_kill_after_any_rename_of_a_checkpoint_resumes_to_the_uninterrupted_re
             break
         seen.append(calls[-1])
         try:
-            result = _fit(arrays, folder, resume=True)
+            result = _fit(arrays, folder, resume=True, average_span=average_span)
         except UserError as exc:   # only acceptable before the first checkpoint is complete
             assert "no checkpoint" in str(exc), (n, calls[-1], exc)
-            result = _fit(arrays, folder)
+            result = _fit(arrays, folder, average_span=average_span)
         assert _same(result.snapshots[-1], reference), f"kill after {calls[-1]} resumed to other weights"
         assert result.steps_done == CONFIG["steps"]
     assert n >= 3, seen   # the checkpoints at steps 2 and 4 were written, the second one replacing the first

@@ -376,7 +376,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="PASB side branch: factorised (default; the first atrous conv as 1x1 then atrous 3x3) "
                         "or paper (full-rank atrous convs, slower on a CPU)")
     t.add_argument("--snapshots", type=_positive_int, default=d.snapshots,
-                   help="keep the last K snapshots and average them at inference (paper: 10)")
+                   help="keep the last K snapshots and average their predictions at inference (paper: 10; needs "
+                        "--average-span 0)")
+    t.add_argument("--average-span", type=_fraction, metavar="FRACTION",
+                   help="the last fraction of the steps, run at a constant quarter of the peak learning rate, whose "
+                        "weights are averaged into the network saved (default 0.3 for mismatch and mm-a/b/c, 0 "
+                        "for the other methods and --preset paper; 0: off, the last weights are saved)")
     t.add_argument("--labelled-slices", type=_slices, metavar="LIST",
                    help="slices that count as labelled even if all background, e.g. 3,7,10-12")
     t.add_argument("--empty-slices", type=_slices, metavar="LIST",
@@ -666,7 +671,8 @@ def _train(args, ctx) -> int:
         early_patch_size=args.early_patch_size, lr=args.lr, context=args.context, alpha=args.alpha,
         alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
-        snapshots=args.snapshots, seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
+        snapshots=args.snapshots, average_span=args.average_span, seed=args.seed, axis=args.axis,
+        hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     check_patch_size(config.patch_size)
     check_patch_size(config.early_patch_size, "--early-patch-size", zero="the full patch from the first step")

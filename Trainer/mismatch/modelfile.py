@@ -405,10 +405,11 @@ CHECKPOINT_DIR = "checkpoint"
 
 class TrainingCheckpoint:
     """A training run's whole state in ``folder``, for ``--resume``: the network, the method's own tensors
-    (e.g. an EMA teacher), the optimiser, the sampler, the torch generator, the kept snapshots, the loss
-    history and the batch sizes (halved after running out of memory). :meth:`save` writes it as one unit
-    (:func:`save_checkpoint`), :meth:`load` reads and checks it (:func:`load_checkpoint`), :meth:`restore`
-    puts it back into a run. ``run``: a :class:`mismatch.train.TrainingRun`."""
+    (e.g. an EMA teacher), the optimiser, the sampler, the torch generator, the kept snapshots, the weights
+    averaged so far (``average_span``), the loss history and the batch sizes (halved after running out of
+    memory). :meth:`save` writes it as one unit (:func:`save_checkpoint`), :meth:`load` reads and checks it
+    (:func:`load_checkpoint`), :meth:`restore` puts it back into a run. ``run``: a
+    :class:`mismatch.train.TrainingRun`."""
 
     #: settings a run must share with the checkpoint it resumes
     SAME_SETTINGS = ("method", "width", "patch_size", "axis", "seed")
@@ -423,9 +424,12 @@ class TrainingCheckpoint:
         tensors.update({f"method.{k}": v for k, v in run.method.state_dict().items()})
         for i, snapshot in enumerate(run.snapshots):
             tensors.update({f"snapshot{i}.{k}": v for k, v in snapshot.items()})
+        if run.averaged:
+            tensors.update({f"average.{k}": v.detach().to("cpu", copy=True) for k, v in run.average.items()})
         save_checkpoint(self.folder, tensors, {
             "step": run.step, "config": config, "optimizer": optimizer_rest, "sampler": run.sampler.state_dict(),
             "history": run.history, "snapshots": len(run.snapshots), "batch_sizes": [run.batch_l, run.batch_u],
+            "averaged": run.averaged,
             "engine_version": __version__,
         })
 
@@ -452,3 +456,7 @@ class TrainingCheckpoint:
         run.step, run.history = state["step"], state["history"]
         run.batch_l, run.batch_u = state.get("batch_sizes", [run.batch_l, run.batch_u])
         run.snapshots = [part(f"snapshot{i}.") for i in range(state["snapshots"])]
+        run.averaged = int(state.get("averaged", 0))   # absent: a checkpoint written before weight averaging
+        if run.averaged:
+            device = next(run.net.parameters()).device
+            run.average = {k: v.to(device) for k, v in part("average.").items()}

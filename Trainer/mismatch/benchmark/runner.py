@@ -90,7 +90,9 @@ class Budget:
                 **({"context": c.context} if c.context else {}),
                 # absent: runs made before it existed (the full patch from the first step)
                 **({"early_patch": [c.early_patch_size, c.early_patch_fraction]}
-                   if patch_size_at(0, c) != (c.patch_size or None) else {})}
+                   if patch_size_at(0, c) != (c.patch_size or None) else {}),
+                # absent: runs made before it existed (the last weights kept)
+                **({"average": [c.average_span, c.lr_floor]} if c.average_span else {})}
 
 
 def check_same_settings(path: Path, recorded: dict | None, key: str, settings: dict, made: str) -> None:
