@@ -1,14 +1,15 @@
 """Warm-start rounds with and without the first training's optimiser state, paired.
 
     python measurements/ablate_warm.py --datasets pyradiomics-brain1 mni152-gm --seeds 0 1 2 \
-        --out docs/benchmark/warm-start-optimizer.json
+        --out docs/benchmark/warm-start-optimizer.json [--rounds warm_adam_0.2 scratch]
 
 For each data set and seed: 3 labelled slices drawn as ``mismatch simulate`` draws them, a first training at
 the product's default, then the slice of the structure's extent farthest from any labelled one added (the
 simulation's ``largest-gap``), and the round on the 4 slices trained four ways from the same first model or
 from nothing: the warm start with fresh optimiser state (the default before this measurement), the same
 continuing the first training's optimiser state (Adam's step count and moments), that with a fifth of the
-steps instead of a quarter, and from scratch. Each is segmented as the product does (network plus the painted
+steps instead of a quarter (the default), that without the round's own weight averaging (``average_span`` 0 in
+the round; ``warm_adam_0.2_last``), and from scratch (``--rounds`` picks some). Each is segmented as the product does (network plus the painted
 slices' prior) and scored by IoU on the slices labelled in neither round; the first model's IoU on the same
 slices is given too. Seconds are of training and segmenting together, in one process.
 
@@ -36,7 +37,8 @@ from mismatch.pipeline import train_and_segment  # noqa: E402
 
 #: the rounds compared: name, warm-start settings on top of WARM_START (None: from scratch), optimiser state
 ROUNDS = (("warm", {"steps_fraction": 0.25}, False), ("warm_adam", {"steps_fraction": 0.25}, True),
-          ("warm_adam_0.2", {"steps_fraction": 0.2}, True), ("scratch", None, False))
+          ("warm_adam_0.2", {"steps_fraction": 0.2}, True),
+          ("warm_adam_0.2_last", {"steps_fraction": 0.2, "average_span": 0.0}, True), ("scratch", None, False))
 
 
 def main() -> int:
@@ -44,7 +46,10 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=["pyradiomics-brain1", "mni152-gm"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", required=True, help="JSON file for the rows (written after each seed)")
+    ap.add_argument("--rounds", nargs="+", choices=[name for name, _, _ in ROUNDS],
+                    default=[name for name, _, _ in ROUNDS], help="the rounds to train (default: all)")
     args = ap.parse_args()
+    rounds = [r for r in ROUNDS if r[0] in args.rounds]
     rows = []
     for dataset in args.datasets:
         case = load_dataset(dataset)[0]
@@ -69,7 +74,7 @@ def main() -> int:
             first, iou, seconds = run(labelled, first_config)
             row = {"dataset": dataset, "seed": seed, "labelled": labelled, "added": added, "first": iou,
                    "t_first": seconds}
-            for name, warm, carry in ROUNDS:
+            for name, warm, carry in rounds:
                 if warm is None:
                     config, kw = LoopConfig(datasets=[dataset]).train_config(
                         "mismatch", seed=seed * 1000 + 1, axis=axis, checkpoint_every=10 ** 9), {}
@@ -82,7 +87,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    names = ["first"] + [name for name, _, _ in ROUNDS]
+    names = ["first"] + [name for name, _, _ in rounds]
     print("mean IoU %: " + ", ".join(f"{k} {100 * np.mean([r[k] for r in rows]):.1f}" for k in names))
     return 0
 

@@ -88,3 +88,13 @@ def test_settings_that_cannot_run_are_refused_before_training(settings, words):
     config = TrainConfig(steps=4, width=4, **settings)
     with pytest.raises(UserError, match=words.replace("-", r"\-")):
         fit([np.zeros((1, 4, 16, 16), np.float32)], np.zeros((4, 16, 16), np.int64), np.array([1]), 2, config)
+
+
+def test_a_warm_round_averages_as_its_first_training_unless_told_otherwise():
+    from mismatch.train import warm_start_config
+
+    first = preset_config("default", "mismatch")
+    warm = warm_start_config(first)
+    assert warm.steps == 36 and warm.average_span == 0.3 and average_from(warm) == 36 - 11 + 1
+    assert warm_start_config(first, {"average_span": 0.0}).average_span == 0.0
+    assert warm_start_config(preset_config("default", "unet-strong")).average_span == 0.0

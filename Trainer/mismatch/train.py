@@ -144,7 +144,8 @@ def warm_start_config(config: TrainConfig, settings: dict | None = None) -> Trai
     return replace(config, steps=max(1, math.ceil(w["steps_fraction"] * config.steps)),
                    lr=float(w["lr_fraction"] * config.lr), warmup=float(w["warmup"]),
                    alpha_rampup=float(w["alpha_rampup"]),
-                   early_patch_fraction=float(w["early_patch_fraction"]))
+                   early_patch_fraction=float(w["early_patch_fraction"]),
+                   average_span=float(w.get("average_span", config.average_span)))
 
 
 class StopRequest:
