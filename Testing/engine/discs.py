@@ -17,3 +17,14 @@ def disc_volume(shape: tuple[int, int, int], centre: tuple[float, float], radius
     labels = np.zeros(shape, np.uint8)
     labels[labelled] = disc[labelled]
     return image, labels, disc
+
+
+def two_painted_squares() -> tuple[np.ndarray, np.ndarray]:
+    """The smallest training case of the engine tests: a noise volume ``[1, 6, 24, 24]`` (float32, seed 0) and
+    class indices ``[6, 24, 24]`` with a square painted on slices 1 and 4 (train with ``labelled=[1, 4]``)."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(1, 6, 24, 24)).astype(np.float32)
+    labels = np.zeros((6, 24, 24), dtype=np.int64)
+    labels[1, 6:18, 6:18] = 1
+    labels[4, 8:16, 8:16] = 1
+    return vol, labels

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from discs import two_painted_squares
 
 from mismatch.errors import UserError
 from mismatch.train import (TWO_DECODER_METHODS, TrainConfig, TrainingRun, average_from, fit, learning_rate,
@@ -42,11 +43,7 @@ def test_the_averaged_steps_run_at_the_floor_after_a_cosine_that_reaches_it():
 
 
 def test_the_network_kept_is_the_mean_of_the_weights_after_the_averaged_steps(monkeypatch):
-    rng = np.random.default_rng(0)
-    vol = rng.normal(size=(1, 6, 24, 24)).astype(np.float32)
-    labels = np.zeros((6, 24, 24), dtype=np.int64)
-    labels[1, 6:18, 6:18] = 1
-    labels[4, 8:16, 8:16] = 1
+    vol, labels = two_painted_squares()
     seen: list[tuple[int, dict]] = []
     real = TrainingRun.accumulate_average
 

@@ -346,11 +346,9 @@ def test_mean_teacher_teacher_is_checkpointed_and_restored_on_resume(tmp_path):
     from mismatch.modelfile import load_checkpoint
     from mismatch.train import TrainConfig, fit
 
-    rng = np.random.default_rng(0)
-    vol = rng.normal(size=(1, 6, 24, 24)).astype(np.float32)
-    labels = np.zeros((6, 24, 24), dtype=np.int64)
-    labels[1, 6:18, 6:18] = 1
-    labels[4, 8:16, 8:16] = 1
+    from discs import two_painted_squares
+
+    vol, labels = two_painted_squares()
     config = TrainConfig(method="mt", steps=3, width=4, batch_size=1, patch_size=16, checkpoint_every=2)
     fit([vol], labels, np.array([1, 4]), 2, config, checkpoint_dir=tmp_path)
     tensors, _ = load_checkpoint(tmp_path)

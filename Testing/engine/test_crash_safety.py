@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from discs import disc_volume
+from discs import disc_volume, two_painted_squares
 from mismatch.errors import UserError
 from mismatch.io import swap_names
 from mismatch.modelfile import load_checkpoint, load_model, read_card, save_checkpoint, save_model
@@ -58,12 +58,7 @@ def killed_after_replace(n: int, monkeypatch):
 
 @pytest.fixture(scope="module")
 def arrays():
-    rng = np.random.default_rng(0)
-    vol = rng.normal(size=(1, 6, 24, 24)).astype(np.float32)
-    labels = np.zeros((6, 24, 24), dtype=np.int64)
-    labels[1, 6:18, 6:18] = 1
-    labels[4, 8:16, 8:16] = 1
-    return vol, labels
+    return two_painted_squares()
 
 
 CONFIG = dict(method="mismatch", steps=6, width=4, batch_size=1, patch_size=16, checkpoint_every=2, seed=0)
