@@ -129,3 +129,27 @@ def test_the_note_gives_the_range_in_the_images_units_and_only_for_a_class_that_
     flat = np.random.default_rng(1).normal(0.0, 0.05, image.shape).astype(np.float32)
     assert intensity_range_notes(SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), flat),
                                  [{"name": "ball"}]) == []
+
+
+def test_a_volume_whose_every_class_has_a_range_is_tempered_more_without_changing_a_label():
+    import torch
+
+    from mismatch.inference import _fuse
+
+    image, truth = volume_with_a_bright_ball()
+    sparse = np.zeros_like(truth)
+    sparse[[6, 14]] = truth[[6, 14]]
+    ranged = SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), image)
+    plain = SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_temperature=0.0), image)
+    assert ranged.ranged.all() and ranged.temperature == 3.0 and plain.temperature == 1.5
+    flat = np.zeros_like(image)   # no range reproduces the painting: the usual temperature
+    assert SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, PriorSettings(), flat).temperature == 1.5
+    # settings recorded before it (a model card of an earlier engine) keep the usual temperature
+    recorded = PriorSettings.from_dict({k: v for k, v in PriorSettings().to_dict().items() if k != "range_temperature"})
+    assert SlicePrior(sparse, [6, 14], 0, (1.0, 1.0, 1.0), 2, recorded, image).temperature == 1.5
+    mean = torch.from_numpy(np.random.default_rng(1).random((20, 1, 32, 32)).astype(np.float32))
+    hot, cool = _fuse(mean, plain, range(20), True), _fuse(mean, ranged, range(20), True)
+    assert torch.equal(hot > 0.5, cool > 0.5)   # the same labels
+    unpainted = [s for s in range(20) if s not in (6, 14)]
+    assert ((cool[unpainted] - 0.5).abs() <= (hot[unpainted] - 0.5).abs() + 1e-6).all()   # less confident
+    assert ((cool[unpainted] - 0.5).abs() < (hot[unpainted] - 0.5).abs() - 1e-3).any()

@@ -126,7 +126,7 @@ def _fuse(mean: torch.Tensor, prior: SlicePrior, slices: range, binary: bool) ->
     painted labels with probability 1."""
     eps = 1e-6
     out = torch.empty_like(mean, dtype=torch.float32)
-    t = float(prior.settings.temperature)
+    t = prior.temperature
     for i, s in enumerate(slices):
         p = mean[i].float()
         if prior.is_labelled(s):
