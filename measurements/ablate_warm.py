@@ -10,8 +10,9 @@ from nothing: the warm start with fresh optimiser state (the default before this
 continuing the first training's optimiser state (Adam's step count and moments), that with a fifth of the
 steps instead of a quarter (the default), that without the round's own weight averaging (``average_span`` 0 in
 the round; ``warm_adam_0.2_last``), and from scratch (``--rounds`` picks some). Each is segmented as the
-product does (network plus the painted slices' prior) and scored by IoU on the slices labelled in neither round; the first model's IoU on the same
-slices is given too. Seconds are of training and segmenting together, in one process.
+product does (network plus the painted slices' prior) and scored by IoU on the slices labelled in neither
+round; the first model's IoU on the same slices is given too. Seconds are of training and segmenting
+together, in one process.
 
 Not a test: one job at a time on an otherwise idle machine; say what else was running.
 """

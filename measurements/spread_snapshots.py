@@ -7,10 +7,11 @@
     python measurements/spread_snapshots.py --dataset pyradiomics-breast1 --seeds 10 --snapshots 1 --flips
 
 The benchmark's evenly spaced painting (``draw_split(..., placement="even")``, the same slices for every
-seed) is trained once per seed at the default preset, keeping ``--snapshots`` snapshots over the last
-``snapshot_span`` of training, and the volume is segmented with the painted slices' prior three ways: the
-last snapshot alone (the default), the snapshots' predictions averaged (``--snapshots K`` of ``mismatch
-train``), and one network with the snapshots' weights averaged. With ``--ensemble K`` instead, K * seeds
+seed) is trained once per seed at the default preset without its weight averaging (``average_span`` 0),
+keeping ``--snapshots`` snapshots over the last ``snapshot_span`` of training, and the volume is segmented
+with the painted slices' prior three ways: the last snapshot alone (the default before the averaging), the
+snapshots' predictions averaged (``--snapshots K`` of ``mismatch train``), and one network with the
+snapshots' weights averaged. With ``--ensemble K`` instead, K * seeds
 networks are trained (one snapshot each), and each of the ``--seeds`` ensembles averages the predictions of K
 of them, trained with different seeds (disjoint groups); the single networks are reported too. Prints the
 IoU on the unlabelled slices per seed and the mean and standard deviation over seeds. ``--placement random
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             cfg = config.train_config("mismatch", seed=seed, axis=AXIS_NAMES[case.axis], checkpoint_every=10 ** 9)
             cfg.steps = args.steps or cfg.steps
-            cfg.snapshots = args.snapshots
+            # several snapshots, each the weights of its step: the recipe before the default averaged the last
+            # steps' weights into one network (which refuses --snapshots above 1)
+            cfg.snapshots, cfg.average_span = args.snapshots, 0.0
             fitted = fit([volume], sparse, labelled, num_classes, cfg, device=torch.device("cpu"),
                          reporter=Reporter(progress_bar=False, quiet=True))
             nets = fitted.networks()

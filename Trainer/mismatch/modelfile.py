@@ -394,9 +394,11 @@ def load_optimizer_moments(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     return fits
 
 
-def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of ``model``'s weights on the CPU (a snapshot, or a checkpoint's weights)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def state_to_cpu(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy on the CPU of ``model``'s weights, or of a dict of tensors (a snapshot, a checkpoint's weights, the
+    averaged weights)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 #: A model folder's checkpoint subfolder (``mismatch train --resume`` reads it)
@@ -425,7 +427,7 @@ class TrainingCheckpoint:
         for i, snapshot in enumerate(run.snapshots):
             tensors.update({f"snapshot{i}.{k}": v for k, v in snapshot.items()})
         if run.averaged:
-            tensors.update({f"average.{k}": v.detach().to("cpu", copy=True) for k, v in run.average.items()})
+            tensors.update({f"average.{k}": v for k, v in state_to_cpu(run.average).items()})
         save_checkpoint(self.folder, tensors, {
             "step": run.step, "config": config, "optimizer": optimizer_rest, "sampler": run.sampler.state_dict(),
             "history": run.history, "snapshots": len(run.snapshots), "batch_sizes": [run.batch_l, run.batch_u],

@@ -391,7 +391,7 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
                 save_checkpoint()
                 last_checkpoint = time.monotonic()
     if run.averaged:   # the averaged weights are the network kept (average_span; one snapshot)
-        run.snapshots = [{k: v.detach().to("cpu", copy=True) for k, v in run.average.items()}]
+        run.snapshots = [state_to_cpu(run.average)]
     if not run.snapshots:
         run.snapshots.append(state_to_cpu(run.net))
     return FitResult(snapshots=run.snapshots[-max(1, config.snapshots):], architecture=arch, history=run.history,
