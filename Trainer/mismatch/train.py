@@ -58,7 +58,7 @@ class TrainConfig:
     # and the network kept is the mean of the weights after each of those steps, not the last weights. 0: off (the
     # cosine decays to 1 % of ``lr`` at the last step, whose weights are kept). Set for the two-decoder methods by
     # the default preset (PRESETS): the run-to-run spread on the brain tumour painted on 5 slices fell from 2.7 to
-    # 1.3 points at the same mean (docs/benchmarks.md, "Weights averaged over the last steps")
+    # 1.4 points at the same mean IoU (docs/benchmarks.md, "Weights averaged over the last steps")
     average_span: float = 0.0
     lr_floor: float = 0.25
     alpha: float = 0.002             # consistency weight (paper: 0.0005 to 0.004, 0.002 best)
