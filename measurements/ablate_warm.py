@@ -9,7 +9,9 @@ simulation's ``largest-gap``), and the round on the 4 slices trained four ways f
 from nothing: the warm start with fresh optimiser state (the default before this measurement), the same
 continuing the first training's optimiser state (Adam's step count and moments), that with a fifth of the
 steps instead of a quarter (the default), that without the round's own weight averaging (``average_span`` 0 in
-the round; ``warm_adam_0.2_last``), and from scratch (``--rounds`` picks some). Each is segmented as the
+the round; ``warm_adam_0.2_last``), that at the first training's peak learning rate (``warm_adam_0.2_lr1``) or
+at its floor, a quarter of the peak, flat, with no warm-up and the last half averaged (``warm_adam_0.2_floor``: the
+first training's flat averaged tail continued with the new slice), and from scratch (``--rounds`` picks some). Each is segmented as the
 product does (network plus the painted slices' prior) and scored by IoU on the slices labelled in neither
 round; the first model's IoU on the same slices is given too. Seconds are of training and segmenting
 together, in one process.
@@ -39,7 +41,11 @@ from mismatch.pipeline import train_and_segment  # noqa: E402
 #: the rounds compared: name, warm-start settings on top of WARM_START (None: from scratch), optimiser state
 ROUNDS = (("warm", {"steps_fraction": 0.25}, False), ("warm_adam", {"steps_fraction": 0.25}, True),
           ("warm_adam_0.2", {"steps_fraction": 0.2}, True),
-          ("warm_adam_0.2_last", {"steps_fraction": 0.2, "average_span": 0.0}, True), ("scratch", None, False))
+          ("warm_adam_0.2_last", {"steps_fraction": 0.2, "average_span": 0.0}, True),
+          ("warm_adam_0.2_lr1", {"steps_fraction": 0.2, "lr_fraction": 1.0}, True),
+          ("warm_adam_0.2_floor", {"steps_fraction": 0.2, "lr_fraction": 0.25, "lr_floor": 1.0, "warmup": 0.0,
+                                  "average_span": 0.5}, True),
+          ("scratch", None, False))
 
 
 def main() -> int:

@@ -94,4 +94,7 @@ def test_a_warm_round_averages_as_its_first_training_unless_told_otherwise():
     warm = warm_start_config(first)
     assert warm.steps == 36 and warm.average_span == 0.3 and average_from(warm) == 36 - 11 + 1
     assert warm_start_config(first, {"average_span": 0.0}).average_span == 0.0
+    assert warm.lr_floor == first.lr_floor
+    flat = warm_start_config(first, {"lr_floor": 1.0, "warmup": 0.0})   # measurements/ablate_warm.py's flat tail
+    assert {learning_rate(s, flat) for s in range(flat.steps)} == {flat.lr}
     assert warm_start_config(preset_config("default", "unet-strong")).average_span == 0.0

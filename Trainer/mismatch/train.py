@@ -145,7 +145,8 @@ def warm_start_config(config: TrainConfig, settings: dict | None = None) -> Trai
                    lr=float(w["lr_fraction"] * config.lr), warmup=float(w["warmup"]),
                    alpha_rampup=float(w["alpha_rampup"]),
                    early_patch_fraction=float(w["early_patch_fraction"]),
-                   average_span=float(w.get("average_span", config.average_span)))
+                   average_span=float(w.get("average_span", config.average_span)),
+                   lr_floor=float(w.get("lr_floor", config.lr_floor)))
 
 
 class StopRequest:
