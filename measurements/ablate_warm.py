@@ -5,16 +5,16 @@
 
 For each data set and seed: 3 labelled slices drawn as ``mismatch simulate`` draws them, a first training at
 the product's default, then the slice of the structure's extent farthest from any labelled one added (the
-simulation's ``largest-gap``), and the round on the 4 slices trained four ways from the same first model or
+simulation's ``largest-gap``), and the round on the 4 slices trained several ways from the same first model or
 from nothing: the warm start with fresh optimiser state (the default before this measurement), the same
 continuing the first training's optimiser state (Adam's step count and moments), that with a fifth of the
 steps instead of a quarter (the default), that without the round's own weight averaging (``average_span`` 0 in
 the round; ``warm_adam_0.2_last``), that at the first training's peak learning rate (``warm_adam_0.2_lr1``) or
-at its floor, a quarter of the peak, flat, with no warm-up and the last half averaged (``warm_adam_0.2_floor``: the
-first training's flat averaged tail continued with the new slice), and from scratch (``--rounds`` picks some). Each is segmented as the
-product does (network plus the painted slices' prior) and scored by IoU on the slices labelled in neither
-round; the first model's IoU on the same slices is given too. Seconds are of training and segmenting
-together, in one process.
+at its floor, a quarter of the peak, flat, with no warm-up and the last half averaged (``warm_adam_0.2_floor``:
+the first training's flat averaged tail continued with the new slice), and from scratch (``--rounds`` picks
+some). Each is segmented as the product does (network plus the painted slices' prior) and scored by IoU on the
+slices labelled in neither round; the first model's IoU on the same slices is given too. Seconds are of
+training and segmenting together, in one process.
 
 Not a test: one job at a time on an otherwise idle machine; say what else was running.
 """
