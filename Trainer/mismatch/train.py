@@ -356,8 +356,10 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     reporter.start("train", total=config.steps, device=describe(device), method=config.method,
                    parameters=count_parameters(run.model), labelled_slices=[int(i) for i in labelled],
                    unlabelled_slices=run.sampler.num_unlabelled)
-    first_step, keep_at, log_every = run.step, set(snapshot_steps(config)), max(1, config.steps // 100)
+    first_step, log_every = run.step, max(1, config.steps // 100)
     average_at = average_from(config) if config.average_span > 0 else None
+    # with averaging the network kept is the average: no snapshot of a single step's weights is taken
+    keep_at = set(snapshot_steps(config)) if average_at is None else set()
     t0 = last_checkpoint = time.monotonic()
     run.model.train()
     while run.step < config.steps:
