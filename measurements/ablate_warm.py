@@ -11,10 +11,11 @@ continuing the first training's optimiser state (Adam's step count and moments),
 steps instead of a quarter (the default), that without the round's own weight averaging (``average_span`` 0 in
 the round; ``warm_adam_0.2_last``), that at the first training's peak learning rate (``warm_adam_0.2_lr1``) or
 at its floor, a quarter of the peak, flat, with no warm-up and the last half averaged (``warm_adam_0.2_floor``:
-the first training's flat averaged tail continued with the new slice), and from scratch (``--rounds`` picks
-some). Each is segmented as the product does (network plus the painted slices' prior) and scored by IoU on the
-slices labelled in neither round; the first model's IoU on the same slices is given too. Seconds are of
-training and segmenting together, in one process.
+the first training's flat averaged tail continued with the new slice), and from scratch, with the round's seed
+and with another (``scratch_b``: how far two trainings from scratch differ; ``--rounds`` picks some, and with no
+warm round among them the first training is skipped). Each is segmented as the product does (network plus the
+painted slices' prior) and scored by IoU on the slices labelled in neither round; the first model's IoU on the
+same slices is given too. Seconds are of training and segmenting together, in one process.
 
 Not a test: one job at a time on an otherwise idle machine; say what else was running.
 """
@@ -45,7 +46,10 @@ ROUNDS = (("warm", {"steps_fraction": 0.25}, False), ("warm_adam", {"steps_fract
           ("warm_adam_0.2_lr1", {"steps_fraction": 0.2, "lr_fraction": 1.0}, True),
           ("warm_adam_0.2_floor", {"steps_fraction": 0.2, "lr_fraction": 0.25, "lr_floor": 1.0, "warmup": 0.0,
                                   "average_span": 0.5}, True),
-          ("scratch", None, False))
+          ("scratch", None, False), ("scratch_b", None, False))
+#: the training seed of each round (of data set draw ``seed``): ``seed * 1000 + 1``, and ``+ 2`` for ``scratch_b``,
+#: training from scratch with another seed, to see how far two trainings from scratch differ
+SEED_OFFSET = {"scratch_b": 2}
 
 
 def main() -> int:
@@ -76,25 +80,26 @@ def main() -> int:
                                            eval_slices=test, outputs=(), **kw)
                 return result, result.segmentation.evaluation["mean"]["iou"], time.monotonic() - t0
 
-            first_config = LoopConfig(datasets=[dataset]).train_config("mismatch", seed=seed, axis=axis,
-                                                                       checkpoint_every=10 ** 9)
-            first, iou, seconds = run(labelled, first_config)
-            row = {"dataset": dataset, "seed": seed, "labelled": labelled, "added": added, "first": iou,
-                   "t_first": seconds}
+            row = {"dataset": dataset, "seed": seed, "labelled": labelled, "added": added}
+            if any(warm is not None for _, warm, _ in rounds):   # the first round: only a warm round needs it
+                first_config = LoopConfig(datasets=[dataset]).train_config("mismatch", seed=seed, axis=axis,
+                                                                           checkpoint_every=10 ** 9)
+                first, row["first"], row["t_first"] = run(labelled, first_config)
             for name, warm, carry in rounds:
+                round_seed = seed * 1000 + SEED_OFFSET.get(name, 1)
                 if warm is None:
                     config, kw = LoopConfig(datasets=[dataset]).train_config(
-                        "mismatch", seed=seed * 1000 + 1, axis=axis, checkpoint_every=10 ** 9), {}
+                        "mismatch", seed=round_seed, axis=axis, checkpoint_every=10 ** 9), {}
                 else:
                     config = LoopConfig(datasets=[dataset], warm=warm).warm_config(
-                        "mismatch", seed=seed * 1000 + 1, axis=axis, checkpoint_every=10 ** 9)
+                        "mismatch", seed=round_seed, axis=axis, checkpoint_every=10 ** 9)
                     kw = {"init_state": first.fitted.snapshots[-1],
                           "init_optimizer": first.fitted.optimizer_state if carry else None}
                 _, row[name], row["t_" + name] = run(sorted(labelled + [added]), config, **kw)
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    names = ["first"] + [name for name, _, _ in rounds]
+    names = [name for name in ["first"] + [name for name, _, _ in rounds] if all(name in r for r in rows)]
     print("mean IoU %: " + ", ".join(f"{k} {100 * np.mean([r[k] for r in rows]):.1f}" for k in names))
     return 0
 
