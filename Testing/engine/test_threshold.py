@@ -107,6 +107,44 @@ def test_past_the_end_the_range_decides_instead_of_the_shape_and_the_end_penalty
                                      flat).log_odds(5))
 
 
+def test_the_range_takes_over_gradually_over_range_ramp_gaps():
+    """With ``range_ramp``, the range's share past the end rises linearly over the ramp's gaps before ``range_far``:
+    the log-odds are the step's two sides mixed in that proportion, the same as the step outside the ramp, and a
+    painting no range reproduces is unchanged."""
+    rng = np.random.default_rng(3)
+    shape = (40, 24, 24)
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    truth = np.broadcast_to(((yy - 12) ** 2 + (xx - 12) ** 2 <= 25)[None], shape).astype(np.uint8)
+    image = (rng.normal(0.0, 0.02, shape) + truth).astype(np.float32)
+    sparse = np.zeros_like(truth)
+    painted = [30, 32, 34]
+    sparse[painted] = truth[painted]
+    step = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(), image)
+    ramp = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_ramp=0.5), image)
+    never = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_far=1e9), image)
+    always = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_far=-1e9), image)
+    st = PriorSettings()
+    for s in range(30):
+        beyond = (30 - s) / 2.0 - st.end_reach          # slices past the end over the gap (2 slices), less the reach
+        share = min(1.0, max(0.0, (beyond - st.range_far + 0.5) / 0.5))
+        assert ramp.range_takeover(beyond)[0] == pytest.approx(share)
+        if beyond <= 0:                                  # no penalty, no takeover yet: as the step
+            assert np.array_equal(ramp.log_odds(s), step.log_odds(s))
+        if share == 1.0:
+            assert np.allclose(ramp.log_odds(s), step.log_odds(s))
+        # the shape term and the range's vote are linear in the share: the mix of never and always
+        mixed = (1 - share) * never.log_odds(s) + share * always.log_odds(s)
+        assert np.allclose(ramp.log_odds(s), mixed, atol=1e-4)
+    assert 0 < ramp.range_takeover(0.25)[0] < 1 and step.range_takeover(0.25)[0] == 0
+    flat = rng.normal(0.0, 0.05, shape).astype(np.float32)
+    assert np.array_equal(SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_ramp=0.5),
+                                     flat).log_odds(5),
+                          SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(), flat).log_odds(5))
+    recorded = PriorSettings(range_ramp=0.5).to_dict()
+    recorded.pop("range_ramp")                         # settings recorded before the ramp: the step
+    assert PriorSettings.from_dict(recorded).range_ramp == 0.0
+
+
 def test_settings_recorded_before_the_range_vote_segment_without_it():
     recorded = PriorSettings().to_dict()
     recorded.pop("range_beta")

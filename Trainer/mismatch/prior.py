@@ -259,7 +259,10 @@ class PriorSettings:
     penalty (both assume the structure ends within a gap or so of its painted range, which does not hold for a
     tissue painted on slices bunched in one part of the volume): the shape term is 0 there and the range votes
     ``range_beyond`` times ``range_beta``, so that the structure goes on as far as thresholding and the 3D
-    connection to the painted voxels take it. 0 turns this off.
+    connection to the painted voxels take it. 0 turns this off. ``range_ramp``: over that many gaps before
+    ``range_far`` the range takes over gradually (:meth:`SlicePrior.range_takeover`: a share rising linearly
+    from 0 to 1 gives up that share of the shape term and the end penalty and takes that share of the stronger
+    vote); 0: at ``range_far``, at once.
     """
 
     tau_mm: float = 4.0
@@ -302,6 +305,7 @@ class PriorSettings:
     # were cut off past the painted range where thresholding went on (docs/benchmarks.md, "Past the end, the range")
     range_beyond: float = 4.0
     range_far: float = 0.5
+    range_ramp: float = 0.0
     # the temperature when every painted class has an intensity range (SlicePrior.temperature): the range's vote makes
     # such classes the most overconfident; 3 brought grey matter's band ECE from 2.5 to 0.7 % at 5 slices
     # (docs/benchmarks.md, "The confidence is tempered"). 0: ``temperature`` for every volume
@@ -311,7 +315,7 @@ class PriorSettings:
                "grow_beta", "grow_scale", "grow_reach", "intensity_beta", "intensity_counts", "temperature",
                "beyond_scale", "boundary_beta", "boundary_band", "end_intensity_share", "many_parts",
                "boundary_reach", "joined_parts", "agree_beta", "agree_pixels", "range_beta", "range_iou",
-               "range_beyond", "range_far", "range_temperature")
+               "range_beyond", "range_far", "range_ramp", "range_temperature")
 
     def to_dict(self) -> dict:
         return {**{k: float(getattr(self, k)) for k in self._FLOATS}, "connected": bool(self.connected),
@@ -325,7 +329,7 @@ class PriorSettings:
         "grow_beta": 0.0, "intensity_beta": 0.0, "intensity_counts": 0.0, "temperature": 1.0, "beyond_scale": 1.0,
         "boundary_beta": 0.0, "boundary_band": 1.0, "end_intensity_share": 0.0, "many_parts": 0.0,
         "boundary_reach": 0.0, "joined_parts": 0.0, "agree_beta": 0.0, "range_beta": 0.0,
-        "range_beyond": 0.0, "range_temperature": 0.0}
+        "range_beyond": 0.0, "range_temperature": 0.0, "range_ramp": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PriorSettings":
@@ -593,6 +597,20 @@ class SlicePrior:
                     out[c] = -np.clip(np.minimum(a[c], b[c]) / scale, 0.0, INTENSITY_CLIP)
         return out
 
+    def range_takeover(self, beyond: float) -> np.ndarray:
+        """Per class, how far its intensity range decides ``beyond`` gaps past where the end penalty starts (0 to
+        1; 0 for a class without a range, and within the end's reach): 1 past ``range_far`` gaps, 0 before; with
+        ``range_ramp`` > 0, rising linearly from ``range_far - range_ramp`` to ``range_far`` gaps instead of at
+        once."""
+        st = self.settings
+        if st.range_beyond <= 0 or not self.ranged.any() or beyond <= 0:   # within the end's reach: the shape
+            return np.zeros(len(self.ranged))
+        if st.range_ramp > 0:
+            level = min(1.0, max(0.0, (beyond - st.range_far + st.range_ramp) / st.range_ramp))
+        else:
+            level = float(beyond > st.range_far)
+        return self.ranged * level
+
     def log_odds(self, s: int) -> np.ndarray:
         st = self.settings
         s = int(s)
@@ -604,15 +622,17 @@ class SlicePrior:
         if outside and self.gap_mm:
             past = (self.ends[-1] - s) if lo < 0 else (s - self.ends[1])   # slices past the end
             beyond = max(0, past) * self.dz / self.gap_mm - st.end_reach
-        # classes whose intensity range decides here instead of the shape's extrapolation and the end penalty
-        far = self.ranged & (st.range_beyond > 0) & (beyond > st.range_far)
+        # how far each class's intensity range has taken over here from the shape's extrapolation and the end
+        # penalty: 0 or 1 past range_far gaps (a step), or rising linearly over the range_ramp gaps before it
+        take = self.range_takeover(beyond)
         if outside:
             sdf = sdf + st.shrink_rate * self.rate * d_mm
         tau = st.tau_mm + st.tau_rate * self.rate * d_mm
         lo_odds = -sdf / tau
-        lo_odds[far] = 0.0
+        if take.any():
+            lo_odds = lo_odds * (1.0 - take)[:, None, None]
         if beyond > 0 and st.end_penalty > 0 and st.weight > 0:
-            lo_odds = lo_odds - np.where(far, 0.0, st.end_penalty * beyond / st.weight)[:, None, None]
+            lo_odds = lo_odds - (st.end_penalty * beyond / st.weight * (1.0 - take))[:, None, None]
         if st.agree_beta > 0 and not outside and lo != hi and st.weight > 0:
             lo_odds += (st.agree_beta / st.weight) * self.agreement(lo, hi)
         if self.edges is not None:
@@ -635,7 +655,7 @@ class SlicePrior:
             values = np.take(self.image, s, axis=self.axis)
             for c in np.flatnonzero(self.ranged):
                 low, high = self.ranges[c]
-                beta = st.range_beta * (st.range_beyond if far[c] else 1.0)
+                beta = st.range_beta * (1.0 + (st.range_beyond - 1.0) * take[c])
                 lo_odds[c] += np.where((values >= low) & (values < high), beta, -beta) / st.weight
         return lo_odds.astype(np.float32)
 
