@@ -73,10 +73,9 @@ def test_the_prior_votes_for_an_intensity_range_only_where_it_reproduces_the_pai
                                                            PriorSettings(range_beta=0.0), flat).log_odds(10))
 
 
-def test_past_the_end_the_range_decides_instead_of_the_shape_and_the_end_penalty():
-    """A bright column through all 40 slices, painted on three slices bunched at one end (30, 32, 34): far past
-    the painted range the range votes for the column (the shape's extrapolation and the end penalty give way);
-    within ``range_far`` gaps of the end, and for a painting no range reproduces, nothing changes."""
+def column_painted_at_one_end():
+    """A bright column through all 40 slices of a 40 x 24 x 24 volume, painted on three slices bunched at one end
+    (30, 32, 34): ``(rng, shape, truth, image, sparse, painted)``, the generator left for more noise."""
     rng = np.random.default_rng(3)
     shape = (40, 24, 24)
     yy, xx = np.mgrid[:shape[1], :shape[2]]
@@ -85,6 +84,14 @@ def test_past_the_end_the_range_decides_instead_of_the_shape_and_the_end_penalty
     sparse = np.zeros_like(truth)
     painted = [30, 32, 34]
     sparse[painted] = truth[painted]
+    return rng, shape, truth, image, sparse, painted
+
+
+def test_past_the_end_the_range_decides_instead_of_the_shape_and_the_end_penalty():
+    """A bright column through all 40 slices, painted on three slices bunched at one end (30, 32, 34): far past
+    the painted range the range votes for the column (the shape's extrapolation and the end penalty give way);
+    within ``range_far`` gaps of the end, and for a painting no range reproduces, nothing changes."""
+    rng, shape, truth, image, sparse, painted = column_painted_at_one_end()
     settings = PriorSettings()
     assert settings.range_beyond > 0
     on = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, settings, image)
@@ -111,14 +118,7 @@ def test_the_range_takes_over_gradually_over_range_ramp_gaps():
     """With ``range_ramp``, the range's share past the end rises linearly over the ramp's gaps before ``range_far``:
     the log-odds are the step's two sides mixed in that proportion, the same as the step outside the ramp, and a
     painting no range reproduces is unchanged."""
-    rng = np.random.default_rng(3)
-    shape = (40, 24, 24)
-    yy, xx = np.mgrid[:shape[1], :shape[2]]
-    truth = np.broadcast_to(((yy - 12) ** 2 + (xx - 12) ** 2 <= 25)[None], shape).astype(np.uint8)
-    image = (rng.normal(0.0, 0.02, shape) + truth).astype(np.float32)
-    sparse = np.zeros_like(truth)
-    painted = [30, 32, 34]
-    sparse[painted] = truth[painted]
+    rng, shape, truth, image, sparse, painted = column_painted_at_one_end()
     step = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(), image)
     ramp = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_ramp=0.5), image)
     never = SlicePrior(sparse, painted, 0, (1.0, 1.0, 1.0), 2, PriorSettings(range_far=1e9), image)
