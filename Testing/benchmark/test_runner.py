@@ -377,3 +377,22 @@ def test_several_classes_record_each_class_iou_and_the_report_shows_them(tmp_pat
 
     from mismatch.benchmark.tables import class_table
     assert class_table([{**r, "class_iou": None} for r in runs]) == "_No runs with several classes._"
+
+
+def test_runs_recorded_before_a_neutral_prior_setting_still_resume(tmp_path):
+    """A folder's prior recorded before a setting existed is read as that setting at its old value: where
+    today's default is that value (range_ramp 0: the step of before) the runs resume; where it is not
+    (range_temperature, 0 before), they are another budget and refused."""
+    from mismatch.benchmark.runner import check_same_settings
+    from mismatch.prior import PriorSettings
+
+    today = {"steps": 180, "prior": PriorSettings().to_dict()}
+    older = {"steps": 180, "prior": {k: v for k, v in today["prior"].items() if k != "range_ramp"}}
+    check_same_settings(tmp_path / "runs.json", {"training": older}, "training", today, "runs")
+    oldest = {"steps": 180, "prior": {k: v for k, v in older["prior"].items() if k != "range_temperature"}}
+    with pytest.raises(UserError, match="other training settings"):
+        check_same_settings(tmp_path / "runs.json", {"training": oldest}, "training", today, "runs")
+    with pytest.raises(UserError, match="other training settings"):   # the budget itself is still compared
+        check_same_settings(tmp_path / "runs.json", {"training": {**older, "steps": 150}}, "training", today, "runs")
+    check_same_settings(tmp_path / "runs.json", {"training": {"steps": 3, "prior": None}}, "training",
+                        {"steps": 3, "prior": None}, "runs")   # no prior recorded: compared as it is

@@ -95,11 +95,23 @@ class Budget:
                 **({"average": [c.average_span, c.lr_floor]} if c.average_span else {})}
 
 
+def _comparable(settings: dict | None) -> dict | None:
+    """``settings`` with its painted-slice prior as :meth:`PriorSettings.from_dict` reads it: a prior recorded
+    before a setting existed holds that setting at the value that gives the prior as it was, so it equals
+    today's where today's default is that value (a later, neutral setting does not make old runs another
+    budget)."""
+    if not settings or not isinstance(settings.get("prior"), dict):
+        return settings
+    from ..prior import PriorSettings
+
+    return {**settings, "prior": PriorSettings.from_dict(settings["prior"]).to_dict()}
+
+
 def check_same_settings(path: Path, recorded: dict | None, key: str, settings: dict, made: str) -> None:
     """:class:`UserError` when the results file ``path``, whose stored configuration is ``recorded``, holds
     ``made`` (runs, rounds) made with other training settings (``recorded[key]``) than ``settings``: resuming
     would mix budgets."""
-    if recorded and recorded.get(key) != settings:
+    if recorded and _comparable(recorded.get(key)) != _comparable(settings):
         raise UserError(f"{path} holds {made} made with other training settings ({recorded.get(key)}); use "
                         "another --out folder or the same settings")
 
