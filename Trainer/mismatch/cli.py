@@ -344,12 +344,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="default: the product's recipe (Dice + cross-entropy, width 16, 128-pixel patches, and the "
                         "painted slices guide segmentation); paper: MisMatch as the paper describes it (width 24, "
                         "176-pixel patches, Dice only). Options below override the preset")
-    t.add_argument("--steps", type=_positive_int, help=f"optimiser steps ({_preset_default('steps')}; on slices "
-                   "smaller than the patch up to --max-steps-scale times as many)")
-    t.add_argument("--max-steps-scale", type=_positive_float, metavar="F",
-                   help="on slices smaller than the training patch a step is cheaper: up to F times the steps, as "
-                        "many as cost what --steps cost on larger slices (default 3 for mismatch and mm-a/b/c, 1 for "
-                        "the other methods and --preset paper; 1: always --steps)")
+    t.add_argument("--steps", type=_positive_int, help=f"optimiser steps ({_preset_default('steps')})")
     t.add_argument("--width", type=_positive_int,
                    help=f"channels of the first encoder block ({_preset_default('width')})")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -676,8 +671,8 @@ def _train(args, ctx) -> int:
         early_patch_size=args.early_patch_size, lr=args.lr, context=args.context, alpha=args.alpha,
         alpha_rampup=args.alpha_rampup, stop_gradient=args.stop_gradient,
         pasb_side=args.pasb_side, method_options=dict(args.method_option),
-        snapshots=args.snapshots, average_span=args.average_span, max_steps_scale=args.max_steps_scale,
-        seed=args.seed, axis=args.axis, hu_window=args.hu_window, amp=not args.no_amp,
+        snapshots=args.snapshots, average_span=args.average_span, seed=args.seed, axis=args.axis,
+        hu_window=args.hu_window, amp=not args.no_amp,
         checkpoint_every=args.checkpoint_every)
     check_patch_size(config.patch_size)
     check_patch_size(config.early_patch_size, "--early-patch-size", zero="the full patch from the first step")

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +61,6 @@ class TrainConfig:
     # 1.4 points at the same mean IoU (docs/benchmarks.md, "Weights averaged over the last steps")
     average_span: float = 0.0
     lr_floor: float = 0.25
-    # on slices smaller than the training patch a step is cheaper (a patch is never larger than the slice): up to
-    # this many times ``steps`` are run there, as many as cost what ``steps`` cost on slices at least as large as
-    # the patch (:func:`scaled_steps`), so a small volume gets its training time's worth. 1: always ``steps``.
-    # Set for the two-decoder methods by the default preset: the breast lesion (slices of 21 x 120 pixels) on its
-    # evenly spaced 3-slice painting 72.1 +- 1.1 % at 540 steps against 69.8 +- 1.8 at 180 (docs/benchmarks.md,
-    # "More steps where a step is cheap")
-    max_steps_scale: float = 1.0
     alpha: float = 0.002             # consistency weight (paper: 0.0005 to 0.004, 0.002 best)
     alpha_rampup: float = 0.4        # fraction of steps over which alpha ramps up
     stop_gradient: str = "none"      # see mismatch.losses.consistency_loss
@@ -111,7 +104,7 @@ PRESETS: dict[str, dict] = {
                 "method_options": {**{m: {"cross_entropy": True, "augment": True}
                                       for m in TWO_DECODER_METHODS},
                                    "sup2": {"cross_entropy": True}},
-                "method_config": {m: {"average_span": 0.3, "max_steps_scale": 3.0} for m in TWO_DECODER_METHODS}},
+                "method_config": {m: {"average_span": 0.3} for m in TWO_DECODER_METHODS}},
     # as many unlabelled patches a step as labelled ones, as this project first trained the paper's method
     "paper": {"config": {"width": 24, "patch_size": 176, "lr": 1e-3, "steps": 300, "prior": None,
                          "unlabelled_batch_size": 0, "early_patch_size": 0},
@@ -145,6 +138,8 @@ WARM_START: dict[str, float] = {"steps_fraction": 0.2, "lr_fraction": 0.5, "warm
 def warm_start_config(config: TrainConfig, settings: dict | None = None) -> TrainConfig:
     """``config`` as a warm-start round (:data:`WARM_START`, or ``settings`` on top of it): fewer steps, a lower
     learning rate, a short warm-up, no alpha ramp-up. A new object; ``config`` is left as it is."""
+    from dataclasses import replace
+
     w = {**WARM_START, **(settings or {})}
     return replace(config, steps=max(1, math.ceil(w["steps_fraction"] * config.steps)),
                    lr=float(w["lr_fraction"] * config.lr), warmup=float(w["warmup"]),
@@ -209,9 +204,6 @@ def check_averaging(config: TrainConfig) -> None:
     if not 0 < config.lr_floor <= 1:
         raise UserError(f"lr_floor {config.lr_floor:g}: give the averaged steps' learning rate as a fraction of the "
                         "peak, above 0 and at most 1")
-    if config.max_steps_scale < 1:
-        raise UserError(f"--max-steps-scale {config.max_steps_scale:g}: give how many times the steps may grow on "
-                        "slices smaller than the patch, at least 1 (1: never)")
     if config.average_span > 0 and config.snapshots > 1:
         raise UserError(f"--snapshots {config.snapshots} keeps {config.snapshots} networks and averages their "
                         "predictions, but this recipe averages the weights of its last steps into one network "
@@ -232,41 +224,6 @@ def patch_size_at(step: int, config: TrainConfig) -> int | None:
     if full and early and early < full and step < int(config.early_patch_fraction * config.steps):
         return early
     return full
-
-
-#: what a training step costs besides the pixels of its patches (the optimiser, the sampler, the method's
-#: bookkeeping), in pixels of patch: the default's training times on this project's data sets, from slices of
-#: 21 x 45 pixels to slices larger than the patch, fit a cost of the step's pixels plus about this many
-STEP_OVERHEAD_PIXELS = 6 * 64 * 64
-
-
-def _step_cost(config: TrainConfig, step: int, slice_shape: tuple[int, int] | None) -> int:
-    """The cost of (0-based) ``step`` in pixels: the patches' pixels (each side at most the slice's, rounded up to
-    the multiple of 8 the network pads to; ``slice_shape`` None: slices at least as large as the patch) for the
-    labelled and unlabelled slices of a step, plus :data:`STEP_OVERHEAD_PIXELS`."""
-    patch = patch_size_at(step, config)
-    h, w = (patch, patch) if slice_shape is None else \
-        (min(patch, slice_shape[0]), min(patch, slice_shape[1])) if patch else slice_shape
-    h, w = -(-h // 8) * 8, -(-w // 8) * 8
-    return (config.batch_size + (config.unlabelled_batch_size or config.batch_size)) * h * w + STEP_OVERHEAD_PIXELS
-
-
-def scaled_steps(config: TrainConfig, slice_shape: tuple[int, int]) -> int:
-    """The steps to train on slices of ``slice_shape`` (H, W): ``steps``, or on slices smaller than the patch up to
-    ``max_steps_scale`` times as many, as many as cost what ``steps`` cost on slices at least as large as the
-    patch (:func:`_step_cost`). Never fewer than ``steps``; ``steps`` for whole-slice training (no patch)."""
-    if config.max_steps_scale <= 1 or not config.patch_size:
-        return config.steps
-    full = sum(_step_cost(config, s, None) for s in range(config.steps))
-    here = sum(_step_cost(config, s, tuple(slice_shape)) for s in range(config.steps))
-    return max(config.steps, int(round(config.steps * min(config.max_steps_scale, full / here))))
-
-
-def slice_shape(volume: np.ndarray, axis: str) -> tuple[int, int]:
-    """The (H, W) of ``volume [C, K, J, I]``'s slices along ``axis``."""
-    from .data import axis_index
-
-    return tuple(int(n) for i, n in enumerate(volume.shape[1:]) if i != axis_index(axis))
 
 
 def snapshot_steps(config: TrainConfig) -> list[int]:
@@ -375,12 +332,6 @@ def fit(volumes: list[np.ndarray], labels: np.ndarray, labelled: np.ndarray, num
     device = device or torch.device("cpu")
     stop = stop if stop is not None else StopRequest()
     check_averaging(config)
-    steps = scaled_steps(config, slice_shape(volumes[0], config.axis))
-    if steps != config.steps:
-        h, w = slice_shape(volumes[0], config.axis)
-        reporter.log(f"slices of {h} x {w} pixels, smaller than the {config.patch_size}-pixel training patch: "
-                     f"{steps} steps instead of {config.steps}, about the time {config.steps} take on larger slices")
-        config = replace(config, steps=steps)
     ctx = distributed.current()   # one process unless started by torchrun (see mismatch.distributed)
     run, arch = _new_run(volumes, labels, labelled, num_classes, config, device, init_state, ctx)
     if init_optimizer and not resume and not load_optimizer_moments(run.optimizer, init_optimizer):

@@ -92,9 +92,7 @@ class Budget:
                 **({"early_patch": [c.early_patch_size, c.early_patch_fraction]}
                    if patch_size_at(0, c) != (c.patch_size or None) else {}),
                 # absent: runs made before it existed (the last weights kept)
-                **({"average": [c.average_span, c.lr_floor]} if c.average_span else {}),
-                # absent: runs made before it existed (the same steps on every slice size)
-                **({"max_steps_scale": c.max_steps_scale} if c.max_steps_scale != 1 else {})}
+                **({"average": [c.average_span, c.lr_floor]} if c.average_span else {})}
 
 
 def _comparable(settings: dict | None) -> dict | None:
