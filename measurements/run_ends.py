@@ -27,10 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Trainer"))
 from mismatch.benchmark.datasets import FILES_PREFIX, load_dataset, load_files  # noqa: E402
 
 
+def file_name_parts(dataset: str) -> tuple[str, str]:
+    """``(file stem, axis)`` of a data set given as files, named as
+    :func:`~mismatch.benchmark.datasets.files_datasets` names it: ``file-STEM`` (axis k) or
+    ``file-STEM-axis-A``."""
+    stem, sep, axis = dataset[len(FILES_PREFIX):].rpartition("-axis-")
+    return (stem, axis) if sep else (dataset[len(FILES_PREFIX):], "k")
+
+
 def foreground_per_slice(dataset: str, views: Path, data_dir: str | None = None) -> np.ndarray:
     """The number of true foreground voxels on each slice of ``dataset`` along its benchmark axis."""
     if dataset.startswith(FILES_PREFIX):
-        base, axis = dataset[len(FILES_PREFIX):].rsplit("-axis-", 1)
+        base, axis = file_name_parts(dataset)
         case = load_files(str(views / f"{base}.nrrd"), str(views / f"{base}-label.nrrd"), axis=axis)[0]
     else:
         case = load_dataset(dataset, data_dir=data_dir)[0]
@@ -38,8 +46,8 @@ def foreground_per_slice(dataset: str, views: Path, data_dir: str | None = None)
 
 
 def row_ends(runs: list[dict], foreground: dict[str, np.ndarray]) -> list[dict]:
-    """One entry per row: each run's seed, IoU and count of test slices marked beyond the structure, and the
-    correlation of the counts with the IoUs (None when the counts do not vary)."""
+    """One entry per row: each run's seed, IoU and count of test slices without the structure that it marks,
+    and the correlation of the counts with the IoUs (None when the counts or the IoUs do not vary)."""
     rows = defaultdict(list)
     for r in runs:
         fg = foreground[r["dataset"]]

@@ -22,3 +22,9 @@ def test_counts_the_empty_slices_a_run_marks_and_correlates_them_with_the_iou():
     assert [(e["seed"], e["marked_empty"]) for e in rows[0]["runs"]] == [(0, 0), (1, 3)]
     assert rows[0]["correlation"] < -0.99
     assert rows[1]["correlation"] is None   # one run: nothing to correlate
+
+
+def test_reads_the_names_of_data_sets_given_as_files_along_any_axis():
+    run_ends = load_script("run_ends")
+    assert run_ends.file_name_parts("file-pyradiomics-brain1-axis-j") == ("pyradiomics-brain1", "j")
+    assert run_ends.file_name_parts("file-ctchest-lungs") == ("ctchest-lungs", "k")   # axis k: no suffix
