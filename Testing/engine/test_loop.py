@@ -234,10 +234,12 @@ def test_optimizer_moments_are_loaded_only_where_they_fit():
 def test_a_warm_round_of_the_simulation_continues_the_optimiser_state():
     case = tiny_case(8)
     config = _config().train_config("mismatch", seed=0, axis="k", checkpoint_every=10 ** 9)
-    _, state = loop.train_round(case, case.image, [3, 5], config, torch.device("cpu"))
+    first, state = loop.train_round(case, case.image, [3, 5], config, torch.device("cpu"), keep_scores=True)
     assert state["optim.0.step"].item() == config.steps
-    _, after = loop.train_round(case, case.image, [3, 4, 5], config, torch.device("cpu"), init_state=state)
+    assert [row["slice"] for row in first["slice_scores"]] == list(range(8))   # what the rankings read
+    warm, after = loop.train_round(case, case.image, [3, 4, 5], config, torch.device("cpu"), init_state=state)
     assert after["optim.0.step"].item() == 2 * config.steps
+    assert "slice_scores" not in warm   # only when asked for
 
 
 # -- the simulation -----------------------------------------------------------------------------------------

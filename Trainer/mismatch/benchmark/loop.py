@@ -187,12 +187,14 @@ def next_labelled(policy: str, labelled: Sequence[int], record: dict, candidates
 # -- one round ------------------------------------------------------------------------------------------------
 
 def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config, device,
-                init_state: dict | None = None, use_prior: bool = True) -> tuple[dict, dict]:
+                init_state: dict | None = None, use_prior: bool = True,
+                keep_scores: bool = False) -> tuple[dict, dict]:
     """One round: train on ``labelled`` slices of ``case`` (from ``init_state`` when given) and segment the whole
     volume as the product does (:func:`mismatch.pipeline.train_and_segment`, with the painted slices' prior when
     ``use_prior``); evaluate every other slice. Returns ``(metrics, final state)``: the weights and, under
     their ``optim.`` names, the optimiser's state, which a warm round continues from as ``mismatch train
-    --init`` does."""
+    --init`` does. ``keep_scores``: the metrics also hold the segmentation's per-slice scores (``slice_scores``,
+    what the rankings read)."""
     import torch
 
     from ..data import Normalisation
@@ -222,6 +224,8 @@ def train_round(case, volume: np.ndarray, labelled: Sequence[int], train_config,
         "seconds": round(run.train_seconds + run.segment_seconds, 3),
         "suggestions": suggestions(seg.slice_scores, lab.tolist(), two) if use_prior else None,
     }
+    if keep_scores:
+        metrics["slice_scores"] = seg.slice_scores
     state = {**{k: v.detach().to("cpu") for k, v in run.fitted.snapshots[-1].items()},
              **run.fitted.optimizer_state}
     del run
