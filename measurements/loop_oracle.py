@@ -56,9 +56,8 @@ def run_seed(case, volume, config, seed: int, start: int, stride: int, device, l
     suggested = {k: v for k, v in (m0.get("suggestions") or {}).items() if v is not None}
     gap = largest_gap_slice(candidates, first)
     lo, hi = min(candidates), max(candidates)
-    pool = [s for s in range(lo, hi + 1) if s not in first and (s - lo) % stride == 0]
-    pool = sorted(set(pool) | {int(s) for s in suggested.values() if s not in first} | ({gap} if gap is not None
-                                                                                          else set()))
+    picks = {int(s) for s in suggested.values()} | ({gap} if gap is not None else set())
+    pool = sorted(({s for s in range(lo, hi + 1) if (s - lo) % stride == 0} | picks) - set(first))
     n = start + 1
     warm = config.warm_config("mismatch", seed=seed * 1000 + n, axis=axis, checkpoint_every=10 ** 9)
     tried = {}
@@ -75,8 +74,8 @@ def run_seed(case, volume, config, seed: int, start: int, stride: int, device, l
         m, state = train_round(case, volume, labelled, cfg_k, device, init_state=state)
         even[str(k)] = {"slices": labelled, "iou_volume": m["iou_volume"], "iou": m["iou"]}
         log(f"seed {seed}: even {labelled}: IoU (volume) {m['iou_volume']:.4f}")
-    best = max(tried, key=lambda s: tried[s]["iou_volume"])
-    order = sorted(tried, key=lambda s: -tried[s]["iou_volume"])
+    order = sorted(tried, key=lambda s: -tried[s]["iou_volume"])   # best first (ties: the lower slice)
+    best = order[0]
     return {"seed": seed, "first": first, "first_iou_volume": m0["iou_volume"], "candidates": tried,
             "first_slice_scores": m0["slice_scores"],
             "oracle": {"slice": int(best), "iou_volume": tried[best]["iou_volume"]},
